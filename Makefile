@@ -1,0 +1,24 @@
+# Two entry points: `make demo` (real-data chain end to end) and `make test`.
+# Each creates its own virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+.PHONY: venv test test-fast demo
+venv: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: $(VENV)/.installed
+	PY=$(PY) bash scripts/demo.sh $(DEMO_ARGS)

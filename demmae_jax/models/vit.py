@@ -1,0 +1,144 @@
+"""ViT building blocks with the official MAE (timm) parameter names.
+
+Attribute names follow the official checkpoint keys (`patch_embed.proj`, `blocks.N.attn.qkv`, ...)
+so the weight port in `demmae_jax.checkpoints` is a transpose per tensor, nothing cleverer.
+Arrays are NHWC / [batch, tokens, width]; parameters are float32, compute in `dtype`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+LN_EPS = 1e-6
+
+
+class FixedEmbedding(nnx.Variable):
+  """A position embedding kept in the state (so it is saved and ported) but never trained."""
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
+  """The official MAE 2-D sin-cos table, [grid*grid (+1), embed_dim]; the cls row is zero."""
+  grid_h = np.arange(grid_size, dtype=np.float32)
+  grid_w = np.arange(grid_size, dtype=np.float32)
+  grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w first, as the official code
+  emb_h = sincos_1d(embed_dim // 2, grid[0])
+  emb_w = sincos_1d(embed_dim // 2, grid[1])
+  emb = np.concatenate([emb_h, emb_w], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[N, H, W, C] -> [N, L, p*p*C], patch-pixel order (p, q, c) as the official `patchify`."""
+  n, h, w, c = images.shape
+  gh, gw = h // patch, w // patch
+  x = images.reshape(n, gh, patch, gw, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, gh * gw, patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int, channels: int, grid: tuple[int, int]) -> jax.Array:
+  """Inverse of `patchify`: [N, L, p*p*C] -> [N, H, W, C]."""
+  n = patches.shape[0]
+  gh, gw = grid
+  x = patches.reshape(n, gh, gw, patch, patch, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, gh * patch, gw * patch, channels)
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping p x p patches to tokens. The kernel is stored HWIO like a conv, applied as
+  one matmul over patchified pixels (the same arithmetic, cheaper than a strided conv on CPU)."""
+
+  def __init__(self, patch: int, in_chans: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.patch = patch
+    self.dtype = dtype
+    self.proj = nnx.Conv(in_chans, embed_dim, (patch, patch), strides=(patch, patch),
+                         padding="VALID", dtype=dtype, rngs=rngs,
+                         kernel_init=_xavier_uniform_conv(patch, in_chans, embed_dim))
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = patchify(images, self.patch).astype(self.dtype)
+    kernel = self.proj.kernel.value.reshape(-1, self.proj.kernel.value.shape[-1]).astype(self.dtype)
+    return x @ kernel + self.proj.bias.value.astype(self.dtype)
+
+
+def _xavier_uniform_conv(patch, in_chans, embed_dim):
+  # The official init treats the conv kernel as a [D, p*p*C] linear weight (xavier_uniform).
+  def init(key, shape, dtype=jnp.float32):
+    fan_in, fan_out = patch * patch * in_chans, embed_dim
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
+
+
+def _linear(din, dout, *, dtype, rngs):
+  # Official MAE init: xavier_uniform weights, zero bias.
+  return nnx.Linear(din, dout, dtype=dtype, rngs=rngs,
+                    kernel_init=nnx.initializers.xavier_uniform(),
+                    bias_init=nnx.initializers.zeros_init())
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
+    self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim]
+    out = jax.nn.dot_product_attention(q, k, v)
+    return self.proj(out.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def _layer_norm(dim, *, dtype, rngs):
+  return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+    self.norm1 = _layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+def run_blocks(blocks: Sequence[Block], x: jax.Array, *, remat: bool = False,
+               keep: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
+  """Apply `blocks` in order; return the final tokens and the outputs of blocks in `keep`."""
+  kept = {}
+  for i, block in enumerate(blocks):
+    x = nnx.remat(lambda blk, h: blk(h))(block, x) if remat else block(x)
+    if i in keep:
+      kept[i] = x
+  return x, kept

@@ -1,0 +1,86 @@
+"""Behaviour of the Flax MAE that does not need a reference: shapes, masking, sin-cos table."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from demmae_jax.models import mae
+from demmae_jax.models.vit import patchify, sincos_2d, unpatchify
+
+
+def test_masking_removes_exactly_mask_ratio_per_sample_and_follows_noise():
+  model = mae.build("tiny")
+  images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (3, 64))
+  loss, pred, mask = model(images, noise=noise)
+  assert pred.shape == (3, 64, 4 * 4 * 3) and mask.shape == (3, 64)
+  np.testing.assert_array_equal(np.asarray(mask.sum(1)), [48, 48, 48])
+  # The kept patches are the 16 with the smallest noise.
+  kept = np.argsort(np.asarray(noise), axis=1)[:, :16]
+  for i in range(3):
+    assert set(np.flatnonzero(np.asarray(mask[i]) == 0)) == set(kept[i])
+  assert np.isfinite(float(loss))
+
+
+def test_loss_counts_only_masked_patches():
+  model = mae.build("tiny")
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (2, 64))
+  loss, pred, mask = model(images, noise=noise)
+  target = patchify(images, 4)
+  per_patch = ((pred - target) ** 2).mean(-1)
+  expected = (per_patch * mask).sum() / mask.sum()
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+  # The mean over all patches differs: visible patches' error does not enter.
+  assert not np.isclose(float(loss), float(per_patch.mean()))
+
+
+def test_patchify_roundtrip_and_official_order():
+  images = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  p = patchify(images, 4)
+  assert p.shape == (2, 4, 48)
+  # First patch, first pixel row: pixels (0,0..3) with their 3 channels in (q, c) order.
+  np.testing.assert_array_equal(np.asarray(p[0, 0, :12]), np.asarray(images[0, 0, :4].reshape(-1)))
+  np.testing.assert_array_equal(np.asarray(unpatchify(p, 4, 3, (2, 2))), np.asarray(images))
+
+
+def test_sincos_table_matches_official_formula_at_a_known_entry():
+  table = sincos_2d(16, 3)
+  assert table.shape == (10, 16)
+  np.testing.assert_array_equal(table[0], 0)
+  # Row for grid position (h=1, w=2) is index 1 + 1*3 + 2; first half embeds w, second half h.
+  row = table[1 + 1 * 3 + 2]
+  omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
+  np.testing.assert_allclose(row[:4], np.sin(2 * omega), rtol=1e-6)
+  np.testing.assert_allclose(row[8:12], np.sin(1 * omega), rtol=1e-6)
+
+
+def test_encode_returns_requested_blocks_and_rejects_out_of_range():
+  model = mae.build("tiny")
+  images = jnp.zeros((1, 32, 32, 3))
+  feats = model.encode(images, layers=(0, 3))
+  assert [f.shape for f in feats] == [(1, 65, 64), (1, 65, 64)]
+  with pytest.raises(ValueError, match="out of range"):
+    model.encode(images, layers=(4,))
+
+
+def test_wrong_image_shape_is_a_clear_error():
+  model = mae.build("tiny")
+  with pytest.raises(ValueError, match="NHWC"):
+    model(jnp.zeros((1, 3, 32, 32)), key=jax.random.key(0))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_loss():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (2, 64))
+  m32 = mae.build("tiny", seed=3)
+  m16 = mae.build("tiny", seed=3, dtype="bfloat16")
+  assert m16.blocks[0].attn.qkv.kernel.value.dtype == jnp.float32
+  l32, _, _ = m32(images, noise=noise)
+  l16, _, _ = m16(images, noise=noise)
+  np.testing.assert_allclose(float(l16), float(l32), rtol=5e-2)
+
+
+def test_unknown_config_field_is_an_error():
+  with pytest.raises(TypeError, match="unknown MAE config fields"):
+    mae.preset("tiny", embed_dimm=3)
