@@ -1,0 +1,157 @@
+"""MAE pretraining step: this project's jitted JAX step against the PyTorch reference, side by side.
+
+Prints, from one run on the same machine: images/s of each step and their ratio, the float32
+matmul rate of this CPU in JAX and in PyTorch (the practical roofline), XLA's FLOP count of the
+step against the analytic count, and each step's fraction of the roofline.
+
+  python benchmarks/mae_step.py --preset base --batch 8 --channels 3 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from demmae_jax.models import mae
+
+
+def analytic_train_flops(c: mae.MAEConfig) -> float:
+  """Forward FLOPs (2 per multiply-add) x 3 for forward + backward, per image."""
+  length = c.num_patches
+  keep = int(length * (1 - c.mask_ratio)) + 1
+
+  def blocks(tokens, width, depth):
+    per_block = 24 * width**2 * tokens + 4 * tokens**2 * width
+    return depth * per_block
+
+  pix = c.patch_size**2 * c.in_chans
+  fwd = (2 * length * pix * c.embed_dim + blocks(keep, c.embed_dim, c.depth)
+         + 2 * keep * c.embed_dim * c.decoder_embed_dim
+         + blocks(length + 1, c.decoder_embed_dim, c.decoder_depth)
+         + 2 * (length + 1) * c.decoder_embed_dim * pix)
+  return 3.0 * fwd
+
+
+def timeit(fn, steps: int) -> float:
+  fn()  # warm-up (compile / allocator)
+  best = float("inf")
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def matmul_rates(n: int = 4096) -> tuple[float, float]:
+  import torch
+  a = jnp.asarray(np.random.rand(n, n).astype(np.float32))
+  mm = jax.jit(lambda x: x @ x)
+  t_jax = timeit(lambda: mm(a).block_until_ready(), 3)
+  ta = torch.rand(n, n)
+  t_torch = timeit(lambda: ta @ ta, 3)
+  flops = 2.0 * n**3
+  return flops / t_jax, flops / t_torch
+
+
+def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
+  model = mae.build(config)
+  tx = optax.adamw(1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  opt_state = tx.init(params)
+
+  def train_step(params, opt_state, images, noise):
+    def loss_fn(p):
+      return nnx.merge(graphdef, p, rest)(images, noise=noise)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  images, noise = jnp.asarray(images), jnp.asarray(noise)
+  compiled = step.lower(params, opt_state, images, noise).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  state = [params, opt_state]
+
+  def run():
+    state[0], state[1], loss = compiled(state[0], state[1], images, noise)
+    loss.block_until_ready()
+
+  return run, float(cost.get("flops", float("nan")))
+
+
+def torch_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
+  import torch
+  from transformers import ViTMAEConfig, ViTMAEForPreTraining
+  hf = ViTMAEConfig(hidden_size=config.embed_dim, num_hidden_layers=config.depth,
+                    num_attention_heads=config.num_heads,
+                    intermediate_size=int(config.embed_dim * config.mlp_ratio),
+                    decoder_hidden_size=config.decoder_embed_dim,
+                    decoder_num_hidden_layers=config.decoder_depth,
+                    decoder_num_attention_heads=config.decoder_num_heads,
+                    decoder_intermediate_size=int(config.decoder_embed_dim * config.mlp_ratio),
+                    image_size=config.img_size, patch_size=config.patch_size,
+                    num_channels=config.in_chans, mask_ratio=config.mask_ratio,
+                    layer_norm_eps=1e-6)
+  model = ViTMAEForPreTraining(hf).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  tnoise = torch.from_numpy(noise)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = model(pixel_values=pixels, noise=tnoise).loss
+    loss.backward()
+    opt.step()
+
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="base")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--channels", type=int, nargs="+", default=[3, 1])
+  parser.add_argument("--steps", type=int, default=5, help="timed steps (best of) per side")
+  args = parser.parse_args()
+
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  jax_rate, torch_rate = matmul_rates()
+  print(f"cpu cores: {os.cpu_count()}  jax {jax.__version__}  torch {torch.__version__}")
+  print(f"float32 matmul 4096^3: JAX {jax_rate / 1e9:.1f} GFLOP/s, PyTorch "
+        f"{torch_rate / 1e9:.1f} GFLOP/s (ratio {jax_rate / torch_rate:.2f})")
+  roofline = max(jax_rate, torch_rate)
+  for channels in args.channels:
+    config = mae.preset(args.preset, in_chans=channels)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((args.batch, config.img_size, config.img_size, channels),
+                                 dtype=np.float32)
+    noise = rng.random((args.batch, config.num_patches), dtype=np.float32)
+    run_jax, xla_flops = jax_step(config, images, noise)
+    t_jax = timeit(run_jax, args.steps)
+    t_torch = timeit(torch_step(config, images, noise), args.steps)
+    analytic = analytic_train_flops(config) * args.batch
+    ideal = analytic / roofline
+    print(f"\n{args.preset} {config.img_size}x{config.img_size}x{channels}, batch {args.batch}, "
+          f"AdamW, float32")
+    print(f"  FLOPs/image: analytic {analytic / args.batch / 1e9:.1f} G, "
+          f"XLA cost analysis {xla_flops / args.batch / 1e9:.1f} G")
+    print(f"  JAX     {args.batch / t_jax:6.2f} img/s ({t_jax:.3f} s/step), "
+          f"{ideal / t_jax:.0%} of matmul roofline")
+    print(f"  PyTorch {args.batch / t_torch:6.2f} img/s ({t_torch:.3f} s/step), "
+          f"{ideal / t_torch:.0%} of matmul roofline")
+    print(f"  speed ratio JAX / PyTorch: {t_torch / t_jax:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
