@@ -1,0 +1,231 @@
+"""LAS/LAZ point clouds into georeferenced rasters: DSM, DTM, nDSM, class raster, validity mask.
+
+Several files form one mosaic on a grid snapped to multiples of the cell size. The grid is
+processed in output windows (plus a halo so that interpolation sees across window edges); each
+window streams the points of the files that overlap it with laspy's chunk_iterator, so memory is
+bounded by the window size and the chunk size, not by the size of the point cloud.
+
+Per cell: DSM = highest return, class = class of that highest return, DTM = mean height of ground
+points (ASPRS class 2), with gaps (under buildings, water) interpolated by rasterio.fill.fillnodata;
+nDSM = max(DSM - DTM, 0). `valid` = 1 where the cell held at least one return; DSM holes that were
+filled are 0 there, so every interpolated value is recorded.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from pathlib import Path
+from typing import Sequence
+
+import laspy
+import numpy as np
+import rasterio
+import rasterio.crs
+import rasterio.errors
+import rasterio.fill
+import rasterio.transform
+import rasterio.windows
+from tqdm import tqdm
+
+from data_pipelines.atomic import atomic_file, refuse_existing
+from data_pipelines.errors import DataError
+
+GROUND = 2
+PRODUCTS = ("dsm", "dtm", "ndsm", "class", "valid")
+
+
+@dataclasses.dataclass(frozen=True)
+class LidarFile:
+  path: Path
+  bounds: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax
+  crs: rasterio.crs.CRS
+  point_count: int
+
+
+def inspect_las(path: str | Path, crs: str | None = None) -> LidarFile:
+  """Header bounds and CRS; the user's `crs` fills in a missing one and must match a present one."""
+  path = Path(path)
+  try:
+    with laspy.open(path) as reader:
+      header = reader.header
+  except (laspy.errors.LaspyException, OSError, ValueError) as e:
+    raise DataError(path, f"not a readable LAS/LAZ file ({e})") from e
+  if header.point_count == 0:
+    raise DataError(path, "holds no points")
+  file_crs = _header_crs(path, header)
+  user_crs = rasterio.crs.CRS.from_user_input(crs) if crs else None
+  if file_crs is not None and user_crs is not None and file_crs != user_crs:
+    raise DataError(path, f"header CRS {file_crs.to_string()} differs from the given {crs}")
+  final = file_crs or user_crs
+  if final is None:
+    raise DataError(path, "header has no CRS; give one (e.g. --crs EPSG:28992)")
+  mins, maxs = header.mins, header.maxs
+  return LidarFile(path, (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1])),
+                   final, int(header.point_count))
+
+
+def _header_crs(path: Path, header: laspy.LasHeader) -> rasterio.crs.CRS | None:
+  """CRS from the WKT or GeoTIFF-keys VLR, read with GDAL (laspy's parse_crs needs pyproj)."""
+  for vlr in header.vlrs:
+    if isinstance(vlr, laspy.vlrs.known.WktCoordinateSystemVlr) and vlr.string.strip("\x00 "):
+      try:
+        return rasterio.crs.CRS.from_wkt(vlr.string.strip("\x00 "))
+      except rasterio.errors.CRSError as e:
+        raise DataError(path, f"unreadable WKT CRS in the header ({e})") from e
+  for vlr in header.vlrs:
+    if isinstance(vlr, laspy.vlrs.known.GeoKeyDirectoryVlr):
+      keys = {k.id: k.value_offset for k in vlr.geo_keys}
+      code = keys.get(3072) or keys.get(2048)  # ProjectedCSTypeGeoKey, GeographicTypeGeoKey
+      if code and code != 32767:  # 32767 = user-defined, not an EPSG code
+        return rasterio.crs.CRS.from_epsg(code)
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  transform: rasterio.Affine
+  width: int
+  height: int
+  crs: rasterio.crs.CRS
+
+  @property
+  def cell_size(self) -> float:
+    return self.transform.a
+
+
+def mosaic_grid(files: Sequence[LidarFile], cell_size: float) -> Grid:
+  """The grid covering all files, its corners snapped to multiples of the cell size."""
+  crss = {f.crs for f in files}
+  if len(crss) > 1:
+    raise DataError(files[0].path, f"input files disagree on CRS: "
+                    + ", ".join(f"{f.path.name}={f.crs.to_string()}" for f in files))
+  xmin = math.floor(min(f.bounds[0] for f in files) / cell_size) * cell_size
+  ymax = math.ceil(max(f.bounds[3] for f in files) / cell_size) * cell_size
+  # cells are half-open [x, x + cell); +1 so that points on the far edges still fall inside
+  width = int((max(f.bounds[2] for f in files) - xmin) // cell_size) + 1
+  height = int((ymax - min(f.bounds[1] for f in files)) // cell_size) + 1
+  return Grid(rasterio.transform.from_origin(xmin, ymax, cell_size, cell_size), width, height,
+              files[0].crs)
+
+
+class _WindowAccumulator:
+  """Highest return, its class, and ground sums for the cells of one (haloed) window."""
+
+  def __init__(self, window: rasterio.windows.Window, transform: rasterio.Affine):
+    self.window = window
+    self.x0 = transform.c + window.col_off * transform.a  # north-up grid: no rotation terms
+    self.y0 = transform.f + window.row_off * transform.e
+    self.cell = transform.a
+    self.shape = (int(window.height), int(window.width))
+    n = self.shape[0] * self.shape[1]
+    self.top = np.full(n, -np.inf, np.float32)
+    self.cls = np.zeros(n, np.uint8)
+    self.ground_sum = np.zeros(n, np.float64)
+    self.ground_count = np.zeros(n, np.int32)
+
+  def bounds(self):
+    h, w = self.shape
+    return self.x0, self.y0 - h * self.cell, self.x0 + w * self.cell, self.y0
+
+  def add(self, x: np.ndarray, y: np.ndarray, z: np.ndarray, cls: np.ndarray) -> None:
+    col = np.floor((x - self.x0) / self.cell).astype(np.int64)
+    row = np.floor((self.y0 - y) / self.cell).astype(np.int64)
+    h, w = self.shape
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    if not inside.any():
+      return
+    cell = row[inside] * w + col[inside]
+    z, cls = z[inside].astype(np.float32), cls[inside]
+    # the last point of each cell after sorting by (cell, z) is that cell's highest return
+    order = np.lexsort((z, cell))
+    cell_sorted = cell[order]
+    last = np.r_[cell_sorted[1:] != cell_sorted[:-1], True]
+    top_cell, top_z, top_cls = cell_sorted[last], z[order][last], cls[order][last]
+    higher = top_z > self.top[top_cell]
+    self.top[top_cell[higher]] = top_z[higher]
+    self.cls[top_cell[higher]] = top_cls[higher]
+    ground = cls == GROUND
+    n = self.top.size
+    self.ground_sum += np.bincount(cell[ground], weights=z[ground], minlength=n)
+    self.ground_count += np.bincount(cell[ground], minlength=n).astype(np.int32)
+
+
+def _stream_points(lf: LidarFile, acc: _WindowAccumulator, chunk_size: int) -> None:
+  bx0, by0, bx1, by1 = acc.bounds()
+  fx0, fy0, fx1, fy1 = lf.bounds
+  if fx0 > bx1 or fx1 < bx0 or fy0 > by1 or fy1 < by0:
+    return
+  try:
+    with laspy.open(lf.path) as reader:
+      for points in reader.chunk_iterator(chunk_size):
+        acc.add(np.asarray(points.x), np.asarray(points.y), np.asarray(points.z),
+                np.asarray(points.classification, dtype=np.uint8))
+  except (laspy.errors.LaspyException, OSError, ValueError, RuntimeError) as e:
+    raise DataError(lf.path, f"failed while reading points, the file is corrupt or truncated ({e})") from e
+
+
+def _fill(values: np.ndarray, known: np.ndarray, distance: float) -> np.ndarray:
+  """Interpolate unknown cells from known ones within `distance` cells; NaN beyond it."""
+  if known.all() or not known.any():
+    return np.where(known, values, np.nan).astype(np.float32)
+  filled = rasterio.fill.fillnodata(np.where(known, values, 0).astype(np.float32),
+                                    mask=known.astype(np.uint8), max_search_distance=distance)
+  reached = rasterio.fill.fillnodata(known.astype(np.float32), mask=known.astype(np.uint8),
+                                     max_search_distance=distance) > 0
+  return np.where(known | reached, filled, np.nan).astype(np.float32)
+
+
+def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: float = 0.5,
+                   crs: str | None = None, window_px: int = 2048, chunk_size: int = 1_000_000,
+                   dsm_fill_px: float = 4, dtm_fill_px: float = 200, overwrite: bool = False,
+                   progress: bool = True) -> dict[str, Path]:
+  """Rasterise a mosaic of LAS/LAZ files; returns {product: GeoTIFF path} (see module doc).
+
+  `dsm_fill_px` bounds which DSM holes get interpolated (beyond it: NaN, invalid); `dtm_fill_px`
+  must exceed half the widest building in cells, since the DTM is interpolated under roofs.
+  """
+  if not paths:
+    raise ValueError("no LAS/LAZ files given")
+  out_dir = Path(out_dir)
+  outputs = {p: out_dir / f"{p}.tif" for p in PRODUCTS}
+  for path in outputs.values():
+    refuse_existing(path, overwrite)
+  files = [inspect_las(p, crs) for p in paths]
+  grid = mosaic_grid(files, cell_size)
+  halo = int(math.ceil(dtm_fill_px))
+  profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=grid.crs,
+                 transform=grid.transform, tiled=True, blockxsize=256, blockysize=256,
+                 compress="deflate")
+  dtypes = {"dsm": "float32", "dtm": "float32", "ndsm": "float32", "class": "uint8", "valid": "uint8"}
+  nodata = {"dsm": np.nan, "dtm": np.nan, "ndsm": np.nan, "class": None, "valid": None}
+  windows = [rasterio.windows.Window(c, r, min(window_px, grid.width - c), min(window_px, grid.height - r))
+             for r in range(0, grid.height, window_px) for c in range(0, grid.width, window_px)]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  with contextlib.ExitStack() as stack:
+    tmps = {p: stack.enter_context(atomic_file(outputs[p], overwrite)) for p in PRODUCTS}
+    sinks = {p: stack.enter_context(rasterio.open(tmps[p], "w", dtype=dtypes[p], nodata=nodata[p], **profile))
+             for p in PRODUCTS}
+    for window in tqdm(windows, desc="lidar windows", disable=not progress):
+      haloed = rasterio.windows.Window(window.col_off - halo, window.row_off - halo,
+                                       window.width + 2 * halo, window.height + 2 * halo)
+      acc = _WindowAccumulator(haloed, grid.transform)
+      for lf in files:
+        _stream_points(lf, acc, chunk_size)
+      h, w = acc.shape
+      hit = np.isfinite(acc.top).reshape(h, w)
+      dsm = _fill(acc.top.reshape(h, w), hit, dsm_fill_px)
+      ground = acc.ground_count.reshape(h, w) > 0
+      dtm = _fill((acc.ground_sum / np.maximum(acc.ground_count, 1)).reshape(h, w), ground, dtm_fill_px)
+      ndsm = np.maximum(dsm - dtm, 0, where=np.isfinite(dsm) & np.isfinite(dtm),
+                        out=np.full_like(dsm, np.nan))
+      crop = np.s_[halo:halo + int(window.height), halo:halo + int(window.width)]
+      arrays = {"dsm": dsm, "dtm": dtm, "ndsm": ndsm, "class": acc.cls.reshape(h, w),
+                "valid": hit.astype(np.uint8)}
+      for p in PRODUCTS:
+        sinks[p].write(arrays[p][crop], 1, window=window)
+    for p in PRODUCTS:
+      sinks[p].update_tags(source=";".join(f.path.name for f in files), cell_size=str(cell_size))
+      sinks[p].close()
+  return outputs
+

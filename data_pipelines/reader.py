@@ -1,0 +1,177 @@
+"""The streaming tf.data reader of tile shards: yields NumPy batch dicts
+
+  {"image": float32 [B, H, W, C] normalised, "valid": float32 [B, H, W],
+   "label": int32 [B, H, W] with 255 = ignore (only when the tiles carry labels)}
+
+files (local or gs://) -> per-process file shard -> interleave -> shuffle -> repeat -> batch
+(per-process share of the global batch) -> parse the whole batch at once (tf.io.parse_example,
+float16 storage halves the bytes) -> dihedral augmentation (flips and 90-degree rotations, the same
+on DEM, validity and label) -> normalisation -> prefetch.
+
+Deterministic mode (seeded shuffles, ordered interleave and map) gives the same batches on every
+run; `skip_batches=K` then resumes a run exactly at batch K (skipping happens before parsing).
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines.errors import DataError
+from data_pipelines.normalisation import normalise
+from data_pipelines.tile_records import decode_channel, decode_mask, parse_spec
+from data_pipelines.tile_writer import FORMAT
+
+
+def read_manifest(path: str) -> dict:
+  """The manifest at `path` (local or gs://), checked for the tile format."""
+  try:
+    with tf.io.gfile.GFile(path, "r") as f:
+      manifest = json.load(f)
+  except (tf.errors.NotFoundError, json.JSONDecodeError) as e:
+    raise DataError(path, f"cannot read the tile manifest ({e})") from e
+  if manifest.get("format") != FORMAT:
+    raise DataError(path, f"not a {FORMAT} manifest (format={manifest.get('format')!r})")
+  manifest["_dir"] = posixpath.dirname(str(path))
+  return manifest
+
+
+def split_files(manifest: dict, split: str) -> list[str]:
+  """Shard paths of a split ('train', 'val', 'test') or a few-label subset ('train_50')."""
+  entry = manifest["splits"].get(split) or manifest["subsets"].get(split)
+  if entry is None:
+    known = list(manifest["splits"]) + list(manifest["subsets"])
+    raise ValueError(f"split {split!r} not in {manifest['_dir']}; available: {known}")
+  return [posixpath.join(manifest["_dir"], f) for f in entry["files"]]
+
+
+def _dihedral(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """One of the 8 flips/rotations per example of x [B, H, W, K] (square tiles), vectorised."""
+  flags = tf.random.stateless_uniform([tf.shape(x)[0], 3], seed) < 0.5
+  pick = lambda i: flags[:, i][:, None, None, None]
+  x = tf.where(pick(0), tf.transpose(x, [0, 2, 1, 3]), x)
+  x = tf.where(pick(1), tf.reverse(x, [1]), x)
+  return tf.where(pick(2), tf.reverse(x, [2]), x)
+
+
+def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_size: int,
+                    normalisation: str = "minmax", channels: int = 1, scale_m: float = 30.0,
+                    low_percentile: float = 2.0, augment: bool | None = None,
+                    shuffle: bool | None = None, repeat: bool | None = None, seed: int = 0,
+                    deterministic: bool = False, skip_batches: int = 0,
+                    process_index: int | None = None, process_count: int | None = None,
+                    shuffle_buffer: int = 2048, drop_remainder: bool | None = None,
+                    files: Sequence[str] | None = None, with_meta: bool = False) -> tf.data.Dataset:
+  """The tf.data pipeline (tensors); `make_dataset` wraps it into NumPy dicts.
+
+  Training defaults (split starting with 'train'): augment, shuffle, repeat, drop the remainder;
+  evaluation splits: none of these. `files` (paths or globs, e.g. gs://...) overrides the split's
+  shards. `process_index`/`process_count` default to jax.process_index()/process_count().
+  """
+  manifest = read_manifest(manifest_path)
+  training = split.startswith("train")
+  augment = training if augment is None else augment
+  shuffle = training if shuffle is None else shuffle
+  repeat = training if repeat is None else repeat
+  drop_remainder = training if drop_remainder is None else drop_remainder
+  if skip_batches and not deterministic:
+    raise ValueError("skip_batches needs deterministic=True: only a deterministic stream can be resumed")
+  if process_index is None or process_count is None:
+    import jax  # lazily: the data code does not need jax otherwise
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+  batch = global_batch_size // process_count
+
+  if files:
+    paths = sorted(p for pattern in files for p in tf.io.gfile.glob(pattern))
+  else:
+    paths = split_files(manifest, split)
+  if not paths:
+    raise DataError(files or manifest_path, f"no TFRecord files for split {split!r}")
+  if normalisation == "ndsm" and "ndsm" not in manifest["channels"]:
+    raise DataError(manifest_path, "normalisation 'ndsm' needs tiles with an 'ndsm' channel")
+  size, dtype, has_label = manifest["tile_size"], manifest["dtype"], manifest["has_label"]
+  channel_names = ["elevation"] + (["ndsm"] if normalisation == "ndsm" else [])
+  spec = parse_spec(channel_names, has_label, with_meta)
+  stats = manifest["stats"]["elevation"]
+
+  # one process reads whole files when there are enough of them, otherwise every n-th record
+  by_file = len(paths) >= process_count
+  if by_file:
+    paths = paths[process_index::process_count]
+  ds = tf.data.Dataset.from_tensor_slices(paths)
+  if shuffle:
+    ds = ds.shuffle(len(paths), seed=seed if deterministic else None, reshuffle_each_iteration=True)
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  if not by_file:
+    ds = ds.shard(process_count, process_index)
+  if shuffle:
+    ds = ds.shuffle(shuffle_buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.batch(batch, drop_remainder=drop_remainder).enumerate()
+  if skip_batches:
+    ds = ds.skip(skip_batches)  # before parsing: skipped batches cost only their reading
+
+  def process(index, records):
+    f = tf.io.parse_example(records, spec)
+    elevation = decode_channel(f["elevation"], f["elevation_offset"], dtype, size)
+    planes = [elevation, tf.cast(decode_mask(f["valid"], size), tf.float32)]
+    if has_label:
+      planes.append(tf.cast(decode_mask(f["label"], size), tf.float32))
+    if "ndsm" in channel_names:
+      planes.append(decode_channel(f["ndsm"], f["ndsm_offset"], dtype, size))
+    x = tf.stack(planes, axis=-1)
+    if augment:  # the seed depends on the batch's position only: same batch, same augmentation
+      x = _dihedral(x, tf.stack([tf.cast(seed, tf.int64), index]))
+    valid = x[..., 1] > 0
+    out = {"image": normalise(x[..., 0], valid, normalisation, stats=stats,
+                              ndsm=x[..., -1] if "ndsm" in channel_names else None,
+                              scale_m=scale_m, low_percentile=low_percentile, channels=channels),
+           "valid": x[..., 1]}
+    if has_label:
+      out["label"] = tf.cast(x[..., 2], tf.int32)
+    if with_meta:
+      out.update({k: f[k] for k in ("tile_id", "window", "transform", "cell_size", "crs_wkt", "source")})
+    return out
+
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def check_shards(paths: Sequence[str]) -> None:
+  """Read every record of every file; DataError naming the first corrupt or truncated one."""
+  for path in paths:
+    try:
+      for _ in tf.data.TFRecordDataset(path):
+        pass
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+      raise DataError(path, f"corrupt or truncated TFRecord ({e.message.strip()[-200:]})") from e
+
+
+def make_dataset(manifest_path: str, split: str = "train", **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """Iterator of NumPy batch dicts (see module doc); arguments as `make_tf_dataset`.
+
+  tf.data's own errors do not say which file broke: on one, the shards are checked one by one and
+  a DataError names the corrupt file.
+  """
+  dataset = make_tf_dataset(manifest_path, split, **kwargs)
+
+  def batches():
+    try:
+      yield from dataset.as_numpy_iterator()
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+      files = kwargs.get("files")
+      paths = ([p for pattern in files for p in tf.io.gfile.glob(pattern)] if files
+               else split_files(read_manifest(manifest_path), split))
+      check_shards(paths)
+      raise
+
+  return batches()

@@ -1,0 +1,75 @@
+"""Vector labels rasterised onto a DEM grid, with an attribute filter, reprojection and ignore."""
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import rasterio.warp
+import shapely
+import shapely.geometry
+
+from data_pipelines.errors import DataError
+from data_pipelines.labels import IGNORE, LabelLayer, rasterize_labels
+from data_pipelines.synthetic import synthetic_scene, write_scene_geotiffs
+
+X0, Y0 = 500_000.0, 5_000_000.0  # UTM 31N, 1 m cells, 64 x 64
+
+
+def _write_vector(path, geoms, crs, kinds=None):
+  fields = [np.array(kinds, dtype=object)] if kinds is not None else None
+  pyogrio.raw.write(path, shapely.to_wkb(np.array(geoms, dtype=object)), field_data=fields,
+                    fields=["kind"] if kinds is not None else None, crs=crs, geometry_type="Polygon",
+                    driver="GeoJSON" if str(path).endswith("json") else "GPKG")
+
+
+@pytest.fixture
+def dem(tmp_path):
+  scene = synthetic_scene(64, 64, seed=0)
+  return write_scene_geotiffs(scene, tmp_path / "dem", crs="EPSG:32631", origin=(X0, Y0))["dsm"]
+
+
+def test_filtered_polygons_burn_exact_cells_and_outside_area_is_ignore(tmp_path, dem):
+  road = shapely.box(X0 + 10, Y0 - 20, X0 + 30, Y0 - 10)  # cols 10..29, rows 10..19
+  path = shapely.box(X0 + 40, Y0 - 50, X0 + 45, Y0 - 10)
+  _write_vector(tmp_path / "roads.gpkg", [road, path], "EPSG:32631", kinds=["road", "footpath"])
+  area = shapely.box(X0, Y0 - 32, X0 + 64, Y0)  # the top half is labelled
+  _write_vector(tmp_path / "area.geojson", [area], "EPSG:32631")
+  counts = rasterize_labels(dem, [LabelLayer(tmp_path / "roads.gpkg", field="kind", values=["road"])],
+                            tmp_path / "label.tif", area=tmp_path / "area.geojson")
+  label = rasterio.open(tmp_path / "label.tif").read(1)
+  expected = np.zeros((64, 64), np.uint8)
+  expected[10:20, 10:30] = 1
+  expected[32:] = IGNORE
+  np.testing.assert_array_equal(label, expected)  # the footpath was filtered out
+  assert counts == {0: 64 * 32 - 200, 1: 200, IGNORE: 64 * 32}
+
+
+def test_labels_in_another_crs_are_reprojected(tmp_path, dem):
+  box = shapely.box(X0 + 8, Y0 - 40, X0 + 40, Y0 - 8)
+  lonlat = shapely.geometry.shape(rasterio.warp.transform_geom("EPSG:32631", "EPSG:4326", shapely.geometry.mapping(box)))
+  _write_vector(tmp_path / "b4326.geojson", [lonlat], "EPSG:4326")
+  _write_vector(tmp_path / "b.geojson", [box], "EPSG:32631")
+  rasterize_labels(dem, [LabelLayer(tmp_path / "b4326.geojson")], tmp_path / "l1.tif", area=tmp_path / "b.geojson")
+  rasterize_labels(dem, [LabelLayer(tmp_path / "b.geojson")], tmp_path / "l2.tif", area=tmp_path / "b.geojson")
+  a, b = (rasterio.open(tmp_path / f).read(1) for f in ("l1.tif", "l2.tif"))
+  assert (a == 1).sum() == 32 * 32
+  np.testing.assert_array_equal(a, b)
+
+
+def test_default_labelled_area_is_the_hull_of_the_coverage_layers(tmp_path, dem):
+  a, b = shapely.box(X0 + 2, Y0 - 12, X0 + 12, Y0 - 2), shapely.box(X0 + 30, Y0 - 40, X0 + 40, Y0 - 30)
+  _write_vector(tmp_path / "two.gpkg", [a, b], "EPSG:32631")
+  rasterize_labels(dem, [LabelLayer(tmp_path / "two.gpkg")], tmp_path / "l.tif")
+  label = rasterio.open(tmp_path / "l.tif").read(1)
+  assert label[5, 5] == 1 and label[35, 35] == 1
+  assert label[20, 20] == 0  # between the two, inside their hull: background
+  assert label[60, 2] == IGNORE and label[2, 60] == IGNORE  # outside the hull: unknown
+
+
+def test_layer_outside_the_dem_or_without_matches_is_an_error(tmp_path, dem):
+  far = shapely.box(X0 + 10_000, Y0, X0 + 10_010, Y0 + 10)
+  _write_vector(tmp_path / "far.gpkg", [far], "EPSG:32631", kinds=["road"])
+  with pytest.raises(DataError, match="far.gpkg: does not overlap the DEM"):
+    rasterize_labels(dem, [LabelLayer(tmp_path / "far.gpkg")], tmp_path / "l.tif")
+  with pytest.raises(DataError, match="far.gpkg: no feature has kind in \\['lane'\\]; values present: \\['road'\\]"):
+    rasterize_labels(dem, [LabelLayer(tmp_path / "far.gpkg", field="kind", values=["lane"])], tmp_path / "l.tif")
+  assert not (tmp_path / "l.tif").exists()

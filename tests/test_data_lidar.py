@@ -1,0 +1,98 @@
+"""LAS/LAZ -> DSM/DTM/nDSM/class/valid rasters (synthetic point clouds with known answers)."""
+import numpy as np
+import pytest
+import rasterio
+
+from data_pipelines.errors import DataError
+from data_pipelines.lidar import inspect_las, las_to_rasters
+from data_pipelines.synthetic import write_las
+
+X0, Y0 = 500_000.0, 5_000_000.0
+
+
+def _cloud(seed=0, size=20, hole=(5, 5)):
+  """Ground points in every 1 m cell but `hole`, plus a roof over cells [10:14, 10:14]."""
+  rng = np.random.default_rng(seed)
+  pts, cls = [], []
+  for r in range(size):
+    for c in range(size):
+      if (r, c) == hole:
+        continue
+      x, y = X0 + c + 0.5, Y0 + size - r - 0.5
+      roof = 10 <= r < 14 and 10 <= c < 14
+      if not roof:
+        pts.append([x, y, 1.0 + 0.01 * c]); cls.append(2)
+      pts.append([x + 0.1, y - 0.1, (9.0 if roof else 1.5) + rng.uniform(0, 0.1)]); cls.append(6 if roof else 1)
+  return np.array(pts), np.array(cls)
+
+
+def _read(outputs):
+  return {k: rasterio.open(p).read(1) for k, p in outputs.items()}
+
+
+def test_highest_return_ground_mean_and_filled_holes(tmp_path):
+  xyz, cls = _cloud()
+  write_las(tmp_path / "a.laz", xyz, cls, crs="EPSG:32631")
+  out = las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False, dsm_fill_px=2, dtm_fill_px=10)
+  r = _read(out)
+  with rasterio.open(out["dsm"]) as d:
+    assert d.crs.to_epsg() == 32631 and d.transform.a == 1.0
+    assert (d.bounds.left, d.bounds.top) == (X0, Y0 + 20)
+  # cell (0, 3): ground z = 1.03 and an unclassified return at 1.5..1.6 -> DSM is the highest
+  assert 1.5 <= r["dsm"][0, 3] <= 1.6 and r["class"][0, 3] == 1
+  assert r["dtm"][0, 3] == pytest.approx(1.03, abs=1e-3)
+  assert r["class"][11, 11] == 6 and r["dsm"][11, 11] >= 9.0
+  # no ground under the roof: DTM interpolated from the surrounding ground, nDSM ~ 8 m
+  assert 1.0 <= r["dtm"][11, 11] <= 1.2 and 7.8 <= r["ndsm"][11, 11] <= 8.1
+  # the empty cell is filled but recorded as invalid
+  assert r["valid"][5, 5] == 0 and r["valid"].sum() == r["valid"].size - 1
+  assert np.isfinite(r["dsm"][5, 5]) and 1.0 <= r["dsm"][5, 5] <= 1.7
+
+
+def test_windows_and_file_split_do_not_change_the_mosaic(tmp_path):
+  xyz, cls = _cloud(seed=1)
+  write_las(tmp_path / "all.laz", xyz, cls, crs="EPSG:32631")
+  west = xyz[:, 0] < X0 + 9
+  write_las(tmp_path / "w.laz", xyz[west], cls[west], crs="EPSG:32631")
+  write_las(tmp_path / "e.las", xyz[~west], cls[~west], crs="EPSG:32631")
+  kw = dict(cell_size=1.0, progress=False, dtm_fill_px=10)
+  one = _read(las_to_rasters([tmp_path / "all.laz"], tmp_path / "one", window_px=64, **kw))
+  many = _read(las_to_rasters([tmp_path / "w.laz", tmp_path / "e.las"], tmp_path / "many", window_px=7,
+                              chunk_size=50, **kw))
+  for k in one:
+    np.testing.assert_array_equal(one[k], many[k], err_msg=k)
+
+
+def test_crs_missing_mismatched_or_given(tmp_path):
+  xyz, cls = _cloud()
+  write_las(tmp_path / "nocrs.laz", xyz, cls)
+  write_las(tmp_path / "utm.laz", xyz, cls, crs="EPSG:32631")
+  with pytest.raises(DataError, match="nocrs.laz: header has no CRS"):
+    inspect_las(tmp_path / "nocrs.laz")
+  assert inspect_las(tmp_path / "nocrs.laz", "EPSG:32631").crs.to_epsg() == 32631
+  with pytest.raises(DataError, match="utm.laz: header CRS EPSG:32631 differs"):
+    inspect_las(tmp_path / "utm.laz", "EPSG:28992")
+
+
+def test_corrupt_and_truncated_laz_name_the_file_and_leave_nothing(tmp_path):
+  (tmp_path / "junk.laz").write_bytes(b"definitely not a point cloud" * 10)
+  with pytest.raises(DataError, match="junk.laz: not a readable LAS/LAZ"):
+    las_to_rasters([tmp_path / "junk.laz"], tmp_path / "r1", crs="EPSG:32631", progress=False)
+  xyz, cls = _cloud()
+  write_las(tmp_path / "cut.laz", xyz, cls, crs="EPSG:32631")
+  data = (tmp_path / "cut.laz").read_bytes()
+  (tmp_path / "cut.laz").write_bytes(data[: len(data) * 2 // 3])
+  with pytest.raises(DataError, match="cut.laz: failed while reading points"):
+    las_to_rasters([tmp_path / "cut.laz"], tmp_path / "r2", cell_size=1.0, progress=False)
+  assert not any(p.suffix == ".tif" for p in (tmp_path / "r2").glob("*"))
+  assert not list((tmp_path / "r2").glob("*"))  # no temporary files either
+
+
+def test_refuses_to_replace_outputs_unless_asked(tmp_path):
+  xyz, cls = _cloud()
+  write_las(tmp_path / "a.laz", xyz, cls, crs="EPSG:32631")
+  las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False)
+  with pytest.raises(FileExistsError, match="dsm.tif already exists"):
+    las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False)
+  las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=2.0, progress=False, overwrite=True)
+  assert rasterio.open(tmp_path / "r" / "dsm.tif").res == (2.0, 2.0)

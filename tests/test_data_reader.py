@@ -1,0 +1,104 @@
+"""The tf.data reader: batch contract, augmentation on DEM and label together, determinism and
+resumption, per-process sharding, and clear errors on corrupt shards."""
+import json
+
+import numpy as np
+import pytest
+
+from data_pipelines.errors import DataError
+from data_pipelines.reader import make_dataset, make_tf_dataset
+from data_pipelines.synthetic import synthetic_scene, write_scene_geotiffs
+from data_pipelines.tile_writer import write_tiles
+
+BASE = 100.0
+ONE_HOST = dict(process_index=0, process_count=1)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+  # flat terrain (0.5 m relief) so that "building" <=> elevation > BASE + 2 m, checkable after augmentation
+  scene = synthetic_scene(192, 192, seed=5, relief_m=0.5, base_m=BASE, n_buildings=20)
+  folder = tmp_path_factory.mktemp("reader")
+  tifs = write_scene_geotiffs(scene, folder / "tif", label_value=1)
+  return str(write_tiles(tifs["dsm"], folder / "tiles", label=tifs["label"], tile_size=32, stride=16,
+                         block_px=64, min_labelled=0, dtype="float16", tiles_per_shard=8, progress=False))
+
+
+def _elevation(batch, manifest):
+  stats = json.load(open(manifest))["stats"]["elevation"]
+  return batch["image"][..., 0] * stats["std"] + stats["mean"]
+
+
+def test_batches_have_the_documented_contract(manifest):
+  batch = next(make_dataset(manifest, "train", global_batch_size=8, channels=3, **ONE_HOST))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (8, 32, 32) and batch["label"].dtype == np.int32
+  assert batch["valid"].shape == (8, 32, 32) and batch["valid"].dtype == np.float32
+  assert set(np.unique(batch["label"])) <= {0, 1}
+  assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+
+
+def test_augmentation_moves_dem_and_label_together(manifest):
+  kw = dict(global_batch_size=8, normalisation="zscore", deterministic=True, seed=3, **ONE_HOST)
+  plain = make_dataset(manifest, "train", augment=False, **kw)
+  augmented = make_dataset(manifest, "train", augment=True, **kw)
+  changed = 0
+  for _ in range(6):
+    a, b = next(plain), next(augmented)
+    elev = _elevation(b, manifest)
+    np.testing.assert_array_equal(elev > BASE + 2, b["label"] == 1)
+    for i in range(8):  # each augmented tile is one of the 8 flips/rotations of the plain tile
+      variants = [np.rot90(t, k) for t in (a["label"][i], a["label"][i].T) for k in range(4)]
+      assert any(np.array_equal(v, b["label"][i]) for v in variants)
+      changed += not np.array_equal(a["label"][i], b["label"][i])
+  assert changed > 10
+
+
+def test_deterministic_stream_repeats_and_resumes_at_batch_k(manifest):
+  kw = dict(global_batch_size=4, deterministic=True, seed=7, **ONE_HOST)
+  first = [next(it) for it in [make_dataset(manifest, "train", **kw)] for _ in range(12)]
+  again = make_dataset(manifest, "train", **kw)
+  for a in first[:5]:
+    b = next(again)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  resumed = make_dataset(manifest, "train", skip_batches=9, **kw)
+  for a in first[9:]:
+    b = next(resumed)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  other_seed = next(make_dataset(manifest, "train", **{**kw, "seed": 8}))
+  assert not np.array_equal(other_seed["image"], first[0]["image"])
+  with pytest.raises(ValueError, match="skip_batches needs deterministic=True"):
+    make_dataset(manifest, "train", global_batch_size=4, skip_batches=2, **ONE_HOST)
+
+
+def test_processes_read_disjoint_shares_of_an_eval_split(manifest):
+  m = json.load(open(manifest))
+  ids = []
+  for p in range(2):
+    ds = make_tf_dataset(manifest, "train", global_batch_size=4, augment=False, shuffle=False,
+                         repeat=False, with_meta=True, process_index=p, process_count=2)
+    ids.append([int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"]])
+    assert all(len(b["tile_id"]) <= 2 for b in ds.as_numpy_iterator())  # per-host share of 4
+  assert not set(ids[0]) & set(ids[1])
+  assert sorted(ids[0] + ids[1]) == sorted(m["splits"]["train"]["tile_ids"])
+
+
+def test_few_label_subset_reads_exactly_its_tiles(manifest):
+  m = json.load(open(manifest))
+  ds = make_tf_dataset(manifest, "train_10", global_batch_size=4, repeat=False, drop_remainder=False,
+                       with_meta=True, **ONE_HOST)
+  assert sorted(int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"]) == m["subsets"]["train_10"]["tile_ids"]
+  with pytest.raises(ValueError, match="split 'train_5000' not in"):
+    make_dataset(manifest, "train_5000", global_batch_size=4, **ONE_HOST)
+
+
+def test_truncated_shard_is_an_error_naming_the_file(manifest, tmp_path):
+  import shutil
+  from pathlib import Path
+  src = Path(manifest).parent
+  dst = tmp_path / "tiles"
+  shutil.copytree(src, dst)
+  shard = dst / json.load(open(manifest))["splits"]["val"]["files"][0]
+  shard.write_bytes(shard.read_bytes()[:-100])
+  with pytest.raises(DataError, match=f"{shard.name}.*corrupt or truncated"):
+    list(make_dataset(str(dst / "manifest.json"), "val", global_batch_size=2, **ONE_HOST))
