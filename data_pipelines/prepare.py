@@ -27,7 +27,7 @@ TASKS = ("buildings", "roads")
 
 def prepare_delft(out_dir: str | Path, task: str = "buildings", *, cell_size: float = 0.5,
                   tile_size: int = 64, stride: int | None = 32, block_px: int | None = None,
-                  dtype: str = "float16", label_source: str = "bgt", min_valid: float = 0.9,
+                  dtype: str = "float16", label_source: str = "bgt", min_valid: float = 0.75,
                   min_labelled: float = 0.25, seed: int = 0, overwrite: bool = False,
                   progress: bool = True) -> Path:
   """Delft AHN3 LiDAR + BGT polygons -> `out_dir`/{rasters, labels, tiles}; returns the manifest.
@@ -36,6 +36,8 @@ def prepare_delft(out_dir: str | Path, task: str = "buildings", *, cell_size: fl
   task "roads" from BGT wegdeel with `function` in DELFT_ROAD_FUNCTIONS. With BGT labels, pixels
   outside the convex hull of both BGT layers (the crop's mapped area, ~56 % of the LiDAR block)
   are 255 = ignore. Tiles carry elevation (DSM), validity, label, and DTM/nDSM channels.
+  `min_valid` is 0.75 because at 0.5 m ~6 % of cells get no return (scan gaps, interpolated but
+  marked invalid) besides the canal's; 0.9 would drop a quarter of the tiles.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")

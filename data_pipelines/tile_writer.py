@@ -13,7 +13,7 @@ import rasterio.windows
 import tensorflow as tf
 from tqdm import tqdm
 
-from data_pipelines.atomic import atomic_dir
+from data_pipelines.atomic import atomic_dir, refuse_existing
 from data_pipelines.errors import DataError
 from data_pipelines.labels import IGNORE
 from data_pipelines.tile_records import FLOAT_DTYPES, encode_tile
@@ -82,6 +82,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
     raise ValueError(f"block_px ({block_px}) must be at least the tile size ({tile_size})")
   extras = dict(extras or {})
   out_dir = Path(out_dir)
+  refuse_existing(out_dir, overwrite)  # before any work
   with contextlib.ExitStack() as stack:
     dem = stack.enter_context(rasterio.open(elevation))
     if dem.crs is None:

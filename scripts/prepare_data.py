@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Turn LiDAR / elevation rasters and vector labels into tile sets for demmae-jax.
+
+Subcommands (each refuses to replace an existing output unless --overwrite):
+  lidar      LAS/LAZ files -> dsm/dtm/ndsm/class/valid GeoTIFFs (one mosaic)
+  labels     vector layer(s) -> uint8 label GeoTIFF on a DEM's grid (255 outside the labelled area)
+  tiles      DEM (+ label, validity, extra channels) -> TFRecord shards + manifest.json
+  delft      the whole chain on the shared Delft set, for buildings and/or roads
+  check      read every shard of a tile set; names the first corrupt file
+  normalisation-report   how each normalisation mode separates roads from buildings (Delft)
+
+Examples:
+  scripts/prepare_data.py delft --out data/delft --task both
+  scripts/prepare_data.py lidar a.laz b.laz --crs EPSG:28992 --cell-size 0.5 --out rasters/
+  scripts/prepare_data.py labels --dem rasters/dsm.tif --vector roads.gpkg --field function \\
+      --values "rijbaan lokale weg" parkeervlak --out labels/roads.tif
+  scripts/prepare_data.py tiles --dem rasters/dsm.tif --label labels/roads.tif \\
+      --valid rasters/valid.tif --extra ndsm=rasters/ndsm.tif --tile-size 64 --stride 32 --out tiles/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _tiling_flags(p: argparse.ArgumentParser, tile_size: int, stride: int | None, dtype: str,
+                  min_valid: float) -> None:
+  p.add_argument("--tile-size", type=int, default=tile_size, help=f"tile side in pixels (default {tile_size})")
+  p.add_argument("--stride", type=int, default=stride, help="step between tiles in pixels (default: tile size; "
+                 "smaller = overlapping tiles)")
+  p.add_argument("--block-px", type=int, default=None, help="side of the blocks splits are drawn by "
+                 "(default 2 x tile size); tiles never straddle two splits")
+  p.add_argument("--min-valid", type=float, default=min_valid, help=f"minimum fraction of valid pixels per tile "
+                 f"(default {min_valid})")
+  p.add_argument("--min-labelled", type=float, default=0.25, help="minimum fraction of labelled (not 255) pixels")
+  p.add_argument("--dtype", choices=("float32", "float16"), default=dtype, help="elevation storage")
+  p.add_argument("--seed", type=int, default=0, help="seed of the split and of the few-label subsets")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("lidar", help="LAS/LAZ -> DSM, DTM, nDSM, class and validity GeoTIFFs")
+  p.add_argument("inputs", nargs="+", help="LAS/LAZ files forming one mosaic")
+  p.add_argument("--out", required=True, help="output folder (dsm.tif, dtm.tif, ndsm.tif, class.tif, valid.tif)")
+  p.add_argument("--cell-size", type=float, default=0.5, help="cell size in CRS units (default 0.5)")
+  p.add_argument("--crs", help="CRS when the headers carry none, e.g. EPSG:28992 (must match if they do)")
+  p.add_argument("--window-px", type=int, default=2048, help="output window processed at once (memory bound)")
+  p.add_argument("--overwrite", action="store_true")
+
+  p = sub.add_parser("labels", help="vector layers -> label GeoTIFF on a DEM grid")
+  p.add_argument("--dem", required=True, help="GeoTIFF whose grid the labels take")
+  p.add_argument("--vector", required=True, nargs="+", help="GeoPackage/SQLite/Shapefile/GeoJSON layer(s), value 1")
+  p.add_argument("--layer", help="layer name inside the vector file(s)")
+  p.add_argument("--field", help="attribute to filter on, e.g. function")
+  p.add_argument("--values", nargs="+", help="attribute values kept (with --field)")
+  p.add_argument("--area", help="polygon layer of the labelled area (default: convex hull of --coverage)")
+  p.add_argument("--coverage", nargs="+", help="layers whose hull is the labelled area (default: --vector)")
+  p.add_argument("--out", required=True, help="output GeoTIFF")
+  p.add_argument("--overwrite", action="store_true")
+
+  p = sub.add_parser("tiles", help="rasters -> TFRecord tile shards + manifest.json")
+  p.add_argument("--dem", required=True, help="elevation GeoTIFF (DSM, DEM, .hgt)")
+  p.add_argument("--label", help="uint8 label GeoTIFF on the same grid (255 = ignore)")
+  p.add_argument("--valid", help="validity GeoTIFF on the same grid (0 = invalid)")
+  p.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="extra channels, e.g. ndsm=ndsm.tif")
+  p.add_argument("--tiles-per-shard", type=int, default=1024)
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--overwrite", action="store_true")
+  _tiling_flags(p, 224, None, "float32", 0.9)
+
+  p = sub.add_parser("delft", help="the shared Delft LiDAR + BGT set into building and road tile sets")
+  p.add_argument("--out", required=True, help="output folder; gets <task>/{rasters,labels,tiles}")
+  p.add_argument("--task", choices=("buildings", "roads", "both"), default="both")
+  p.add_argument("--cell-size", type=float, default=0.5)
+  p.add_argument("--label-source", choices=("bgt", "lidar"), default="bgt",
+                 help="buildings from BGT footprints or LiDAR class 6")
+  p.add_argument("--overwrite", action="store_true")
+  _tiling_flags(p, 64, 32, "float16", 0.75)
+
+  p = sub.add_parser("check", help="read every record of a tile set")
+  p.add_argument("manifest")
+
+  p = sub.add_parser("normalisation-report", help="road vs building separation per normalisation mode (Delft)")
+  p.add_argument("--tile-sizes", type=int, nargs="+", default=[64, 224])
+  p.add_argument("--cell-size", type=float, default=0.5)
+  p.add_argument("--scale-m", type=float, default=30.0, help="metres mapped to 1 by relative / ndsm")
+  p.add_argument("--json", help="also write the numbers to this JSON file")
+  p.add_argument("--overwrite", action="store_true")
+
+  a = parser.parse_args(argv)
+  from data_pipelines.errors import DataError
+  try:
+    return _run(a)
+  except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _run(a: argparse.Namespace) -> int:
+  if a.command == "lidar":
+    from data_pipelines.lidar import las_to_rasters
+    out = las_to_rasters(a.inputs, a.out, cell_size=a.cell_size, crs=a.crs, window_px=a.window_px,
+                         overwrite=a.overwrite)
+    print("\n".join(f"{k}: {v}" for k, v in out.items()))
+  elif a.command == "labels":
+    from data_pipelines.labels import LabelLayer, rasterize_labels
+    layers = [LabelLayer(v, layer=a.layer, field=a.field, values=a.values) for v in a.vector]
+    coverage = [LabelLayer(c) for c in a.coverage] if a.coverage else None
+    counts = rasterize_labels(a.dem, layers, a.out, area=a.area, coverage=coverage, overwrite=a.overwrite)
+    print(f"{a.out}: pixel counts {counts}")
+  elif a.command == "tiles":
+    from data_pipelines.tile_writer import write_tiles
+    extras = dict(e.split("=", 1) for e in a.extra)
+    m = write_tiles(a.dem, a.out, label=a.label, valid=a.valid, extras=extras, tile_size=a.tile_size,
+                    stride=a.stride, block_px=a.block_px, min_valid=a.min_valid, min_labelled=a.min_labelled,
+                    dtype=a.dtype, seed=a.seed, tiles_per_shard=a.tiles_per_shard, overwrite=a.overwrite)
+    _summary(m)
+  elif a.command == "delft":
+    from data_pipelines.prepare import prepare_delft
+    for task in (("buildings", "roads") if a.task == "both" else (a.task,)):
+      m = prepare_delft(Path(a.out) / task, task, cell_size=a.cell_size, tile_size=a.tile_size, stride=a.stride,
+                        block_px=a.block_px, dtype=a.dtype, label_source=a.label_source, min_valid=a.min_valid,
+                        min_labelled=a.min_labelled, seed=a.seed, overwrite=a.overwrite)
+      _summary(m)
+  elif a.command == "check":
+    from data_pipelines.reader import check_shards, read_manifest, split_files
+    m = read_manifest(a.manifest)
+    for split in list(m["splits"]) + list(m["subsets"]):
+      check_shards(split_files(m, split))
+    print(f"{a.manifest}: all shards read back")
+  elif a.command == "normalisation-report":
+    from data_pipelines.atomic import atomic_file
+    from data_pipelines.normalisation_report import normalisation_report, report_markdown
+    report = normalisation_report(tuple(a.tile_sizes), a.cell_size, a.scale_m)
+    print(report_markdown(report))
+    if a.json:
+      with atomic_file(a.json, a.overwrite) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
+  return 0
+
+
+def _summary(manifest_path: Path) -> None:
+  m = json.loads(Path(manifest_path).read_text())
+  counts = ", ".join(f"{s} {v['count']}" for s, v in m["splits"].items())
+  subsets = ", ".join(f"{s} {v['count']}" for s, v in m["subsets"].items()) or "none"
+  print(f"{manifest_path}: {m['tile_size']} px tiles at {m['cell_size']:g} m: {counts}; "
+        f"few-label subsets: {subsets}; skipped {m['skipped']}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
