@@ -212,7 +212,7 @@ def hf_to_official(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   official: str  # e.g. 'blocks.3.attn.qkv.weight'
-  flax: str  # '/'-joined path in nnx.to_pure_dict(nnx.state(model)), e.g. 'blocks/3/attn/qkv/kernel'
+  flax: str  # path in nnx.to_pure_dict(nnx.state(model)), '/'-joined: 'blocks/3/attn/qkv/kernel'
   kind: str  # 'linear' ([out, in] ↔ [in, out]), 'conv' (OIHW ↔ HWIO) or 'same'
 
   def to_flax(self, x: np.ndarray) -> np.ndarray:
@@ -482,9 +482,10 @@ def _mismatch_message(source, config, missing, unexpected, misshaped, encoder_on
               for (got, want), keys in sorted(by_shapes.items(), key=lambda kv: sorted(kv[1]))]
   if not encoder_only and missing and all(_is_decoder(k) for k in missing):
     lines.append("  the file has no decoder (like mae_pretrain_vit_*.pth): pass "
-                 "encoder_only=True to initialise the decoder")
+                 "encoder_only=True (--encoder-only) to initialise the decoder")
   if any(k.startswith(_HEAD_PREFIXES) for k in unexpected):
-    lines.append("  head/fc_norm belong to a finetuned classifier: pass drop_head=True to skip them")
+    lines.append("  head/fc_norm belong to a finetuned classifier: pass drop_head=True "
+                 "(--drop-head) to skip them")
   got, want = misshaped.get("patch_embed.proj.weight", ((), ()))
   if got and len(got) == len(want) == 4 and got[1] != want[1] and got[::2] == want[::2]:
     lines.append("  for a 1-channel DEM from RGB weights pass channel_adapt='sum' or 'mean' "
@@ -527,7 +528,8 @@ def is_own_checkpoint(path: str | os.PathLike) -> bool:
     return False
 
 
-def save_model(model: MaskedAutoencoder, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_model(model: MaskedAutoencoder, dst: str | os.PathLike, *,
+               overwrite: bool = False) -> Path:
   """Writes `dst/` = orbax `state/` + `config.json`, atomically: everything goes to a temporary
   sibling directory renamed into place at the end, so `dst` is either absent, the old checkpoint
   or the complete new one. An existing `dst` is refused unless overwrite=True."""

@@ -17,7 +17,8 @@ from demmae_jax.models.mae import PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="checkpoint to read: .pth/.pt/.bin/.ckpt (needs torch), .safetensors, "
                              "a Hugging Face directory, or one of our checkpoint directories")
   p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
@@ -45,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  logging.getLogger("demmae_jax").setLevel(logging.INFO)  # what was adapted; not orbax's chatter
   overrides = {k: v for k, v in dict(in_chans=args.in_chans, img_size=args.img_size,
                                      num_heads=args.num_heads,
                                      decoder_num_heads=args.decoder_num_heads,

@@ -37,7 +37,8 @@ def random_sd(config=CFG, seed=0):
   out = {}
   for k, shape in checkpoints.expected_shapes(config).items():
     std = 1 / np.sqrt(np.prod(shape[1:])) if len(shape) >= 2 and k.endswith(".weight") else 0.1
-    out[k] = (rng.normal(0, std, shape) + bool(re.search(r"norm\d?\.weight$", k))).astype(np.float32)
+    scale = bool(re.search(r"norm\d?\.weight$", k))
+    out[k] = (rng.normal(0, std, shape) + scale).astype(np.float32)
   return out
 
 

@@ -86,7 +86,7 @@ def write(hf, layout: str, root: Path, encoder_only: bool = False) -> Path:
   if layout == "hf_safetensors":
     hf.save_pretrained(root / "hf")
     return root / "hf"
-  if layout == "hf_hub_bin":  # the Hub files' names: vit.encoder.layer.N..., decoder.decoder_layers.N...
+  if layout == "hf_hub_bin":  # Hub names: vit.encoder.layer.N..., decoder.decoder_layers.N...
     hf.save_pretrained(root / "saved")
     from safetensors.torch import load_file
     sd = {k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v
@@ -116,7 +116,8 @@ def inputs(in_chans: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(2, 32, 32, in_chans)).astype(np.float32)  # NHWC
   noise = rng.uniform(size=(2, 64)).astype(np.float32)
-  return images, noise, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(noise)
+  nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  return images, noise, nchw, torch.from_numpy(noise)
 
 
 def err(a, b) -> float:
@@ -211,9 +212,7 @@ def _print_report():
   import tempfile
   rows = []
   with tempfile.TemporaryDirectory() as d:
-    def fresh():
-      sub = Path(tempfile.mkdtemp(dir=d))
-      return sub
+    fresh = lambda: Path(tempfile.mkdtemp(dir=d))  # one directory per case
     for layout, c, npl in CASES:
       rows += [(f"forward {layout} in_chans={c} norm_pix_loss={npl}", k, v)
                for k, v in forward_errors(layout, c, npl, fresh()).items()]
