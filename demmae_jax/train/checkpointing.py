@@ -1,0 +1,121 @@
+"""Orbax checkpoints of the train state in `workdir/checkpoints`, and the workdir's identity.
+
+One CheckpointManager keeps the last `keep` steps and, when the task has an eval metric, the best
+one (orbax preservation policies); saves are asynchronous and atomic (orbax writes a temporary
+directory and renames it), so a run killed mid-save leaves the previous checkpoints intact.
+The workdir stores the config it was made for (`config.json`); a different config is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+CONFIG_FILE = "config.json"
+
+
+class WorkdirConfigMismatch(ValueError):
+  pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def check_or_store_config(workdir: Path, config: ml_collections.ConfigDict,
+                          ignore: tuple[str, ...] = ("log", "distributed")) -> None:
+  """Store the config in a fresh workdir; in an existing one, refuse a different config (keys in
+  `ignore`, e.g. logging frequencies, may change between restarts)."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / CONFIG_FILE
+  new = json.loads(config_to_json(config))
+  if path.exists():
+    old = json.loads(path.read_text())
+    diff = _diff({k: v for k, v in old.items() if k not in ignore},
+                 {k: v for k, v in new.items() if k not in ignore})
+    if diff:
+      raise WorkdirConfigMismatch(
+          f"{workdir} holds a run of another configuration ({path}); differing keys: "
+          + "; ".join(diff[:10]) + ". Use a new --workdir, or the same config to resume.")
+    return
+  if jax.process_index() == 0:
+    atomic_write_text(path, config_to_json(config))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      if k not in a or k not in b:
+        out.append(f"{prefix}{k}: {'missing' if k not in a else a[k]!r} -> "
+                   f"{'missing' if k not in b else b[k]!r}")
+      else:
+        out += _diff(a[k], b[k], f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+class Checkpointer:
+  """`save(step, state, meta, metrics)`, `latest_step()`, `restore(step, abstract_state)`."""
+
+  def __init__(self, directory: Path, *, keep: int = 3, best_metric: str | None = None,
+               best_mode: str = "max", async_save: bool = True):
+    self.best_metric, self.best_mode = best_metric, best_mode
+    policy = [policies.LatestN(n=keep)]
+    if best_metric:
+      policy.append(policies.BestN(get_metric_fn=lambda m: m[best_metric],
+                                   reverse=best_mode == "min", n=1,
+                                   keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(policy),
+        # best_fn makes orbax record the metrics; which steps stay is the policy's choice.
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None: no metric, or none recorded)."""
+    if not self.best_metric:
+      return None
+    scored = [(m[self.best_metric], s) for s in self.manager.all_steps()
+              if (m := self.manager.metrics(s)) and self.best_metric in m]
+    if not scored:
+      return None
+    sign = 1 if self.best_mode == "max" else -1
+    return max(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
+
+  def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+    metrics = {self.best_metric: float(metrics[self.best_metric])} \
+        if self.best_metric and metrics and self.best_metric in metrics else None
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """The state at `step` placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,395 @@
+"""The one training loop: init or restore -> jitted step -> log -> checkpoint, for any `Task`.
+
+A task says what is trained (`build_model`, `trainable` filter), how (`loss_fn`), and optionally
+how it is evaluated and pictured. The loop owns everything else: mesh placement, the optimiser,
+the pure jitted `train_step(state, batch, rng)` with donated state, gradient accumulation,
+checkpoints and resume, metrics, progress, SIGTERM and NaN handling.
+
+Train state is a plain dict `{params, rest, opt_state, step}`: `params` are the trainable
+variables (`nnx.split(model, task.trainable, ...)`), the only ones the optimiser and the gradient
+see; `rest` is everything else (frozen backbone, fixed position embeddings, normalisation
+statistics), carried through the step unchanged unless the model updates it.
+Randomness in a step is `fold_in(rng, step)` (and `fold_in(., microbatch)`): a resumed run
+draws the same masks as an uninterrupted one. Batches come from `batches(start_step)`, an
+iterator of this process's rows of each global batch as NumPy dicts, starting at `start_step`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from demmae_jax import sharding as shd
+from demmae_jax.train import checkpointing, metrics as metrics_lib, optim
+
+Batch = dict[str, np.ndarray]
+BatchSource = Callable[[int], Iterator[Batch]]
+
+
+class Task:
+  """Subclass and override. Everything a run needs to know about the model and its loss."""
+  trainable: Any = nnx.Param  # nnx filter of the variables the optimiser updates
+  best_metric: str | None = None  # eval metric whose best checkpoint is kept
+  best_mode: str = "max"
+  jit_init: bool = True  # False when build_model reads weights from files
+
+  def build_model(self) -> nnx.Module:
+    raise NotImplementedError
+
+  def loss_fn(self, model: nnx.Module, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss, metrics of scalars); pure and jittable; randomness only from `rng`."""
+    raise NotImplementedError
+
+  def layer_decay_depth(self) -> int | None:
+    """Encoder depth for layer-wise lr decay (None: the model has no such structure)."""
+    return None
+
+  def evaluate(self, model: nnx.Module, step: int) -> dict[str, float]:
+    """Called on every process every `eval_every_steps`; returns scalars (optional)."""
+    return {}
+
+  def picture_arrays(self, model: nnx.Module, batch: dict[str, jax.Array],
+                     rng: jax.Array) -> dict[str, jax.Array]:
+    """Arrays to draw (jitted by the loop, gathered to every host); {} for no pictures."""
+    return {}
+
+  def draw(self, arrays: dict[str, np.ndarray], step: int) -> dict[str, Any]:
+    """{name: matplotlib figure} from `picture_arrays`' output; process 0 only."""
+    return {}
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass
+class Result:
+  state: dict
+  step: int
+  history: list[dict]
+  preempted: bool = False
+
+
+def _tree_where(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+class Trainer:
+  """Placement, optimiser and compiled step for one (task, config, mesh)."""
+
+  def __init__(self, task: Task, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self.task, self.config, self.mesh = task, config, mesh
+    self.global_batch = int(config.global_batch)
+    self.accum = int(config.get("grad_accum_steps", 1))
+    par = shd.batch_parallelism(mesh)
+    if self.global_batch % (par * self.accum):
+      raise ValueError(f"global_batch {self.global_batch} must be divisible by data x fsdp "
+                       f"({par}) x grad_accum_steps ({self.accum})")
+    abstract_model = nnx.eval_shape(task.build_model)
+    self.graphdef, params, rest = nnx.split(abstract_model, task.trainable, ...)
+    if not jax.tree.leaves(params):
+      raise ValueError("the task's `trainable` filter selects no variables: nothing to train")
+    self.tx, self.schedule = optim.make(config.optim, params, total_steps=int(config.total_steps),
+                                        global_batch=self.global_batch,
+                                        depth=task.layer_decay_depth())
+    abstract = {"params": params, "rest": rest,
+                "opt_state": jax.eval_shape(self.tx.init, params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    rules = [tuple(r) for r in config.sharding.rules]
+    self.state_shardings = shd.tree_shardings(abstract, mesh, rules,
+                                              int(config.sharding.min_fsdp_size))
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+        self.state_shardings)
+    self.rng = jax.random.key(int(config.seed))
+    self._pictures = None
+
+  # ------------------------------------------------------------------ state
+  def init_state(self) -> dict:
+    """A fresh state, placed by the sharding rules. Built inside one jitted program (each device
+    makes only its shards) unless the task reads weights from files (`jit_init = False`)."""
+    def init():
+      _, params, rest = nnx.split(self.task.build_model(), self.task.trainable, ...)
+      return {"params": params, "rest": rest, "opt_state": self.tx.init(params),
+              "step": jnp.zeros((), jnp.int32)}
+    if self.task.jit_init:
+      return jax.jit(init, out_shardings=self.state_shardings)()
+    return jax.device_put(init(), self.state_shardings)
+
+  def model(self, state: dict) -> nnx.Module:
+    return nnx.merge(self.graphdef, state["params"], state["rest"])
+
+  # ------------------------------------------------------------------ step
+  def train_step(self, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
+    """One optimiser step on one global batch (pure; jitted by `compile`)."""
+    step_rng = jax.random.fold_in(rng, state["step"])
+
+    def grads_on(params, rest, micro, key):
+      def loss_of(p):
+        model = nnx.merge(self.graphdef, p, rest)
+        loss, aux = self.task.loss_fn(model, micro, key)
+        _, _, new_rest = nnx.split(model, self.task.trainable, ...)
+        return loss, (aux, new_rest)
+      (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      return loss, aux, new_rest, grads
+
+    if self.accum == 1:
+      loss, aux, rest, grads = grads_on(state["params"], state["rest"], batch, step_rng)
+    else:
+      micro = jax.tree.map(
+          lambda x: jax.lax.with_sharding_constraint(
+              x.reshape(self.accum, -1, *x.shape[1:]),
+              NamedSharding(self.mesh, P(None, shd.BATCH_AXES, *[None] * (x.ndim - 1)))), batch)
+
+      def body(carry, xs):
+        rest, gsum, lsum, asum = carry
+        i, mb = xs
+        loss, aux, rest, grads = grads_on(state["params"], rest, mb, jax.random.fold_in(step_rng, i))
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (rest, add(gsum, grads), lsum + loss, add(asum, aux)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      first_aux = jax.eval_shape(lambda: grads_on(state["params"], state["rest"],
+                                                  jax.tree.map(lambda x: x[0], micro),
+                                                  step_rng)[1])
+      aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_aux)
+      (rest, grads, loss, aux), _ = jax.lax.scan(
+          body, (state["rest"], zeros, jnp.zeros((), jnp.float32), aux0),
+          (jnp.arange(self.accum), micro))
+      scale = 1.0 / self.accum
+      grads = jax.tree.map(lambda g: g * scale, grads)
+      loss, aux = loss * scale, jax.tree.map(lambda a: a * scale, aux)
+
+    grad_norm = optim.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # A non-finite loss or gradient leaves the state as it was; the host stops the run.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = {"params": _tree_where(ok, params, state["params"]),
+                 "rest": _tree_where(ok, rest, state["rest"]),
+                 "opt_state": _tree_where(ok, opt_state, state["opt_state"]),
+                 "step": state["step"] + 1}
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+           "finite": ok, **aux}
+    return new_state, out
+
+  def jitted_step(self, batch_example: dict):
+    batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch_example.items()}
+    return jax.jit(self.train_step,
+                   in_shardings=(self.state_shardings, batch_shardings, shd.replicated(self.mesh)),
+                   out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  def compile(self, batch_example: dict):
+    """Ahead-of-time compile for batches shaped like `batch_example` (arrays or
+    ShapeDtypeStructs; only the trailing dimensions count, the leading one is the global batch)."""
+    abstract_batch = {k: jax.ShapeDtypeStruct((self.global_batch,) + tuple(np.shape(v)[1:]),
+                                              v.dtype) for k, v in batch_example.items()}
+    return self.jitted_step(batch_example).lower(self.abstract_state, abstract_batch,
+                                                 self.rng).compile()
+
+  # ------------------------------------------------------------------ pictures
+  def pictures(self, state: dict, batch: dict, step: int) -> dict[str, Any]:
+    if self._pictures is None:
+      self._pictures = jax.jit(lambda s, b, r: self.task.picture_arrays(self.model(s), b, r),
+                               out_shardings=shd.replicated(self.mesh))
+    arrays = self._pictures(state, batch, jax.random.fold_in(self.rng, step))
+    if not arrays or jax.process_index() != 0:
+      return {}
+    return self.task.draw(jax.device_get(arrays), step)
+
+
+def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
+          batches: BatchSource, *, mesh: jax.sharding.Mesh | None = None,
+          stop_after: int | None = None) -> Result:
+  """Train `task` to `config.total_steps` in `workdir`, resuming from its latest checkpoint.
+  `stop_after` ends the run early after that many steps in this call (tests, demos)."""
+  workdir = Path(workdir)
+  checkpointing.check_or_store_config(workdir, config)
+  mesh = mesh or shd.make_mesh(**config.mesh)
+  trainer = Trainer(task, config, mesh)
+  total = int(config.total_steps)
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
+                                    best_metric=task.best_metric, best_mode=task.best_mode,
+                                    async_save=bool(config.checkpoint.get("async_save", True)))
+  # ---------------------------------------------------------------- init or restore
+  start = ckpt.latest_step()
+  if start is None:
+    state, start = trainer.init_state(), 0
+  else:
+    state, meta = ckpt.restore(start, trainer.abstract_state)
+    if meta["global_batch"] != trainer.global_batch:
+      raise ValueError(f"checkpoint {start} was made with global batch {meta['global_batch']}")
+  rows = shd.process_batch_rows(mesh, trainer.global_batch)
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start,
+                                    tensorboard=bool(config.log.get("tensorboard", True)))
+  history: list[dict] = []
+  if start >= total:
+    writer.close()
+    ckpt.close()
+    return Result(state, start, history)
+
+  # ---------------------------------------------------------------- SIGTERM: save and exit
+  stop = {"signal": None}
+  previous = {}
+  for sig in (signal.SIGTERM,):
+    try:
+      previous[sig] = signal.signal(sig, lambda s, _f: stop.update(signal=s))
+    except ValueError:  # not the main thread
+      pass
+
+  source = iter(batches(start))
+  first = next(source)
+  _check_local_batch(first, rows)
+  step_fn = trainer.compile(first)
+  flops_per_step = metrics_lib.compiled_flops(step_fn) * jax.device_count()
+  peak, peak_note = metrics_lib.peak_flops_per_device()
+  peak_total = peak * jax.device_count()
+  if is_main:
+    print(f"train: {total} steps of {trainer.global_batch} on mesh {dict(mesh.shape)}, "
+          f"resuming at {start}; {flops_per_step / 1e9:.2f} GFLOP/step; peak {peak_note}",
+          flush=True)
+
+  log_every = int(config.log.every_steps)
+  pic_every = int(config.log.get("picture_every_steps", 0) or 0)
+  ckpt_every = int(config.checkpoint.every_steps)
+  eval_every = int(config.get("eval_every_steps", 0) or 0)
+  pending: list[tuple[int, dict]] = []
+  last_good = start
+  progress = _progress(total, start, is_main and config.log.get("progress", True))
+  t_last, steps_since = time.perf_counter(), 0
+
+  def flush(step: int, extra: dict | None = None) -> dict:
+    """Fetch pending step metrics (a sync), stop on non-finite loss, log the interval mean."""
+    nonlocal t_last, steps_since, pending
+    fetched = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending = []
+    for s, m in zip(steps, fetched):
+      if not bool(m["finite"]):
+        raise NonFiniteLoss(
+            f"loss or gradient became non-finite at step {s + 1} (loss={float(m['loss'])}, "
+            f"grad_norm={float(m['grad_norm'])}); stopping. The last good checkpoint is step "
+            f"{ckpt.latest_step()} in {workdir / 'checkpoints'} (the state was not updated by "
+            f"the bad step). Lower the lr, enable clip_grad_norm, or check the input for NaN.")
+    now = time.perf_counter()
+    row = {}
+    if fetched:
+      row = {k: float(np.mean([np.asarray(m[k], np.float64) for m in fetched]))
+             for k in fetched[-1] if k != "finite"}
+      row["lr"] = float(fetched[-1]["lr"])
+      dt = now - t_last
+      row["images_per_s"] = steps_since * trainer.global_batch / dt
+      row["flops_per_s"] = steps_since * flops_per_step / dt
+      row["mfu"] = row["flops_per_s"] / peak_total
+    row.update(extra or {})
+    if row:
+      writer.write(step, row)
+      history.append({"step": step, **row})
+      if progress is not None:
+        progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
+                             img_s=f"{row.get('images_per_s', 0):.1f}")
+    t_last, steps_since = now, 0
+    return row
+
+  def save(step: int, metrics: dict | None = None) -> None:
+    nonlocal last_good
+    ckpt.save(step, state, {"step": step, "global_batch": trainer.global_batch,
+                            "seed": int(config.seed), "batches_consumed": step}, metrics)
+    last_good = step
+
+  # ---------------------------------------------------------------- loop
+  step = start
+  preempted = False
+  batch_local = first
+  try:
+    while step < total:
+      batch = shd.global_batch(batch_local, mesh, trainer.global_batch)
+      state, m = step_fn(state, batch, trainer.rng)
+      step += 1
+      steps_since += 1
+      pending.append((step - 1, m))
+      if progress is not None:
+        progress.update(1)
+      eval_row = None
+      if eval_every and step % eval_every == 0:
+        flush(step)
+        eval_row = {f"eval_{k}": v for k, v in task.evaluate(trainer.model(state), step).items()}
+        flush(step, eval_row)
+      elif step % log_every == 0 or step == total:
+        flush(step)
+      if pic_every and step % pic_every == 0:
+        for name, fig in trainer.pictures(state, batch, step).items():
+          metrics_lib.save_figure(fig, workdir / "pictures" / f"{name}_step{step:07d}.png")
+      done_here = stop_after is not None and step - start >= stop_after
+      if stop["signal"] is not None or step % ckpt_every == 0 or step == total or done_here:
+        if pending:
+          flush(step)
+        save(step, {k[5:]: v for k, v in eval_row.items()} if eval_row else None)
+      if stop["signal"] is not None:
+        preempted = True
+        if is_main:
+          print(f"train: signal {stop['signal']} received; saved step {step} and stopped",
+                flush=True)
+        break
+      if done_here or step >= total:
+        break
+      batch_local = next(source)
+      _check_local_batch(batch_local, rows)
+  finally:
+    if progress is not None:
+      progress.close()
+    ckpt.close()
+    writer.close()
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  return Result(state, step, history, preempted)
+
+
+def restore(task: Task, config: ml_collections.ConfigDict, workdir: str | Path, *,
+            step: int | None = None, best: bool = False,
+            mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.Module, int]:
+  """The model of `workdir`'s checkpoint at `step` (default: the latest; `best=True`: the best
+  by the task's eval metric), for export, evaluation or prediction."""
+  workdir = Path(workdir)
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"{workdir / 'checkpoints'} not found: not a training workdir")
+  mesh = mesh or shd.make_mesh(**config.mesh)
+  trainer = Trainer(task, config, mesh)
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
+                                    best_metric=task.best_metric, best_mode=task.best_mode)
+  try:
+    chosen = ckpt.best_step() if best else (step if step is not None else ckpt.latest_step())
+    if chosen is None:
+      raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint in {workdir / 'checkpoints'}")
+    state, _ = ckpt.restore(chosen, trainer.abstract_state)
+  finally:
+    ckpt.close()
+  return trainer.model(state), chosen
+
+
+def _check_local_batch(batch: Batch, rows: tuple[int, int]) -> None:
+  n = rows[1] - rows[0]
+  for k, v in batch.items():
+    if np.shape(v)[0] != n:
+      raise ValueError(f"batch[{k!r}] has {np.shape(v)[0]} rows; this process feeds rows "
+                       f"{rows[0]}:{rows[1]} of the global batch ({n} rows)")
+
+
+def _progress(total: int, start: int, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

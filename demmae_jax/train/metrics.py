@@ -1,0 +1,111 @@
+"""What a run reports: JSONL + TensorBoard scalars, model FLOP/s and MFU, PNG pictures.
+
+Model FLOPs per step come from XLA's cost analysis of the compiled train step (the per-device
+SPMD program, so they are multiplied by the number of devices for the global figure); MFU is
+achieved FLOP/s over the peak of the devices, from the table below. CPUs have no published peak:
+the stated figure is this project's machine, an Intel Xeon with AVX-512 at 2.6 GHz, two FMA units
+x 16 float32 lanes x 2 FLOPs = 166.4 GFLOP/s per core, times the cores a CPU device may use.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense bfloat16 peak FLOP/s per device (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # Trillium
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+}
+CPU_PEAK_PER_CORE = 166.4e9
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
+  """(peak FLOP/s, where the figure comes from) for `device` (default: the first)."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(name) or name in kind:
+      return peak, f"{name} bf16 data sheet"
+  if device.platform == "cpu":
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_device = CPU_PEAK_PER_CORE * cores / jax.local_device_count()
+    return per_device, f"stated CPU peak {CPU_PEAK_PER_CORE / 1e9:.1f} GFLOP/s/core x {cores} cores"
+  return float("nan"), f"no peak known for {kind!r}"
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled (per-device) program, from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+class MetricWriter:
+  """Scalars to `workdir/metrics.jsonl` (one JSON object per line) and TensorBoard. Only process
+  0 writes. On resume, lines of steps after the restored step (from a killed run) are dropped."""
+
+  def __init__(self, workdir: Path, resume_step: int = 0, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.tb = None
+    if not self.active:
+      return
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      tmp = self.path.with_name(f".{self.path.name}.tmp")
+      tmp.write_text("".join(line + "\n" for line in kept))
+      os.replace(tmp, self.path)
+    self.file = open(self.path, "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), **{k: _py(v) for k, v in scalars.items()}}
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    if self.tb:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.active:
+      self.file.close()
+      if self.tb:
+        self.tb.close()
+
+
+def _py(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def save_figure(fig, path: Path) -> None:
+  """Write a matplotlib figure atomically (temporary file, then rename) and close it."""
+  import matplotlib.pyplot as plt
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+  fig.savefig(tmp, dpi=fig.dpi)
+  plt.close(fig)
+  os.replace(tmp, path)

@@ -1,0 +1,92 @@
+"""Masked-autoencoder pretraining as a `Task` of the generic loop.
+
+The masking noise comes from the step's `rng` (the loop folds in the step), so masks are
+reproducible across restarts and device counts. Pictures show, per sample: the DEM, the masked
+input (removed patches grey), the reconstruction (visible patches pasted back, as the official
+MAE visualisation) and the absolute error on the removed patches.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from demmae_jax.models import mae as mae_model
+from demmae_jax.models.vit import patchify, unpatchify
+from demmae_jax.train.loop import Task
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> mae_model.MAEConfig:
+  """MAEConfig from the config's `model` section: a preset name plus field overrides."""
+  fields = {k: v for k, v in cfg.to_dict().items() if k != "preset"}
+  return mae_model.preset(cfg.preset, **fields)
+
+
+class MAEPretrain(Task):
+  trainable = nnx.Param
+
+  def __init__(self, config: ml_collections.ConfigDict, num_pictures: int = 4):
+    self.config = config
+    self.mae_config = model_config(config.model)
+    self.num_pictures = num_pictures
+    self.jit_init = not config.get("init")
+
+  def build_model(self) -> mae_model.MaskedAutoencoder:
+    init = self.config.get("init") or ""
+    if not init:
+      return mae_model.MaskedAutoencoder(self.mae_config,
+                                         rngs=nnx.Rngs(params=int(self.config.seed)))
+    from demmae_jax import mae  # the ported-checkpoint reader (another module's I/O)
+    # The architecture is the config's: a checkpoint of another one is refused by shape.
+    return mae.from_pretrained(init, config=self.mae_config, seed=int(self.config.seed),
+                               channel_adapt=self.config.get("channel_adapt") or None,
+                               encoder_only=bool(self.config.get("init_encoder_only", False)))
+
+  def loss_fn(self, model, batch, rng):
+    loss, _, mask = model(batch["image"], key=rng)
+    return loss, {"masked_fraction": mask.mean()}
+
+  def picture_arrays(self, model, batch, rng):
+    images = batch["image"][:self.num_pictures]
+    _, pred, mask = model(images, key=rng)
+    c = model.config
+    pred = pred.astype(jnp.float32)
+    if c.norm_pix_loss:  # back to pixel values with each patch's own statistics
+      target = patchify(images, c.patch_size)
+      mean = target.mean(-1, keepdims=True)
+      std = (target.var(-1, keepdims=True, ddof=1) + 1e-6)**0.5
+      pred = pred * std + mean
+    grid = (images.shape[1] // c.patch_size, images.shape[2] // c.patch_size)
+    pixel_mask = unpatchify(jnp.repeat(mask[..., None], c.patch_size**2 * c.in_chans, -1),
+                            c.patch_size, c.in_chans, grid)
+    recon = unpatchify(pred, c.patch_size, c.in_chans, grid)
+    return {"image": images, "mask": pixel_mask,
+            "pasted": images * (1 - pixel_mask) + recon * pixel_mask}
+
+  def draw(self, arrays, step):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    image, mask, pasted = (np.asarray(arrays[k], np.float32)[..., 0]
+                           for k in ("image", "mask", "pasted"))
+    n = image.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n + 0.4), squeeze=False)
+    for i in range(n):
+      lo, hi = image[i].min(), image[i].max()
+      masked = np.ma.masked_where(mask[i] > 0, image[i])
+      error = np.ma.masked_where(mask[i] == 0, np.abs(pasted[i] - image[i]))
+      cmap = plt.get_cmap("terrain").copy()
+      cmap.set_bad("0.6")
+      panels = [(image[i], cmap, lo, hi), (masked, cmap, lo, hi), (pasted[i], cmap, lo, hi),
+                (error, "magma", 0, max(hi - lo, 1e-6) * 0.5)]
+      for ax, (img, cm, vmin, vmax) in zip(axes[i], panels):
+        ax.imshow(img, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax, title in zip(axes[0], ["DEM", "masked input", "reconstruction", "|error| (masked)"]):
+      ax.set_title(title, fontsize=9)
+    fig.suptitle(f"step {step}", fontsize=9)
+    fig.tight_layout()
+    return {"reconstruction": fig}

@@ -1,0 +1,81 @@
+"""Placement rules: which dimension FSDP shards, what stays replicated, and clear errors."""
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from demmae_jax import sharding as shd
+from demmae_jax.models import mae
+
+
+def _mesh(data=2, fsdp=4, model=1):
+  return AbstractMesh((data, fsdp, model), shd.AXES)
+
+
+def test_fsdp_shards_largest_divisible_dim_and_replicates_small_arrays():
+  m = _mesh()
+  # [768, 3072]: the larger dimension goes to 'fsdp'.
+  assert shd.spec_for("blocks/0/mlp/fc1/kernel", (768, 3072), m, min_fsdp_size=1) == P(None, "fsdp")
+  # The largest dimension (3) is not divisible by 4: the next one is used.
+  assert shd.spec_for("x", (8, 3), m, min_fsdp_size=1) == P("fsdp", None)
+  # Nothing divisible, too small, or a scalar: replicated.
+  assert shd.spec_for("x", (3, 5), m, min_fsdp_size=1) == P()
+  assert shd.spec_for("blocks/0/norm1/scale", (768,), m, min_fsdp_size=2**14) == P()
+  assert shd.spec_for("step", (), m) == P()
+  # One fsdp device: nothing to shard.
+  assert shd.spec_for("x", (768, 3072), _mesh(8, 1), min_fsdp_size=1) == P()
+
+
+def test_rules_first_match_wins_and_explicit_specs_are_checked():
+  m = _mesh(2, 2, 2)
+  rules = ((r"mlp/fc1/kernel$", (None, "model")), (r"cls_token", "replicate"), (".*", "fsdp"))
+  assert shd.spec_for("params/blocks/3/mlp/fc1/kernel", (64, 256), m, rules, 1) == P(None, "model")
+  assert shd.spec_for("params/cls_token", (1, 1, 64), m, rules, 1) == P()
+  assert shd.spec_for("params/blocks/3/mlp/fc2/kernel", (256, 64), m, rules, 1) == P("fsdp", None)
+  with pytest.raises(ValueError, match="not divisible"):
+    shd.spec_for("mlp/fc1/kernel", (64, 255), m, rules, 1)
+  with pytest.raises(ValueError, match="no sharding rule matches"):
+    shd.spec_for("head/kernel", (4, 4), m, ((r"^blocks", "fsdp"),))
+  with pytest.raises(ValueError, match="unknown sharding tactic"):
+    shd.spec_for("head/kernel", (4, 4), m, ((".*", "fsdpp"),))
+
+
+def test_optimizer_state_is_placed_like_its_parameter():
+  """Adam's moments carry the parameter's path as a suffix, so one rule table places both."""
+  m = _mesh()
+  model = mae.build("tiny", in_chans=1)
+  from flax import nnx
+  params = nnx.state(model, nnx.Param)
+  opt = jax.eval_shape(optax.adamw(1e-3).init, params)
+  p_specs = {shd.path_str(k): s.spec for k, s in
+             jax.tree_util.tree_flatten_with_path(shd.tree_shardings(params, m, min_fsdp_size=256))[0]}
+  o_specs = {shd.path_str(k): s.spec for k, s in
+             jax.tree_util.tree_flatten_with_path(shd.tree_shardings(opt, m, min_fsdp_size=256))[0]}
+  mu = {k.split("/mu/", 1)[1]: v for k, v in o_specs.items() if "/mu/" in k}
+  assert mu == p_specs
+  assert p_specs["blocks/0/mlp/fc1/kernel"] == P(None, "fsdp")
+  assert "pos_embed" not in p_specs  # fixed embeddings are not parameters
+  assert all(v == P() for k, v in o_specs.items() if k.endswith("count"))
+
+
+def test_make_mesh_fills_one_axis_and_rejects_impossible_shapes():
+  n = jax.device_count()
+  mesh = shd.make_mesh(data=-1)
+  assert dict(mesh.shape) == {"data": n, "fsdp": 1, "model": 1}
+  with pytest.raises(ValueError, match="at most one"):
+    shd.make_mesh(data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match="needs"):
+    shd.make_mesh(data=n + 1, fsdp=1)
+
+
+def test_single_process_feeds_every_row_and_batch_must_divide():
+  mesh = shd.make_mesh()
+  n = jax.device_count()
+  assert shd.process_batch_rows(mesh, 8 * n) == (0, 8 * n)
+  if n > 1:
+    with pytest.raises(ValueError, match="not divisible"):
+      shd.process_batch_rows(mesh, n + 1)
+  batch = shd.global_batch({"image": np.ones((8 * n, 4, 4, 1), np.float32)}, mesh, 8 * n)
+  assert batch["image"].shape == (8 * n, 4, 4, 1)
+  assert batch["image"].sharding.spec == P(shd.BATCH_AXES, None, None, None)
