@@ -34,7 +34,7 @@ from data_pipelines.atomic import atomic_file
 from data_pipelines.errors import DataError
 
 CLASS_NODATA = 255
-# (dem [h, w] float32 with holes filled, valid [h, w] bool) -> network input [h, w, C] float32.
+# (dem [B, t, t] float32 with holes filled, valid [B, t, t] bool) -> network input [B, t, t, C].
 Normalise = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # network input [B, t, t, C] float32 -> class probabilities [B, t, t, K] float32.
 ApplyFn = Callable[[np.ndarray], np.ndarray]
@@ -149,8 +149,9 @@ def predict_block(src, band: int, win: Window, apply: ApplyFn, normalise: Normal
   wsum = np.zeros(dem.shape, np.float32)
 
   def flush(batch, places):
-    x = np.stack(batch + [batch[-1]] * (opts.batch_size - len(batch)))  # fixed shape: one compile
-    probs = np.asarray(apply(x))[:len(batch)]
+    pad = [batch[-1]] * (opts.batch_size - len(batch))  # a fixed shape: one compile
+    dems, valids = (np.stack([b[i] for b in batch + pad]) for i in (0, 1))
+    probs = np.asarray(apply(normalise(dems, valids).astype(np.float32)))[:len(batch)]
     for (y, x0), p in zip(places, probs):
       acc[y:y + t, x0:x0 + t] += p * weights[..., None]
       wsum[y:y + t, x0:x0 + t] += weights
@@ -166,7 +167,7 @@ def predict_block(src, band: int, win: Window, apply: ApplyFn, normalise: Normal
         if progress is not None:
           progress.update(1)
         continue
-      batch.append(normalise(_fill_holes(dem[y:y + t, x0:x0 + t], v), v).astype(np.float32))
+      batch.append((_fill_holes(dem[y:y + t, x0:x0 + t], v), v))
       places.append((y, x0))
       if len(batch) == opts.batch_size:
         flush(batch, places)
@@ -253,9 +254,10 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
 def _checked(normalise: Normalise, path) -> Normalise:
   def run(dem, valid):
     x = normalise(dem, valid)
-    if x.ndim != 3 or not np.isfinite(x).all():
-      raise DataError(path, f"normalisation gave {'non-finite values' if x.ndim == 3 else x.shape}"
-                      " for a window; the elevation values are unusable")
+    if x.shape[:3] != dem.shape or x.ndim != 4:
+      raise ValueError(f"normalise gave shape {x.shape} for windows {dem.shape}; want [B, t, t, C]")
+    if not np.isfinite(x).all():
+      raise DataError(path, "normalisation gave non-finite values; the elevation is unusable")
     return x
   return run
 

@@ -1,0 +1,349 @@
+"""Segmentation finetuning (UperNet on a frozen MAE encoder, or the UNet baseline) as a `Task` of
+the one training loop (`demmae_jax.train.loop`): same mesh, sharding, checkpoints and resume as
+pretraining.
+
+Frozen backbone: the task's `trainable` filter leaves the encoder out, so its parameters sit in
+the loop's `rest` (outside the optimiser, no optimiser state) and the Segmenter wraps its features
+in stop_gradient (no backward pass through it). Unfrozen (`freeze_backbone=False`), the encoder
+trains with layer-wise lr decay (`optim.layer_decay`, e.g. 0.65).
+
+Loss: pixel cross-entropy weighted per class (the manifest's inverse-frequency weights), over
+pixels that are labelled (label != 255) and valid, plus 0.4 x the auxiliary FCN head's loss.
+
+The workdir also gets `segmenter.json`: everything needed to rebuild the model and feed it
+(architecture, classes, normalisation, tile and cell size), so evaluation and prediction need
+only the workdir, never the pretraining checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from demmae_jax import metrics
+from demmae_jax.models import mae as mae_model
+from demmae_jax.models import unet as unet_model
+from demmae_jax.models import upernet
+from demmae_jax.train import checkpointing
+from demmae_jax.train.loop import Task, Trainer
+
+SPEC_FILE = "segmenter.json"
+
+
+# ------------------------------------------------------------------------------ model spec
+def model_spec(config: ml_collections.ConfigDict, manifest: dict,
+               backbone: mae_model.MAEConfig | None) -> dict:
+  """The JSON description of the model and its input, stored beside the checkpoints."""
+  names = manifest.get("label_names") or {}
+  class_names = [names.get(str(i), str(i)) for i in range(int(config.num_classes))]
+  n = config.data.normalisation
+  return {
+      "kind": config.model.kind,
+      "num_classes": int(config.num_classes),
+      "class_names": class_names,
+      "backbone": dataclasses.asdict(backbone) if backbone is not None else None,
+      "freeze_backbone": bool(config.freeze_backbone),
+      "head": dataclasses.asdict(head_config(config)) if config.model.kind == "upernet" else None,
+      "unet": dict(config.model.unet) if config.model.kind == "unet" else None,
+      "tile_size": int(manifest["tile_size"]),
+      "cell_size": float(manifest["cell_size"]),
+      "normalisation": {"mode": n.mode, "channels": int(n.channels), "scale_m": float(n.scale_m),
+                        "low_percentile": float(n.low_percentile),
+                        "stats": manifest["stats"]["elevation"] if n.mode == "zscore" else None},
+  }
+
+
+def head_config(config: ml_collections.ConfigDict) -> upernet.HeadConfig:
+  h = config.model.head
+  return upernet.HeadConfig(num_classes=int(config.num_classes), layers=tuple(h.layers),
+                            channels=int(h.channels), pool_scales=tuple(h.pool_scales),
+                            dropout=float(h.dropout), aux_channels=int(h.aux_channels),
+                            aux_index=int(h.aux_index))
+
+
+def build_from_spec(spec: dict, seed: int = 0, backbone_state=None) -> nnx.Module:
+  """The model `spec` describes; random weights unless `backbone_state` (an MAE's nnx.State)."""
+  rngs = nnx.Rngs(params=seed)
+  if spec["kind"] == "unet":
+    u = spec["unet"]
+    return unet_model.UNet(unet_model.UNetConfig(in_chans=spec["normalisation"]["channels"],
+                                                 num_classes=spec["num_classes"], width=u["width"],
+                                                 depth=u["depth"]), rngs=rngs)
+  head = spec["head"]
+  head = upernet.HeadConfig(**{**head, "layers": tuple(head["layers"]),
+                               "pool_scales": tuple(head["pool_scales"])})
+  backbone = mae_model.MaskedAutoencoder(mae_model.MAEConfig(**spec["backbone"]),
+                                         rngs=nnx.Rngs(params=seed + 1))
+  if backbone_state is not None:
+    nnx.update(backbone, jax.tree.map(jnp.array, backbone_state))  # a copy: the loop donates state
+  return upernet.Segmenter(backbone, head, freeze_backbone=spec["freeze_backbone"], rngs=rngs)
+
+
+def check_spec_against_data(spec: dict, manifest: dict, source: str) -> None:
+  """A model for K classes and tiles of T pixels must see data of at most K classes and size T."""
+  weights = manifest["splits"]["train"].get("classes", {}).get("frequencies", {})
+  labels = [int(k) for k in weights]
+  if labels and max(labels) >= spec["num_classes"]:
+    raise ValueError(f"{source}: the tiles hold label {max(labels)} but the model has "
+                     f"{spec['num_classes']} classes ({spec['class_names']})")
+  if manifest["tile_size"] != spec["tile_size"]:
+    raise ValueError(f"{source}: tiles are {manifest['tile_size']} px but the model was built for "
+                     f"{spec['tile_size']} px")
+
+
+# ------------------------------------------------------------------------------ loss
+def weighted_cross_entropy(logits: jax.Array, label: jax.Array, valid: jax.Array,
+                           class_weights: jax.Array) -> jax.Array:
+  """Mean over counted pixels of w[label] x CE, normalised by the summed weights (torch's
+  CrossEntropyLoss(weight=w, ignore_index=255)); pixels with label 255 or valid 0 do not count."""
+  keep = (label != metrics.IGNORE_INDEX) & (valid > 0)
+  y = jnp.where(keep, label, 0)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+  w = class_weights[y] * keep
+  return (ce * w).sum() / jnp.maximum(w.sum(), 1e-6)
+
+
+class Finetune(Task):
+  """`spec` as `model_spec`; `class_weights` [K]; `eval_batches()` a fresh finite iterator of
+  validation batches (or None); `backbone_state` the pretrained encoder (None: random, the
+  "random frozen" control arm, or when the state comes from a checkpoint)."""
+  best_mode = "max"
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: dict, class_weights,
+               eval_batches: Callable[[], Iterator[dict]] | None = None, backbone_state=None):
+    self.config, self.spec = config, spec
+    self.class_weights = np.asarray(class_weights, np.float32)
+    if self.class_weights.shape != (spec["num_classes"],):
+      raise ValueError(f"class_weights {self.class_weights.tolist()} do not match "
+                       f"{spec['num_classes']} classes")
+    self.aux_weight = float(config.model.head.aux_weight) if spec["kind"] == "upernet" and \
+        spec["head"]["aux_channels"] else 0.0
+    self.eval_batches = eval_batches
+    self.best_metric = "iou" if eval_batches is not None else None
+    self.backbone_state = backbone_state
+    self._eval_step = None
+    model = nnx.eval_shape(lambda: build_from_spec(spec))
+    self.trainable = upernet.trainable_filter(model)
+
+  def build_model(self):
+    return build_from_spec(self.spec, int(self.config.seed), self.backbone_state)
+
+  def layer_decay_depth(self):
+    # Frozen, only head parameters reach the optimiser and their layer scale is 1.
+    return self.spec["backbone"]["depth"] if self.spec["kind"] == "upernet" else None
+
+  def loss_fn(self, model, batch, rng):
+    weights = jnp.asarray(self.class_weights)
+    if self.aux_weight:
+      logits, aux = model(batch["image"], dropout_key=rng, with_aux=True)
+      aux_loss = weighted_cross_entropy(aux, batch["label"], batch["valid"], weights)
+    else:
+      logits, aux_loss = model(batch["image"], dropout_key=rng), 0.0
+    main = weighted_cross_entropy(logits, batch["label"], batch["valid"], weights)
+    cm = metrics.confusion_matrix(logits.argmax(-1), batch["label"], self.spec["num_classes"],
+                                  batch["valid"])
+    return main + self.aux_weight * aux_loss, {"main_loss": main,
+                                               "pixel_acc": jnp.trace(cm) / jnp.maximum(cm.sum(), 1)}
+
+  def evaluate(self, model, step):
+    if self.eval_batches is None:
+      return {}
+    cm, _ = confusion(model, self.eval_batches(), self.spec["num_classes"])
+    s = metrics.summarize(cm)
+    return {"iou": float("nan") if s["iou"] is None else s["iou"],
+            "miou": float("nan") if s["miou"] is None else s["miou"], "accuracy": s["accuracy"]}
+
+
+# ------------------------------------------------------------------------------ inference
+@jax.jit
+def _probs(graphdef, state, images):
+  return jax.nn.softmax(nnx.merge(graphdef, state)(images).astype(jnp.float32), axis=-1)
+
+
+def probabilities_fn(model: nnx.Module) -> Callable[[np.ndarray], jax.Array]:
+  """images [B, H, W, C] -> class probabilities [B, H, W, K], jitted (one compile per shape)."""
+  graphdef, state = nnx.split(model)
+  return lambda images: _probs(graphdef, state, jnp.asarray(images, jnp.float32))
+
+
+def confusion(model: nnx.Module, batches: Iterator[dict], num_classes: int,
+              keep: int = 0) -> tuple[np.ndarray, dict[str, list]]:
+  """Confusion matrix of the model's argmax over finite batches of {image, label, valid}, and the
+  first `keep` tiles with their predictions. A short last batch is padded (one compiled shape)."""
+  probs = probabilities_fn(model)
+  total = np.zeros((num_classes, num_classes), np.int64)
+  kept: dict[str, list] = {"image": [], "label": [], "valid": [], "pred": []}
+  size = None
+  for batch in batches:
+    n = batch["image"].shape[0]
+    size = size or n
+    images = batch["image"] if n == size else np.concatenate(
+        [batch["image"], np.zeros((size - n,) + batch["image"].shape[1:], np.float32)])
+    pred = np.asarray(probs(images)).argmax(-1)[:n]
+    total += np.asarray(metrics.confusion_matrix(pred, batch["label"], num_classes, batch["valid"]))
+    room = keep - len(kept["pred"])
+    for name, x in (("image", batch["image"]), ("label", batch["label"]),
+                    ("valid", batch["valid"]), ("pred", pred)):
+      kept[name].extend(x[:max(room, 0)])
+  return total, kept
+
+
+def read_spec(workdir: str | Path) -> dict:
+  path = Path(workdir) / SPEC_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a finetuning workdir "
+                            f"(made by scripts/finetune.py)")
+  return json.loads(path.read_text())
+
+
+def load_trained(workdir: str | Path, step: int | str = "best") -> tuple[nnx.Module, dict, int]:
+  """(model, spec, step) from a finetuning workdir: the best validation checkpoint (or the
+  latest when no evaluation ran), "latest", or a step number. A checkpoint whose arrays do not
+  fit the model the spec describes (another head, class count or backbone) is a clear error."""
+  workdir = Path(workdir)
+  spec = read_spec(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
+  task = Finetune(config, spec, np.ones(spec["num_classes"], np.float32))
+  task.best_metric = "iou"
+  from demmae_jax import sharding
+  trainer = Trainer(task, config, sharding.make_mesh(data=-1))
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", best_metric="iou", async_save=False)
+  try:
+    steps = ckpt.manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint")
+    if step == "best":
+      step = ckpt.best_step() or ckpt.latest_step()
+    elif step == "latest":
+      step = ckpt.latest_step()
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {workdir / 'checkpoints'}; "
+                              f"there are {sorted(steps)}")
+    _check_shapes(ckpt, step, trainer.abstract_state, workdir, spec)
+    state, _ = ckpt.restore(step, trainer.abstract_state)
+  finally:
+    ckpt.close()
+  return trainer.model(state), spec, int(step)
+
+
+def _check_shapes(ckpt, step, abstract_state, workdir, spec) -> None:
+  import orbax.checkpoint as ocp
+  from demmae_jax.sharding import path_str
+
+  def shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(
+        {k: tree[k] for k in ("params", "rest")}, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {path_str(p).removesuffix("/value"): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
+
+  saved = ocp.StandardCheckpointer().metadata(Path(ckpt.manager.directory) / str(step) / "state")
+  saved = getattr(saved, "item_metadata", saved)
+  have, want = shapes(getattr(saved, "tree", saved)), shapes(abstract_state)
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  misshaped = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in sorted(set(want) & set(have))
+               if have[k] != want[k]]
+  if missing or unexpected or misshaped:
+    raise ValueError(
+        f"{workdir}: checkpoint step {step} does not fit the model in {SPEC_FILE} "
+        f"({spec['kind']}, {spec['num_classes']} classes {spec['class_names']}): "
+        + "; ".join(filter(None, [
+            f"{len(misshaped)} mis-shaped: " + ", ".join(misshaped[:5]) if misshaped else "",
+            f"{len(missing)} missing: " + ", ".join(missing[:5]) if missing else "",
+            f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:5]) if unexpected else ""])))
+
+
+# ------------------------------------------------------------------------------ a run
+def class_weights(config: ml_collections.ConfigDict, manifest: dict) -> np.ndarray:
+  k = int(config.num_classes)
+  if config.class_weights == "none":
+    return np.ones(k, np.float32)
+  if config.class_weights != "manifest":
+    raise ValueError(f"class_weights must be 'manifest' or 'none', got {config.class_weights!r}")
+  found = manifest["splits"]["train"].get("classes", {}).get("weights", {})
+  missing = [i for i in range(k) if str(i) not in found]
+  if missing:
+    raise ValueError(f"{manifest.get('_dir')}: the manifest has no class weight for classes "
+                     f"{missing} (training labels hold {sorted(found)}); use class_weights='none'")
+  return np.array([found[str(i)] for i in range(k)], np.float32)
+
+
+def _backbone(config: ml_collections.ConfigDict, tile: int, channels: int):
+  """(MAEConfig, loaded nnx.State or None): the pretrained encoder at the tile size, or a random
+  one of the configured architecture."""
+  if config.model.kind != "upernet":
+    return None, None
+  if config.init:
+    from demmae_jax import mae  # the checkpoint reader: our exports, official and HF files
+    model = mae.from_pretrained(config.init, encoder_only=True, img_size=tile, in_chans=channels,
+                                channel_adapt=config.channel_adapt or None, seed=int(config.seed))
+    return model.config, nnx.state(model)
+  from demmae_jax.train.pretrain import model_config
+  return model_config(config.model.backbone).replace(img_size=tile, in_chans=channels), None
+
+
+def reader_options(spec: dict) -> dict:
+  """The tile reader's normalisation arguments for the model `spec` describes."""
+  n = spec["normalisation"]
+  return dict(normalisation=n["mode"], channels=n["channels"], scale_m=n["scale_m"],
+              low_percentile=n["low_percentile"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
+        stop_after: int | None = None):
+  """Train as `config` says in `workdir` (resuming it); returns the loop's Result."""
+  from data_pipelines.reader import make_dataset, read_manifest
+  from demmae_jax import sharding
+  from demmae_jax.train import loop
+  if not config.data.manifest:
+    raise ValueError("set --config.data.manifest to a tile set's manifest.json "
+                     "(scripts/prepare_data.py makes one)")
+  manifest = read_manifest(config.data.manifest)
+  norm = config.data.normalisation
+  backbone_cfg, backbone_state = _backbone(config, int(manifest["tile_size"]), int(norm.channels))
+  spec = model_spec(config, manifest, backbone_cfg)
+  check_spec_against_data(spec, manifest, config.data.manifest)
+  workdir = Path(workdir)
+  checkpointing.check_or_store_config(workdir, config)
+  spec_path = workdir / SPEC_FILE
+  if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
+    raise checkpointing.WorkdirConfigMismatch(
+        f"{spec_path} describes another model than this run would build (was the --config.init "
+        f"checkpoint or the tile set changed?); use a new --workdir")
+  checkpointing.atomic_write_text(spec_path, json.dumps(spec, indent=1))
+  mesh = mesh or sharding.make_mesh(**config.mesh)
+  reader = dict(**reader_options(spec), seed=int(config.data.seed), deterministic=True)
+
+  def eval_batches():
+    return make_dataset(config.data.manifest, config.data.eval_split,
+                        global_batch_size=int(config.eval_batch), process_index=0, process_count=1,
+                        **reader)
+
+  def train_batches(start):  # deterministic and skippable: a resumed run sees the same batches
+    return make_dataset(config.data.manifest, config.data.train_split,
+                        global_batch_size=int(config.global_batch), skip_batches=start, **reader)
+
+  task = Finetune(config, spec, class_weights(config, manifest),
+                  eval_batches if config.eval_every_steps else None, backbone_state)
+  return loop.train(task, config, workdir, train_batches, mesh=mesh, stop_after=stop_after)
+
+
+def evaluate_split(model: nnx.Module, spec: dict, manifest_path: str, split: str, *,
+                   batch_size: int = 16, keep: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+  """(metrics summary, the first `keep` tiles' {image, label, valid, pred}) on a tile split."""
+  from data_pipelines.reader import make_dataset, read_manifest
+  check_spec_against_data(spec, read_manifest(manifest_path), manifest_path)
+  batches = make_dataset(manifest_path, split, global_batch_size=batch_size, deterministic=True,
+                         process_index=0, process_count=1, **reader_options(spec))
+  cm, kept = confusion(model, batches, spec["num_classes"], keep)
+  if cm.sum() == 0:
+    raise ValueError(f"{manifest_path}: split {split!r} has no labelled valid pixel to evaluate")
+  summary = metrics.summarize(cm, positive=1, class_names=spec["class_names"])
+  return summary, {name: np.stack(v) for name, v in kept.items() if v}

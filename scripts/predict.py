@@ -1,0 +1,159 @@
+"""Predict a finetuned segmenter over an elevation GeoTIFF (or a LAS/LAZ point cloud) of any size.
+
+  python scripts/predict.py --workdir runs/buildings --input dsm.tif --output buildings.tif \
+      [--probabilities p.tif] [--polygons buildings.gpkg] [--png preview.png]
+
+Sliding windows of the model's tile size with --overlap, blended with a 2-D Hann weight, read and
+written block by block (memory does not grow with the raster: benchmarks/predict_memory.py),
+batched over the devices. The classes GeoTIFF has the input's CRS, transform and size, uint8 with
+255 = nodata (where the input is nodata/NaN), deflate-compressed and tiled. A LAS/LAZ input is
+first rasterised to a DSM at the model's cell size (data_pipelines.lidar; --crs when the header
+has none). Refused with a clear error: a multi-band raster without --band, a raster without CRS
+without --crs, a cell size other than the model's (unless --allow_other_cell_size), and any
+existing output unless --overwrite. Outputs are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Finetuning workdir (scripts/finetune.py).")
+_INPUT = flags.DEFINE_string("input", None, "Elevation GeoTIFF, or a .las/.laz point cloud.")
+_OUTPUT = flags.DEFINE_string("output", None, "Classes GeoTIFF to write.")
+_PROBS = flags.DEFINE_string("probabilities", None, "Also write class probabilities (GeoTIFF).")
+_POLYGONS = flags.DEFINE_string("polygons", None, "Also write polygons of the positive class "
+                                "(.gpkg or .geojson).")
+_PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes), decimated.")
+_STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
+_BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
+_CRS = flags.DEFINE_string("crs", None, "CRS of an input without one, e.g. EPSG:28992.")
+_OVERLAP = flags.DEFINE_integer("overlap", None, "Window overlap in pixels (default tile / 4).")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Windows per device batch (x device count).")
+_BLOCK = flags.DEFINE_integer("block", 1024, "Output block side in pixels (sets the memory).")
+_OTHER_CELL = flags.DEFINE_bool("allow_other_cell_size", False, "Predict even if the input's cell "
+                                "size differs from the training tiles' (results will suffer).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
+flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def make_normalise(spec: dict):
+  from data_pipelines.normalisation import normalise_numpy
+  n = spec["normalisation"]
+  kw = dict(stats=n["stats"], scale_m=n["scale_m"], low_percentile=n["low_percentile"],
+            channels=n["channels"])
+  if n["mode"] == "ndsm":  # the input raster must then be the nDSM itself
+    return lambda dem, valid: normalise_numpy(dem, valid, "ndsm", ndsm=dem, **kw)
+  return lambda dem, valid: normalise_numpy(dem, valid, n["mode"], **kw)
+
+
+def make_apply(model, batch_size: int):
+  """Batches put on all devices (split over the mesh's batch axes) for the jitted model."""
+  import jax
+  from demmae_jax import sharding
+  from demmae_jax.train.finetune import probabilities_fn
+  mesh = sharding.make_mesh(data=-1)
+  if batch_size % sharding.batch_parallelism(mesh):
+    raise ValueError(f"--batch_size {batch_size} must be a multiple of the {jax.device_count()} devices")
+  probs = probabilities_fn(model)
+  return lambda x: probs(jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)))
+
+
+def check_cell_size(path: str, spec: dict, allow: bool) -> None:
+  import rasterio
+  from data_pipelines.errors import DataError
+  with rasterio.open(path) as src:
+    res = src.res
+  want = spec["cell_size"]
+  if not allow and any(abs(r - want) > 0.01 * want for r in res):
+    raise DataError(path, f"cell size {res[0]:g} x {res[1]:g} but the model was trained on "
+                    f"{want:g} tiles; resample the raster (gdalwarp -tr {want} {want}) or pass "
+                    f"--allow_other_cell_size")
+
+
+def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: bool,
+            max_side: int = 1500) -> None:
+  """DEM | classes, read decimated (rasterio out_shape) so memory stays small."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import rasterio
+  from matplotlib.colors import ListedColormap
+  from data_pipelines.atomic import atomic_file
+  with rasterio.open(dem_path) as src:
+    scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
+    shape = (src.height // scale or 1, src.width // scale or 1)
+    dem = src.read(band, out_shape=shape, masked=True).astype(np.float32).filled(np.nan)
+  with rasterio.open(classes_path) as src:
+    classes = src.read(1, out_shape=shape).astype(np.float32)
+  classes[classes == 255] = np.nan
+  fig, axes = plt.subplots(1, 2, figsize=(12, 6 * shape[0] / shape[1] + 0.6))
+  lo, hi = np.nanpercentile(dem, [1, 99])
+  axes[0].imshow(dem, cmap="terrain", vmin=lo, vmax=hi, interpolation="nearest")
+  cmap = ListedColormap(["#f2f2f2", "#e6194b", "#3cb44b", "#4363d8"])
+  cmap.set_bad("0.55")
+  axes[1].imshow(classes, cmap=cmap, vmin=0, vmax=3, interpolation="nearest")
+  for ax, title in zip(axes, ["elevation", "prediction (grey: nodata)"]):
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  with atomic_file(out, overwrite) as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from data_pipelines.errors import DataError
+  from demmae_jax import predict
+  from demmae_jax.train import finetune
+
+  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  existing = [p for p in outputs if Path(p).exists()]
+  if existing and not _OVERWRITE.value:  # before any (slow) work
+    print(f"predict: error: {', '.join(existing)} already exist(s); pass --overwrite to replace",
+          file=sys.stderr)
+    return 2
+  try:
+    model, spec, step = finetune.load_trained(_WORKDIR.value, _STEP.value if _STEP.value in
+                                              ("best", "latest") else int(_STEP.value))
+    tile = spec["tile_size"]
+    opts = predict.PredictOptions(
+        tile=tile, overlap=tile // 4 if _OVERLAP.value is None else _OVERLAP.value,
+        batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
+        class_names=tuple(spec["class_names"]))
+    with tempfile.TemporaryDirectory(prefix="predict_las_") as scratch:
+      source, band = _INPUT.value, _BAND.value
+      if Path(source).suffix.lower() in (".las", ".laz"):
+        from data_pipelines.lidar import las_to_rasters
+        source = str(las_to_rasters([source], Path(scratch), cell_size=spec["cell_size"],
+                                    crs=_CRS.value)["dsm"])
+        band = None
+        opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
+      check_cell_size(source, spec, _OTHER_CELL.value)
+      summary = predict.predict_raster(
+          source, _OUTPUT.value, make_apply(model, _BATCH.value), make_normalise(spec), opts,
+          probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
+          overwrite=_OVERWRITE.value)
+      if _PNG.value:
+        preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
+  except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    print(f"predict: error: {e}", file=sys.stderr)
+    return 2
+  summary.update(workdir=_WORKDIR.value, step=step, input=_INPUT.value, png=_PNG.value)
+  print(json.dumps(summary, indent=1))
+  print(f"predict: wrote {', '.join(outputs)}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
