@@ -60,8 +60,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     for name in ("model.safetensors", "pytorch_model.bin"):
       if (path / name).is_file():
         return read_state_dict(path / name)
+      if (path / f"{name}.index.json").is_file():
+        return _read_shards(path / f"{name}.index.json"), _read_hf_config(path / "config.json")
     raise CheckpointError(f"{path}: directory holds neither our checkpoint ({STATE_DIR}/ + "
-                          f"config.json) nor model.safetensors / pytorch_model.bin")
+                          f"config.json) nor model.safetensors / pytorch_model.bin (or their "
+                          f".index.json shards)")
   if path.suffix == ".safetensors":
     tensors = _read_safetensors(path)
   elif path.suffix in _TORCH_SUFFIXES:
@@ -70,6 +73,26 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected "
                           f".safetensors, one of {_TORCH_SUFFIXES} or a directory")
   return tensors, _read_hf_config(path.parent / "config.json")
+
+
+def _read_shards(index: Path) -> dict[str, np.ndarray]:
+  """A Hugging Face sharded checkpoint: the index maps each tensor to a shard file beside it."""
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{index}: not a valid shard index: {e}") from e
+  bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s]
+  if bad:  # shards live beside the index; never follow a path elsewhere
+    raise CheckpointError(f"{index}: shard names must be plain file names, got {bad[:3]}")
+  tensors = {}
+  for shard in shards:
+    tensors.update(read_state_dict(index.parent / shard)[0])
+  if set(tensors) != set(weight_map):
+    raise CheckpointError(f"{index}: shards hold {len(tensors)} tensors, the index lists "
+                          f"{len(weight_map)}; missing from shards: "
+                          f"{_compact(sorted(set(weight_map) - set(tensors)))[:10]}")
+  return tensors
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -186,11 +209,13 @@ def hf_to_official(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         break
     m = re.match(r"^((?:decoder_)?blocks\.\d+\.)(.*)$", new)
     if m and new != key:
-      inner = m[2]
       for pattern, repl in _HF_BLOCK:
-        inner, n = re.subn("^" + pattern, repl, inner)
+        inner, n = re.subn("^" + pattern, repl, m[2])
         if n:
           break
+      else:  # unknown inside a block: report it under its own name
+        out[key] = value
+        continue
       new = m[1] + inner
       part = re.match(r"^attn\.(query|key|value)\.(weight|bias)$", inner)
       if part:

@@ -18,14 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+import torch  # test-only dependency (requirements-test.txt): writes the .pth files read here
 
 from demmae_jax import checkpoints, mae
 
-torch = pytest.importorskip("torch")  # test-only dependency: writes the .pth files read here
-
 REPO = Path(__file__).resolve().parents[1]
-
-
 CFG = mae.preset("tiny")
 
 
@@ -137,6 +134,15 @@ def test_own_checkpoint_with_bad_config_names_the_file(tiny, tmp_path):
     mae.from_pretrained(dst)
 
 
+def test_damaged_own_checkpoint_names_the_state_dir(tiny, tmp_path):
+  dst = mae.save_model(tiny, tmp_path / "ckpt")
+  for f in (dst / "state").rglob("*"):
+    if f.is_file() and f.name != "_CHECKPOINT_METADATA":
+      f.write_bytes(b"")
+  with pytest.raises(mae.CheckpointError, match=r"ckpt/state: cannot restore"):
+    mae.from_pretrained(dst)
+
+
 # ------------------------------------------------------------------ official and timm layouts
 
 
@@ -146,6 +152,22 @@ def test_official_wrapped_and_timm_bare_state_dicts_load_bit_identically(sd, rgb
     back = mae.from_pretrained(path)
     assert back.config == CFG  # architecture read off the shapes (heads from the preset)
     assert_holds(back, sd)
+
+
+def test_sharded_safetensors_directory_loads_and_shards_stay_beside_the_index(sd, tmp_path):
+  from safetensors.numpy import save_file
+  names = sorted(sd)
+  shards = {"model-00001-of-00002.safetensors": names[:40],
+            "model-00002-of-00002.safetensors": names[40:]}
+  for shard, keys in shards.items():
+    save_file({k: sd[k] for k in keys}, tmp_path / shard)
+  index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  assert_holds(mae.from_pretrained(tmp_path), sd)
+  index["weight_map"][names[0]] = "../elsewhere.safetensors"
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(mae.CheckpointError, match="index.json: shard names must be plain"):
+    mae.from_pretrained(tmp_path)
 
 
 def test_official_names_and_torch_layouts(tiny):

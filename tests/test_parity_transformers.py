@@ -13,19 +13,16 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
+import torch  # test-only dependencies (requirements-test.txt)
+import transformers
 
 from demmae_jax import mae
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 ATOL = 1e-4
 LAYERS = (0, 1, 2, 3)
-LAYOUTS = ("hf_safetensors", "hf_hub_bin", "hf_v5_bin", "official_pth")
 
 
 def hf_model(in_chans: int, norm_pix_loss: bool, seed: int = 0):
@@ -206,6 +203,19 @@ def test_hf_directory_config_supplies_heads_and_loss(tmp_path):
   model = mae.from_pretrained(write(hf, "hf_safetensors", tmp_path))
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_attention_heads"] == 2
   assert (model.config.num_heads, model.config.norm_pix_loss, model.config.in_chans) == (2, True, 1)
+
+
+def test_hf_file_with_a_missing_or_unknown_tensor_is_refused_in_its_own_names(tmp_path):
+  sd = hf_model(3, False).state_dict()
+  del sd["vit.layers.1.attention.k_proj.bias"]
+  sd["vit.layers.0.attention.rotary.weight"] = torch.zeros(3)
+  torch.save(sd, tmp_path / "pytorch_model.bin")
+  with pytest.raises(mae.CheckpointError) as e:
+    mae.from_pretrained(tmp_path / "pytorch_model.bin")
+  msg = str(e.value)
+  assert "pytorch_model.bin" in msg and "missing (1): blocks.1.attn.qkv.bias" in msg
+  assert ("unexpected (3): vit.layers.0.attention.rotary.weight, "
+          "vit.layers.1.attention.q_proj.bias, vit.layers.1.attention.v_proj.bias") in msg
 
 
 def _print_report():
