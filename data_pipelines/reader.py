@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from data_pipelines.errors import DataError
 from data_pipelines.normalisation import normalise
-from data_pipelines.tile_records import decode_channel, decode_mask, parse_spec
+from data_pipelines.augment import random_symmetries
+from data_pipelines.tile_records import decode_mask, decode_raw_channel, parse_spec, to_metres
 from data_pipelines.tile_writer import FORMAT
 
 
@@ -46,15 +47,6 @@ def split_files(manifest: dict, split: str) -> list[str]:
     known = list(manifest["splits"]) + list(manifest["subsets"])
     raise ValueError(f"split {split!r} not in {manifest['_dir']}; available: {known}")
   return [posixpath.join(manifest["_dir"], f) for f in entry["files"]]
-
-
-def _dihedral(x: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """One of the 8 flips/rotations per example of x [B, H, W, K] (square tiles), vectorised."""
-  flags = tf.random.stateless_uniform([tf.shape(x)[0], 3], seed) < 0.5
-  pick = lambda i: flags[:, i][:, None, None, None]
-  x = tf.where(pick(0), tf.transpose(x, [0, 2, 1, 3]), x)
-  x = tf.where(pick(1), tf.reverse(x, [1]), x)
-  return tf.where(pick(2), tf.reverse(x, [2]), x)
 
 
 def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_size: int,
@@ -120,22 +112,20 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
 
   def process(index, records):
     f = tf.io.parse_example(records, spec)
-    elevation = decode_channel(f["elevation"], f["elevation_offset"], dtype, size)
-    planes = [elevation, tf.cast(decode_mask(f["valid"], size), tf.float32)]
+    # augment the stored dtypes (float16/uint8: fewer bytes to move), then convert
+    planes = [decode_raw_channel(f[c], dtype, size) for c in channel_names]
+    planes.append(decode_mask(f["valid"], size))
     if has_label:
-      planes.append(tf.cast(decode_mask(f["label"], size), tf.float32))
-    if "ndsm" in channel_names:
-      planes.append(decode_channel(f["ndsm"], f["ndsm_offset"], dtype, size))
-    x = tf.stack(planes, axis=-1)
+      planes.append(decode_mask(f["label"], size))
     if augment:  # the seed depends on the batch's position only: same batch, same augmentation
-      x = _dihedral(x, tf.stack([tf.cast(seed, tf.int64), index]))
-    valid = x[..., 1] > 0
-    out = {"image": normalise(x[..., 0], valid, normalisation, stats=stats,
-                              ndsm=x[..., -1] if "ndsm" in channel_names else None,
-                              scale_m=scale_m, low_percentile=low_percentile, channels=channels),
-           "valid": x[..., 1]}
+      planes = random_symmetries(planes, tf.stack([tf.cast(seed, tf.int64), index]))
+    metres = {c: to_metres(p, f[f"{c}_offset"]) for c, p in zip(channel_names, planes)}
+    valid = planes[len(channel_names)]
+    out = {"image": normalise(metres["elevation"], valid, normalisation, stats=stats, ndsm=metres.get("ndsm"),
+                              scale_m=scale_m, low_percentile=low_percentile, channels=channels, filled=True),
+           "valid": tf.cast(valid, tf.float32)}
     if has_label:
-      out["label"] = tf.cast(x[..., 2], tf.int32)
+      out["label"] = tf.cast(planes[-1], tf.int32)
     if with_meta:
       out.update({k: f[k] for k in ("tile_id", "window", "transform", "cell_size", "crs_wkt", "source")})
     return out

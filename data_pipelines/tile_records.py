@@ -64,11 +64,15 @@ def parse_spec(channels, has_label: bool, with_meta: bool = False) -> dict:
   return spec
 
 
-def decode_channel(raw: tf.Tensor, offset: tf.Tensor, dtype: str, size: int) -> tf.Tensor:
-  """Batch of raw channel bytes [B] -> float32 [B, size, size]."""
+def decode_raw_channel(raw: tf.Tensor, dtype: str, size: int) -> tf.Tensor:
+  """Batch of raw channel bytes [B] -> the stored dtype [B, size, size] (offset not yet added)."""
   values = tf.io.decode_raw(raw, tf.float16 if dtype == "float16" else tf.float32, little_endian=True)
-  values = tf.reshape(tf.cast(values, tf.float32), [-1, size, size])
-  return values + offset[:, None, None]
+  return tf.reshape(values, [-1, size, size])
+
+
+def to_metres(values: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+  """Stored values [B, H, W] plus their per-tile offsets [B] -> float32 metres."""
+  return tf.cast(values, tf.float32) + offset[:, None, None]
 
 
 def decode_mask(raw: tf.Tensor, size: int) -> tf.Tensor:

@@ -102,3 +102,33 @@ def test_truncated_shard_is_an_error_naming_the_file(manifest, tmp_path):
   shard.write_bytes(shard.read_bytes()[:-100])
   with pytest.raises(DataError, match=f"{shard.name}.*corrupt or truncated"):
     list(make_dataset(str(dst / "manifest.json"), "val", global_batch_size=2, **ONE_HOST))
+
+
+def test_the_eight_symmetries_are_the_dihedral_group():
+  import tensorflow as tf
+  from data_pipelines.augment import SYMMETRIES
+  x = np.arange(3 * 5 * 5).reshape(3, 5, 5)
+  got = [f(tf.constant(x)).numpy() for f in SYMMETRIES]
+  want = [np.stack([np.rot90(t, k) for t in (xi if not tr else xi.T for xi in x)])
+          for tr in (False, True) for k in range(4)]
+  assert len({g.tobytes() for g in got}) == 8
+  assert {g.tobytes() for g in got} == {w.tobytes() for w in want}
+
+
+def test_reader_normalisation_skipping_masks_matches_the_masked_definition(manifest):
+  """The reader's unmasked shortcut (filled=True) relies on the writer filling invalid pixels with
+  the tile's lowest valid value; check it on tiles with invalid pixels."""
+  import tensorflow as tf
+  from data_pipelines.normalisation import normalise
+  from data_pipelines.tile_records import decode_tile_numpy
+  m = json.load(open(manifest))
+  files = [str(__import__("pathlib").Path(manifest).parent / f) for f in m["splits"]["train"]["files"]]
+  tiles = [decode_tile_numpy(r, ["elevation"], m["dtype"], 32) for r in tf.data.TFRecordDataset(files).as_numpy_iterator()]
+  x = np.stack([t["elevation"] for t in tiles])
+  v = np.stack([t["valid"] for t in tiles]).astype(bool)
+  v[:, :3, :3] = False  # knock out pixels as nodata would
+  x[:, :3, :3] = np.where(v, x, np.inf).min(axis=(1, 2))[:, None, None]  # as the writer fills them
+  for mode in ("minmax", "relative"):
+    a = normalise(x, v, mode, filled=True).numpy()
+    b = normalise(x, v, mode).numpy()
+    np.testing.assert_array_equal(a, b)

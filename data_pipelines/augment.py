@@ -1,0 +1,50 @@
+"""Flips and 90-degree rotations (the 8 symmetries of a square) on whole batches, in TF.
+
+The batch is cut into `groups` consecutive groups (one tile per group when the batch is no larger)
+and each group gets one random symmetry; every plane of a tile (elevation, validity, label) gets
+the same one. One transform per group, not per tile, keeps the cost at one transpose/reverse pass
+of the batch (a per-tile select computes all variants); the reader shuffles before batching, so
+groups are random sets of tiles and each tile sees every symmetry over the epochs.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+GROUPS = 8
+
+
+def _t(x: tf.Tensor) -> tf.Tensor:
+  return tf.transpose(x, [0, 2, 1, *range(3, x.shape.rank)])
+
+
+# the 8 symmetries, each with at most one transpose (the costly part) and one reverse
+SYMMETRIES = (
+    lambda x: x,                              # identity
+    lambda x: tf.reverse(_t(x), [1]),         # quarter turn
+    lambda x: tf.reverse(x, [1, 2]),          # half turn
+    lambda x: tf.reverse(_t(x), [2]),         # three quarter turns
+    lambda x: tf.reverse(x, [1]),             # flip rows
+    lambda x: tf.reverse(x, [2]),             # flip columns
+    _t,                                       # transpose
+    lambda x: tf.reverse(_t(x), [1, 2]),      # anti-transpose
+)
+
+
+def symmetry(x: tf.Tensor, i: int) -> tf.Tensor:
+  """Symmetry i in 0..7 of x [B, H, W, ...]."""
+  return SYMMETRIES[i](x)
+
+
+def random_symmetries(planes: list[tf.Tensor], seed: tf.Tensor, groups: int = GROUPS) -> list[tf.Tensor]:
+  """The same random symmetry per group on every plane ([B, H, W, ...] each, square tiles)."""
+  batch = tf.shape(planes[0])[0]
+  static = planes[0].shape[0]
+  n = min(groups, static) if static is not None else groups
+  sizes = [(batch + n - 1 - g) // n for g in range(n)]  # near-equal, some may be 0 when dynamic
+  picks = tf.random.stateless_uniform([n], seed, 0, 8, tf.int32)
+  out = []
+  for plane in planes:
+    parts = tf.split(plane, tf.stack(sizes), num=n)
+    out.append(tf.concat([tf.switch_case(picks[g], [lambda p=p, f=f: f(p) for f in SYMMETRIES])
+                          for g, p in enumerate(parts)], axis=0))
+  return out
