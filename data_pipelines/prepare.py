@@ -66,3 +66,49 @@ def prepare_delft(out_dir: str | Path, task: str = "buildings", *, cell_size: fl
                     "road_functions": list(DELFT_ROAD_FUNCTIONS) if task == "roads" else None,
                     "labelled_area": "convex hull of bgt_pand + bgt_wegdeel" if label_source == "bgt" else "LiDAR returns"}})
   return out_dir / "tiles" / MANIFEST
+
+
+ALEXANDRIA_DSM = "alexandria/dsm.tif"
+ALEXANDRIA_DTM = "alexandria/dtm.tif"
+ALEXANDRIA_BUILDINGS = "alexandria/buildings.geojson"  # EPSG:4326, reprojected onto the DEM
+
+
+def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+  """nDSM = max(DSM - DTM, 0) on the DSM's grid; NaN where either is nodata."""
+  import numpy as np
+  import rasterio
+  from data_pipelines.atomic import atomic_file
+  from data_pipelines.errors import DataError
+  with rasterio.open(dsm) as a, rasterio.open(dtm) as b:
+    if a.crs != b.crs or a.transform != b.transform or a.shape != b.shape:
+      raise DataError(dtm, f"grid or CRS differs from {dsm}")
+    top, ground = a.read(1, masked=True).astype(np.float32), b.read(1, masked=True).astype(np.float32)
+    profile = a.profile
+  ndsm = np.ma.maximum(top - ground, 0).filled(np.nan)
+  profile.update(dtype="float32", nodata=np.nan, count=1)
+  with atomic_file(out, overwrite) as tmp:
+    with rasterio.open(tmp, "w", **profile) as sink:
+      sink.write(ndsm, 1)
+  return Path(out)
+
+
+def prepare_alexandria(out_dir: str | Path, *, tile_size: int = 64, stride: int | None = 32,
+                       block_px: int | None = None, dtype: str = "float16", min_valid: float = 0.9,
+                       min_labelled: float = 0.25, seed: int = 0, overwrite: bool = False,
+                       progress: bool = True) -> Path:
+  """Alexandria DSM/DTM (2 m, EPSG:26918) + footprints -> building tiles; returns the manifest.
+
+  Footprints cover a central subset only: outside their convex hull labels are 255 = ignore.
+  """
+  out_dir = Path(out_dir)
+  with atomic_dir(out_dir, overwrite) as tmp:
+    dsm, dtm = shared_file(ALEXANDRIA_DSM), shared_file(ALEXANDRIA_DTM)
+    ndsm = height_above_ground(dsm, dtm, tmp / "rasters" / "ndsm.tif")
+    label_tif = tmp / "labels" / "buildings.tif"
+    rasterize_labels(dsm, [LabelLayer(shared_file(ALEXANDRIA_BUILDINGS))], label_tif)
+    write_tiles(dsm, tmp / "tiles", label=label_tif, extras={"dtm": dtm, "ndsm": ndsm}, tile_size=tile_size,
+                stride=stride, block_px=block_px, min_valid=min_valid, min_labelled=min_labelled, seed=seed,
+                dtype=dtype, label_names={0: "background", 1: "building"}, progress=progress,
+                extra_manifest={"preset": {"name": "alexandria", "task": "buildings",
+                                           "labelled_area": "convex hull of the footprints"}})
+  return out_dir / "tiles" / MANIFEST

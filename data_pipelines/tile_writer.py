@@ -38,7 +38,7 @@ def _open_same_grid(path, ref, stack) -> rasterio.DatasetReader:
 def _read_valid(src: rasterio.DatasetReader, window) -> tuple[np.ndarray, np.ndarray]:
   """Values as float32 and validity (not nodata, finite)."""
   masked = src.read(1, window=window, masked=True)
-  values = np.asarray(masked.filled(np.nan), np.float32)
+  values = masked.astype(np.float32).filled(np.nan)  # int16 SRTM too
   return values, ~np.ma.getmaskarray(masked) & np.isfinite(values)
 
 
