@@ -117,18 +117,19 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         f"{path}: refused: {_unpickling_reason(e)}. Only plain tensors are loaded "
         f"(torch.load(weights_only=True)); a file that asks to import or call anything else could "
         f"run code, or is not a PyTorch checkpoint at all") from e
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
+  except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged files
     raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
-                          f"{str(e).splitlines()[0]}") from e
+                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
   # The official MAE files wrap the state dict as {'model': state_dict, ...}.
   if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
     obj = obj["model"]
   if not isinstance(obj, Mapping) or not obj:
     raise CheckpointError(f"{path}: holds no state dict (a mapping of names to tensors), "
                           f"got {type(obj).__name__}")
-  not_tensors = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
-  if not_tensors:
-    raise CheckpointError(f"{path}: entries that are not tensors: {not_tensors[:10]}; expected "
+  bad = sorted(repr(k) for k, v in obj.items()
+               if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+  if bad:
+    raise CheckpointError(f"{path}: entries that are not name -> tensor: {bad[:10]}; expected "
                           f"a bare state dict or {{'model': state_dict}}")
   return {k: _float32(v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy())
           for k, v in obj.items()}
@@ -366,9 +367,9 @@ def _count(sd, prefix: str) -> int:
 
 
 def _grid(table: np.ndarray, name: str, source: str) -> int:
-  n = table.shape[-2] - 1  # the cls row comes first
+  n = table.shape[1] - 1 if table.ndim == 3 else -1  # the cls row comes first
   g = math.isqrt(max(n, 0))
-  if table.ndim != 3 or g * g != n:
+  if n < 0 or g * g != n:
     raise CheckpointError(f"{source}: {name} of shape {table.shape} is not [1, 1 + g*g, D]")
   return g
 
@@ -476,6 +477,11 @@ def load_official(model: MaskedAutoencoder, sd: Mapping[str, np.ndarray], *,
             for e in param_table(model.config) if e.official in sd}
   state = nnx.state(model)
   pure = nnx.to_pure_dict(state)
+  # An abstract model (from_pretrained skips initialisation) must get every tensor.
+  uncovered = [k for k, v in _flatten(pure).items()
+               if k not in values and isinstance(v, jax.ShapeDtypeStruct)]
+  if uncovered:
+    raise CheckpointError(f"{source}: model tensors with no official name: {uncovered}")
   _assign(pure, values)
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
@@ -512,7 +518,8 @@ def _mismatch_message(source, config, missing, unexpected, misshaped, encoder_on
     lines.append("  head/fc_norm belong to a finetuned classifier: pass drop_head=True "
                  "(--drop-head) to skip them")
   got, want = misshaped.get("patch_embed.proj.weight", ((), ()))
-  if got and len(got) == len(want) == 4 and got[1] != want[1] and got[::2] == want[::2]:
+  if got and len(got) == len(want) == 4 and got[1] != want[1] and \
+      got[:1] + got[2:] == want[:1] + want[2:]:
     lines.append("  for a 1-channel DEM from RGB weights pass channel_adapt='sum' or 'mean' "
                  "(or 'repeat' and feed 3 channels)")
   return "\n".join(lines)
@@ -567,11 +574,16 @@ def save_model(model: MaskedAutoencoder, dst: str | os.PathLike, *,
     with _checkpointer() as ckptr:
       ckptr.save(tmp / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
     _write_config(tmp / "config.json", model.config)
-    if dst.exists():
-      old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-      os.replace(dst, old / dst.name)
-      os.replace(tmp, dst)
-      shutil.rmtree(old)
+    if dst.exists():  # overwrite: set the old one aside, put it back if the swap fails
+      old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent)) / dst.name
+      os.replace(dst, old)
+      try:
+        os.replace(tmp, dst)
+      except BaseException:
+        os.replace(old, dst)
+        old.parent.rmdir()  # rmdir, not rmtree: never deletes a checkpoint
+        raise
+      shutil.rmtree(old.parent)
     else:
       os.replace(tmp, dst)
   except BaseException:

@@ -123,6 +123,19 @@ def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, s
   monkeypatch.undo()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
   assert_holds(mae.from_pretrained(dst), sd)
+  # The last step of an overwrite (new into place) failing puts the earlier one back.
+  rename = os.replace
+
+  def failing_swap(src, target):
+    if Path(target) == dst and ".tmp-" in str(src):
+      raise OSError("rename failed")
+    return rename(src, target)
+  monkeypatch.setattr(os, "replace", failing_swap)
+  with pytest.raises(OSError, match="rename failed"):
+    mae.save_model(tiny, dst, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+  assert_holds(mae.from_pretrained(dst), sd)
 
 
 def test_own_checkpoint_with_bad_config_names_the_file(tiny, tmp_path):
