@@ -205,6 +205,18 @@ def test_hf_directory_config_supplies_heads_and_loss(tmp_path):
   assert (model.config.num_heads, model.config.norm_pix_loss, model.config.in_chans) == (2, True, 1)
 
 
+def test_hf_config_that_the_model_cannot_honour_is_refused_or_warned(tmp_path, caplog):
+  hf = hf_model(3, False)
+  hf.config.layer_norm_eps = 1e-12  # the HF default; the official MAE uses 1e-6
+  with caplog.at_level("WARNING"):
+    mae.from_pretrained(write(hf, "hf_safetensors", tmp_path))
+  assert "layer_norm_eps=1e-12" in caplog.text
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+  with pytest.raises(mae.CheckpointError, match="hf: config.json asks for hidden_act='relu'"):
+    mae.from_pretrained(tmp_path / "hf")
+
+
 def test_hf_file_with_a_missing_or_unknown_tensor_is_refused_in_its_own_names(tmp_path):
   sd = hf_model(3, False).state_dict()
   del sd["vit.layers.1.attention.k_proj.bias"]
