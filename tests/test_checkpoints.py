@@ -183,6 +183,15 @@ def test_sharded_safetensors_directory_loads_and_shards_stay_beside_the_index(sd
     mae.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_as_float32(sd, tmp_path, dtype):
+  half = {k: v.to(dtype) for k, v in to_torch(sd).items()}
+  torch.save({"model": half}, tmp_path / "half.pth")
+  model = mae.from_pretrained(tmp_path / "half.pth")
+  assert model.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32
+  assert_holds(model, {k: v.float().numpy() for k, v in half.items()})
+
+
 def test_official_names_and_torch_layouts(tiny):
   sd = mae.to_official(tiny)
   assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
