@@ -353,6 +353,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       progress.close()
     ckpt.close()
     writer.close()
+    if is_main and pic_every and history:
+      keys = ["loss"] + sorted({k for h in history for k in h if k.startswith("eval_") and "loss" in k})
+      metrics_lib.plot_history(writer.path, workdir / "pictures" / "loss.png", tuple(keys))
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   return Result(state, step, history, preempted)

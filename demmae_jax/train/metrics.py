@@ -109,3 +109,22 @@ def save_figure(fig, path: Path) -> None:
   fig.savefig(tmp, dpi=fig.dpi)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def plot_history(jsonl: Path, png: Path, keys: tuple[str, ...] = ("loss",)) -> None:
+  """Curves of `keys` against step from a metrics.jsonl, as a PNG (written atomically)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = read_jsonl(jsonl)
+  fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+  for k in keys:
+    pts = [(r["step"], r[k]) for r in rows if k in r]
+    if pts:
+      ax.plot(*zip(*pts), label=k)
+  ax.set_xlabel("step")
+  ax.set_yscale("log")
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  save_figure(fig, png)

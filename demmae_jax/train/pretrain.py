@@ -27,11 +27,17 @@ def model_config(cfg: ml_collections.ConfigDict) -> mae_model.MAEConfig:
 class MAEPretrain(Task):
   trainable = nnx.Param
 
-  def __init__(self, config: ml_collections.ConfigDict, num_pictures: int = 4):
+  def __init__(self, config: ml_collections.ConfigDict, num_pictures: int = 4,
+               eval_batch: dict[str, np.ndarray] | None = None):
+    """`eval_batch`: fixed held-out images (the same on every process) for `evaluate`."""
     self.config = config
     self.mae_config = model_config(config.model)
     self.num_pictures = num_pictures
     self.jit_init = not config.get("init")
+    self.eval_batch = eval_batch
+    if eval_batch is not None:
+      self.best_metric, self.best_mode = "loss", "min"
+    self._eval = None
 
   def build_model(self) -> mae_model.MaskedAutoencoder:
     init = self.config.get("init") or ""
@@ -47,6 +53,20 @@ class MAEPretrain(Task):
   def loss_fn(self, model, batch, rng):
     loss, _, mask = model(batch["image"], key=rng)
     return loss, {"masked_fraction": mask.mean()}
+
+  def evaluate(self, model, step):
+    """Masked loss on the held-out batch with fixed masks, and the loss of the trivial
+    reconstruction (every removed patch = the mean of the image's visible pixels)."""
+    if self.eval_batch is None:
+      return {}
+    if self._eval is None:
+      self._eval = nnx.jit(_eval_losses)
+    loss, baseline = self._eval(model, jnp.asarray(self.eval_batch["image"]),
+                                jax.random.key(20231))
+    out = {"loss": float(loss)}
+    if not self.mae_config.norm_pix_loss:
+      out["visible_mean_loss"] = float(baseline)
+    return out
 
   def picture_arrays(self, model, batch, rng):
     images = batch["image"][:self.num_pictures]
@@ -90,3 +110,12 @@ class MAEPretrain(Task):
     fig.suptitle(f"step {step}", fontsize=9)
     fig.tight_layout()
     return {"reconstruction": fig}
+
+
+def _eval_losses(model, images, key):
+  loss, _, mask = model(images, key=key)
+  target = patchify(images.astype(jnp.float32), model.config.patch_size)  # [N, L, p*p*C]
+  visible = 1.0 - mask
+  mean = (target.mean(-1) * visible).sum(1) / visible.sum(1)  # per image, visible pixels
+  per_patch = ((target - mean[:, None, None])**2).mean(-1)
+  return loss, (per_patch * mask).sum() / mask.sum()

@@ -1,0 +1,91 @@
+"""Masked-autoencoder pretraining on real elevation, sharded over all devices, resumable.
+
+  python scripts/pretrain.py --config configs/dem_pretrain.py:tiny --workdir runs/pretrain_tiny
+  python scripts/pretrain.py --config configs/dem_pretrain.py:base --workdir gs://... \
+      --config.mesh.fsdp=8 --config.global_batch=1024
+
+Running it again with the same --workdir resumes from the latest checkpoint; a workdir made
+with another config is refused. SIGTERM saves a checkpoint and exits with status 0.
+Outputs in the workdir: config.json, checkpoints/, metrics.jsonl, tensorboard/, pictures/.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and preset, e.g. configs/dem_pretrain.py:tiny; override keys with "
+    "--config.key=value (unknown keys are an error).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures. "
+                               "An existing one of the same config is resumed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def lidar_dsm(config, workdir: Path) -> list[Path]:
+  """The DSM of `config.data.lidar_files`, rasterised once into the workdir (process 0)."""
+  if not config.data.lidar_files:
+    return []
+  import jax
+  from jax.experimental import multihost_utils
+  from data_pipelines.lidar import las_to_rasters
+  from data_pipelines.shared_data import shared_file
+  out = workdir / "lidar_dsm"
+  if jax.process_index() == 0 and not (out / "dsm.tif").exists():
+    las_to_rasters([shared_file(f) for f in config.data.lidar_files], out,
+                   cell_size=config.data.lidar_cell_size, progress=False)
+  multihost_utils.sync_global_devices("lidar_dsm")
+  return [out / "dsm.tif"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = _CONFIG.value
+  from data_pipelines.raster_source import RasterCrops
+  from data_pipelines.shared_data import shared_file
+  from demmae_jax import sharding
+  from demmae_jax.train import checkpointing, loop, pretrain
+
+  workdir = Path(_WORKDIR.value)
+  d = config.distributed
+  sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+  mesh = sharding.make_mesh(**config.mesh)
+  rows = sharding.process_batch_rows(mesh, config.global_batch)
+  try:
+    checkpointing.check_or_store_config(workdir, config)  # before anything is written there
+    files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
+    source = RasterCrops.from_files(files, crop=config.model.img_size,
+                                    global_batch=config.global_batch, seed=config.data.seed,
+                                    augment=config.data.augment, min_relief=config.data.min_relief)
+    eval_batch = None
+    if config.eval_every_steps and config.data.eval_files:
+      held_out = RasterCrops.from_files([shared_file(f) for f in config.data.eval_files],
+                                        crop=config.model.img_size,
+                                        global_batch=config.data.eval_samples,
+                                        seed=config.data.seed + 1, augment=False,
+                                        min_relief=config.data.min_relief)
+      eval_batch = held_out.batch(0)
+    task = pretrain.MAEPretrain(config, eval_batch=eval_batch)
+    result = loop.train(task, config, workdir,
+                        lambda start: source.batches(start, rows), mesh=mesh)
+  except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch) as e:
+    print(f"pretrain: error: {e}", file=sys.stderr)
+    return 2
+  last = result.history[-1] if result.history else {}
+  print(f"pretrain: {'stopped by signal at' if result.preempted else 'finished'} step "
+        f"{result.step}; loss {last.get('loss', float('nan')):.4f}; outputs in {workdir}: "
+        f"checkpoints/, metrics.jsonl, tensorboard/, pictures/. Export the encoder with "
+        f"scripts/export_encoder.py --workdir {workdir} --out DIR")
+  return 0
+
+
+if __name__ == "__main__":
+  from demmae_jax.train import cli
+  cli.run(main)

@@ -1,0 +1,80 @@
+"""scripts/pretrain.py and scripts/export_encoder.py end to end on the shared real elevation
+(pretrain/N46E008.tif, N49W123.tif, N44W072.hgt, alexandria/dsm.tif), tiny preset."""
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from demmae_jax.sharding import path_str
+from demmae_jax.train.metrics import read_jsonl
+from test_train_support import ROOT, child_env
+
+CONFIG = str(ROOT / "configs" / "dem_pretrain.py")
+
+
+def _run(*args, timeout=600):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=child_env(), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_help_and_a_mistyped_config_key_are_clear():
+  out = _run("scripts/pretrain.py", "--help")
+  # absl prints the usage to stdout and exits 1 after --help.
+  assert out.returncode == 1 and "--workdir" in out.stdout and "--config" in out.stdout
+  assert "Masked-autoencoder pretraining" in out.stdout and not out.stderr
+  out = _run("scripts/pretrain.py", f"--config={CONFIG}:tiny", "--config.optim.lrr=1",
+             "--workdir=/nonexistent")
+  assert out.returncode == 2
+  assert "bad config override" in out.stderr and "--config.optim.lrr" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_pretrain_on_real_elevation_then_export_loads_in_from_pretrained(tmp_path):
+  wd = tmp_path / "run"
+  common = [f"--config={CONFIG}:tiny", f"--workdir={wd}", "--config.total_steps=6",
+            "--config.checkpoint.every_steps=3", "--config.log.every_steps=1",
+            "--config.log.picture_every_steps=6", "--config.log.progress=False",
+            "--config.eval_every_steps=3"]
+  out = _run("scripts/pretrain.py", *common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "finished step 6" in out.stdout
+  rows = [r for r in read_jsonl(wd / "metrics.jsonl") if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, 7))
+  assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+  evals = [r for r in read_jsonl(wd / "metrics.jsonl") if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [3, 6]  # held-out N44W072.hgt crops, fixed masks
+  assert all(np.isfinite(r["eval_loss"]) and r["eval_visible_mean_loss"] > 0 for r in evals)
+  assert (wd / "pictures" / "reconstruction_step0000006.png").stat().st_size > 1000
+  assert (wd / "pictures" / "loss.png").is_file()
+  assert any((wd / "tensorboard").iterdir())
+  assert sorted(p.name for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+  # Same workdir, other config: refused, nothing overwritten.
+  out = _run("scripts/pretrain.py", *common, "--config.optim.warmup_steps=2")
+  assert out.returncode == 2 and "another configuration" in out.stderr
+  assert "optim.warmup_steps" in out.stderr
+
+  export = tmp_path / "export"
+  out = _run("scripts/export_encoder.py", f"--workdir={wd}", f"--out={export}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  out = _run("scripts/export_encoder.py", f"--workdir={wd}", f"--out={export}")
+  assert out.returncode == 2 and "exists" in out.stderr
+
+  from demmae_jax import mae
+  from demmae_jax.train import loop, pretrain
+  from test_train_support import dem_pretrain_config
+  model = mae.from_pretrained(export)
+  assert model.config.in_chans == 1 and model.config.img_size == 32
+  config = dem_pretrain_config("tiny")
+  restored, step = loop.restore(pretrain.MAEPretrain(config), config, wd)
+  assert step == 6
+  a = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+  b = {path_str(k): v for k, v in
+       jax.tree_util.tree_flatten_with_path(nnx.state(restored, nnx.Param))[0]}
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
