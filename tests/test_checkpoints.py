@@ -325,6 +325,7 @@ def test_reading_pth_without_torch_says_what_to_install(rgb_pth, monkeypatch):
 # ------------------------------------------------------------------ DEM adaptation
 
 
+@pytest.mark.slow  # compiles forward passes of three models
 def test_channel_sum_equals_feeding_the_dem_repeated_to_rgb(tiny, rgb_pth):
   dem_model = mae.from_pretrained(rgb_pth, in_chans=1, channel_adapt="sum")
   mean_model = mae.from_pretrained(rgb_pth, in_chans=1, channel_adapt="mean")
