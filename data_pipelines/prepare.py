@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipelines.atomic import atomic_dir
+from data_pipelines.errors import DataError
 from data_pipelines.labels import LabelLayer, labels_from_class_raster, rasterize_labels
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.shared_data import shared_file
@@ -44,6 +45,17 @@ def prepare_delft(out_dir: str | Path, task: str = "buildings", *, cell_size: fl
   if label_source not in ("bgt", "lidar") or (task == "roads" and label_source != "bgt"):
     raise ValueError(f"label_source must be 'bgt' (or 'lidar' for buildings), got {label_source!r}")
   out_dir = Path(out_dir)
+  try:
+    return _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype, label_source,
+                          min_valid, min_labelled, seed, overwrite, progress)
+  except DataError as e:
+    if ".tmp" not in e.path:
+      raise
+    raise DataError(out_dir, e.problem) from e  # the temporary folder is gone: name the target
+
+
+def _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype, label_source, min_valid,
+                   min_labelled, seed, overwrite, progress) -> Path:
   with atomic_dir(out_dir, overwrite) as tmp:
     rasters = las_to_rasters([shared_file(p) for p in DELFT_LAZ], tmp / "rasters", cell_size=cell_size,
                              crs=DELFT_CRS, progress=progress)
