@@ -22,6 +22,7 @@ import shapely.geometry
 
 from data_pipelines.atomic import atomic_file
 from data_pipelines.errors import DataError
+from data_pipelines.raster_io import read_band
 
 IGNORE = 255
 
@@ -114,11 +115,11 @@ def labels_from_class_raster(class_path: str | Path, out_path: str | Path, class
   """A LiDAR class raster as labels: 1 where the class is in `classes`, 0 elsewhere, IGNORE
   where no return was recorded (per `valid_path`)."""
   with rasterio.open(class_path) as src:
-    cls, profile = src.read(1), src.profile
+    cls, profile = read_band(src), src.profile
   label = np.isin(cls, list(classes)).astype(np.uint8)
   if valid_path is not None:
     with rasterio.open(valid_path) as v:
-      label[v.read(1) == 0] = IGNORE
+      label[read_band(v) == 0] = IGNORE
   profile.update(dtype="uint8", nodata=None, count=1, compress="deflate")
   with atomic_file(out_path, overwrite) as tmp:
     with rasterio.open(tmp, "w", **profile) as sink:

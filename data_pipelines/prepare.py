@@ -91,10 +91,11 @@ def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overw
   import rasterio
   from data_pipelines.atomic import atomic_file
   from data_pipelines.errors import DataError
+  from data_pipelines.raster_io import read_band
   with rasterio.open(dsm) as a, rasterio.open(dtm) as b:
     if a.crs != b.crs or a.transform != b.transform or a.shape != b.shape:
       raise DataError(dtm, f"grid or CRS differs from {dsm}")
-    top, ground = a.read(1, masked=True).astype(np.float32), b.read(1, masked=True).astype(np.float32)
+    top, ground = (read_band(r, masked=True).astype(np.float32) for r in (a, b))
     profile = a.profile
   ndsm = np.ma.maximum(top - ground, 0).filled(np.nan)
   profile.update(dtype="float32", nodata=np.nan, count=1)

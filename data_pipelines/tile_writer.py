@@ -16,6 +16,7 @@ from tqdm import tqdm
 from data_pipelines.atomic import atomic_dir, refuse_existing
 from data_pipelines.errors import DataError
 from data_pipelines.labels import IGNORE
+from data_pipelines.raster_io import read_band
 from data_pipelines.tile_records import FLOAT_DTYPES, encode_tile
 from data_pipelines.tile_stats import ValueStats, class_summary
 from data_pipelines.tiles import SPLITS, TileWindow, assign_blocks, few_label_subsets, tile_split, tile_windows
@@ -37,7 +38,7 @@ def _open_same_grid(path, ref, stack) -> rasterio.DatasetReader:
 
 def _read_valid(src: rasterio.DatasetReader, window) -> tuple[np.ndarray, np.ndarray]:
   """Values as float32 and validity (not nodata, finite)."""
-  masked = src.read(1, window=window, masked=True)
+  masked = read_band(src, window, masked=True)
   values = masked.astype(np.float32).filled(np.nan)  # int16 SRTM too
   return values, ~np.ma.getmaskarray(masked) & np.isfinite(values)
 
@@ -97,12 +98,12 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
       win = rasterio.windows.Window(w.col, w.row, w.size, w.size)
       elev, ok = _read_valid(dem, win)
       if val is not None:
-        ok &= val.read(1, window=win) > 0
+        ok &= read_band(val, win) > 0
       chans = {"elevation": elev}
       for k, src in ext.items():
         chans[k], k_ok = _read_valid(src, win)
         ok &= k_ok
-      lbl = lab.read(1, window=win) if lab is not None else None
+      lbl = read_band(lab, win) if lab is not None else None
       return win, chans, ok, lbl
 
     # pass 1: weight of each block = useful pixels (labelled if labels exist, else valid)
@@ -114,7 +115,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
                                       min(block_px, dem.height - br * block_px))
         _, ok = _read_valid(dem, win)
         if lab is not None:
-          ok &= lab.read(1, window=win) != IGNORE
+          ok &= read_band(lab, win) != IGNORE
         weights[br, bc] = ok.sum()
     if weights.sum() == 0:
       raise DataError(label or elevation, "no valid labelled pixel in the whole raster")

@@ -141,3 +141,17 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, scene_tifs):
   m = write_tiles(tifs["dsm"], tmp_path / "t", overwrite=True, dtype="float16", **kw)
   assert json.loads(m.read_text())["dtype"] == "float16"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_truncated_geotiff_is_named_and_leaves_nothing(tmp_path, scene_tifs):
+  _, tifs = scene_tifs
+  with rasterio.open(tifs["dsm"]) as src:
+    data, profile = src.read(1), src.profile
+  profile.update(tiled=True, blockxsize=64, blockysize=64, compress="deflate")
+  with rasterio.open(tmp_path / "whole.tif", "w", **profile) as dst:
+    dst.write(data, 1)
+  raw = (tmp_path / "whole.tif").read_bytes()
+  (tmp_path / "cut.tif").write_bytes(raw[: len(raw) // 2])
+  with pytest.raises(DataError, match="cut.tif: corrupt or truncated raster"):
+    write_tiles(tmp_path / "cut.tif", tmp_path / "out", tile_size=32, progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tif", "whole.tif"]
