@@ -132,3 +132,13 @@ def test_reader_normalisation_skipping_masks_matches_the_masked_definition(manif
     a = normalise(x, v, mode, filled=True).numpy()
     b = normalise(x, v, mode).numpy()
     np.testing.assert_array_equal(a, b)
+
+
+def test_large_batches_are_the_stacked_micro_batches_and_resume_alike(manifest):
+  kw = dict(deterministic=True, seed=2, **ONE_HOST)
+  big = make_dataset(manifest, "train", global_batch_size=16, **kw)
+  first, second = next(big), next(big)
+  assert first["image"].shape == (16, 32, 32, 1)
+  resumed = next(make_dataset(manifest, "train", global_batch_size=16, skip_batches=1, **kw))
+  assert all(np.array_equal(second[k], resumed[k]) for k in second)
+  assert len({t.tobytes() for t in first["image"]}) == 16  # 16 distinct tiles, not 2 x 8
