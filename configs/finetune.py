@@ -39,10 +39,10 @@ PRESETS = {
                   aux_channels=256, lr=1e-4, task="roads", **PAPER),
     "unet_buildings": dict(kind="unet", width=64, depth=4, lr=1e-3, task="buildings", **PAPER),
     "unet_roads": dict(kind="unet", width=64, depth=4, lr=1e-3, task="roads", **PAPER),
-    "cpu_buildings": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=128,
-                          aux_channels=64, lr=1e-3, task="buildings", **CPU),
-    "cpu_roads": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=128,
-                      aux_channels=64, lr=1e-3, task="roads", **CPU),
+    "cpu_buildings": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=64,
+                          aux_channels=32, lr=1e-3, task="buildings", **CPU),
+    "cpu_roads": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=64,
+                      aux_channels=32, lr=1e-3, task="roads", **CPU),
     "cpu_unet_buildings": dict(kind="unet", width=16, depth=4, lr=1e-3, task="buildings", **CPU),
     "cpu_unet_roads": dict(kind="unet", width=16, depth=4, lr=1e-3, task="roads", **CPU),
     "tiny": dict(kind="upernet", backbone=TINY_VIT, layers=(0, 1, 2, 3), channels=32,
@@ -72,7 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.schedule = "polynomial"
   c.optim.power = 1.0
   c.optim.warmup_steps = p["warmup_steps"]
-  c.optim.layer_decay = 0.65  # applies only when the encoder is unfrozen
+  # Layer-wise lr decay of the encoder; acts only when it is unfrozen (the UNet has no encoder).
+  c.optim.layer_decay = 0.65 if p["kind"] == "upernet" else None
   # Keep a checkpoint at every validation so the best one (by validation IoU) is kept.
   c.checkpoint.every_steps = p["eval_every"]
   c.checkpoint.keep = 2
