@@ -33,7 +33,7 @@ def main() -> int:
   import numpy as np
 
   from demmae_jax import sharding as shd
-  from demmae_jax.train import loop, pretrain
+  from demmae_jax.train import loop, metrics as metrics_lib, pretrain
 
   if jax.device_count() < args.devices:
     print(f"only {jax.device_count()} devices: run in a fresh process", file=sys.stderr)
@@ -55,14 +55,18 @@ def main() -> int:
                                  (f"fsdp={n}", jax.devices()[:n], dict(data=1, fsdp=n))):
     mesh = shd.make_mesh(**mesh_kw, devices=devices)
     trainer = loop.Trainer(task, config, mesh)
-    mem = trainer.compile(batch).memory_analysis()
+    compiled = trainer.compile(batch)
+    mem = compiled.memory_analysis()
+    flops = metrics_lib.compiled_flops(compiled)
     state_bytes = sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize
                       for s in jax.tree.leaves(trainer.abstract_state))
     arg = mem.argument_size_in_bytes - batch_bytes // len(devices)
     rows.append((name, arg, state_bytes, mem.temp_size_in_bytes))
     print(f"{name:>9}: params+opt state per device {arg / 2**20:9.1f} MiB (compiled arguments "
           f"minus batch; from shard shapes {state_bytes / 2**20:.1f} MiB), temporaries "
-          f"{mem.temp_size_in_bytes / 2**20:.1f} MiB", flush=True)
+          f"{mem.temp_size_in_bytes / 2**20:.1f} MiB; cost analysis {flops / 1e9:.1f} GFLOP per "
+          f"device program (x {len(devices)} devices = {flops * len(devices) / 1e9:.1f})",
+          flush=True)
   (_, a1, s1, _), (_, an, sn, _) = rows
   print(f"ratio fsdp={n} / 1 device: compiled {an / a1:.4f} (ideal 1/{n} = {1 / n:.4f}); "
         f"from shard shapes {sn / s1:.4f}; preset {args.preset}, "
