@@ -227,8 +227,8 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
     polygons = _Polygons(src.transform, src.width, src.height) if polygons_path else None
     offsets = (window_offsets(src.height, opts.tile, opts.tile - opts.overlap),
                window_offsets(src.width, opts.tile, opts.tile - opts.overlap))
-    bar = tqdm(total=count_windows(src.height, src.width, opts), unit="win", disable=not progress,
-               desc=f"predict {Path(src_path).name}")
+    windows = count_windows(src.height, src.width, opts)
+    bar = tqdm(total=windows, unit="win", disable=not progress, desc=f"predict {Path(src_path).name}")
     counts = np.zeros(num_classes, np.int64)
     nodata_pixels = 0
     for win in _blocks(src.height, src.width, opts.block):
@@ -248,7 +248,7 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
   return {"classes": str(dst_path), "probabilities": str(probabilities_path) if prob else None,
           "polygons": str(polygons_path) if polygons_path else None,
           "pixels_per_class": dict(zip(opts.class_names, counts.tolist())),
-          "nodata_pixels": nodata_pixels, "windows": bar.n}
+          "nodata_pixels": nodata_pixels, "windows": windows}
 
 
 def _checked(normalise: Normalise, path) -> Normalise:
