@@ -26,8 +26,6 @@ from data_pipelines.augment import random_symmetries
 from data_pipelines.tile_records import decode_mask, decode_raw_channel, parse_spec, to_metres
 from data_pipelines.tile_writer import FORMAT
 
-MICRO = 8
-
 
 def read_manifest(path: str) -> dict:
   """The manifest at `path` (local or gs://), checked for the tile format."""
@@ -108,12 +106,9 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     ds = ds.shuffle(shuffle_buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
   if repeat:
     ds = ds.repeat()
-  # large batches are processed as micro-batches of MICRO tiles, which stay in cache and let the
-  # parallel map use both cores; they are stacked into the requested batch at the end
-  micro = MICRO if drop_remainder and batch > MICRO and batch % MICRO == 0 else batch
-  ds = ds.batch(micro, drop_remainder=drop_remainder).enumerate()
+  ds = ds.batch(batch, drop_remainder=drop_remainder).enumerate()
   if skip_batches:
-    ds = ds.skip(skip_batches * (batch // micro))  # before parsing: skipped batches cost only reading
+    ds = ds.skip(skip_batches)  # before parsing: skipped batches cost only their reading
 
   def transform(planes, offsets, aug_seed):
     """Augment in the stored dtypes (float16/uint8: fewer bytes to move), then convert, normalise.
@@ -143,10 +138,6 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     return out
 
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-  if micro != batch:
-    ds = ds.batch(batch // micro, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=deterministic).map(
-        lambda b: tf.nest.map_structure(lambda t: tf.reshape(t, [-1, *t.shape[2:]]), b))
   options = tf.data.Options()
   options.deterministic = deterministic
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

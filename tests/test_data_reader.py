@@ -134,7 +134,7 @@ def test_reader_normalisation_skipping_masks_matches_the_masked_definition(manif
     np.testing.assert_array_equal(a, b)
 
 
-def test_large_batches_are_the_stacked_micro_batches_and_resume_alike(manifest):
+def test_larger_batches_hold_distinct_tiles_and_resume_alike(manifest):
   kw = dict(deterministic=True, seed=2, **ONE_HOST)
   big = make_dataset(manifest, "train", global_batch_size=16, **kw)
   first, second = next(big), next(big)
