@@ -78,7 +78,7 @@ def main(argv):
   except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch) as e:
     print(f"pretrain: error: {e}", file=sys.stderr)
     return 2
-  last = result.history[-1] if result.history else {}
+  last = next((h for h in reversed(result.history) if "loss" in h), {})
   print(f"pretrain: {'stopped by signal at' if result.preempted else 'finished'} step "
         f"{result.step}; loss {last.get('loss', float('nan')):.4f}; outputs in {workdir}: "
         f"checkpoints/, metrics.jsonl, tensorboard/, pictures/. Export the encoder with "

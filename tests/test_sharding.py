@@ -44,9 +44,8 @@ def test_rules_first_match_wins_and_explicit_specs_are_checked():
 def test_optimizer_state_is_placed_like_its_parameter():
   """Adam's moments carry the parameter's path as a suffix, so one rule table places both."""
   m = _mesh()
-  model = mae.build("tiny", in_chans=1)
   from flax import nnx
-  params = nnx.state(model, nnx.Param)
+  params = nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)), nnx.Param)
   opt = jax.eval_shape(optax.adamw(1e-3).init, params)
   p_specs = {shd.path_str(k): s.spec for k, s in
              jax.tree_util.tree_flatten_with_path(shd.tree_shardings(params, m, min_fsdp_size=256))[0]}

@@ -1,5 +1,7 @@
 """The optimiser follows the official MAE recipe: which parameters decay, the lr rule, the
 schedules, and BEiT layer-wise lr decay."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,12 +22,14 @@ def _cfg(**kw):
   return c
 
 
+@functools.lru_cache(maxsize=None)
 def _params():
   return nnx.state(mae.build("tiny", in_chans=1), nnx.Param)
 
 
 def test_weight_decay_skips_biases_norms_and_special_tokens():
-  yes, no = optim.weight_decay_groups(_params())
+  yes, no = optim.weight_decay_groups(nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)),
+                                                nnx.Param))
   assert "cls_token" in no and "mask_token" in no
   assert "blocks/0/attn/qkv/bias" in no and "blocks/0/norm1/scale" in no and "norm/bias" in no
   assert "blocks/0/attn/qkv/kernel" in yes and "patch_embed/proj/kernel" in yes
@@ -33,10 +37,12 @@ def test_weight_decay_skips_biases_norms_and_special_tokens():
   # Position embeddings are fixed, not parameters: they never reach the optimiser.
   assert not any("pos_embed" in p for p in yes + no)
   # Every decayed array is a matrix (or conv kernel).
-  flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(_params())[0]}
+  flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+      nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)), nnx.Param))[0]}
   assert all(flat[p].ndim >= 2 for p in yes)
 
 
+@pytest.mark.slow
 def test_zero_gradient_step_decays_only_decayed_parameters():
   params = _params()
   tx, sched = optim.make(_cfg(lr=1e-2, warmup_steps=0, schedule="constant"), params,
@@ -73,6 +79,7 @@ def test_polynomial_schedule_and_bad_schedule_names():
     optim.schedule(_cfg(warmup_steps=100), 100, 8)
 
 
+@pytest.mark.slow
 def test_layer_decay_scales_updates_by_depth():
   assert optim.vit_layer_id("patch_embed/proj/kernel", 4) == 0
   assert optim.vit_layer_id("cls_token", 4) == 0

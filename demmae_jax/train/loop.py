@@ -244,11 +244,10 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   # ---------------------------------------------------------------- SIGTERM: save and exit
   stop = {"signal": None}
   previous = {}
-  for sig in (signal.SIGTERM,):
-    try:
-      previous[sig] = signal.signal(sig, lambda s, _f: stop.update(signal=s))
-    except ValueError:  # not the main thread
-      pass
+  try:
+    previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda s, _f: stop.update(signal=s))
+  except ValueError:  # not the main thread: no handler
+    pass
 
   source = iter(batches(start))
   first = next(source)
@@ -267,7 +266,6 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   ckpt_every = int(config.checkpoint.every_steps)
   eval_every = int(config.get("eval_every_steps", 0) or 0)
   pending: list[tuple[int, dict]] = []
-  last_good = start
   progress = _progress(total, start, is_main and config.log.get("progress", True))
   t_last, steps_since = time.perf_counter(), 0
 
@@ -298,17 +296,15 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     if row:
       writer.write(step, row)
       history.append({"step": step, **row})
-      if progress is not None:
+      if progress is not None and "loss" in row:
         progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
                              img_s=f"{row.get('images_per_s', 0):.1f}")
     t_last, steps_since = now, 0
     return row
 
   def save(step: int, metrics: dict | None = None) -> None:
-    nonlocal last_good
     ckpt.save(step, state, {"step": step, "global_batch": trainer.global_batch,
                             "seed": int(config.seed), "batches_consumed": step}, metrics)
-    last_good = step
 
   # ---------------------------------------------------------------- loop
   step = start
@@ -321,6 +317,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       step += 1
       steps_since += 1
       pending.append((step - 1, m))
+      if len(pending) > 2:  # at most two steps in flight: bounded memory, honest progress
+        jax.block_until_ready(pending[-3][1]["loss"])
       if progress is not None:
         progress.update(1)
       eval_row = None

@@ -98,9 +98,11 @@ class MAEPretrain(Task):
       masked = np.ma.masked_where(mask[i] > 0, image[i])
       error = np.ma.masked_where(mask[i] == 0, np.abs(pasted[i] - image[i]))
       cmap = plt.get_cmap("terrain").copy()
-      cmap.set_bad("0.6")
+      cmap.set_bad("0.6")  # grey: removed patches in the input, visible ones in the error
+      err_cmap = plt.get_cmap("magma").copy()
+      err_cmap.set_bad("0.6")
       panels = [(image[i], cmap, lo, hi), (masked, cmap, lo, hi), (pasted[i], cmap, lo, hi),
-                (error, "magma", 0, max(hi - lo, 1e-6) * 0.5)]
+                (error, err_cmap, 0, max(hi - lo, 1e-6) * 0.5)]
       for ax, (img, cm, vmin, vmax) in zip(axes[i], panels):
         ax.imshow(img, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_xticks([])
