@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -189,8 +190,9 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
         "ignore_value": IGNORE,
         "label_names": {str(k): v for k, v in (label_names or {}).items()},
         "crs_wkt": crs_wkt,
-        "sources": {"elevation": str(elevation), "label": str(label) if label else None,
-                    "valid": str(valid) if valid else None, **{k: str(p) for k, p in extras.items()}},
+        # relative to the tile folder, so they stay right when a whole prepared folder moves
+        "sources": {k: os.path.relpath(Path(p).resolve(), out_dir.resolve()) if p else None
+                    for k, p in {"elevation": elevation, "label": label, "valid": valid, **extras}.items()},
         "filters": {"min_valid": min_valid, "min_labelled": min_labelled},
         "split": {"block_px": block_px, "fractions": dict(fractions), "seed": seed,
                   "block_splits": block_split.tolist()},

@@ -70,6 +70,8 @@ def test_delft_tile_sets_read_back_for_training(delft):
     m = json.loads(manifest.read_text())
     assert all(m["splits"][s]["count"] > 0 for s in ("train", "val", "test")), task
     assert m["channels"] == ["elevation", "dtm", "ndsm"] and m["dtype"] == "float16"
+    for name, rel in m["sources"].items():  # relative to the tile folder, valid after the rename
+      assert (manifest.parent / rel).is_file(), (name, rel)
     freq = m["splits"]["train"]["classes"]["frequencies"]["1"]
     assert 0.1 < freq < 0.4, (task, freq)
     batch = next(make_dataset(str(manifest), "train", global_batch_size=8, **ONE_HOST))
