@@ -96,8 +96,11 @@ class Trainer:
     if self.global_batch % (par * self.accum):
       raise ValueError(f"global_batch {self.global_batch} must be divisible by data x fsdp "
                        f"({par}) x grad_accum_steps ({self.accum})")
-    abstract_model = nnx.eval_shape(task.build_model)
-    self.graphdef, params, rest = nnx.split(abstract_model, task.trainable, ...)
+    if task.jit_init:
+      model, self._eager_model = nnx.eval_shape(task.build_model), None
+    else:  # build_model reads files, which cannot be traced: build once, keep it for init_state
+      model = self._eager_model = task.build_model()
+    self.graphdef, params, rest = nnx.split(model, task.trainable, ...)
     if not jax.tree.leaves(params):
       raise ValueError("the task's `trainable` filter selects no variables: nothing to train")
     self.tx, self.schedule = optim.make(config.optim, params, total_steps=int(config.total_steps),
@@ -119,13 +122,14 @@ class Trainer:
   def init_state(self) -> dict:
     """A fresh state, placed by the sharding rules. Built inside one jitted program (each device
     makes only its shards) unless the task reads weights from files (`jit_init = False`)."""
-    def init():
-      _, params, rest = nnx.split(self.task.build_model(), self.task.trainable, ...)
+    def init(model):
+      _, params, rest = nnx.split(model, self.task.trainable, ...)
       return {"params": params, "rest": rest, "opt_state": self.tx.init(params),
               "step": jnp.zeros((), jnp.int32)}
     if self.task.jit_init:
-      return jax.jit(init, out_shardings=self.state_shardings)()
-    return jax.device_put(init(), self.state_shardings)
+      return jax.jit(lambda: init(self.task.build_model()), out_shardings=self.state_shardings)()
+    model, self._eager_model = self._eager_model or self.task.build_model(), None
+    return jax.device_put(init(model), self.state_shardings)
 
   def model(self, state: dict) -> nnx.Module:
     return nnx.merge(self.graphdef, state["params"], state["rest"])
@@ -228,6 +232,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   if start is None:
     state, start = trainer.init_state(), 0
   else:
+    trainer._eager_model = None  # the checkpoint replaces any initial weights
     state, meta = ckpt.restore(start, trainer.abstract_state)
     if meta["global_batch"] != trainer.global_batch:
       raise ValueError(f"checkpoint {start} was made with global batch {meta['global_batch']}")
