@@ -8,6 +8,7 @@ The workdir stores the config it was made for (`config.json`); a different confi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CONFIG_FILE = "config.json"
+
+
+class _QuietMissingMetrics(logging.Filter):
+  """Checkpoints between evaluations carry no metric by design; orbax warns at each one."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
 
 
 class WorkdirConfigMismatch(ValueError):
