@@ -1,0 +1,48 @@
+"""Observability pieces: the peak-FLOP/s table, FLOPs from XLA's cost analysis, and the
+metrics file after a resume."""
+import math
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from demmae_jax.train import metrics
+
+
+def _device(kind, platform="tpu"):
+  return types.SimpleNamespace(device_kind=kind, platform=platform)
+
+
+@pytest.mark.parametrize("kind, peak", [("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+                                        ("TPU v5p", 459e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12)])
+def test_peak_table_matches_device_kinds(kind, peak):
+  assert metrics.peak_flops_per_device(_device(kind))[0] == peak
+
+
+def test_cpu_peak_is_the_stated_per_core_figure_and_unknown_devices_are_nan():
+  peak, note = metrics.peak_flops_per_device(_device("cpu", "cpu"))
+  cores = len(os.sched_getaffinity(0))
+  assert peak == metrics.CPU_PEAK_PER_CORE * cores / jax.local_device_count()
+  assert "stated" in note
+  assert math.isnan(metrics.peak_flops_per_device(_device("Some NPU", "npu"))[0])
+
+
+def test_flops_come_from_the_compiled_program():
+  m, k, n = 64, 128, 32
+  compiled = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
+  assert metrics.compiled_flops(compiled) == pytest.approx(2 * m * k * n, rel=0.01)
+
+
+def test_resumed_run_drops_metric_lines_after_the_restored_step(tmp_path):
+  w = metrics.MetricWriter(tmp_path, tensorboard=False)
+  for step in range(1, 6):
+    w.write(step, {"loss": 1.0 / step})
+  w.close()
+  w = metrics.MetricWriter(tmp_path, resume_step=3, tensorboard=False)
+  w.write(4, {"loss": 0.2})
+  w.close()
+  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.2)]
