@@ -1,7 +1,8 @@
 """One-call preparation of tile sets, for the CLI, the demo and the trainers.
 
 `prepare_delft(out_dir, task="buildings" | "roads")` runs LAZ -> rasters -> labels -> tiles on the
-shared Delft set and returns the manifest path. The whole `out_dir` appears atomically.
+shared Delft set, `prepare_alexandria(out_dir)` GeoTIFF DSM/DTM + footprints -> tiles; both return
+the manifest path, and the whole `out_dir` appears atomically.
 """
 from __future__ import annotations
 
