@@ -36,6 +36,8 @@ def test_batches_have_the_documented_contract(manifest):
   assert batch["valid"].shape == (8, 32, 32) and batch["valid"].dtype == np.float32
   assert set(np.unique(batch["label"])) <= {0, 1}
   assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+  # without process arguments the share comes from jax (one process here: the whole batch)
+  assert next(make_dataset(manifest, "val", global_batch_size=4))["image"].shape[0] == 4
 
 
 def test_augmentation_moves_dem_and_label_together(manifest):
