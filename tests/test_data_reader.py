@@ -144,3 +144,23 @@ def test_larger_batches_hold_distinct_tiles_and_resume_alike(manifest):
   resumed = next(make_dataset(manifest, "train", global_batch_size=16, skip_batches=1, **kw))
   assert all(np.array_equal(second[k], resumed[k]) for k in second)
   assert len({t.tobytes() for t in first["image"]}) == 16  # 16 distinct tiles, not 2 x 8
+
+
+def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifest):
+  """What the trainer sees equals what the predictor computes on the same pixels."""
+  import tensorflow as tf
+  from pathlib import Path
+  from data_pipelines.normalisation import normalise_numpy
+  from data_pipelines.tile_records import decode_tile_numpy
+  m = json.load(open(manifest))
+  files = [str(Path(manifest).parent / f) for f in m["splits"]["val"]["files"]]
+  tiles = {t["tile_id"]: t for t in (decode_tile_numpy(r, ["elevation"], m["dtype"], 32)
+                                      for r in tf.data.TFRecordDataset(files).as_numpy_iterator())}
+  for mode in ("minmax", "zscore", "relative"):
+    ds = make_tf_dataset(manifest, "val", global_batch_size=4, normalisation=mode, with_meta=True, **ONE_HOST)
+    for b in ds.as_numpy_iterator():
+      for i, tid in enumerate(b["tile_id"]):
+        t = tiles[int(tid)]
+        want = normalise_numpy(t["elevation"], t["valid"] > 0, mode, stats=m["stats"]["elevation"])
+        np.testing.assert_allclose(b["image"][i], want, atol=1e-6, err_msg=mode)
+        np.testing.assert_array_equal(b["label"][i], t["label"])
