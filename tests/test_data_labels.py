@@ -73,3 +73,33 @@ def test_layer_outside_the_dem_or_without_matches_is_an_error(tmp_path, dem):
   with pytest.raises(DataError, match="far.gpkg: no feature has kind in \\['lane'\\]; values present: \\['road'\\]"):
     rasterize_labels(dem, [LabelLayer(tmp_path / "far.gpkg", field="kind", values=["lane"])], tmp_path / "l.tif")
   assert not (tmp_path / "l.tif").exists()
+
+
+def test_vector_without_crs_needs_one_given(tmp_path, dem):
+  box = shapely.box(X0 + 8, Y0 - 40, X0 + 40, Y0 - 8)
+  with pytest.warns(UserWarning, match="'crs' was not provided"):  # exactly the case under test
+    pyogrio.raw.write(tmp_path / "nocrs.shp", shapely.to_wkb(np.array([box])), field_data=None, fields=None,
+                      crs=None, geometry_type="Polygon", driver="ESRI Shapefile")
+  with pytest.raises(DataError, match="nocrs.shp: layer has no CRS"):
+    rasterize_labels(dem, [LabelLayer(tmp_path / "nocrs.shp")], tmp_path / "l.tif")
+  rasterize_labels(dem, [LabelLayer(tmp_path / "nocrs.shp", crs="EPSG:32631")], tmp_path / "l.tif",
+                   coverage=[LabelLayer(tmp_path / "nocrs.shp", crs="EPSG:32631")])
+  assert (rasterio.open(tmp_path / "l.tif").read(1) == 1).sum() == 32 * 32
+
+
+def test_lidar_class_raster_as_labels_ignores_cells_without_returns(tmp_path, dem):
+  from data_pipelines.labels import labels_from_class_raster
+  profile = rasterio.open(dem).profile
+  profile.update(dtype="uint8", nodata=None)
+  cls = np.full((64, 64), 2, np.uint8)
+  cls[10:20, 10:20] = 6
+  valid = np.ones((64, 64), np.uint8)
+  valid[0, :] = 0
+  for name, a in (("class.tif", cls), ("valid.tif", valid)):
+    with rasterio.open(tmp_path / name, "w", **profile) as d:
+      d.write(a, 1)
+  counts = labels_from_class_raster(tmp_path / "class.tif", tmp_path / "l.tif", classes=(6,),
+                                    valid_path=tmp_path / "valid.tif")
+  label = rasterio.open(tmp_path / "l.tif").read(1)
+  assert (label[10:20, 10:20] == 1).all() and (label[0] == IGNORE).all()
+  assert counts == {0: 64 * 63 - 100, 1: 100, IGNORE: 64}
