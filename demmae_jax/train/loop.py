@@ -151,9 +151,11 @@ class Trainer:
     if self.accum == 1:
       loss, aux, rest, grads = grads_on(state["params"], state["rest"], batch, step_rng)
     else:
+      # Micro-batch i takes rows i, i + accum, ...: each device splits its own rows, so the
+      # reshape moves no data between devices.
       micro = jax.tree.map(
           lambda x: jax.lax.with_sharding_constraint(
-              x.reshape(self.accum, -1, *x.shape[1:]),
+              x.reshape(-1, self.accum, *x.shape[1:]).swapaxes(0, 1),
               NamedSharding(self.mesh, P(None, shd.BATCH_AXES, *[None] * (x.ndim - 1)))), batch)
 
       def body(carry, xs):
