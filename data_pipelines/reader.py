@@ -96,10 +96,12 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
   if by_file:
     paths = paths[process_index::process_count]
   ds = tf.data.Dataset.from_tensor_slices(paths)
-  if shuffle:
+  # sharding by record needs the same record order in every process: no file shuffle, ordered
+  # interleave (the record shuffle after the shard still mixes)
+  if shuffle and by_file:
     ds = ds.shuffle(len(paths), seed=seed if deterministic else None, reshuffle_each_iteration=True)
   ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not by_file)
   if not by_file:
     ds = ds.shard(process_count, process_index)
   if shuffle:

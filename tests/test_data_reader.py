@@ -75,14 +75,29 @@ def test_deterministic_stream_repeats_and_resumes_at_batch_k(manifest):
 
 def test_processes_read_disjoint_shares_of_an_eval_split(manifest):
   m = json.load(open(manifest))
-  ids = []
-  for p in range(2):
-    ds = make_tf_dataset(manifest, "train", global_batch_size=4, augment=False, shuffle=False,
-                         repeat=False, with_meta=True, process_index=p, process_count=2)
-    ids.append([int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"]])
-    assert all(len(b["tile_id"]) <= 2 for b in ds.as_numpy_iterator())  # per-host share of 4
-  assert not set(ids[0]) & set(ids[1])
-  assert sorted(ids[0] + ids[1]) == sorted(m["splits"]["train"]["tile_ids"])
+  # 2 processes over train's 7 shards: whole files each; 4 over val's 3 shards: every 4th record
+  assert len(m["splits"]["train"]["files"]) >= 2 > 0 and len(m["splits"]["val"]["files"]) < 4
+  for split, n, shuffle in (("train", 2, True), ("val", 4, False), ("val", 4, True)):
+    ids = []
+    for p in range(n):  # shuffled without a seed: each process draws its own order
+      ds = make_tf_dataset(manifest, split, global_batch_size=2 * n, augment=False, shuffle=shuffle,
+                           repeat=False, with_meta=True, process_index=p, process_count=n)
+      ids.append([int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"]])
+      assert all(len(b["tile_id"]) <= 2 for b in ds.as_numpy_iterator())  # per-host share
+    assert all(ids), split
+    assert sorted(sum(ids, [])) == sorted(m["splits"][split]["tile_ids"]), split  # each once
+
+
+def test_file_globs_read_the_same_tiles_as_the_split(manifest):
+  from pathlib import Path
+  pattern = str(Path(manifest).parent / "val-*.tfrecord")
+  kw = dict(global_batch_size=4, with_meta=True, **ONE_HOST)
+  by_glob = [int(t) for b in make_tf_dataset(manifest, "val", files=[pattern], **kw).as_numpy_iterator()
+             for t in b["tile_id"]]
+  by_split = [int(t) for b in make_tf_dataset(manifest, "val", **kw).as_numpy_iterator() for t in b["tile_id"]]
+  assert sorted(by_glob) == sorted(by_split) and by_glob
+  with pytest.raises(DataError, match="no TFRecord files"):
+    make_dataset(manifest, "val", files=[pattern + ".missing"], global_batch_size=4, **ONE_HOST)
 
 
 def test_few_label_subset_reads_exactly_its_tiles(manifest):
