@@ -6,6 +6,7 @@ block reads only the windows that touch it (plus their halo), blends their class
 a 2-D Hann weight, and writes its classes (and optionally probabilities) by rasterio windows. A
 pixel's value is the same weighted sum of the same windows as in one whole-raster pass, so the
 block size changes the memory (about (block + 2 tile)^2 x classes floats), never the map.
+GDAL's block cache is capped too (`gdal_cache_mb`): by default it keeps every block read.
 
 Invalid input (the raster's nodata, NaN or inf) is documented behaviour, not an error: holes are
 filled (rasterio.fill) only so that windows can be fed to the network, and their output pixels
@@ -67,6 +68,8 @@ class PredictOptions:
   band: int | None = None  # None: the raster must have exactly one band
   class_names: tuple[str, ...] = ("background", "foreground")
   positive: int = 1  # the class polygonised
+  # GDAL's block cache defaults to 5 % of RAM and keeps every block read: capped, memory stays flat.
+  gdal_cache_mb: int = 64
 
   def __post_init__(self):
     if not 0 <= self.overlap < self.tile:
@@ -207,6 +210,7 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
     raise ValueError(f"{polygons_path}: polygons are written as {sorted(POLYGON_DRIVERS)}")
   num_classes = len(opts.class_names)
   with contextlib.ExitStack() as stack:
+    stack.enter_context(rasterio.Env(GDAL_CACHEMAX=opts.gdal_cache_mb))
     src, band = open_elevation(src_path, opts.band, crs)
     stack.enter_context(src)
     out_crs = src.crs if src.crs is not None else rasterio.crs.CRS.from_user_input(crs)
