@@ -61,7 +61,8 @@ def matmul_rates(n: int = 4096) -> tuple[float, float]:
   return flops / t_jax, flops / t_torch
 
 
-def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
+def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray,
+             breakdown: bool = False):
   model = mae.build(config)
   tx = optax.adamw(1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -76,6 +77,16 @@ def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
 
   step = jax.jit(train_step, donate_argnums=(0, 1))
   images, noise = jnp.asarray(images), jnp.asarray(noise)
+  if breakdown:
+    loss_fn = lambda p: nnx.merge(graphdef, p, rest)(images, noise=noise)[0]
+    grads = jax.jit(jax.grad(loss_fn))(params)
+    parts = {
+        "forward": (jax.jit(loss_fn), (params,)),
+        "forward+backward": (jax.jit(jax.value_and_grad(loss_fn)), (params,)),
+        "AdamW update": (jax.jit(lambda g, s, p: tx.update(g, s, p)[0]), (grads, opt_state, params)),
+    }
+    for name, (fn, args) in parts.items():
+      print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")
   compiled = step.lower(params, opt_state, images, noise).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -122,6 +133,8 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--channels", type=int, nargs="+", default=[3, 1])
   parser.add_argument("--steps", type=int, default=5, help="timed steps (best of) per side")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the JAX forward, forward+backward and AdamW update apart")
   args = parser.parse_args()
 
   import torch
@@ -137,7 +150,7 @@ def main():
     images = rng.standard_normal((args.batch, config.img_size, config.img_size, channels),
                                  dtype=np.float32)
     noise = rng.random((args.batch, config.num_patches), dtype=np.float32)
-    run_jax, xla_flops = jax_step(config, images, noise)
+    run_jax, xla_flops = jax_step(config, images, noise, args.breakdown)
     t_jax = timeit(run_jax, args.steps)
     t_torch = timeit(torch_step(config, images, noise), args.steps)
     analytic = analytic_train_flops(config) * args.batch
