@@ -18,6 +18,7 @@ def tiny_segmenter(freeze=True, seed=0, **head):
   return upernet.Segmenter(backbone, config, freeze_backbone=freeze, rngs=nnx.Rngs(seed + 1))
 
 
+@pytest.mark.slow
 def test_segmenter_pyramid_and_logit_shapes():
   model = tiny_segmenter(num_classes=3)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)), jnp.float32)
@@ -39,10 +40,10 @@ def test_segmenter_pyramid_and_logit_shapes():
 
 def test_segmenter_rejects_bad_layers_and_missing_aux_head():
   with pytest.raises(ValueError, match=r"layers \[4\] out of range for a 4-block"):
-    tiny_segmenter(layers=(1, 2, 3, 4))
+    nnx.eval_shape(lambda: tiny_segmenter(layers=(1, 2, 3, 4)))
   with pytest.raises(ValueError, match="needs 4 encoder blocks"):
-    tiny_segmenter(layers=(1, 2, 3))
-  model = tiny_segmenter(aux_channels=0)
+    nnx.eval_shape(lambda: tiny_segmenter(layers=(1, 2, 3)))
+  model = nnx.eval_shape(lambda: tiny_segmenter(aux_channels=0))
   with pytest.raises(ValueError, match="no auxiliary head"):
     nnx.eval_shape(lambda m: m(jnp.zeros((1, 32, 32, 1)), with_aux=True), model)
 
@@ -72,6 +73,7 @@ def test_group_norm_groups_divide_channels():
   assert upernet.group_norm(4, rngs=nnx.Rngs(0)).num_groups == 1
 
 
+@pytest.mark.slow
 def test_frozen_backbone_gets_no_gradient_and_no_optimizer_state():
   model = tiny_segmenter()
   trainable = upernet.trainable_filter(model)
@@ -104,7 +106,7 @@ def test_frozen_backbone_gets_no_gradient_and_no_optimizer_state():
 
 
 def test_unfrozen_backbone_trains_encoder_but_not_the_unused_decoder():
-  model = tiny_segmenter(freeze=False)
+  model = nnx.eval_shape(lambda: tiny_segmenter(freeze=False))
   paths = ["/".join(map(str, p)) for p, _ in
            nnx.to_flat_state(nnx.state(model, upernet.trainable_filter(model)))]
   assert any(p.startswith("backbone/blocks/0/") for p in paths)
@@ -113,7 +115,8 @@ def test_unfrozen_backbone_trains_encoder_but_not_the_unused_decoder():
 
 
 def test_unet_shapes_and_input_check():
-  model = unet.UNet(unet.UNetConfig(num_classes=3, width=8, depth=3), rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: unet.UNet(unet.UNetConfig(num_classes=3, width=8, depth=3),
+                                           rngs=nnx.Rngs(0)))
   out = nnx.eval_shape(lambda m: m(jnp.zeros((2, 32, 48, 1))), model)
   assert out.shape == (2, 32, 48, 3)
   with pytest.raises(ValueError, match="multiples of 8"):
