@@ -1,0 +1,125 @@
+"""The experiment harness (demmae_jax.experiments, scripts/run_experiments.py): a miniature sweep on
+the real Delft data (delft/ahn3_cropped_{1,2}.laz at 0.5 m, BGT buildings from
+delft/bgt_pand.sqlite, via data_pipelines.prepare_delft) runs end to end, writes one result per
+run, skips finished runs on a rerun without touching them, and reports tables and a figure."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demmae_jax import experiments as ex
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def protocol(name="tiny", **overrides):
+  spec = importlib.util.spec_from_file_location("exp_config", ROOT / "configs" / "experiments.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(name)
+  with c.unlocked():
+    for k, v in overrides.items():
+      c[k] = v
+  return c
+
+
+def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():
+  cfg = protocol(datasets=("delft_roads",), sizes=(10, 50), seeds=2, arms=("dem_mae", "unet"),
+                 groups=("table1", "norm"), norm_datasets=("delft_roads",), norm_sizes=(50,),
+                 norm_arms=("unet",), norm_modes=("relative",))
+  runs = ex.plan(cfg)
+  assert [r.seed for r in runs] == sorted(r.seed for r in runs)
+  ids = [r.id for r in runs]
+  assert len(ids) == len(set(ids))
+  # per seed: 2 sizes x 2 arms of Table 1, plus only the relative run (minmax/unet/n50 exists)
+  assert len(runs) == 2 * (4 + 1)
+  assert "delft_roads/relative/unet/n50_s1" in ids
+  # a comma list from the command line means the same as a tuple
+  assert ex.plan(protocol(datasets=("delft_roads",), sizes=("10,50",), seeds=2, arms=("dem_mae,unet",),
+                          groups=("table1,norm",), norm_datasets=("delft_roads",), norm_sizes=("50",),
+                          norm_arms=("unet",), norm_modes=("relative",))) == runs
+
+
+def test_disjoint_count_counts_non_overlapping_tiles():
+  # 64 px tiles at stride 32 on a 128 px square: 9 tiles, of which 4 are pairwise disjoint
+  windows = [(c, r, 64, 64) for r in (0, 32, 64) for c in (0, 32, 64)]
+  assert ex.disjoint_count(windows) == 4
+  assert ex.disjoint_count([(0, 0, 64, 64)] * 3) == 1
+
+
+def test_an_output_folder_refuses_another_protocol(tmp_path):
+  ex.check_protocol(protocol(), tmp_path)
+  ex.check_protocol(protocol(seeds=5, sizes=(10,)), tmp_path)  # what to run may grow
+  with pytest.raises(ValueError, match="another protocol.*steps"):
+    ex.check_protocol(protocol(steps=5), tmp_path)
+
+
+def test_each_arm_gets_its_finetuning_preset_and_encoder():
+  cfg = protocol("cpu", imagenet="mae_pretrain_vit_base.pth", steps=150, eval_every=50, warmup=20)
+  get = lambda arm, norm="minmax": ex.finetune_config(  # noqa: E731
+      cfg, ex.Run("delft_roads", arm, 10, 2, norm), Path("m.json"), "runs/dem_mae_cpu")
+  assert (get("dem_mae").preset, get("dem_mae").init) == ("cpu_roads", "runs/dem_mae_cpu")
+  assert (get("random_frozen").preset, get("random_frozen").init) == ("cpu_roads", "")
+  b = get("imagenet_mae")
+  assert (b.init, b.channel_adapt, tuple(b.model.head.layers)) == ("mae_pretrain_vit_base.pth", "sum", (3, 5, 7, 11))
+  assert get("unet").preset == "cpu_unet_roads" and get("unet").model.kind == "unet"
+  c = get("dem_mae", "ndsm")
+  assert c.data.normalisation.mode == "ndsm" and c.freeze_backbone
+  assert (c.seed, c.data.seed, c.total_steps, c.eval_every_steps, c.checkpoint.every_steps,
+          c.optim.warmup_steps) == (2, 2, 150, 50, 50, 20)
+  assert (c.data.train_split, c.data.eval_split, c.data.manifest) == ("train", "val", "m.json")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(tmp_path):
+  cfg = protocol(datasets=("delft_buildings",), sizes=(10,), seeds=1, groups=("table1",),
+                 arms=("imagenet_mae", "random_frozen"), steps=1, eval_every=1, warmup=0,
+                 pictures=2)
+  out = tmp_path / "out"
+  log: list[str] = []
+  counts = ex.sweep(cfg, out, log=log.append)
+  assert counts["ran"] == 1 and counts["skipped_no_weights"] == 1
+  assert any("imagenet_mae SKIPPED" in m and "--imagenet" in m for m in log)
+  assert any(m.startswith("[1/1]") and "ETA" in m for m in log)
+
+  results = {r["arm"]: r for r in ex.load_results(out)}
+  assert set(results) == {"random_frozen"}
+  base = json.loads((out / "data" / "delft_buildings" / "prepared" / "tiles" / "manifest.json").read_text())
+  for arm, r in results.items():
+    assert 0.0 <= r["test_iou"] <= 1.0 and r["steps"] == 1 and r["best_step"] == 1
+    assert r["preset"] == "tiny" and r["init"] == ""
+    assert r["draw"]["drawn"] == 10 and set(r["draw"]["tile_ids"]) <= set(base["splits"]["train"]["tile_ids"])
+    assert r["test"]["pixels"] > 0
+    tiles = np.load(ex.result_path(out, ex.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")}))
+                    .with_suffix(".tiles.npz"))
+    assert tiles["pred"].shape == (2, 32, 32)
+  # the fixed validation tiles, the whole test area
+  m = json.loads((out / "data" / "delft_buildings" / "n10_s0" / "manifest.json").read_text())
+  assert m["splits"]["test"]["count"] == base["splits"]["test"]["count"]
+  assert m["splits"]["val"]["count"] == 8
+
+  # a rerun runs nothing and rewrites nothing
+  stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*")}
+  counts = ex.sweep(cfg, out, log=log.append)
+  assert counts["ran"] == 0 and counts["skipped_finished"] == 1
+  assert stamps == {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*")}
+
+  # draws of one seed are nested; another seed draws other tiles
+  data = ex.Data(cfg, out / "data", log.append)
+  ids = lambda n, s: set(data.manifest(ex.Run("delft_buildings", "unet", n, s))[1]["tile_ids"])  # noqa: E731
+  assert ids(10, 0) < ids(50, 0) and ids(10, 1) != ids(10, 0)
+
+  # the report fills its marked part and keeps the text around it
+  doc = tmp_path / "results.md"
+  doc.write_text("# Results\n\nhand-written intro\n")
+  ex.report(cfg, out, doc, "the command")
+  ex.report(cfg, out, doc, "the command")
+  text = doc.read_text()
+  assert text.count(ex.BEGIN) == 1 and "hand-written intro" in text
+  assert "*55.5*" in text and "*27.9*" in text  # the paper's Table 1 beside ours
+  assert "(c) same, random frozen encoder (control) | " + f"{100 * results['random_frozen']['test_iou']:.1f} (1)" in text
+  assert (tmp_path / "results_iou_vs_tiles.png").stat().st_size > 10_000
+  assert (tmp_path / "results_pred_delft_buildings.png").exists()
