@@ -176,3 +176,22 @@ def test_predict_script_keeps_crs_transform_and_agrees_with_labels(trained, delf
   before = out.read_bytes()
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert again.returncode == 2 and "already exist" in again.stderr and out.read_bytes() == before
+
+
+def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
+  """delft/ahn3_cropped_2.laz (no CRS in its header) straight into scripts/predict.py."""
+  import rasterio
+  from data_pipelines.shared_data import shared_file
+  workdir, _, _ = trained
+  laz = shared_file("delft/ahn3_cropped_2.laz")
+  cmd = [sys.executable, str(ROOT / "scripts" / "predict.py"), f"--workdir={workdir}",
+         f"--input={laz}", f"--output={tmp_path / 'b.tif'}"]
+  refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  assert refused.returncode == 2 and "header has no CRS" in refused.stderr
+  assert not (tmp_path / "b.tif").exists()
+  done = subprocess.run(cmd + ["--crs=EPSG:28992"], capture_output=True, text=True, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-3000:]
+  with rasterio.open(tmp_path / "b.tif") as p:
+    assert p.crs == rasterio.crs.CRS.from_epsg(28992) and p.res == (0.5, 0.5)
+    classes = p.read(1)
+  assert set(np.unique(classes)) <= {0, 1, 255} and (classes == 1).mean() > 0.05
