@@ -571,7 +571,18 @@ def report(cfg, out: Path, doc: Path, command: str) -> Path:
       q = pictures(out, results, doc.with_name(f"results_pred_{ds}.png"), ds, sizes[0])
       if q:
         figs.append(f"![predictions {ds}]({q.name})")
-  body = "\n".join([BEGIN, "", f"Regenerate: `{command}` (reruns skip finished runs; "
+  planned = plan(cfg)
+  missing = [r for r in planned if not result_path(out, r).exists()]
+  status = f"**{len(planned) - len(missing)} of the {len(planned)} runs this command plans have results.**"
+  if missing:
+    by = {}
+    for r in missing:
+      by.setdefault(f"{r.dataset}/{r.norm}/{r.arm}", []).append(f"n{r.size}_s{r.seed}")
+    status += " Not run yet: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by.items()) + "."
+  if not any(r["arm"] == "imagenet_mae" for r in results):
+    status += (" Arm (b) (ImageNet MAE, the paper's arm) has no result: its weights cannot be "
+               "downloaded here; give them with `--imagenet PATH`.")
+  body = "\n".join([BEGIN, "", status, "", f"Regenerate: `{command}` (reruns skip finished runs; "
                     f"`--report_only` rebuilds this part from {out}/results).", "",
                     f"Protocol `{cfg.protocol}`: {cfg.tile_size} px tiles, stride {cfg.stride}, "
                     f"{cfg.steps} steps of batch {cfg.batch}, validation every {cfg.eval_every} "

@@ -120,6 +120,8 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
   text = doc.read_text()
   assert text.count(ex.BEGIN) == 1 and "hand-written intro" in text
   assert "*55.5*" in text and "*27.9*" in text  # the paper's Table 1 beside ours
+  assert "1 of the 2 runs this command plans have results" in text
+  assert "delft_buildings/minmax/imagenet_mae (n10_s0)" in text and "--imagenet PATH" in text
   assert "(c) same, random frozen encoder (control) | " + f"{100 * results['random_frozen']['test_iou']:.1f} (1)" in text
   assert (tmp_path / "results_iou_vs_tiles.png").stat().st_size > 10_000
   assert (tmp_path / "results_pred_delft_buildings.png").exists()
