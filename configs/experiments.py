@@ -63,6 +63,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Arm (b): ImageNet MAE weights (.pth), given on the command line; the head reads these blocks.
   c.imagenet = ""
   c.imagenet_layers = p["imagenet_layers"]
-  c.pictures = 4  # test tiles kept per run for the prediction figure
+  c.pictures = 4  # test tiles in the prediction figure (0: keep no predictions)
   c.lock()
   return c

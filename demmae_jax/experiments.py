@@ -317,7 +317,9 @@ def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   if result.preempted:
     raise KeyboardInterrupt(f"{run.id} stopped by a signal at step {result.step}; rerun to resume")
   model, spec, step = finetune.load_trained(workdir, "best")
-  summary, tiles = finetune.evaluate_split(model, spec, str(manifest), "test", keep=int(cfg.pictures))
+  # every test tile's prediction (~1 MB compressed): the figure then picks tiles spread over the area
+  summary, tiles = finetune.evaluate_split(model, spec, str(manifest), "test",
+                                           keep=10**6 if int(cfg.pictures) else 0)
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [m for m in metrics if "eval_iou" in m]
   rec = {"id": run.id, **dataclasses.asdict(run), "task": run.task, "protocol": cfg.protocol,
@@ -534,7 +536,12 @@ def pictures(out: Path, results: list[dict], path: Path, dataset: str, size, nor
     return None
   arrays = {a: np.load(result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz")) for a in arms}
   first = arrays[arms[0]]
-  n = min(tiles, len(first["pred"]))
+  total = min(len(a["pred"]) for a in arrays.values())
+  n = min(tiles, total)
+  # tiles spread over the test area (consecutive ones overlap by 7/8 at stride 8)
+  pick = np.linspace(0, total - 1, n).round().astype(int)
+  first = {k: first[k][pick] for k in ("image", "label", "valid")}
+  arrays = {a: {"pred": arrays[a]["pred"][pick]} for a in arms}
   cmap = ListedColormap(["#f2f2f2", "#e6194b"]).with_extremes(bad="0.55")
   cols = 2 + len(arms)
   fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + 0.4), squeeze=False)
@@ -568,7 +575,8 @@ def report(cfg, out: Path, doc: Path, command: str) -> Path:
   for ds in ("delft_buildings", "delft_roads", "alexandria_buildings"):
     sizes = sorted({r["size"] for r in results if r["dataset"] == ds and r["size"] != "all"})
     if sizes:
-      q = pictures(out, results, doc.with_name(f"results_pred_{ds}.png"), ds, sizes[0])
+      q = pictures(out, results, doc.with_name(f"results_pred_{ds}.png"), ds, sizes[0],
+                   tiles=max(int(cfg.pictures), 1))
       if q:
         figs.append(f"![predictions {ds}]({q.name})")
   planned = plan(cfg)

@@ -95,7 +95,7 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
     assert r["test"]["pixels"] > 0
     tiles = np.load(ex.result_path(out, ex.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")}))
                     .with_suffix(".tiles.npz"))
-    assert tiles["pred"].shape == (2, 32, 32)
+    assert tiles["pred"].shape == (base["splits"]["test"]["count"], 32, 32)
   # the fixed validation tiles, the whole test area
   m = json.loads((out / "data" / "delft_buildings" / "n10_s0" / "manifest.json").read_text())
   assert m["splits"]["test"]["count"] == base["splits"]["test"]["count"]
