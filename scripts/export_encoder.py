@@ -15,7 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory (scripts/pretrain.py).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write; refused if it exists.")
@@ -27,7 +27,6 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import ml_collections
   from demmae_jax import mae
   from demmae_jax.train import loop, pretrain

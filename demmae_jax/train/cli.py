@@ -1,4 +1,5 @@
-"""`run(main)`: absl's app.run, with a one-line error for a bad `--config.key=value`.
+"""`run(main)`: absl's app.run, with a one-line error for a bad `--config.key=value`, and
+absl logging at WARNING (orbax logs every file it writes at INFO).
 
 ml_collections reports an unknown override key as a chain of KeyError/AttributeError tracebacks
 raised while flags are parsed (before `main` starts); this turns that into one clear line."""
@@ -7,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from absl import app
+from absl import app, logging
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
@@ -15,6 +16,7 @@ def run(main: Callable[[list[str]], int | None]) -> None:
 
   def wrapped(argv):
     started.append(True)
+    logging.set_verbosity(logging.WARNING)
     return main(argv)
 
   try:
