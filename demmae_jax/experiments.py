@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipelines.atomic import atomic_file
+
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("dem_mae", "imagenet_mae", "random_frozen", "unet")
 ARM_NAMES = {"dem_mae": "(a) MAE pretrained on DEMs, frozen + UperNet",
@@ -103,20 +105,16 @@ def _records(manifest: dict, split: str):
 
 def _write_records(path: Path, records: list[bytes]) -> None:
   import tensorflow as tf
-  tmp = path.with_name(f".{path.name}.tmp")
-  with tf.io.TFRecordWriter(str(tmp)) as w:
+  with atomic_file(path, overwrite=True) as tmp, tf.io.TFRecordWriter(str(tmp)) as w:
     for r in records:
       w.write(r)
-  os.replace(tmp, path)
 
 
 def _atomic_json(path: Path, obj, overwrite: bool = False) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists; results are never overwritten")
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
+  with atomic_file(path, overwrite=True) as tmp:
+    tmp.write_text(json.dumps(obj, indent=1))
 
 
 def _label_counts(records: list[bytes], size: int) -> dict[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from data_pipelines.atomic import atomic_file
 
 CONFIG_FILE = "config.json"
 
@@ -36,9 +37,8 @@ class WorkdirConfigMismatch(ValueError):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  with atomic_file(path, overwrite=True) as tmp:
+    tmp.write_text(text)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from data_pipelines.atomic import atomic_file
+
 # Dense bfloat16 peak FLOP/s per device (vendor data sheets).
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -103,12 +105,11 @@ def read_jsonl(path: Path) -> list[dict]:
 def save_figure(fig, path: Path) -> None:
   """Write a matplotlib figure atomically (temporary file, then rename) and close it."""
   import matplotlib.pyplot as plt
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-  fig.savefig(tmp, dpi=fig.dpi)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with atomic_file(path, overwrite=True) as tmp:
+      fig.savefig(tmp, dpi=fig.dpi, format=Path(path).suffix.lstrip(".") or "png")
+  finally:
+    plt.close(fig)
 
 
 def plot_history(jsonl: Path, png: Path, keys: tuple[str, ...] = ("loss",)) -> None:
