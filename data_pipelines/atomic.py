@@ -59,10 +59,15 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
   try:
     yield tmp
-    if path.exists():  # overwrite: move the old one aside first so the swap is one rename
+    if path.exists():  # overwrite: move the old one aside, put it back if the swap fails
       old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
       os.replace(path, old / "x")
-      os.replace(tmp, path)
+      try:
+        os.replace(tmp, path)
+      except BaseException:
+        os.replace(old / "x", path)
+        old.rmdir()  # rmdir, not rmtree: never deletes the earlier output
+        raise
       _remove(old)
     else:
       os.replace(tmp, path)

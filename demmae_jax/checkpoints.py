@@ -18,8 +18,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -28,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.atomic import atomic_dir
 from demmae_jax.models.mae import MAEConfig, MaskedAutoencoder, PRESETS, preset
 
 log = logging.getLogger(__name__)
@@ -565,30 +564,11 @@ def save_model(model: MaskedAutoencoder, dst: str | os.PathLike, *,
   """Writes `dst/` = orbax `state/` + `config.json`, atomically: everything goes to a temporary
   sibling directory renamed into place at the end, so `dst` is either absent, the old checkpoint
   or the complete new one. An existing `dst` is refused unless overwrite=True."""
-  dst = Path(dst).absolute()
-  if dst.exists() and not overwrite:
-    raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-  try:
+  dst = Path(dst).absolute()  # orbax wants absolute paths
+  with atomic_dir(dst, overwrite=overwrite) as tmp:
     with _checkpointer() as ckptr:
       ckptr.save(tmp / STATE_DIR, nnx.to_pure_dict(nnx.state(model)))
     _write_config(tmp / "config.json", model.config)
-    if dst.exists():  # overwrite: set the old one aside, put it back if the swap fails
-      old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent)) / dst.name
-      os.replace(dst, old)
-      try:
-        os.replace(tmp, dst)
-      except BaseException:
-        os.replace(old, dst)
-        old.parent.rmdir()  # rmdir, not rmtree: never deletes a checkpoint
-        raise
-      shutil.rmtree(old.parent)
-    else:
-      os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return dst
 
 

@@ -127,7 +127,7 @@ def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, s
   rename = os.replace
 
   def failing_swap(src, target):
-    if Path(target) == dst and ".tmp-" in str(src):
+    if Path(target) == dst and str(src).endswith(".tmp"):
       raise OSError("rename failed")
     return rename(src, target)
   monkeypatch.setattr(os, "replace", failing_swap)
