@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Data: tiles of `tile_size` px at `stride` over each labelled set; spatial split by blocks of
   # `block_px` (test and validation areas never share a pixel with training tiles).
   c.tile_size, c.stride, c.block_px = p["tile_size"], p["stride"], p["block_px"]
+  # Training draws: `disjoint_first` takes non-overlapping tiles before overlapping crops (the
+  # small sizes then hold the most independent views); `uniform` draws crops uniformly.
+  c.draw = "disjoint_first"
   c.val_tiles = p["val_tiles"]  # one fixed validation draw for every run
   # Table 1: labelled sets, training-set sizes, seeds (subset draw, init, data order), arms.
   c.datasets = ("delft_buildings", "delft_roads", "alexandria_buildings")

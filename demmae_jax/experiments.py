@@ -198,7 +198,8 @@ class Data:
       raise PoolTooSmall(f"{run.dataset}: {n} training tiles asked, the training area holds "
                          f"{len(pool)} (tile {self.cfg.tile_size} px, stride {self.cfg.stride})")
     # nested draws for one seed: the 10 tiles of seed s are the first 10 of its 50
-    order = np.random.default_rng(1000 + run.seed).permutation(len(pool))[:n]
+    order = draw_order([w for _, w, _ in pool], np.random.default_rng(1000 + run.seed),
+                       str(self.cfg.draw))[:n]
     chosen = [pool[i] for i in sorted(order)]
     folder.mkdir(parents=True, exist_ok=True)
     _write_records(folder / "train.tfrecord", [r for *_, r in chosen])
@@ -238,14 +239,40 @@ class PoolTooSmall(ValueError):
   pass
 
 
+def _disjoint(a, b) -> bool:
+  (c, r, w, h), (c2, r2, w2, h2) = a, b
+  return c >= c2 + w2 or c2 >= c + w or r >= r2 + h2 or r2 >= r + h
+
+
+def _greedy_disjoint(windows, order) -> list[int]:
+  """Indices (in `order`) of tiles each disjoint from every one taken before it."""
+  taken: list[int] = []
+  for i in order:
+    if all(_disjoint(windows[i], windows[j]) for j in taken):
+      taken.append(i)
+  return taken
+
+
 def disjoint_count(windows) -> int:
   """Greedy count of pairwise non-overlapping tiles among `windows` (col, row, w, h): how many
   independent tiles a draw really holds."""
-  taken: list[tuple] = []
-  for c, r, w, h in sorted(windows, key=lambda x: (x[1], x[0])):
-    if all(c >= c2 + w2 or c2 >= c + w or r >= r2 + h2 or r2 >= r + h for c2, r2, w2, h2 in taken):
-      taken.append((c, r, w, h))
-  return len(taken)
+  windows = list(windows)
+  return len(_greedy_disjoint(windows, sorted(range(len(windows)), key=lambda i: windows[i][1::-1])))
+
+
+def draw_order(windows, rng: np.random.Generator, how: str = "disjoint_first") -> list[int]:
+  """The order in which a seed draws training tiles; a draw of N takes the first N, so draws of
+  one seed are nested. `uniform`: a random permutation (overlapping crops as likely as new
+  terrain). `disjoint_first`: the same permutation, but the tiles that greedily pack without
+  overlap come first, so small draws hold as many independent views as the area allows."""
+  perm = [int(i) for i in rng.permutation(len(windows))]
+  if how == "uniform":
+    return perm
+  if how != "disjoint_first":
+    raise ValueError(f"unknown draw {how!r}: disjoint_first or uniform")
+  first = _greedy_disjoint(list(windows), perm)
+  chosen = set(first)
+  return first + [i for i in perm if i not in chosen]
 
 
 # ------------------------------------------------------------------------------ runs
@@ -387,7 +414,7 @@ def sweep(cfg, out: Path, log=print) -> dict:
   return counts
 
 
-PROTOCOL_KEYS = ("protocol", "tile_size", "stride", "block_px", "val_tiles", "steps", "eval_every",
+PROTOCOL_KEYS = ("protocol", "tile_size", "stride", "block_px", "draw", "val_tiles", "steps", "eval_every",
                  "warmup", "batch", "upernet_preset", "unet_preset", "encoder", "imagenet_layers")
 
 

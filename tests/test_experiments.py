@@ -49,6 +49,28 @@ def test_disjoint_count_counts_non_overlapping_tiles():
   assert ex.disjoint_count([(0, 0, 64, 64)] * 3) == 1
 
 
+def test_disjoint_first_draws_take_independent_tiles_before_overlapping_crops():
+  # 64 px tiles at stride 16 over a 256 px square: 13 x 13 crops, 16 pairwise disjoint at most
+  windows = [(c, r, 64, 64) for r in range(0, 193, 16) for c in range(0, 193, 16)]
+
+  def disjoint_prefix(order):  # how many leading tiles are pairwise disjoint
+    k = 1
+    while k < len(order) and ex.disjoint_count([windows[i] for i in order[:k + 1]]) == k + 1:
+      k += 1
+    return k
+
+  first = ex.draw_order(windows, np.random.default_rng(3))
+  assert sorted(first) == list(range(len(windows)))  # a permutation: every crop can be drawn
+  k = disjoint_prefix(first)
+  assert 9 <= k <= 16
+  # maximal: every later crop overlaps one of the first k (no independent view left for later)
+  assert all(ex.disjoint_count([windows[j] for j in first[:k]] + [windows[i]]) <= k for i in first[k:])
+  uniform = ex.draw_order(windows, np.random.default_rng(3), "uniform")
+  assert disjoint_prefix(uniform) < k // 2  # a uniform draw soon takes overlapping crops
+  with pytest.raises(ValueError, match="unknown draw"):
+    ex.draw_order(windows, np.random.default_rng(3), "disjoint")
+
+
 def test_an_output_folder_refuses_another_protocol(tmp_path):
   ex.check_protocol(protocol(), tmp_path)
   ex.check_protocol(protocol(seeds=5, sizes=(10,)), tmp_path)  # what to run may grow
