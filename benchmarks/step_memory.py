@@ -248,9 +248,13 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
   import numpy as np
   from demmae_jax.train import metrics
   from train_steps import pretrain
+  from mae_step import matmul_rates
   peak, note = metrics.peak_flops_per_device()
   print(f"\n## achieved FLOP/s, {preset} batch {batch}, best of {steps} steps; peak {note}; "
         f"load average {os.getloadavg()[0]:.1f}")
+  jax_mm, torch_mm = matmul_rates()
+  print(f"float32 matmul 4096^3 now: JAX {jax_mm / 1e9:.1f}, PyTorch {torch_mm / 1e9:.1f} GFLOP/s "
+        f"({jax_mm / peak:.0%} / {torch_mm / peak:.0%} of the stated peak)", flush=True)
   for dtype in ("float32", "bfloat16"):
     trainer, spec = pretrain(preset, batch, in_chans=channels, dtype=dtype)
     step = trainer.compile(spec)
@@ -265,7 +269,8 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
       if i:  # the first call pays allocation
         best = min(best, time.perf_counter() - t0)
     print(f"{dtype}: {best:.2f} s/step, {flops / best / 1e9:.1f} GFLOP/s (XLA count), MFU "
-          f"{flops / best / peak:.1%} of the stated peak", flush=True)
+          f"{flops / best / peak:.1%} of the stated peak, {flops / best / jax_mm:.0%} of JAX's "
+          f"matmul rate", flush=True)
     del state
 
 
