@@ -152,7 +152,8 @@ class HeadConfig:
 
 class Segmenter(nnx.Module):
   """MAE encoder -> Feature2Pyramid -> UperNet. `logits = model(images)` gives [N, H, W, classes];
-  with `with_aux=True` also the auxiliary head's logits (same size).
+  with `with_aux=True` also the auxiliary head's logits (same size). The call is
+  `head(encoder_maps(images))`: a frozen encoder's maps can be computed once and reused.
 
   `freeze_backbone=True` wraps the encoder features in stop_gradient, so no gradient is computed
   through the backbone even if a caller differentiates all parameters; the optimiser is meant to
@@ -180,27 +181,42 @@ class Segmenter(nnx.Module):
   def in_chans(self) -> int:
     return self.backbone.config.in_chans
 
-  def features(self, images: jax.Array) -> list[jax.Array]:
-    """The pyramid: 4 NHWC maps at 1/4, 1/8, 1/16, 1/32 of the input for patch 16."""
+  def encoder_maps(self, images: jax.Array) -> list[jax.Array]:
+    """The encoder blocks the neck reads, as NHWC maps [N, H/p, W/p, D] in the encoder's compute
+    dtype (cls token dropped): all the head needs from the images, and what the feature cache
+    (`demmae_jax.train.feature_cache`) stores."""
     c = self.backbone.config
     tokens = self.backbone.encode(images, layers=self.head_config.layers)
     if self.freeze_backbone:
       tokens = [jax.lax.stop_gradient(t) for t in tokens]
     n, gh, gw = images.shape[0], images.shape[1] // c.patch_size, images.shape[2] // c.patch_size
-    maps = [t[:, 1:].reshape(n, gh, gw, c.embed_dim).astype(jnp.float32) for t in tokens]  # drop cls
-    return self.neck(maps)
+    return [t[:, 1:].reshape(n, gh, gw, c.embed_dim) for t in tokens]
 
-  def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None,
-               with_aux: bool = False):
-    feats = self.features(images)
+  def _pyramid(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
+    return self.neck([m.astype(jnp.float32) for m in maps])
+
+  def features(self, images: jax.Array) -> list[jax.Array]:
+    """The pyramid: 4 NHWC maps at 1/4, 1/8, 1/16, 1/32 of the input for patch 16."""
+    return self._pyramid(self.encoder_maps(images))
+
+  def head(self, maps: Sequence[jax.Array], *, dropout_key: jax.Array | None = None,
+           with_aux: bool = False):
+    """Neck and heads on `encoder_maps`' output: logits [N, H, W, classes] (and the auxiliary
+    head's with `with_aux=True`), H and W the input's (map size x patch)."""
+    feats = self._pyramid(maps)
     keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    hw = images.shape[1:3]
+    p = self.backbone.config.patch_size
+    hw = (maps[0].shape[1] * p, maps[0].shape[2] * p)
     logits = resize(self.decode_head(feats, keys[0]), hw)
     if not with_aux:
       return logits
     if self.aux_head is None:
       raise ValueError("with_aux=True but the model has no auxiliary head (aux_channels=0)")
     return logits, resize(self.aux_head(feats[self.head_config.aux_index], keys[1]), hw)
+
+  def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None,
+               with_aux: bool = False):
+    return self.head(self.encoder_maps(images), dropout_key=dropout_key, with_aux=with_aux)
 
 
 # Backbone parts the segmenter never uses: the MAE decoder and the encoder's final norm (the neck
