@@ -85,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = ""
   c.channel_adapt = ""  # "sum" | "mean" | "repeat" to put RGB weights on a 1-channel DEM
   c.freeze_backbone = True
+  # Frozen encoder only: compute its maps of every training tile under the 8 symmetries once,
+  # keep them in host memory and train the head on them (demmae_jax/train/feature_cache.py).
+  c.cache_features = False
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = p["kind"]  # "upernet" | "unet"

@@ -5,7 +5,10 @@ pretraining.
 Frozen backbone: the task's `trainable` filter leaves the encoder out, so its parameters sit in
 the loop's `rest` (outside the optimiser, no optimiser state) and the Segmenter wraps its features
 in stop_gradient (no backward pass through it). Unfrozen (`freeze_backbone=False`), the encoder
-trains with layer-wise lr decay (`optim.layer_decay`, e.g. 0.65).
+trains with layer-wise lr decay (`optim.layer_decay`, e.g. 0.65). Frozen, `cache_features=True`
+computes the encoder's maps of every training tile and symmetry once
+(`demmae_jax.train.feature_cache`) and trains the head on them; checkpoints, evaluation and
+prediction are the same as without.
 
 Loss: pixel cross-entropy weighted per class (the manifest's inverse-frequency weights), over
 pixels that are labelled (label != 255) and valid, plus 0.4 x the auxiliary FCN head's loss.
@@ -31,7 +34,7 @@ from demmae_jax import metrics
 from demmae_jax.models import mae as mae_model
 from demmae_jax.models import unet as unet_model
 from demmae_jax.models import upernet
-from demmae_jax.train import checkpointing
+from demmae_jax.train import checkpointing, feature_cache
 from demmae_jax.train.loop import Task, Trainer
 
 SPEC_FILE = "segmenter.json"
@@ -141,12 +144,17 @@ class Finetune(Task):
     return self.spec["backbone"]["depth"] if self.spec["kind"] == "upernet" else None
 
   def loss_fn(self, model, batch, rng):
+    """`batch` holds images, or the cached encoder maps (`feature_cache.FEATURE_KEYS`)."""
     weights = jnp.asarray(self.class_weights)
+    if "image" in batch:
+      forward = lambda **kw: model(batch["image"], **kw)
+    else:
+      forward = lambda **kw: model.head([batch[k] for k in feature_cache.FEATURE_KEYS], **kw)
     if self.aux_weight:
-      logits, aux = model(batch["image"], dropout_key=rng, with_aux=True)
+      logits, aux = forward(dropout_key=rng, with_aux=True)
       aux_loss = weighted_cross_entropy(aux, batch["label"], batch["valid"], weights)
     else:
-      logits, aux_loss = model(batch["image"], dropout_key=rng), 0.0
+      logits, aux_loss = forward(dropout_key=rng), 0.0
     main = weighted_cross_entropy(logits, batch["label"], batch["valid"], weights)
     cm = metrics.confusion_matrix(logits.argmax(-1), batch["label"], self.spec["num_classes"],
                                   batch["valid"])
@@ -296,12 +304,38 @@ def reader_options(spec: dict) -> dict:
               low_percentile=n["low_percentile"])
 
 
+def check_cache_features(config: ml_collections.ConfigDict) -> None:
+  if not config.cache_features:
+    return
+  if config.model.kind != "upernet":
+    raise ValueError(f"cache_features=True caches a ViT encoder's features, but model.kind="
+                     f"{config.model.kind!r} has no encoder; set cache_features=False")
+  if not config.freeze_backbone:
+    raise ValueError("cache_features=True needs freeze_backbone=True: a trained encoder's features "
+                     "change at every step; set cache_features=False to finetune the encoder")
+
+
+def build_feature_cache(config: ml_collections.ConfigDict, spec: dict, backbone_state=None):
+  """(cache, backbone state): the frozen encoder's maps of the whole training split under the 8
+  symmetries, and the encoder's exact arrays (the run must start from them: a random encoder
+  built eagerly may differ in the last bit from one built inside the jitted init)."""
+  from data_pipelines.reader import make_dataset
+  model = build_from_spec(spec, int(config.seed), backbone_state)
+  tiles = make_dataset(config.data.manifest, config.data.train_split,
+                       global_batch_size=int(config.eval_batch), augment=False, shuffle=False,
+                       repeat=False, drop_remainder=False, deterministic=True, process_index=0,
+                       process_count=1, **reader_options(spec))
+  cache = feature_cache.build(model, tiles, int(config.eval_batch))
+  return cache, nnx.state(model.backbone)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
         stop_after: int | None = None):
   """Train as `config` says in `workdir` (resuming it); returns the loop's Result."""
   from data_pipelines.reader import make_dataset, read_manifest
   from demmae_jax import sharding
   from demmae_jax.train import loop
+  check_cache_features(config)
   if not config.data.manifest:
     raise ValueError("set --config.data.manifest to a tile set's manifest.json "
                      "(scripts/prepare_data.py makes one)")
@@ -329,6 +363,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   def train_batches(start):  # deterministic and skippable: a resumed run sees the same batches
     return make_dataset(config.data.manifest, config.data.train_split,
                         global_batch_size=int(config.global_batch), skip_batches=start, **reader)
+
+  if config.cache_features:
+    cache, backbone_state = build_feature_cache(config, spec, backbone_state)
+    if jax.process_index() == 0:
+      print(f"feature cache: {cache.num_tiles} tiles x {feature_cache.SYMMETRIES} symmetries, "
+            f"{cache.nbytes / 2**20:.0f} MiB, built in {cache.seconds:.1f} s", flush=True)
+    rows = sharding.process_batch_rows(mesh, int(config.global_batch))
+    train_batches = lambda start: cache.batches(start, int(config.global_batch), rows,
+                                                int(config.data.seed))
 
   task = Finetune(config, spec, class_weights(config, manifest),
                   eval_batches if config.eval_every_steps else None, backbone_state)
