@@ -1,4 +1,5 @@
-"""Peak memory of sliding-window prediction against the raster's size: it must stay flat.
+"""Peak memory and throughput of sliding-window prediction against the raster's size: memory must
+stay flat.
 
   .venv/bin/python benchmarks/predict_memory.py --sizes 5000 10000
 
@@ -7,7 +8,8 @@ DSM (delft/ahn3_cropped_*.laz rasterised at 0.5 m through data_pipelines.lidar) 
 by `demmae_jax.predict.predict_raster` in a fresh process with a tiny network (random weights:
 memory does not depend on them). Each child reports its peak resident set size (ru_maxrss)
 after warm-up (imports, model, one compiled batch) and after the whole prediction. Printed: both
-figures, the prediction's own growth, the time, and the ratio of peaks between sizes (1.0 = flat).
+figures, the prediction's own growth, the time, the throughput (windows/s and km^2/s at the
+raster's 0.5 m cells), the ratio of peaks between sizes (1.0 = flat), and the load average.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+CELL_M = 0.5  # the Delft DSM's cells
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -29,7 +32,7 @@ def delft_dsm(folder: Path) -> Path:
   from data_pipelines.lidar import las_to_rasters
   from data_pipelines.prepare import DELFT_CRS, DELFT_LAZ
   from data_pipelines.shared_data import shared_file
-  return las_to_rasters([shared_file(p) for p in DELFT_LAZ], folder / "delft", cell_size=0.5,
+  return las_to_rasters([shared_file(p) for p in DELFT_LAZ], folder / "delft", cell_size=CELL_M,
                         crs=DELFT_CRS, progress=False)["dsm"]
 
 
@@ -83,7 +86,7 @@ def child(raster: str, tile: int, overlap: int, block: int, batch: int, model_ki
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out.unlink()
   print(json.dumps({"warm_mb": warm, "peak_mb": peak, "seconds": seconds,
-                    "windows": summary["windows"]}))
+                    "windows": summary["windows"], "load": os.getloadavg()[0]}))
 
 
 def main():
@@ -121,12 +124,15 @@ def main():
       print(f"{size:>6} x {size:<6} ({r['megapixels']:.0f} Mpx, file {r['input_mb']:.0f} MB): "
             f"peak RSS {r['peak_mb']:.0f} MB (after warm-up {r['warm_mb']:.0f} MB, prediction adds "
             f"{r['peak_mb'] - r['warm_mb']:.0f} MB); {r['windows']} windows in {r['seconds']:.0f} s "
-            f"({r['megapixels'] / r['seconds']:.2f} Mpx/s)", flush=True)
+            f"({r['megapixels'] / r['seconds']:.2f} Mpx/s, {r['windows'] / r['seconds']:.0f} windows/s, "
+            f"{r['megapixels'] * CELL_M**2 / r['seconds']:.3f} km^2/s); load average {r['load']:.1f}",
+            flush=True)
   base = rows[0]
   for r in rows[1:]:
     print(f"{r['size']} vs {base['size']}: {r['megapixels'] / base['megapixels']:.1f}x the pixels, "
           f"peak RSS ratio {r['peak_mb'] / base['peak_mb']:.3f}, growth beyond warm-up "
-          f"{r['peak_mb'] - r['warm_mb']:.0f} MB vs {base['peak_mb'] - base['warm_mb']:.0f} MB "
+          f"{r['peak_mb'] - r['warm_mb']:.0f} MB vs {base['peak_mb'] - base['warm_mb']:.0f} MB, "
+          f"throughput ratio {(r['windows'] / r['seconds']) / (base['windows'] / base['seconds']):.2f} "
           f"(model {a.model}{f' width {a.width} depth {a.depth}' if a.model == 'unet' else ''}, tile {a.tile}, overlap {a.overlap}, block {a.block}, batch {a.batch})")
 
 
