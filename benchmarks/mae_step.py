@@ -9,7 +9,9 @@ step against the analytic count, and each step's fraction of the roofline.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -96,7 +98,137 @@ def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray,
     state[0], state[1], loss = compiled(state[0], state[1], images, noise)
     loss.block_until_ready()
 
+  run.hlo_text = compiled.as_text()
   return run, float(cost.get("flops", float("nan")))
+
+
+# ------------------------------------------------------------------------------ profiles
+_SHAPE = re.compile(r"[a-z]\d*\[([\d,]*)\]")
+
+
+def _dims(text: str) -> list[int]:
+  m = _SHAPE.search(text)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
+  """FLOPs of the dots inside each top-level instruction of a compiled HLO module (a fusion
+  counts the dots of the computation it calls): {instruction name: FLOPs}."""
+  computations: dict[str, list[str]] = {}
+  shapes: dict[tuple[str, str], list[int]] = {}  # (computation, value) -> dims
+  name = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(ENTRY )?%?([\w.\-]+) \((.*)\) -> .*\{$", line)
+    if head:
+      name = "ENTRY" if head.group(1) else head.group(2)
+      computations[name] = []
+      for pname, ptype in re.findall(r"([\w.\-]+): (\w+\[[\d,]*\])", head.group(3)):
+        shapes[(name, pname)] = _dims(ptype)
+    elif name is not None and line.strip() not in ("", "}"):
+      inst = line.strip()
+      m = re.match(r"(?:ROOT )?%?([\w.\-]+) = (\S+) ", inst)
+      if m:
+        shapes[(name, m.group(1))] = _dims(m.group(2))
+      computations[name].append(inst)
+
+  def dot_flops(comp: str, inst: str) -> float:
+    m = re.match(r"(?:ROOT )?%?[\w.\-]+ = (\S+) dot\(%?([\w.\-]+), ", inst)
+    if not m:
+      return 0.0
+    out, lhs = _dims(m.group(1)), shapes.get((comp, m.group(2)), [])
+    contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst)
+    k = math.prod(lhs[int(c)] for c in contract.group(1).split(",") if c) if contract else 1
+    return 2.0 * math.prod(out) * k
+
+  def flops_of(comp: str, inst: str, depth: int = 0) -> float:
+    total = dot_flops(comp, inst)
+    if depth < 4:
+      for callee in re.findall(r"calls=%?([\w.\-]+)", inst):
+        total += sum(flops_of(callee, i, depth + 1) for i in computations.get(callee, []))
+    return total
+
+  result = {}
+  for inst in computations.get("ENTRY", []):
+    m = re.match(r"(?:ROOT )?%?([\w.\-]+) = ", inst)
+    if m:
+      result[m.group(1)] = flops_of("ENTRY", inst)
+  return result
+
+
+def _kind(op: str, flops: float) -> str:
+  if flops:
+    return "matmul (dot / YNNPACK fusions)"
+  for key, kind in (("scatter", "scatter / gather"), ("gather", "scatter / gather"),
+                    ("copy", "copy / transpose"), ("transpose", "copy / transpose")):
+    if key in op:
+      return kind
+  return "other fusions (norms, softmax, GELU, loss, AdamW)"
+
+
+def profile_jax(fn, hlo_text: str, steps: int) -> dict:
+  """Per-op time of `fn` (a jitted call) from a JAX profiler trace: each XLA:CPU thunk's events,
+  grouped into matmuls (with their achieved FLOP/s) and the rest."""
+  import glob
+  import gzip
+  import json
+  import tempfile
+  flops = hlo_matmul_flops(hlo_text)
+  fn()
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d, create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      fn()
+    wall = (time.perf_counter() - t0) / steps
+    jax.profiler.stop_trace()
+    trace = json.load(gzip.open(glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)[0]))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  per_op: dict[str, float] = {}
+  for e in events:
+    op = (e.get("args") or {}).get("hlo_op")
+    if e.get("ph") == "X" and op and not e["name"].startswith("end:"):
+      per_op[op] = per_op.get(op, 0.0) + e["dur"] * 1e-6 / steps
+  kinds: dict[str, list[float]] = {}
+  for op, t in per_op.items():
+    k = kinds.setdefault(_kind(op, flops.get(op, 0.0)), [0.0, 0.0])
+    k[0] += t
+    k[1] += flops.get(op, 0.0)
+  top = sorted(per_op.items(), key=lambda kv: -kv[1])[:8]
+  return {"wall": wall, "kinds": kinds, "top": [(op, t, flops.get(op, 0.0)) for op, t in top]}
+
+
+def profile_torch(run, steps: int) -> dict:
+  """Self time per aten op of the PyTorch step, grouped as profile_jax groups XLA's ops."""
+  from torch.profiler import ProfilerActivity, profile
+  run()
+  with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      run()
+    wall = (time.perf_counter() - t0) / steps
+  kinds: dict[str, list[float]] = {}
+  matmuls = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
+  for ev in prof.key_averages():
+    if ev.key.startswith("aten::"):
+      is_mm = ev.key.startswith(matmuls)
+      kind = ("matmul (mm / bmm / SDPA)" if is_mm else
+              "copy / transpose" if ev.key in ("aten::copy_", "aten::clone", "aten::contiguous") else
+              "scatter / gather" if "gather" in ev.key or "scatter" in ev.key else
+              "other ops (norms, softmax, GELU, loss, AdamW)")
+      k = kinds.setdefault(kind, [0.0, 0.0])
+      k[0] += ev.self_cpu_time_total * 1e-6 / steps
+      k[1] += (ev.flops or 0) / steps if is_mm else 0.0
+  return {"wall": wall, "kinds": kinds}
+
+
+def print_profile(name: str, prof: dict) -> None:
+  total = sum(t for t, _ in prof["kinds"].values())
+  print(f"  {name}: {prof['wall']:.3f} s/step under the profiler; per-op time sums to {total:.3f} s")
+  for kind, (t, f) in sorted(prof["kinds"].items(), key=lambda kv: -kv[1][0]):
+    rate = f" at {f / t / 1e9:.0f} GFLOP/s ({f / 1e9:.0f} GFLOP)" if f and t else ""
+    print(f"    {kind:52s} {t:6.3f} s {t / total:4.0%}{rate}")
+  for op, t, f in prof.get("top", []):
+    print(f"      {op:40s} {t:6.3f} s" + (f" {f / t / 1e9:5.0f} GFLOP/s" if f else ""))
 
 
 def torch_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
@@ -135,6 +267,9 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="timed steps (best of) per side")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the JAX forward, forward+backward and AdamW update apart")
+  parser.add_argument("--profile", action="store_true",
+                      help="also profile both steps per op: time in matmuls (and their FLOP/s) "
+                           "against the rest")
   args = parser.parse_args()
 
   import torch
@@ -152,7 +287,8 @@ def main():
     noise = rng.random((args.batch, config.num_patches), dtype=np.float32)
     run_jax, xla_flops = jax_step(config, images, noise, args.breakdown)
     t_jax = timeit(run_jax, args.steps)
-    t_torch = timeit(torch_step(config, images, noise), args.steps)
+    run_torch = torch_step(config, images, noise)
+    t_torch = timeit(run_torch, args.steps)
     analytic = analytic_train_flops(config) * args.batch
     ideal = analytic / roofline
     print(f"\n{args.preset} {config.img_size}x{config.img_size}x{channels}, batch {args.batch}, "
@@ -164,6 +300,9 @@ def main():
     print(f"  PyTorch {args.batch / t_torch:6.2f} img/s ({t_torch:.3f} s/step), "
           f"{ideal / t_torch:.0%} of matmul roofline")
     print(f"  speed ratio JAX / PyTorch: {t_torch / t_jax:.2f}x")
+    if args.profile:
+      print_profile("JAX", profile_jax(run_jax, run_jax.hlo_text, args.steps))
+      print_profile("PyTorch", profile_torch(run_torch, args.steps))
 
 
 if __name__ == "__main__":
