@@ -21,7 +21,6 @@ The load average is printed with the figures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,32 +39,22 @@ from flax import nnx  # noqa: E402
 from demmae_jax import sharding as shd  # noqa: E402
 from demmae_jax.train import feature_cache, finetune as ft  # noqa: E402
 from demmae_jax.train.loop import Trainer  # noqa: E402
+import train_steps  # noqa: E402
 
 VARIANTS = ("frozen", "unfrozen", "cached")
 
 
 def load_config(preset: str, **overrides):
-  spec = importlib.util.spec_from_file_location("_ft_config", ROOT / "configs" / "finetune.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(preset)
+  config = train_steps.load_config("finetune", preset, **overrides)
   config.log.progress, config.log.tensorboard = False, False
-  for k, v in overrides.items():
-    target = config
-    *sections, key = k.split(".")
-    for part in sections:
-      target = target[part]
-    target[key] = v
   return config
 
 
 def trainer_for(preset: str, batch: int, tile: int, freeze: bool) -> Trainer:
   """The loop's Trainer of `preset` with a stand-in manifest of `tile`-pixel tiles."""
-  config = load_config(preset, global_batch=batch, freeze_backbone=freeze)
-  manifest = {"tile_size": tile, "cell_size": 0.5, "label_names": {"0": "background", "1": "x"}}
-  backbone, _ = ft._backbone(config, tile, int(config.data.normalisation.channels))
-  spec = ft.model_spec(config, manifest, backbone)
-  return Trainer(ft.Finetune(config, spec, np.ones(2, np.float32)), config, shd.make_mesh(data=-1))
+  trainer, _ = train_steps.finetune(preset, batch, tile, mesh=shd.make_mesh(data=-1),
+                                    freeze_backbone=freeze)
+  return trainer
 
 
 def memory(compiled) -> dict:

@@ -16,12 +16,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_config(file: str, preset: str) -> ml_collections.ConfigDict:
-  """`configs/<file>.py:<preset>`, unlocked for overrides."""
+def load_config(file: str, preset: str, **overrides) -> ml_collections.ConfigDict:
+  """`configs/<file>.py:<preset>` with dotted `overrides` ("optim.lr"=...) applied while still
+  locked (a misspelt key is an error), then unlocked."""
   spec = importlib.util.spec_from_file_location(f"_cfg_{file}", ROOT / "configs" / f"{file}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config(preset)
+  for dotted, value in overrides.items():
+    *sections, key = dotted.split(".")
+    target = config
+    for part in sections:
+      target = target[part]
+    target[key] = value
   config.unlock()
   return config
 
@@ -40,13 +47,14 @@ def pretrain(preset: str, batch: int, mesh=None, **model) -> tuple:
   return trainer, {"image": images}
 
 
-def finetune(preset: str, batch: int | None = None, tile: int | None = None, mesh=None) -> tuple:
-  """(Trainer, abstract batch) of `configs/finetune.py:preset` (random backbone: the step is the
-  same with pretrained weights), with a stand-in manifest of `tile`-pixel tiles (default: the
-  backbone's image size, as the configs' tile sets)."""
+def finetune(preset: str, batch: int | None = None, tile: int | None = None, mesh=None,
+             **overrides) -> tuple:
+  """(Trainer, abstract batch) of `configs/finetune.py:preset` with `overrides` (random backbone:
+  the step is the same with pretrained weights), with a stand-in manifest of `tile`-pixel tiles
+  (default: the backbone's image size, as the configs' tile sets)."""
   from demmae_jax import sharding as shd
   from demmae_jax.train import finetune as ft, loop
-  config = load_config("finetune", preset)
+  config = load_config("finetune", preset, **overrides)
   if batch:
     config.global_batch = batch
   if tile is None:
