@@ -243,7 +243,7 @@ def flops_table(presets: list[str], channels: int, results: dict) -> None:
 
 
 def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
-  """Run the compiled float32 and bfloat16 steps: achieved FLOP/s against the stated CPU peak."""
+  """Run the compiled float32 and bfloat16 steps: achieved FLOP/s against the host's CPU peak."""
   import jax
   import numpy as np
   from demmae_jax.train import metrics
@@ -254,7 +254,7 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
         f"load average {os.getloadavg()[0]:.1f}")
   jax_mm, torch_mm = matmul_rates()
   print(f"float32 matmul 4096^3 now: JAX {jax_mm / 1e9:.1f}, PyTorch {torch_mm / 1e9:.1f} GFLOP/s "
-        f"({jax_mm / peak:.0%} / {torch_mm / peak:.0%} of the stated peak)", flush=True)
+        f"({jax_mm / peak:.0%} / {torch_mm / peak:.0%} of that peak)", flush=True)
   for dtype in ("float32", "bfloat16"):
     trainer, spec = pretrain(preset, batch, in_chans=channels, dtype=dtype)
     step = trainer.compile(spec)
@@ -269,7 +269,7 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
       if i:  # the first call pays allocation
         best = min(best, time.perf_counter() - t0)
     print(f"{dtype}: {best:.2f} s/step, {flops / best / 1e9:.1f} GFLOP/s (XLA count), MFU "
-          f"{flops / best / peak:.1%} of the stated peak, {flops / best / jax_mm:.0%} of JAX's "
+          f"{flops / best / peak:.1%} of the peak, {flops / best / jax_mm:.0%} of JAX's "
           f"matmul rate", flush=True)
     del state
 

@@ -22,11 +22,29 @@ def test_peak_table_matches_device_kinds(kind, peak):
   assert metrics.peak_flops_per_device(_device(kind))[0] == peak
 
 
-def test_cpu_peak_is_the_stated_per_core_figure_and_unknown_devices_are_nan():
-  peak, note = metrics.peak_flops_per_device(_device("cpu", "cpu"))
+ZEN3 = "processor\t: 0\ncpu MHz\t\t: 2445.404\nflags\t\t: fpu sse sse2 avx fma avx2\n\n" \
+       "processor\t: 1\ncpu MHz\t\t: 2596.142\nflags\t\t: fpu sse sse2 avx fma avx2\n"
+SKYLAKE = "processor\t: 0\ncpu MHz\t\t: 2600.000\nflags\t\t: fpu avx fma avx2 avx512f avx512bw\n"
+
+
+@pytest.mark.parametrize("cpuinfo, gflops", [(ZEN3, 8 * 4 * 2596.142e-3),  # AVX2: 8 lanes x 2 FMA x 2
+                                             (SKYLAKE, 16 * 4 * 2.6),  # AVX-512: 166.4
+                                             ("cpu MHz : 1000\nflags : sse sse2\n", 4 * 4 * 1.0)])
+def test_cpu_peak_per_core_from_simd_width_and_highest_clock(cpuinfo, gflops, monkeypatch):
+  monkeypatch.delenv(metrics.CPU_PEAK_ENV, raising=False)
+  assert metrics.cpu_peak_per_core(cpuinfo) == pytest.approx(gflops * 1e9)
+  assert math.isnan(metrics.cpu_peak_per_core("flags : avx2 fma\n"))  # no clock: unknown
+
+
+def test_cpu_device_peak_is_the_host_figure_times_cores_and_env_overrides(monkeypatch):
+  monkeypatch.delenv(metrics.CPU_PEAK_ENV, raising=False)
   cores = len(os.sched_getaffinity(0))
-  assert peak == metrics.CPU_PEAK_PER_CORE * cores / jax.local_device_count()
-  assert "stated" in note
+  peak, note = metrics.peak_flops_per_device(_device("cpu", "cpu"))
+  assert peak == pytest.approx(metrics.cpu_peak_per_core() * cores / jax.local_device_count())
+  assert "/proc/cpuinfo" in note
+  monkeypatch.setenv(metrics.CPU_PEAK_ENV, "50")
+  peak, note = metrics.peak_flops_per_device(_device("cpu", "cpu"))
+  assert peak == pytest.approx(50e9 * cores / jax.local_device_count()) and metrics.CPU_PEAK_ENV in note
   assert math.isnan(metrics.peak_flops_per_device(_device("Some NPU", "npu"))[0])
 
 

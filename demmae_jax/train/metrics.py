@@ -2,14 +2,15 @@
 
 Model FLOPs per step come from XLA's cost analysis of the compiled train step (the per-device
 SPMD program, so they are multiplied by the number of devices for the global figure); MFU is
-achieved FLOP/s over the peak of the devices, from the table below. CPUs have no published peak:
-the stated figure is this project's machine, an Intel Xeon with AVX-512 at 2.6 GHz, two FMA units
-x 16 float32 lanes x 2 FLOPs = 166.4 GFLOP/s per core, times the cores a CPU device may use.
+achieved FLOP/s over the peak of the devices, from the table below. CPUs have no data sheet
+figure and these machines change host between sessions, so the CPU peak is worked out from the
+host itself (`cpu_peak_per_core`), times the cores a CPU device may use.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,26 @@ PEAK_FLOPS = {
     "NVIDIA A100": 312e12,
     "NVIDIA H100": 989e12,
 }
-CPU_PEAK_PER_CORE = 166.4e9
+CPU_PEAK_ENV = "DEMMAE_CPU_PEAK_GFLOPS"  # per core; overrides what /proc/cpuinfo implies
+
+
+def cpu_peak_per_core(cpuinfo: str | None = None) -> float:
+  """float32 peak FLOP/s of one core: SIMD lanes (AVX-512: 16, AVX2: 8, else 4) x 2 FMA units x
+  2 FLOPs x the highest clock /proc/cpuinfo reports; $DEMMAE_CPU_PEAK_GFLOPS overrides it (for a
+  CPU with one FMA unit or a boost clock cpuinfo does not show); NaN when nothing is known."""
+  if os.environ.get(CPU_PEAK_ENV):
+    return float(os.environ[CPU_PEAK_ENV]) * 1e9
+  if cpuinfo is None:
+    try:
+      cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return float("nan")
+  mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)]
+  flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if "flags" in cpuinfo else set()
+  if not mhz:
+    return float("nan")
+  lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+  return lanes * 2 * 2 * max(mhz) * 1e6
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
@@ -41,8 +61,10 @@ def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]
       return peak, f"{name} bf16 data sheet"
   if device.platform == "cpu":
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    per_device = CPU_PEAK_PER_CORE * cores / jax.local_device_count()
-    return per_device, f"stated CPU peak {CPU_PEAK_PER_CORE / 1e9:.1f} GFLOP/s/core x {cores} cores"
+    per_core = cpu_peak_per_core()
+    source = f"${CPU_PEAK_ENV}" if os.environ.get(CPU_PEAK_ENV) else "/proc/cpuinfo"
+    return (per_core * cores / jax.local_device_count(),
+            f"CPU peak {per_core / 1e9:.1f} GFLOP/s/core ({source}) x {cores} cores")
   return float("nan"), f"no peak known for {kind!r}"
 
 
