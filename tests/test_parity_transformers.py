@@ -253,3 +253,15 @@ def _print_report():
 
 if __name__ == "__main__":
   sys.exit(_print_report())
+
+
+def test_gelu_matches_torch_exact_gelu_and_its_gradient():
+  import jax
+  from demmae_jax.models import vit
+  x = np.random.default_rng(0).normal(scale=4.0, size=20000).astype(np.float32)
+  xt = torch.tensor(x, requires_grad=True)
+  ref = torch.nn.functional.gelu(xt)
+  ref.sum().backward()
+  np.testing.assert_allclose(np.asarray(vit.gelu(x)), ref.detach().numpy(), atol=2e-6, rtol=1e-6)
+  grad = jax.grad(lambda v: vit.gelu(v).sum())(x)
+  np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), atol=2e-6, rtol=1e-6)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from demmae_jax.models import vit
+
 from demmae_jax.models.mae import MaskedAutoencoder
 
 
@@ -79,7 +81,7 @@ class Feature2Pyramid(nnx.Module):
   def __call__(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
     if len(maps) != 4:
       raise ValueError(f"Feature2Pyramid takes 4 maps (one per rescale {self.RESCALES}), got {len(maps)}")
-    x4 = self.up4_b(jax.nn.gelu(self.up4_norm(self.up4_a(maps[0])), approximate=False))
+    x4 = self.up4_b(vit.gelu(self.up4_norm(self.up4_a(maps[0]))))
     x2 = self.up2(maps[1])
     x05 = nnx.max_pool(maps[3], (2, 2), strides=(2, 2), padding="VALID")
     return [x4, x2, maps[2], x05]
