@@ -64,3 +64,19 @@ def test_resumed_run_drops_metric_lines_after_the_restored_step(tmp_path):
   w.close()
   rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.2)]
+
+
+def test_jaxpr_flops_count_matmuls_convolutions_and_every_scan_step():
+  a, b = jnp.ones((64, 128)), jnp.ones((128, 32))
+  assert metrics.jaxpr_flops(jax.make_jaxpr(jnp.matmul)(a, b)) == 2 * 64 * 128 * 32
+  # forward + the two gradient matmuls
+  grad = jax.make_jaxpr(jax.grad(lambda a: (a @ b).sum()))(a)
+  assert metrics.jaxpr_flops(grad) == 2 * (2 * 64 * 128 * 32)
+  x, k = jnp.ones((2, 16, 16, 3)), jnp.ones((3, 3, 3, 8))
+  conv = jax.make_jaxpr(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+  assert metrics.jaxpr_flops(conv) == 2 * (2 * 16 * 16 * 8) * (3 * 3 * 3)
+  w = jnp.ones((5, 32, 32))
+  scan = jax.make_jaxpr(lambda h, w: jax.lax.scan(lambda h, wi: (h @ wi, None), h, w)[0])(
+      jnp.ones((4, 32)), w)
+  assert metrics.jaxpr_flops(scan) == 5 * 2 * 4 * 32 * 32

@@ -147,9 +147,26 @@ class Block(nnx.Module):
 def run_blocks(blocks: Sequence[Block], x: jax.Array, *, remat: bool = False,
                keep: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
   """Apply `blocks` in order; return the final tokens and the outputs of blocks in `keep`."""
+  if remat and len(blocks) > 1 and not keep:
+    return _scan_remat(blocks, x), {}
   kept = {}
   for i, block in enumerate(blocks):
     x = nnx.remat(lambda blk, h: blk(h))(block, x) if remat else block(x)
     if i in keep:
       kept[i] = x
   return x, kept
+
+
+def _scan_remat(blocks: Sequence[Block], x: jax.Array) -> jax.Array:
+  """Rematerialised blocks as one `lax.scan` over their stacked weights. XLA:CPU schedules the
+  recomputation of straight-line remat where it saves nothing (docs/performance.md); inside a
+  scan only the carry of each step is kept. The parameters stay one module per block (the
+  checkpoint layout); stacking them is a copy of the blocks' weights per step."""
+  graphdef, *_ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks))
+
+  @jax.checkpoint
+  def body(h, state):
+    return nnx.merge(graphdef, state)(h), None
+
+  return jax.lax.scan(body, x, stacked)[0]

@@ -197,13 +197,17 @@ class Trainer:
                    out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
                    donate_argnums=(0,))
 
-  def compile(self, batch_example: dict):
-    """Ahead-of-time compile for batches shaped like `batch_example` (arrays or
-    ShapeDtypeStructs; only the trailing dimensions count, the leading one is the global batch)."""
+  def trace(self, batch_example: dict):
+    """The step traced for batches shaped like `batch_example` (arrays or ShapeDtypeStructs;
+    only the trailing dimensions count, the leading one is the global batch): `.jaxpr` to count
+    FLOPs, `.lower().compile()` to run."""
     abstract_batch = {k: jax.ShapeDtypeStruct((self.global_batch,) + tuple(np.shape(v)[1:]),
                                               v.dtype) for k, v in batch_example.items()}
-    return self.jitted_step(batch_example).lower(self.abstract_state, abstract_batch,
-                                                 self.rng).compile()
+    return self.jitted_step(batch_example).trace(self.abstract_state, abstract_batch, self.rng)
+
+  def compile(self, batch_example: dict):
+    """Ahead-of-time compile for batches shaped like `batch_example` (see `trace`)."""
+    return self.trace(batch_example).lower().compile()
 
   # ------------------------------------------------------------------ pictures
   def pictures(self, state: dict, batch: dict, step: int) -> dict[str, Any]:
@@ -259,8 +263,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   source = iter(batches(start))
   first = next(source)
   _check_local_batch(first, rows)
-  step_fn = trainer.compile(first)
-  flops_per_step = metrics_lib.compiled_flops(step_fn) * jax.device_count()
+  traced = trainer.trace(first)
+  step_fn = traced.lower().compile()
+  flops_per_step = metrics_lib.jaxpr_flops(traced.jaxpr)  # global: the jaxpr is the whole batch
   peak, peak_note = metrics_lib.peak_flops_per_device()
   peak_total = peak * jax.device_count()
   if is_main:
