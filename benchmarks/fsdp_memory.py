@@ -27,21 +27,16 @@ def main() -> int:
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={args.devices}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import importlib.util
-
   import jax
   import numpy as np
 
-  from demmae_jax import sharding as shd
+  from demmae_jax import config_files, sharding as shd
   from demmae_jax.train import loop, metrics as metrics_lib, pretrain
 
   if jax.device_count() < args.devices:
     print(f"only {jax.device_count()} devices: run in a fresh process", file=sys.stderr)
     return 2
-  spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / "dem_pretrain.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(args.preset)
+  config = config_files.get_config("dem_pretrain", args.preset)
   n = args.devices
   with config.unlocked():
     config.global_batch = args.per_device_batch * n

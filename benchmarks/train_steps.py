@@ -6,7 +6,6 @@ against ShapeDtypeStructs, so ViT-L fits on any host.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -19,16 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_config(file: str, preset: str, **overrides) -> ml_collections.ConfigDict:
   """`configs/<file>.py:<preset>` with dotted `overrides` ("optim.lr"=...) applied while still
   locked (a misspelt key is an error), then unlocked."""
-  spec = importlib.util.spec_from_file_location(f"_cfg_{file}", ROOT / "configs" / f"{file}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(preset)
-  for dotted, value in overrides.items():
-    *sections, key = dotted.split(".")
-    target = config
-    for part in sections:
-      target = target[part]
-    target[key] = value
+  from demmae_jax import config_files
+  config = config_files.get_config(file, preset, **overrides)
   config.unlock()
   return config
 

@@ -98,7 +98,7 @@ def mosaic_grid(files: Sequence[LidarFile], cell_size: float) -> Grid:
   """The grid covering all files, its corners snapped to multiples of the cell size."""
   crss = {f.crs for f in files}
   if len(crss) > 1:
-    raise DataError(files[0].path, f"input files disagree on CRS: "
+    raise DataError(files[0].path, "input files disagree on CRS: "
                     + ", ".join(f"{f.path.name}={f.crs.to_string()}" for f in files))
   xmin = math.floor(min(f.bounds[0] for f in files) / cell_size) * cell_size
   ymax = math.ceil(max(f.bounds[3] for f in files) / cell_size) * cell_size

@@ -15,9 +15,7 @@ runs, and `test` the whole spatially separate test area.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.atomic import atomic_file
+from demmae_jax import config_files
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("dem_mae", "imagenet_mae", "random_frozen", "unet")
@@ -276,17 +275,10 @@ def draw_order(windows, rng: np.random.Generator, how: str = "disjoint_first") -
 
 
 # ------------------------------------------------------------------------------ runs
-def _finetune_configs():
-  spec = importlib.util.spec_from_file_location("_finetune_configs", ROOT / "configs" / "finetune.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def finetune_config(cfg, run: Run, manifest: Path, encoder: str):
   """configs/finetune.py's preset for the arm and task, with the protocol's recipe."""
   preset = (cfg.unet_preset if run.arm == "unet" else cfg.upernet_preset).format(task=run.task)
-  c = _finetune_configs().get_config(preset)
+  c = config_files.get_config("finetune", preset)
   c.task = run.task
   c.seed, c.data.seed = run.seed, run.seed
   c.data.manifest = str(manifest)

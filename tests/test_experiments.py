@@ -2,27 +2,18 @@
 the real Delft data (delft/ahn3_cropped_{1,2}.laz at 0.5 m, BGT buildings from
 delft/bgt_pand.sqlite, via data_pipelines.prepare_delft) runs end to end, writes one result per
 run, skips finished runs on a rerun without touching them, and reports tables and a figure."""
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from demmae_jax import experiments as ex
+from demmae_jax import config_files, experiments as ex
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def protocol(name="tiny", **overrides):
-  spec = importlib.util.spec_from_file_location("exp_config", ROOT / "configs" / "experiments.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(name)
-  with c.unlocked():
-    for k, v in overrides.items():
-      c[k] = v
-  return c
+  return config_files.get_config("experiments", name, **overrides)
 
 
 def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():

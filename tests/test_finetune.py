@@ -22,22 +22,10 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 
 def tiny_config(manifest, init="", **overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("ft_config", ROOT / "configs" / "finetune.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
-  c.data.manifest = str(manifest)
-  c.init = init
-  c.total_steps, c.eval_every_steps, c.checkpoint.every_steps = 48, 24, 24
-  c.log.progress, c.log.tensorboard = False, False
-  for k, v in overrides.items():
-    section, key = k.rsplit(".", 1) if "." in k else ("", k)
-    target = c
-    for part in filter(None, section.split(".")):
-      target = target[part]
-    target[key] = v
-  return c
+  from demmae_jax import config_files
+  return config_files.get_config("finetune", "tiny", **{
+      "data.manifest": str(manifest), "init": init, "total_steps": 48, "eval_every_steps": 24,
+      "checkpoint.every_steps": 24, "log.progress": False, "log.tensorboard": False, **overrides})
 
 
 @pytest.fixture(scope="module")

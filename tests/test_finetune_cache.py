@@ -2,9 +2,7 @@
 frozen step (loss and head gradients), the cache holds each symmetry's
 features and resumes its batch stream, a cached run on real Delft tiles learns and leaves a
 checkpoint that loads and evaluates as any other, and the settings it cannot serve are refused."""
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,26 +11,15 @@ import tensorflow as tf
 from flax import nnx
 
 from data_pipelines.augment import symmetry
-from demmae_jax import sharding
+from demmae_jax import config_files, sharding
 from demmae_jax.train import feature_cache, finetune
 from demmae_jax.train.pretrain import model_config
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_config(preset="tiny", **overrides):
-  spec = importlib.util.spec_from_file_location("ft_cache_config", ROOT / "configs" / "finetune.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(preset)
-  c.log.progress, c.log.tensorboard = False, False
-  for k, v in overrides.items():
-    target = c
-    *sections, key = k.split(".")
-    for part in sections:
-      target = target[part]
-    target[key] = v
-  return c
+  return config_files.get_config("finetune", preset, **{"log.progress": False,
+                                                        "log.tensorboard": False, **overrides})
 
 
 def tiny_task(config):

@@ -1,7 +1,6 @@
 """The generic loop with a small regression task (a frozen "backbone" and a "head" predicting the
 mean height of 4 x 4 crops of the real Jacksboro DEM): frozen variables, gradient accumulation,
 NaN handling, keep-best, SIGTERM and workdir identity."""
-import importlib.util
 import os
 import signal
 
@@ -12,18 +11,16 @@ import pytest
 from flax import nnx
 
 from data_pipelines.raster_source import RasterCrops
+from demmae_jax import config_files
 from demmae_jax.sharding import path_str
 from demmae_jax.train import checkpointing, loop
-from test_train_support import ROOT, jacksboro_dem
+from test_train_support import jacksboro_dem
 
 BATCH = 8
 
 
 def _config(total_steps=4, **kw):
-  spec = importlib.util.spec_from_file_location("common", ROOT / "configs" / "common.py")
-  common = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(common)
-  c = common.base_config()
+  c = config_files.module("common").base_config()
   c.total_steps, c.global_batch = total_steps, BATCH
   c.optim.lr, c.optim.warmup_steps = 1e-2, 1
   c.checkpoint.every_steps = 2

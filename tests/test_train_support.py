@@ -5,7 +5,6 @@ flags (forced host devices), their own `jax.distributed` process, or to be kille
 Data: random 32 x 32 crops of the real Jacksboro fault DEM that ships with matplotlib."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,10 +19,8 @@ GLOBAL_BATCH = 8
 
 
 def dem_pretrain_config(preset: str = "tiny"):
-  spec = importlib.util.spec_from_file_location("dem_pretrain", ROOT / "configs" / "dem_pretrain.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  from demmae_jax import config_files
+  return config_files.get_config("dem_pretrain", preset)
 
 
 def tiny_config(total_steps: int, checkpoint_every: int = 1000, **mesh):
