@@ -19,7 +19,6 @@ import numpy as np
 from flax import nnx
 
 from demmae_jax.models import vit
-
 from demmae_jax.models.mae import MaskedAutoencoder
 
 

@@ -47,7 +47,8 @@ def cpu_peak_per_core(cpuinfo: str | None = None) -> float:
     except OSError:
       return float("nan")
   mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)]
-  flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if "flags" in cpuinfo else set()
+  found = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+  flags = set(found.group(1).split()) if found else set()
   if not mhz:
     return float("nan")
   lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
