@@ -43,6 +43,10 @@ PRESETS = {
                           aux_channels=32, lr=1e-3, task="buildings", **CPU),
     "cpu_roads": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=64,
                       aux_channels=32, lr=1e-3, task="roads", **CPU),
+    "cpu_hybrid_buildings": dict(kind="hybrid", backbone=CPU_VIT, layers=(1, 2, 3, 5), width=16,
+                                 vit_channels=64, lr=1e-3, task="buildings", **CPU),
+    "cpu_hybrid_roads": dict(kind="hybrid", backbone=CPU_VIT, layers=(1, 2, 3, 5), width=16,
+                             vit_channels=64, lr=1e-3, task="roads", **CPU),
     "cpu_unet_buildings": dict(kind="unet", width=16, depth=4, lr=1e-3, task="buildings", **CPU),
     "cpu_unet_roads": dict(kind="unet", width=16, depth=4, lr=1e-3, task="roads", **CPU),
     "tiny": dict(kind="upernet", backbone=TINY_VIT, layers=(0, 1, 2, 3), channels=32,
@@ -73,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.power = 1.0
   c.optim.warmup_steps = p["warmup_steps"]
   # Layer-wise lr decay of the encoder; acts only when it is unfrozen (the UNet has no encoder).
-  c.optim.layer_decay = 0.65 if p["kind"] == "upernet" else None
+  c.optim.layer_decay = 0.65 if p["kind"] in ("upernet", "hybrid") else None
   # Keep a checkpoint at every validation so the best one (by validation IoU) is kept.
   c.checkpoint.every_steps = p["eval_every"]
   c.checkpoint.keep = 2
@@ -90,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cache_features = False
 
   c.model = ml_collections.ConfigDict()
-  c.model.kind = p["kind"]  # "upernet" | "unet"
+  c.model.kind = p["kind"]  # "upernet" | "unet" | "hybrid"
   # Encoder architecture when not read off `init`: an MAE preset plus MAEConfig overrides; the
   # image size is the tile size and in_chans the normalisation's channels.
   c.model.backbone = ml_collections.ConfigDict(p.get("backbone", TINY_VIT))
@@ -99,6 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       pool_scales=(1, 2, 3, 6), dropout=0.1, aux_channels=p.get("aux_channels", 256),
       aux_index=2, aux_weight=0.4))
   c.model.unet = ml_collections.ConfigDict(dict(width=p.get("width", 64), depth=p.get("depth", 4)))
+  # ViT-UNet (model.kind "hybrid"): a UNet stem of `width` with the ViT's `layers` joined at the
+  # patch-grid level, projected to `vit_channels` (demmae_jax/models/hybrid.py).
+  c.model.hybrid = ml_collections.ConfigDict(dict(
+      layers=p.get("layers", (0, 1, 2, 3)), width=p.get("width", 16),
+      vit_channels=p.get("vit_channels", 64)))
 
   c.data = ml_collections.ConfigDict()
   c.data.manifest = ""  # tile set's manifest.json (scripts/prepare_data.py); required

@@ -11,6 +11,8 @@ Modes (each returns values for valid pixels; invalid pixels are set to 0):
               (the percentile is taken on a regular subgrid of <= 4096 pixels, see below).
 - "ndsm":     the nDSM channel (height above ground) / scale_m, clipped to [0, 1].
 `channels` = 1 keeps one channel, 3 repeats it (the backbone's RGB-shaped input).
+Several modes joined by "+" (e.g. "relative+ndsm") stack one channel per mode, in that order;
+`channels` is then the number of modes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,22 @@ import numpy as np
 import tensorflow as tf
 
 MODES = ("minmax", "zscore", "relative", "ndsm")
+
+
+def parse_mode(mode: str) -> tuple[str, ...]:
+  """"relative+ndsm" -> ("relative", "ndsm"); each part must be one of MODES, none twice."""
+  parts = tuple(str(mode).split("+"))
+  bad = [m for m in parts if m not in MODES]
+  if bad or len(set(parts)) != len(parts):
+    raise ValueError(f"unknown or repeated normalisation mode {mode!r}; one of {MODES}, or several "
+                     f"joined by '+'")
+  return parts
+
+
+def mode_channels(mode: str, channels: int = 1) -> int:
+  """The number of input channels a normalisation gives."""
+  parts = parse_mode(mode)
+  return channels if len(parts) == 1 else len(parts)
 
 
 PERCENTILE_SAMPLE = 4096  # pixels per tile the percentile is taken over (sorting is the cost)
@@ -44,8 +62,12 @@ def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = No
   writer stores them): minmax and relative then give 0 there without masking, which saves passes
   over the batch; the result is the same (tested).
   """
-  if mode not in MODES:
-    raise ValueError(f"unknown normalisation mode {mode!r}; one of {MODES}")
+  parts = parse_mode(mode)
+  if len(parts) > 1:
+    if channels != len(parts):
+      raise ValueError(f"normalisation {mode!r} gives {len(parts)} channels, not {channels}")
+    return tf.concat([normalise(elevation, valid, m, stats=stats, ndsm=ndsm, scale_m=scale_m,
+                                low_percentile=low_percentile, filled=filled) for m in parts], -1)
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
   x = tf.cast(elevation, tf.float32)

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_pipelines.errors import DataError
-from data_pipelines.normalisation import normalise
+from data_pipelines.normalisation import normalise, parse_mode
 from data_pipelines.augment import random_symmetries
 from data_pipelines.tile_records import decode_mask, decode_raw_channel, parse_spec, to_metres
 from data_pipelines.tile_writer import FORMAT
@@ -84,10 +84,11 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     paths = split_files(manifest, split)
   if not paths:
     raise DataError(files or manifest_path, f"no TFRecord files for split {split!r}")
-  if normalisation == "ndsm" and "ndsm" not in manifest["channels"]:
-    raise DataError(manifest_path, "normalisation 'ndsm' needs tiles with an 'ndsm' channel")
+  wants_ndsm = "ndsm" in parse_mode(normalisation)
+  if wants_ndsm and "ndsm" not in manifest["channels"]:
+    raise DataError(manifest_path, f"normalisation {normalisation!r} needs tiles with an 'ndsm' channel")
   size, dtype, has_label = manifest["tile_size"], manifest["dtype"], manifest["has_label"]
-  channel_names = ["elevation"] + (["ndsm"] if normalisation == "ndsm" else [])
+  channel_names = ["elevation"] + (["ndsm"] if wants_ndsm else [])
   spec = parse_spec(channel_names, has_label, with_meta)
   stats = manifest["stats"]["elevation"]
 

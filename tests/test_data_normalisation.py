@@ -60,5 +60,21 @@ def test_numpy_entry_point_treats_nan_as_invalid_and_matches_batched_tf():
   assert single[0, 0] == 0 and single[0, 1] == 0 and single[3, 3] == 1
   batched = normalise(tf.constant(np.nan_to_num(x)[None]), tf.constant(np.isfinite(x)[None]), "minmax").numpy()
   np.testing.assert_array_equal(batched[0, ..., 0], single)
-  with pytest.raises(ValueError, match="unknown normalisation mode"):
+  with pytest.raises(ValueError, match="unknown or repeated normalisation mode"):
     normalise_numpy(x, None, "histogram")
+
+
+def test_modes_joined_by_plus_stack_one_channel_per_mode(tiles):
+  x, valid = tiles
+  ndsm = np.maximum(x - 45.0, 0)
+  both = normalise(tf.constant(x), tf.constant(valid), "relative+ndsm", ndsm=tf.constant(ndsm),
+                   channels=2).numpy()
+  assert both.shape == (4, 96, 96, 2)
+  rel = normalise(tf.constant(x), tf.constant(valid), "relative").numpy()[..., 0]
+  nd = normalise(tf.constant(x), tf.constant(valid), "ndsm", ndsm=tf.constant(ndsm)).numpy()[..., 0]
+  np.testing.assert_array_equal(both[..., 0], rel)
+  np.testing.assert_array_equal(both[..., 1], nd)
+  with pytest.raises(ValueError, match="gives 2 channels, not 1"):
+    normalise(tf.constant(x), tf.constant(valid), "relative+ndsm", ndsm=tf.constant(ndsm))
+  with pytest.raises(ValueError, match="unknown or repeated"):
+    normalise(tf.constant(x), tf.constant(valid), "relative+relative", channels=2)

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from demmae_jax import metrics
+from demmae_jax.models import hybrid as hybrid_model
 from demmae_jax.models import mae as mae_model
 from demmae_jax.models import unet as unet_model
 from demmae_jax.models import upernet
@@ -55,6 +56,7 @@ def model_spec(config: ml_collections.ConfigDict, manifest: dict,
       "freeze_backbone": bool(config.freeze_backbone),
       "head": dataclasses.asdict(head_config(config)) if config.model.kind == "upernet" else None,
       "unet": dict(config.model.unet) if config.model.kind == "unet" else None,
+      "hybrid": dataclasses.asdict(hybrid_config(config)) if config.model.kind == "hybrid" else None,
       "tile_size": int(manifest["tile_size"]),
       "cell_size": float(manifest["cell_size"]),
       "normalisation": {"mode": n.mode, "channels": int(n.channels), "scale_m": float(n.scale_m),
@@ -71,6 +73,12 @@ def head_config(config: ml_collections.ConfigDict) -> upernet.HeadConfig:
                             aux_index=int(h.aux_index))
 
 
+def hybrid_config(config: ml_collections.ConfigDict) -> hybrid_model.HybridConfig:
+  h = config.model.hybrid
+  return hybrid_model.HybridConfig(num_classes=int(config.num_classes), layers=tuple(h.layers),
+                                   width=int(h.width), vit_channels=int(h.vit_channels))
+
+
 def build_from_spec(spec: dict, seed: int = 0, backbone_state=None) -> nnx.Module:
   """The model `spec` describes; random weights unless `backbone_state` (an MAE's nnx.State)."""
   rngs = nnx.Rngs(params=seed)
@@ -79,13 +87,17 @@ def build_from_spec(spec: dict, seed: int = 0, backbone_state=None) -> nnx.Modul
     return unet_model.UNet(unet_model.UNetConfig(in_chans=spec["normalisation"]["channels"],
                                                  num_classes=spec["num_classes"], width=u["width"],
                                                  depth=u["depth"]), rngs=rngs)
-  head = spec["head"]
-  head = upernet.HeadConfig(**{**head, "layers": tuple(head["layers"]),
-                               "pool_scales": tuple(head["pool_scales"])})
   backbone = mae_model.MaskedAutoencoder(mae_model.MAEConfig(**spec["backbone"]),
                                          rngs=nnx.Rngs(params=seed + 1))
   if backbone_state is not None:
     nnx.update(backbone, jax.tree.map(jnp.array, backbone_state))  # a copy: the loop donates state
+  if spec["kind"] == "hybrid":
+    h = spec["hybrid"]
+    return hybrid_model.ViTUNet(backbone, hybrid_model.HybridConfig(**{**h, "layers": tuple(h["layers"])}),
+                                freeze_backbone=spec["freeze_backbone"], rngs=rngs)
+  head = spec["head"]
+  head = upernet.HeadConfig(**{**head, "layers": tuple(head["layers"]),
+                               "pool_scales": tuple(head["pool_scales"])})
   return upernet.Segmenter(backbone, head, freeze_backbone=spec["freeze_backbone"], rngs=rngs)
 
 
@@ -141,7 +153,7 @@ class Finetune(Task):
 
   def layer_decay_depth(self):
     # Frozen, only head parameters reach the optimiser and their layer scale is 1.
-    return self.spec["backbone"]["depth"] if self.spec["kind"] == "upernet" else None
+    return self.spec["backbone"]["depth"] if self.spec["backbone"] else None
 
   def loss_fn(self, model, batch, rng):
     """`batch` holds images, or the cached encoder maps (`feature_cache.FEATURE_KEYS`)."""
@@ -286,7 +298,7 @@ def class_weights(config: ml_collections.ConfigDict, manifest: dict) -> np.ndarr
 def _backbone(config: ml_collections.ConfigDict, tile: int, channels: int):
   """(MAEConfig, loaded nnx.State or None): the pretrained encoder at the tile size, or a random
   one of the configured architecture."""
-  if config.model.kind != "upernet":
+  if config.model.kind not in ("upernet", "hybrid"):
     return None, None
   if config.init:
     from demmae_jax import mae  # the checkpoint reader: our exports, official and HF files
