@@ -76,9 +76,10 @@ def _check_overlap(path, geoms: np.ndarray, bounds) -> None:
 
 
 def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_path: str | Path,
-                     area: str | Path | None = None, coverage: Sequence[LabelLayer] | None = None,
-                     overwrite: bool = False) -> dict:
-  """Rasterise `layers` onto the grid of `dem_path`; writes a uint8 GeoTIFF; returns pixel counts."""
+                     area: str | Path | LabelLayer | None = None,
+                     coverage: Sequence[LabelLayer] | None = None, overwrite: bool = False) -> dict:
+  """Rasterise `layers` onto the grid of `dem_path`; writes a uint8 GeoTIFF; returns pixel counts.
+  `area` (a polygon file, or a LabelLayer to pick some of its features) is the labelled area."""
   with rasterio.open(dem_path) as dem:
     grid = dict(out_shape=(dem.height, dem.width), transform=dem.transform)
     crs, bounds, profile = dem.crs, dem.bounds, dem.profile
@@ -92,8 +93,9 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
     label_geoms.append(geoms)
     rasterio.features.rasterize(geoms, fill=0, default_value=layer.value, out=label, dtype=np.uint8, **grid)
   if area is not None:
-    area_geoms = read_geometries(LabelLayer(area), crs)
-    _check_overlap(area, area_geoms, bounds)
+    area_layer = area if isinstance(area, LabelLayer) else LabelLayer(area)
+    area_geoms = read_geometries(area_layer, crs)
+    _check_overlap(area_layer.path, area_geoms, bounds)
     region = shapely.union_all(area_geoms)
   else:
     cover = [read_geometries(c, crs) for c in coverage] if coverage else label_geoms
@@ -112,11 +114,12 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
 
 def labels_from_class_raster(class_path: str | Path, out_path: str | Path, classes: Sequence[int] = (6,),
                              valid_path: str | Path | None = None, overwrite: bool = False) -> dict:
-  """A LiDAR class raster as labels: 1 where the class is in `classes`, 0 elsewhere, IGNORE
-  where no return was recorded (per `valid_path`)."""
+  """A class raster (LiDAR classes, land cover) as labels: 1 where the class is in `classes`, 0
+  elsewhere, IGNORE at the raster's nodata and where no return was recorded (per `valid_path`)."""
   with rasterio.open(class_path) as src:
-    cls, profile = read_band(src), src.profile
-  label = np.isin(cls, list(classes)).astype(np.uint8)
+    cls, profile = read_band(src, masked=True), src.profile
+  label = np.isin(cls.data, list(classes)).astype(np.uint8)
+  label[np.ma.getmaskarray(cls)] = IGNORE
   if valid_path is not None:
     with rasterio.open(valid_path) as v:
       label[read_band(v) == 0] = IGNORE

@@ -94,17 +94,23 @@ class Grid:
     return self.transform.a
 
 
-def mosaic_grid(files: Sequence[LidarFile], cell_size: float) -> Grid:
-  """The grid covering all files, its corners snapped to multiples of the cell size."""
+def mosaic_grid(files: Sequence[LidarFile], cell_size: float,
+                bounds: tuple[float, float, float, float] | None = None) -> Grid:
+  """The grid covering all files (or the given xmin, ymin, xmax, ymax: several surveys of one
+  place then share one grid), its corners snapped to multiples of the cell size."""
   crss = {f.crs for f in files}
   if len(crss) > 1:
     raise DataError(files[0].path, "input files disagree on CRS: "
                     + ", ".join(f"{f.path.name}={f.crs.to_string()}" for f in files))
-  xmin = math.floor(min(f.bounds[0] for f in files) / cell_size) * cell_size
-  ymax = math.ceil(max(f.bounds[3] for f in files) / cell_size) * cell_size
+  x0, y0, x1, y1 = bounds or (min(f.bounds[0] for f in files), min(f.bounds[1] for f in files),
+                              max(f.bounds[2] for f in files), max(f.bounds[3] for f in files))
+  if bounds is not None and not (x1 > x0 and y1 > y0):
+    raise ValueError(f"empty bounds {(x0, y0, x1, y1)}: need xmin < xmax and ymin < ymax")
+  xmin = math.floor(x0 / cell_size) * cell_size
+  ymax = math.ceil(y1 / cell_size) * cell_size
   # cells are half-open [x, x + cell); +1 so that points on the far edges still fall inside
-  width = int((max(f.bounds[2] for f in files) - xmin) // cell_size) + 1
-  height = int((ymax - min(f.bounds[1] for f in files)) // cell_size) + 1
+  width = int((x1 - xmin) // cell_size) + 1
+  height = int((ymax - y0) // cell_size) + 1
   return Grid(rasterio.transform.from_origin(xmin, ymax, cell_size, cell_size), width, height,
               files[0].crs)
 
@@ -179,8 +185,12 @@ def _fill(values: np.ndarray, known: np.ndarray, distance: float) -> np.ndarray:
 def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: float = 0.5,
                    crs: str | None = None, window_px: int = 2048, chunk_size: int = 1_000_000,
                    dsm_fill_px: float = 4, dtm_fill_px: float = 200, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Path]:
+                   progress: bool = True, bounds: tuple[float, float, float, float] | None = None
+                   ) -> dict[str, Path]:
   """Rasterise a mosaic of LAS/LAZ files; returns {product: GeoTIFF path} (see module doc).
+
+  `bounds` (xmin, ymin, xmax, ymax in the CRS) fixes the grid's extent instead of the files'
+  union; points outside it are dropped.
 
   `dsm_fill_px` bounds which DSM holes get interpolated (beyond it: NaN, invalid); `dtm_fill_px`
   must exceed half the widest building in cells, since the DTM is interpolated under roofs.
@@ -192,7 +202,7 @@ def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: 
   for path in outputs.values():
     refuse_existing(path, overwrite)
   files = [inspect_las(p, crs) for p in paths]
-  grid = mosaic_grid(files, cell_size)
+  grid = mosaic_grid(files, cell_size, bounds)
   halo = int(math.ceil(dtm_fill_px))
   profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=grid.crs,
                  transform=grid.transform, tiled=True, blockxsize=256, blockysize=256,

@@ -70,11 +70,14 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
                 min_labelled: float = 0.25, block_px: int | None = None,
                 fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0,
                 dtype: str = "float32", tiles_per_shard: int = 1024, label_names: Mapping[int, str] | None = None,
-                overwrite: bool = False, progress: bool = True, extra_manifest: dict | None = None) -> Path:
+                overwrite: bool = False, progress: bool = True, extra_manifest: dict | None = None,
+                block_split: np.ndarray | None = None) -> Path:
   """Tile the rasters into `out_dir` (train/val/test shards, few-label subsets, manifest.json).
 
   A tile is kept if >= `min_valid` of its pixels are valid and (with labels) >= `min_labelled`
   are labelled (not IGNORE); skips are counted in the manifest. Returns the manifest path.
+  `block_split` (index into SPLITS per block of `block_px`, from the raster's top-left corner)
+  replaces the seeded draw, so that several tile sets on one grid share one split.
   """
   if dtype not in FLOAT_DTYPES:
     raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype!r}")
@@ -83,6 +86,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
   if block_px < tile_size:
     raise ValueError(f"block_px ({block_px}) must be at least the tile size ({tile_size})")
   extras = dict(extras or {})
+  given_split = block_split is not None
   out_dir = Path(out_dir)
   refuse_existing(out_dir, overwrite)  # before any work
   with contextlib.ExitStack() as stack:
@@ -107,20 +111,26 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
       lbl = read_band(lab, win) if lab is not None else None
       return win, chans, ok, lbl
 
-    # pass 1: weight of each block = useful pixels (labelled if labels exist, else valid)
     nb_r, nb_c = -(-dem.height // block_px), -(-dem.width // block_px)
-    weights = np.zeros((nb_r, nb_c), np.int64)
-    for br in range(nb_r):
-      for bc in range(nb_c):
-        win = rasterio.windows.Window(bc * block_px, br * block_px, min(block_px, dem.width - bc * block_px),
-                                      min(block_px, dem.height - br * block_px))
-        _, ok = _read_valid(dem, win)
-        if lab is not None:
-          ok &= read_band(lab, win) != IGNORE
-        weights[br, bc] = ok.sum()
-    if weights.sum() == 0:
-      raise DataError(label or elevation, "no valid labelled pixel in the whole raster")
-    block_split = assign_blocks(weights, dict(fractions), seed)
+    if block_split is not None:
+      block_split = np.asarray(block_split, np.int8)
+      if block_split.shape != (nb_r, nb_c) or not np.isin(block_split, range(len(SPLITS))).all():
+        raise ValueError(f"block_split must be {nb_r} x {nb_c} values in 0..{len(SPLITS) - 1} "
+                         f"({block_px} px blocks over {elevation}), got shape {block_split.shape}")
+    else:
+      # pass 1: weight of each block = useful pixels (labelled if labels exist, else valid)
+      weights = np.zeros((nb_r, nb_c), np.int64)
+      for br in range(nb_r):
+        for bc in range(nb_c):
+          win = rasterio.windows.Window(bc * block_px, br * block_px, min(block_px, dem.width - bc * block_px),
+                                        min(block_px, dem.height - br * block_px))
+          _, ok = _read_valid(dem, win)
+          if lab is not None:
+            ok &= read_band(lab, win) != IGNORE
+          weights[br, bc] = ok.sum()
+      if weights.sum() == 0:
+        raise DataError(label or elevation, "no valid labelled pixel in the whole raster")
+      block_split = assign_blocks(weights, dict(fractions), seed)
 
     # pass 2: read, filter, encode, write
     windows = tile_windows(dem.height, dem.width, tile_size, stride)
@@ -164,7 +174,8 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
           class_counts[split][int(v)] = class_counts[split].get(int(v), 0) + int(c)
     for wr in writers.values():
       wr.close()
-    if not tile_ids["train"]:
+    if not tile_ids["train"] and (fractions["train"] > 0 or not any(tile_ids.values())):
+      # (a set drawn wholly for evaluation, train fraction 0, needs no training tile)
       raise DataError(elevation, f"no training tile survived the filters ({skipped}); lower "
                       "min_valid/min_labelled, the tile size or the block size")
 
@@ -195,7 +206,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
                     for k, p in {"elevation": elevation, "label": label, "valid": valid, **extras}.items()},
         "filters": {"min_valid": min_valid, "min_labelled": min_labelled},
         "split": {"block_px": block_px, "fractions": dict(fractions), "seed": seed,
-                  "block_splits": block_split.tolist()},
+                  "block_splits": block_split.tolist(), "given": given_split},
         "splits": {s: {"files": writers[s].files, "count": writers[s].count, "tile_ids": tile_ids[s],
                        **({"classes": class_summary(class_counts[s], IGNORE)} if lab is not None else {})}
                    for s in SPLITS},

@@ -56,6 +56,19 @@ def assign_blocks(weights: np.ndarray, fractions: dict[str, float], seed: int) -
   return out
 
 
+def assign_blocks_nested(inner: np.ndarray, outer: np.ndarray, fractions: dict[str, float],
+                         seed: int) -> np.ndarray:
+  """One split for two tile sets on one grid whose areas nest (e.g. two surveys of a place, one
+  covering part of the other): blocks touching the inner area are drawn on the inner weights,
+  the others on the outer weights, so each set gets its fractions and every block has one
+  split in both."""
+  if inner.shape != outer.shape:
+    raise ValueError(f"weights of different block grids: {inner.shape} vs {outer.shape}")
+  first = assign_blocks(inner, fractions, seed)
+  rest = assign_blocks(np.where(inner > 0, 0, outer), fractions, seed)
+  return np.where(inner > 0, first, rest).astype(np.int8)
+
+
 def tile_split(window: TileWindow, block_split: np.ndarray, block_px: int) -> int | None:
   """The split of the blocks under a tile, or None if they disagree."""
   r0, c0 = window.row // block_px, window.col // block_px

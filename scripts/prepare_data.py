@@ -6,11 +6,13 @@ Subcommands (each refuses to replace an existing output unless --overwrite):
   labels     vector layer(s) -> uint8 label GeoTIFF on a DEM's grid (255 outside the labelled area)
   tiles      DEM (+ label, validity, extra channels) -> TFRecord shards + manifest.json
   delft      the whole chain on the shared Delft set, for buildings and/or roads
+  area       the whole chain on any labelled area of the shared data (data_pipelines/areas.py)
   check      read every shard of a tile set; names the first corrupt file
   normalisation-report   how each normalisation mode separates roads from buildings (Delft)
 
 Examples:
   scripts/prepare_data.py delft --out data/delft --task both
+  scripts/prepare_data.py area amsterdam_ahn3 --cell-size 1 --out data/areas/amsterdam_ahn3
   scripts/prepare_data.py lidar a.laz b.laz --crs EPSG:28992 --cell-size 0.5 --out rasters/
   scripts/prepare_data.py labels --dem rasters/dsm.tif --vector roads.gpkg --field function \\
       --values "rijbaan lokale weg" parkeervlak --out labels/roads.tif
@@ -85,6 +87,18 @@ def main(argv=None) -> int:
   p.add_argument("--overwrite", action="store_true")
   _tiling_flags(p, 64, 32, "float16", 0.75)
 
+  p = sub.add_parser("area", help="a labelled area of the shared data into tile sets, one per task")
+  p.add_argument("name", help="an area of data_pipelines/areas.py: delft, alexandria, amsterdam_ahn3, "
+                 "amsterdam_ahn2, gothenburg")
+  p.add_argument("--out", required=True, help="output folder; gets <task>/{rasters,labels,tiles}")
+  p.add_argument("--task", nargs="+", help="buildings and/or roads (default: all of the area's tasks)")
+  p.add_argument("--cell-size", type=float, help="grid spacing in metres (default: the area's native one; "
+                 "1 puts every area on one grid)")
+  p.add_argument("--holdout", action="store_true", help="every tile in test (the held-out area of "
+                 "leave-one-area-out)")
+  p.add_argument("--overwrite", action="store_true")
+  _tiling_flags(p, 64, 32, "float16", None)  # min_valid None: the area's own
+
   p = sub.add_parser("check", help="read every record of a tile set")
   p.add_argument("manifest")
 
@@ -129,6 +143,14 @@ def _run(a: argparse.Namespace) -> int:
       m = prepare_delft(Path(a.out) / task, task, cell_size=a.cell_size, tile_size=a.tile_size, stride=a.stride,
                         block_px=a.block_px, dtype=a.dtype, label_source=a.label_source, min_valid=a.min_valid,
                         min_labelled=a.min_labelled, seed=a.seed, overwrite=a.overwrite)
+      _summary(m)
+  elif a.command == "area":
+    from data_pipelines.areas import get_area, prepare_area
+    optional = {} if a.min_valid is None else {"min_valid": a.min_valid}
+    for task in a.task or get_area(a.name).tasks:
+      m = prepare_area(a.name, Path(a.out) / task, task, a.cell_size, a.tile_size, a.stride, block_px=a.block_px,
+                       holdout=a.holdout, dtype=a.dtype, min_labelled=a.min_labelled, seed=a.seed,
+                       overwrite=a.overwrite, **optional)
       _summary(m)
   elif a.command == "check":
     from data_pipelines.reader import check_shards, read_manifest, split_files

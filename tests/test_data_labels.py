@@ -43,6 +43,19 @@ def test_filtered_polygons_burn_exact_cells_and_outside_area_is_ignore(tmp_path,
   assert counts == {0: 64 * 32 - 200, 1: 200, IGNORE: 64 * 32}
 
 
+def test_labelled_area_can_be_some_features_of_a_layer(tmp_path, dem):
+  """Amsterdam's AHN3 labelled area: only some survey units of the index layer."""
+  units = [shapely.box(X0, Y0 - 32, X0 + 32, Y0), shapely.box(X0 + 32, Y0 - 32, X0 + 64, Y0),
+           shapely.box(X0, Y0 - 64, X0 + 64, Y0 - 32)]
+  _write_vector(tmp_path / "units.gpkg", units, "EPSG:32631", kinds=["ahn3", "ahn2", "ahn3"])
+  _write_vector(tmp_path / "b.gpkg", [shapely.box(X0 + 8, Y0 - 56, X0 + 56, Y0 - 8)], "EPSG:32631")
+  rasterize_labels(dem, [LabelLayer(tmp_path / "b.gpkg")], tmp_path / "l.tif",
+                   area=LabelLayer(tmp_path / "units.gpkg", field="kind", values=["ahn3"]))
+  label = rasterio.open(tmp_path / "l.tif").read(1)
+  assert (label[:32, 32:] == IGNORE).all() and (label[:32, :32] != IGNORE).all()
+  assert (label[32:] != IGNORE).all() and (label == 1).sum() == 48 * 48 - 24 * 24
+
+
 def test_labels_in_another_crs_are_reprojected(tmp_path, dem):
   box = shapely.box(X0 + 8, Y0 - 40, X0 + 40, Y0 - 8)
   lonlat = shapely.geometry.shape(rasterio.warp.transform_geom("EPSG:32631", "EPSG:4326", shapely.geometry.mapping(box)))
@@ -103,3 +116,20 @@ def test_lidar_class_raster_as_labels_ignores_cells_without_returns(tmp_path, de
   label = rasterio.open(tmp_path / "l.tif").read(1)
   assert (label[10:20, 10:20] == 1).all() and (label[0] == IGNORE).all()
   assert counts == {0: 64 * 63 - 100, 1: 100, IGNORE: 64}
+
+
+def test_land_cover_nodata_becomes_ignore(tmp_path, dem):
+  """Gothenburg's landcover.tif: float32 classes with nodata -9999."""
+  from data_pipelines.labels import labels_from_class_raster
+  profile = rasterio.open(dem).profile
+  profile.update(dtype="float32", nodata=-9999)
+  cover = np.full((64, 64), 5, np.float32)
+  cover[:8] = 1  # paved
+  cover[8:20, :10] = 2  # building
+  cover[-1, :] = -9999
+  with rasterio.open(tmp_path / "cover.tif", "w", **profile) as d:
+    d.write(cover, 1)
+  counts = labels_from_class_raster(tmp_path / "cover.tif", tmp_path / "l.tif", classes=(1,))
+  label = rasterio.open(tmp_path / "l.tif").read(1)
+  assert (label[:8] == 1).all() and (label[-1] == IGNORE).all()
+  assert counts == {0: 64 * 55, 1: 64 * 8, IGNORE: 64}

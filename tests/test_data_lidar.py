@@ -63,6 +63,25 @@ def test_windows_and_file_split_do_not_change_the_mosaic(tmp_path):
     np.testing.assert_array_equal(one[k], many[k], err_msg=k)
 
 
+def test_given_bounds_fix_the_grid_whatever_the_files_cover(tmp_path):
+  """Two surveys of one place on one grid (Amsterdam AHN2 / AHN3): the extent comes from the caller."""
+  xyz, cls = _cloud(seed=2)
+  part = xyz[:, 0] < X0 + 9
+  write_las(tmp_path / "all.laz", xyz, cls, crs="EPSG:32631")
+  write_las(tmp_path / "part.laz", xyz[part], cls[part], crs="EPSG:32631")
+  kw = dict(cell_size=1.0, progress=False, dtm_fill_px=10, bounds=(X0 - 4.5, Y0, X0 + 24, Y0 + 20.5))
+  whole, west = (las_to_rasters([tmp_path / f], tmp_path / f[:-4], **kw) for f in ("all.laz", "part.laz"))
+  with rasterio.open(whole["dsm"]) as a, rasterio.open(west["dsm"]) as b:
+    assert a.transform == b.transform and a.shape == b.shape == (22, 30)  # snapped outward, +1 edge cell
+    assert (a.bounds.left, a.bounds.top) == (X0 - 5, Y0 + 21)
+  w, p = _read(whole), _read(west)
+  # cell (r, c) of the cloud is at row r + 1, col c + 5; the partial survey's cells agree where it has points
+  np.testing.assert_array_equal(w["dsm"][1:21, 5:14], p["dsm"][1:21, 5:14])
+  assert p["valid"][:, 14:].sum() == 0 and w["valid"][1:21, 14:25].all()
+  with pytest.raises(ValueError, match="empty bounds"):
+    las_to_rasters([tmp_path / "all.laz"], tmp_path / "x", cell_size=1.0, bounds=(X0, Y0, X0, Y0 + 1), progress=False)
+
+
 def test_crs_missing_mismatched_or_given(tmp_path):
   xyz, cls = _cloud()
   write_las(tmp_path / "nocrs.laz", xyz, cls)

@@ -10,7 +10,7 @@ from data_pipelines.errors import DataError
 from data_pipelines.synthetic import synthetic_scene, write_scene_geotiffs
 from data_pipelines.tile_records import decode_tile_numpy
 from data_pipelines.tile_writer import write_tiles
-from data_pipelines.tiles import assign_blocks, few_label_subsets, tile_windows
+from data_pipelines.tiles import assign_blocks, assign_blocks_nested, few_label_subsets, tile_windows
 
 
 def _records(manifest_path, split):
@@ -41,6 +41,19 @@ def test_block_assignment_reaches_each_fraction_and_is_seeded():
   assert np.bincount(a.ravel(), minlength=3).tolist() == [70, 15, 15]
   np.testing.assert_array_equal(a, assign_blocks(weights, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=1))
   assert not np.array_equal(a, assign_blocks(weights, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=2))
+
+
+def test_nested_assignment_gives_both_areas_their_fractions():
+  outer = np.ones((10, 20))
+  inner = np.zeros((10, 20))
+  inner[:, :8] = 1  # the inner survey covers 80 of the 200 blocks
+  fr = {"train": 0.7, "val": 0.15, "test": 0.15}
+  a = assign_blocks_nested(inner, outer, fr, seed=0)
+  assert np.bincount(a[:, :8].ravel(), minlength=3).tolist() == [56, 12, 12]
+  assert np.bincount(a.ravel(), minlength=3).tolist() == [140, 30, 30]
+  # a plain draw on the outer weights leaves the inner area's shares to chance
+  plain = [np.bincount(assign_blocks(outer, fr, s)[:, :8].ravel(), minlength=3)[2] for s in range(20)]
+  assert len(set(plain)) > 1
 
 
 def test_few_label_subsets_are_nested_seeded_and_within_train():
@@ -155,3 +168,33 @@ def test_truncated_geotiff_is_named_and_leaves_nothing(tmp_path, scene_tifs):
   with pytest.raises(DataError, match="cut.tif: corrupt or truncated raster"):
     write_tiles(tmp_path / "cut.tif", tmp_path / "out", tile_size=32, progress=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tif", "whole.tif"]
+
+
+def test_a_given_block_split_decides_every_tile(tmp_path, scene_tifs):
+  _, tifs = scene_tifs  # 200 x 180 px: 4 x 4 blocks of 50 px
+  given = np.zeros((4, 4), np.int8)
+  given[0, :], given[3, 2:] = 2, 1  # top row test, two bottom-right blocks val
+  m_path = write_tiles(tifs["dsm"], tmp_path / "t", label=tifs["label"], tile_size=25, stride=25,
+                       block_px=50, min_labelled=0, block_split=given, progress=False)
+  m = json.loads(m_path.read_text())
+  assert m["split"]["block_splits"] == given.tolist() and m["split"]["given"]
+  for i, split in enumerate(("train", "val", "test")):
+    _, recs = _records(m_path, split)
+    assert len(recs) == 4 * int((given == i).sum())  # 25 px tiles, 4 per 50 px block
+    for r in recs:
+      col, row = r["window"][:2]
+      assert given[row // 50, col // 50] == i
+  with pytest.raises(ValueError, match="block_split must be 4 x 4"):
+    write_tiles(tifs["dsm"], tmp_path / "o", tile_size=25, block_px=50, block_split=given[:3], progress=False)
+
+
+def test_a_set_drawn_wholly_for_evaluation_keeps_every_tile_in_test(tmp_path, scene_tifs):
+  """A held-out area (leave-one-area-out): no split boundary, so no tile is lost to straddling."""
+  _, tifs = scene_tifs
+  kw = dict(label=tifs["label"], tile_size=32, stride=16, block_px=64, min_labelled=0, progress=False)
+  m = json.loads(write_tiles(tifs["dsm"], tmp_path / "t", fractions={"train": 0, "val": 0, "test": 1}, **kw).read_text())
+  assert m["splits"]["train"]["count"] == m["splits"]["val"]["count"] == 0 and not m["subsets"]
+  assert m["splits"]["test"]["count"] == m["candidates"] == len(tile_windows(200, 180, 32, 16))
+  assert m["stats"]["elevation"] == {"count": 0}
+  split = json.loads(write_tiles(tifs["dsm"], tmp_path / "s", **kw).read_text())
+  assert split["skipped"]["straddles_splits"] > 0
