@@ -120,8 +120,12 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
       planes = random_symmetries(planes, aug_seed)
     metres = {c: to_metres(p, o) for c, p, o in zip(channel_names, planes, offsets)}
     valid = planes[len(channel_names)]
-    out = {"image": normalise(metres["elevation"], valid, normalisation, stats=stats, ndsm=metres.get("ndsm"),
-                              scale_m=scale_m, low_percentile=low_percentile, channels=channels, filled=True),
+    # The network sees every stored pixel (measured, interpolated, or filled with the tile's
+    # lowest value where there is none); validity only weights the loss and the metrics.
+    has_value = tf.ones_like(valid, tf.bool)
+    out = {"image": normalise(metres["elevation"], has_value, normalisation, stats=stats,
+                              ndsm=metres.get("ndsm"), scale_m=scale_m, low_percentile=low_percentile,
+                              channels=channels, filled=True),
            "valid": tf.cast(valid, tf.float32)}
     if has_label:
       out["label"] = tf.cast(planes[-1], tf.int32)

@@ -156,8 +156,12 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
       if lbl is not None and (lbl != IGNORE).mean() < min_labelled:
         skipped["low_labelled"] += 1
         continue
-      for k in chans:  # invalid pixels take the tile's lowest valid value: no NaN, stats unbent
-        chans[k] = np.where(ok, chans[k], chans[k][ok].min())
+      # Pixels without a value take the tile's lowest valid value (no NaN, stats unbent). Cells
+      # with an interpolated value (a scan gap the rasteriser filled: finite but not valid) keep
+      # it: the network sees the roof, not a pit to street level, as the predictor does on a DSM
+      # GeoTIFF; `valid` still keeps them out of the loss and the metrics.
+      for k in chans:
+        chans[k] = np.where(np.isfinite(chans[k]), chans[k], chans[k][ok].min())
       split = SPLITS[split_i]
       meta = dict(transform=tuple(rasterio.windows.transform(win, dem.transform))[:6],
                   window=(w.col, w.row, w.size, w.size), tile_id=tile_id, cell_size=dem.res[0],

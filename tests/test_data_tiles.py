@@ -129,6 +129,28 @@ def test_nodata_and_nan_become_invalid_never_nan(tmp_path):
   assert first["elevation"][:10, :10].min() == first["elevation"][first["valid"] > 0].min()
 
 
+def test_interpolated_cells_keep_their_height_but_stay_invalid(tmp_path):
+  """A scan gap the rasteriser interpolated (finite DSM, valid 0) is stored as its height, so a
+  roof keeps no pit to street level; it stays out of the loss through `valid`."""
+  import rasterio
+  scene = synthetic_scene(64, 64, seed=1)
+  tifs = write_scene_geotiffs(scene, tmp_path / "s")
+  with rasterio.open(tifs["dsm"]) as src:
+    profile = src.profile
+  gap = np.ones((64, 64), np.uint8)
+  gap[20:24, 20:24] = 0
+  profile.update(dtype="uint8", nodata=None)
+  with rasterio.open(tmp_path / "valid.tif", "w", **profile) as dst:
+    dst.write(gap, 1)
+  m_path = write_tiles(tifs["dsm"], tmp_path / "t", valid=tmp_path / "valid.tif", tile_size=32,
+                       min_valid=0.5, progress=False, dtype="float32",
+                       fractions={"train": 1.0, "val": 0.0, "test": 0.0})
+  _, recs = _records(m_path, "train")
+  first = next(r for r in recs if tuple(r["window"][:2]) == (0, 0))
+  assert first["valid"][20:24, 20:24].sum() == 0
+  np.testing.assert_array_equal(first["elevation"][20:24, 20:24], scene.dsm[20:24, 20:24])
+
+
 def test_bad_inputs_fail_clearly_and_leave_nothing(tmp_path, scene_tifs):
   _, tifs = scene_tifs
   small = write_scene_geotiffs(synthetic_scene(20, 40, seed=0), tmp_path / "small")
