@@ -188,10 +188,46 @@ def _probs(graphdef, state, images):
   return jax.nn.softmax(nnx.merge(graphdef, state)(images).astype(jnp.float32), axis=-1)
 
 
-def probabilities_fn(model: nnx.Module) -> Callable[[np.ndarray], jax.Array]:
-  """images [B, H, W, C] -> class probabilities [B, H, W, K], jitted (one compile per shape)."""
+@jax.jit
+def _probs_tta(graphdef, state, images):
+  """Mean probabilities over the 8 square symmetries (4 rotations x mirror), each undone on the
+  output: the network is not equivariant, so averaging removes its orientation bias."""
+  model = nnx.merge(graphdef, state)
+  total = 0.0
+  for k in range(4):
+    for mirror in (False, True):
+      x = jnp.rot90(images, k, axes=(1, 2))
+      x = x[:, :, ::-1] if mirror else x
+      y = jax.nn.softmax(model(x).astype(jnp.float32), axis=-1)
+      y = y[:, :, ::-1] if mirror else y
+      total = total + jnp.rot90(y, -k, axes=(1, 2))
+  return total / 8.0
+
+
+def probabilities_fn(model: nnx.Module, tta: bool = False) -> Callable[[np.ndarray], jax.Array]:
+  """images [B, H, W, C] -> class probabilities [B, H, W, K], jitted (one compile per shape);
+  `tta=True` averages them over the 8 square symmetries (8 forward passes)."""
   graphdef, state = nnx.split(model)
-  return lambda images: _probs(graphdef, state, jnp.asarray(images, jnp.float32))
+  fn = _probs_tta if tta else _probs
+  return lambda images: fn(graphdef, state, jnp.asarray(images, jnp.float32))
+
+
+def window_multiple(spec: dict) -> int | None:
+  """The side a prediction window of this model must be a multiple of, or None when only the
+  training tile size works (a ViT's position embeddings fix its input size)."""
+  if spec["kind"] == "unet":
+    return 2 ** int(spec["unet"]["depth"])
+  return None
+
+
+def check_window(spec: dict, window: int) -> None:
+  m = window_multiple(spec)
+  if m is None and window != spec["tile_size"]:
+    raise ValueError(f"a {spec['kind']} model takes windows of its tile size "
+                     f"({spec['tile_size']} px) only, not {window}")
+  if m is not None and (window % m or window < m):
+    raise ValueError(f"prediction windows of a {spec['kind']} model must be multiples of {m} px; "
+                     f"got {window}")
 
 
 def confusion(model: nnx.Module, batches: Iterator[dict], num_classes: int,
