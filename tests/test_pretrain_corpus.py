@@ -203,3 +203,41 @@ def test_build_resumes_skipping_finished_sources(corpus, tmp_path, monkeypatch):
   done = pc.build_corpus(part, 1.0, progress=False, sources=LABELLED[1:])
   drop = lambda r: {k: v for k, v in r.items() if k != "build_seconds"}  # noqa: E731
   assert [drop(s) for s in done["sources"]] == [drop(s) for s in first["sources"] if s["name"] != "delft"]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
+  import subprocess
+  import sys
+  from demmae_jax.train.metrics import read_jsonl
+  from test_train_support import ROOT, child_env
+
+  def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=900)
+
+  corpus = tmp_path / "corpus"
+  keep = ("gothenburg", "la_rochelle")  # one labelled place, the evaluation tile
+  out = run("scripts/prepare_data.py", "corpus", "--out", str(corpus), "--exclude",
+            *sorted({s.place for s in pc.SOURCES} - set(keep)))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "gothenburg" in out.stdout and "ign_larochelle   eval" in out.stdout
+  manifest = json.loads((corpus / pc.CORPUS_JSON).read_text())
+  assert [s["name"] for s in manifest["sources"]] == ["gothenburg", "ign_larochelle"]
+  assert manifest["excluded_places"] and manifest["km2"]["train"]["masked"] > 0
+  wd = tmp_path / "run"
+  cfg = str(ROOT / "configs" / "dem_pretrain.py")
+  out = run("scripts/pretrain.py", f"--config={cfg}:tiny", f"--workdir={wd}", f"--config.data.corpus={corpus}",
+            "--config.data.normalisation.mode=ndsm", "--config.data.normalisation.scale_m=10",
+            "--config.total_steps=4", "--config.optim.warmup_steps=1", "--config.eval_every_steps=2",
+            "--config.log.every_steps=1", "--config.log.progress=False", "--config.log.picture_every_steps=0")
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = read_jsonl(wd / "metrics.jsonl")
+  assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+  assert all(np.isfinite(r["eval_loss"]) for r in rows if "eval_loss" in r)
+  # nDSM without a corpus is refused before anything is written
+  out = run("scripts/pretrain.py", f"--config={cfg}:tiny", f"--workdir={tmp_path / 'no'}",
+            "--config.data.normalisation.mode=ndsm")
+  assert out.returncode != 0 and "set --config.data.corpus" in out.stderr
+  assert not (tmp_path / "no").exists()
