@@ -1,14 +1,15 @@
 """The high-resolution pretraining corpus: every LiDAR survey and DSM of the shared data at
 0.5-2 m cells (no SRTM), as a DSM and an nDSM GeoTIFF per source, with the validation and test
-blocks of every evaluation split set to NaN.
+blocks of the evaluation splits in HELD_OUT set to NaN.
 
     build_corpus("runs/corpus")   # -> corpus.json + SOURCE/{dsm,ndsm}.tif (+ splits/*.json)
 
 Why a held-out block is never seen in pretraining:
 - Each split in HELD_OUT is taken from a tile set prepared by the labelled set's own function
-  (`areas.prepare_area`, the one the experiments and leave-one-area-out call) with that
-  protocol's cell size, tile size, block size and seed: the manifest's `split` (blocks of
-  `block_px` on the grid of `rasters/dsm.tif`) is the split, not a re-derivation of it.
+  (`areas.prepare_area` -> prepare_delft, prepare_alexandria, ..., which the experiments and
+  leave-one-area-out call) with that protocol's cell size, tile size, block size and seed: the
+  manifest's `split` (blocks of `block_px` on the grid of the set's elevation raster) is the
+  split, not a re-derivation of it.
 - Every val/test block becomes a rectangle in the area's CRS; on a corpus grid every cell that
   overlaps one by any area is NaN in both the DSM and the nDSM (a test tile lies wholly inside
   test blocks, so all of its ground is NaN).
@@ -79,7 +80,7 @@ HELD_OUT = (
     HeldOutSplit("amsterdam_ahn3", "buildings", 1.0, 64, None, _LOAO + "; the AHN2 set shares it"),
 )
 # configs/experiments.py:paper (224 px tiles and blocks at 0.5 m / 2 m): a protocol for
-# accelerators; masking it too would take another ~45 % of Delft (build_corpus(paper=True)).
+# accelerators; masking it too masks 71 % of Delft instead of 41 % (build_corpus(paper=True)).
 PAPER_HELD_OUT = (
     *(HeldOutSplit("delft", t, 0.5, 224, 224, f"{_EXP}:paper (delft_{t})") for t in ("buildings", "roads")),
     HeldOutSplit("alexandria", "buildings", 2.0, 224, 224, f"{_EXP}:paper (alexandria_buildings)"),
@@ -343,7 +344,8 @@ def corpus_rasters(corpus_dir: str | Path, normalisation: str) -> tuple[list[Pat
   corpus_dir = Path(corpus_dir)
   path = corpus_dir / CORPUS_JSON
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: build the corpus with scripts/prepare_data.py corpus --out {corpus_dir}")
+    raise FileNotFoundError(f"{path} not found: build the corpus with "
+                            f"scripts/prepare_data.py corpus --out {corpus_dir}")
   product = "ndsm" if normalisation == "ndsm" else "dsm"
   sources = json.loads(path.read_text())["sources"]
   return tuple([corpus_dir / s["files"][product] for s in sources if s["role"] == role]
