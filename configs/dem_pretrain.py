@@ -5,6 +5,10 @@ Presets:
   cpu   a 6-block ViT on 64 x 64 crops of the shared SRTM, the Alexandria DSM and a DSM
         rasterised from the IGN LiDAR tiles: a real run whose loss visibly falls in ~15 minutes
         on 2 CPU cores (docs/pretraining.md);
+  cpu_hr the cpu model on the high-resolution corpus (data_pipelines/pretrain_corpus.py: the
+        0.5-2 m LiDAR / DSMs, every evaluation split's val/test blocks NaN), built into
+        WORKDIR/corpus, normalised as finetuning does ("ndsm", 10 m; "relative" reads the DSMs);
+        held-out loss on the IGN La Rochelle tile, which is never trained on;
   base  the paper's ViT-B/16 on 224 x 224 single-channel DEMs, bfloat16 compute, FSDP;
   large ViT-L/16, the same recipe.
 Override anything with --config.key=value (e.g. --config.total_steps=100); unknown keys are an
@@ -46,6 +50,11 @@ PRESETS = {
                   total_steps=100_000, global_batch=256, warmup_steps=5_000, lr=None,
                   checkpoint_every=1000, log_every=50, picture_every=2000, eval_every=2000),
 }
+# The cpu run on the high-resolution corpus; Delft at 0.5 m (the cpu experiments' tile cell),
+# the other sources at their own (Amsterdam, Gothenburg 1 m; Alexandria, IGN 2 m).
+PRESETS["cpu_hr"] = {**PRESETS["cpu"], "data": dict(
+    corpus="auto", corpus_cell_size=0.5, files=(), lidar_files=(), eval_files=(),
+    normalisation=dict(mode="ndsm", scale_m=10.0))}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -70,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.channel_adapt = ""  # "sum" | "mean" | "repeat": RGB patch-embedding weights to 1 channel
   c.init_encoder_only = False  # keep the decoder freshly initialised
 
-  # Data: random crops (img_size) of real rasters, per-crop min-max scaled.
+  # Data: random crops (img_size) of real rasters, per-crop min-max scaled by default.
   c.data = ml_collections.ConfigDict()
   c.data.files = PRETRAIN_FILES
   c.data.lidar_files = () if name == "tiny" else PRETRAIN_LIDAR  # tiny: seconds matter
@@ -82,6 +91,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # beside the loss of predicting every removed patch as the mean of the visible pixels.
   c.data.eval_files = EVAL_FILES
   c.data.eval_samples = 64
+  # The high-resolution corpus (scripts/prepare_data.py corpus): a built corpus folder, or "auto"
+  # = built into WORKDIR/corpus at corpus_cell_size on first use. When set, its training rasters
+  # replace files and lidar_files, and its evaluation rasters (the IGN La Rochelle tile) eval_files.
+  c.data.corpus = ""
+  c.data.corpus_cell_size = 1.0
+  # Normalisation of the crops, as in configs/finetune.py (data_pipelines/normalisation.py):
+  # "minmax" per crop (the paper's); "relative" (DSM height above the crop's low_percentile, /
+  # scale_m, clipped) and "ndsm" (the corpus's nDSM rasters / scale_m, clipped) are the modes
+  # finetuning can use, so an encoder pretrained with one is finetuned with the same.
+  c.data.normalisation = ml_collections.ConfigDict(dict(mode="minmax", scale_m=30.0, low_percentile=2.0))
+  for key, value in p.get("data", {}).items():
+    if key == "normalisation":
+      c.data.normalisation.update(value)
+    else:
+      setattr(c.data, key, value)
   c.eval_every_steps = p["eval_every"]
 
   c.lock()  # a typo in --config.key is an error

@@ -8,11 +8,13 @@ Subcommands (each refuses to replace an existing output unless --overwrite):
   delft      the whole chain on the shared Delft set, for buildings and/or roads
   area       the whole chain on any labelled area of the shared data (data_pipelines/areas.py)
   check      read every shard of a tile set; names the first corrupt file
+  corpus     the high-resolution pretraining corpus (DSM + nDSM per source, held-out blocks NaN)
   normalisation-report   how each normalisation mode separates roads from buildings (Delft)
 
 Examples:
   scripts/prepare_data.py delft --out data/delft --task both
   scripts/prepare_data.py area amsterdam_ahn3 --cell-size 1 --out data/areas/amsterdam_ahn3
+  scripts/prepare_data.py corpus --out data/corpus --cell-size 1
   scripts/prepare_data.py lidar a.laz b.laz --crs EPSG:28992 --cell-size 0.5 --out rasters/
   scripts/prepare_data.py labels --dem rasters/dsm.tif --vector roads.gpkg --field function \\
       --values "rijbaan lokale weg" parkeervlak --out labels/roads.tif
@@ -99,6 +101,16 @@ def main(argv=None) -> int:
   p.add_argument("--overwrite", action="store_true")
   _tiling_flags(p, 64, 32, "float16", None)  # min_valid None: the area's own
 
+  p = sub.add_parser("corpus", help="every LiDAR survey / DSM of the shared data as pretraining rasters, "
+                     "val/test blocks of the evaluation splits NaN (data_pipelines/pretrain_corpus.py)")
+  p.add_argument("--out", required=True, help="output folder (corpus.json, SOURCE/{dsm,ndsm}.tif); "
+                 "an unfinished one is completed")
+  p.add_argument("--cell-size", type=float, default=1.0, help="finest cell in metres (default 1; "
+                 "sources that cannot support it keep their own: Amsterdam 1, Alexandria and IGN 2)")
+  p.add_argument("--paper-splits", action="store_true", help="also mask configs/experiments.py:paper's splits")
+  p.add_argument("--exclude", nargs="+", default=[], metavar="PLACE",
+                 help="leave whole places out, e.g. gothenburg (leave-one-area-out pretraining)")
+
   p = sub.add_parser("check", help="read every record of a tile set")
   p.add_argument("manifest")
 
@@ -152,6 +164,14 @@ def _run(a: argparse.Namespace) -> int:
                        holdout=a.holdout, dtype=a.dtype, min_labelled=a.min_labelled, seed=a.seed,
                        overwrite=a.overwrite, **optional)
       _summary(m)
+  elif a.command == "corpus":
+    from data_pipelines.pretrain_corpus import CORPUS_JSON, build_corpus
+    c = build_corpus(a.out, a.cell_size, paper=a.paper_splits, exclude=tuple(a.exclude))
+    for s in c["sources"]:
+      print(f"{s['name']:16s} {s['role']:5s} {s['cell_size']:g} m  kept {s['km2']['kept']:.3f} km2  "
+            f"masked {s['km2']['masked']:.3f} km2")
+    print(f"{Path(a.out) / CORPUS_JSON}: train {c['km2']['train']['kept']:.3f} km2 kept, "
+          f"{c['km2']['train']['masked']:.3f} km2 masked; eval {c['km2']['eval']['kept']:.3f} km2")
   elif a.command == "check":
     from data_pipelines.reader import check_shards, read_manifest, split_files
     m = read_manifest(a.manifest)

@@ -5,7 +5,7 @@ from demmae_jax.train.pretrain import model_config
 from test_train_support import dem_pretrain_config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "cpu", "base", "large"])
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "cpu_hr", "base", "large"])
 def test_every_preset_gives_a_locked_config_of_a_valid_model(preset):
   c = dem_pretrain_config(preset)
   m = model_config(c.model)
@@ -32,3 +32,14 @@ def test_unknown_preset_and_unknown_model_field_are_errors():
     c.model.embed_dimm = 8
   with pytest.raises(TypeError, match="unknown MAE config fields"):
     model_config(c.model)
+
+
+def test_cpu_hr_is_the_cpu_model_on_the_corpus_normalised_as_finetuning_and_others_unchanged():
+  hr, cpu = dem_pretrain_config("cpu_hr"), dem_pretrain_config("cpu")
+  assert hr.model.to_dict() == cpu.model.to_dict() and hr.total_steps == cpu.total_steps
+  assert hr.data.corpus == "auto" and hr.data.normalisation.mode == "ndsm"
+  assert hr.data.normalisation.scale_m == 10.0
+  assert not hr.data.files and not hr.data.lidar_files and not hr.data.eval_files  # the corpus's
+  for preset in ("tiny", "cpu", "base", "large"):
+    c = dem_pretrain_config(preset)
+    assert c.data.corpus == "" and c.data.normalisation.mode == "minmax"
