@@ -11,7 +11,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-.PHONY: venv test test-fast demo
+.PHONY: venv test test-fast demo model
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -22,3 +22,8 @@ test-fast: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	PY=$(PY) bash scripts/demo.sh $(DEMO_ARGS)
+
+# The recommended building and road models, trained on every labelled area of ../shared/data
+# (docs/results_product.md), into models/{buildings,roads} for scripts/predict.py --workdir.
+model: $(VENV)/.installed
+	$(PY) scripts/train_model.py --out $(or $(MODEL_OUT),models)

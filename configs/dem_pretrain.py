@@ -7,7 +7,7 @@ Presets:
         on 2 CPU cores (docs/pretraining.md);
   cpu_hr the cpu model on the high-resolution corpus (data_pipelines/pretrain_corpus.py: the
         0.5-2 m LiDAR / DSMs, every evaluation split's val/test blocks NaN), built into
-        WORKDIR/corpus, normalised as finetuning does ("ndsm", 10 m; "relative" reads the DSMs);
+        WORKDIR/corpus, normalised as finetuning does ("ndsm", 30 m; "relative" reads the DSMs);
         held-out loss on the IGN La Rochelle tile, which is never trained on;
   base  the paper's ViT-B/16 on 224 x 224 single-channel DEMs, bfloat16 compute, FSDP;
   large ViT-L/16, the same recipe.
@@ -54,7 +54,7 @@ PRESETS = {
 # the other sources at their own (Amsterdam, Gothenburg 1 m; Alexandria, IGN 2 m).
 PRESETS["cpu_hr"] = {**PRESETS["cpu"], "data": dict(
     corpus="auto", corpus_cell_size=0.5, files=(), lidar_files=(), eval_files=(),
-    normalisation=dict(mode="ndsm", scale_m=10.0))}
+    normalisation=dict(mode="ndsm", scale_m=30.0))}  # as the recommended finetuning input
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -35,7 +35,10 @@ _PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
 _CRS = flags.DEFINE_string("crs", None, "CRS of an input without one, e.g. EPSG:28992.")
-_OVERLAP = flags.DEFINE_integer("overlap", None, "Window overlap in pixels (default tile / 4).")
+_WINDOW = flags.DEFINE_integer("window", None, "Window side in pixels (default: the training tile). "
+                                "A UNet reads larger windows (e.g. 256): more surroundings per pixel.")
+_TTA = flags.DEFINE_bool("tta", False, "Average the 8 square symmetries (8x the compute, steadier maps).")
+_OVERLAP = flags.DEFINE_integer("overlap", None, "Window overlap in pixels (default window / 4).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Windows per device batch (x device count).")
 _BLOCK = flags.DEFINE_integer("block", 1024, "Output block side in pixels (sets the memory).")
 _OTHER_CELL = flags.DEFINE_bool("allow_other_cell_size", False, "Predict even if the input's cell "
@@ -44,17 +47,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
-def make_normalise(spec: dict):
-  from data_pipelines.normalisation import normalise_numpy
-  n = spec["normalisation"]
-  kw = dict(stats=n["stats"], scale_m=n["scale_m"], low_percentile=n["low_percentile"],
-            channels=n["channels"])
-  if n["mode"] == "ndsm":  # the input raster must then be the nDSM itself
-    return lambda dem, valid: normalise_numpy(dem, valid, "ndsm", ndsm=dem, **kw)
-  return lambda dem, valid: normalise_numpy(dem, valid, n["mode"], **kw)
-
-
-def make_apply(model, batch_size: int):
+def make_apply(model, batch_size: int, tta: bool = False):
   """Batches put on all devices (split over the mesh's batch axes) for the jitted model."""
   import jax
   from demmae_jax import sharding
@@ -62,7 +55,7 @@ def make_apply(model, batch_size: int):
   mesh = sharding.make_mesh(data=-1)
   if batch_size % sharding.batch_parallelism(mesh):
     raise ValueError(f"--batch_size {batch_size} must be a multiple of the {jax.device_count()} devices")
-  probs = probabilities_fn(model)
+  probs = probabilities_fn(model, tta=tta)
   return lambda x: probs(jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)))
 
 
@@ -114,7 +107,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from data_pipelines.errors import DataError
-  from demmae_jax import predict
+  from demmae_jax import area_eval, predict
   from demmae_jax.train import finetune
 
   outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
@@ -126,7 +119,8 @@ def main(argv):
   try:
     model, spec, step = finetune.load_trained(_WORKDIR.value, _STEP.value if _STEP.value in
                                               ("best", "latest") else int(_STEP.value))
-    tile = spec["tile_size"]
+    tile = _WINDOW.value or spec["tile_size"]
+    finetune.check_window(spec, tile)
     opts = predict.PredictOptions(
         tile=tile, overlap=tile // 4 if _OVERLAP.value is None else _OVERLAP.value,
         batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
@@ -135,13 +129,15 @@ def main(argv):
       source, band = _INPUT.value, _BAND.value
       if Path(source).suffix.lower() in (".las", ".laz"):
         from data_pipelines.lidar import las_to_rasters
-        source = str(las_to_rasters([source], Path(scratch), cell_size=spec["cell_size"],
-                                    crs=_CRS.value)["dsm"])
+        rasters = las_to_rasters([source], Path(scratch), cell_size=spec["cell_size"], crs=_CRS.value)
+        # an nDSM model reads height above the LiDAR's own ground
+        source = str(rasters["ndsm" if area_eval.input_raster_name(spec) == "ndsm" else "dsm"])
         band = None
         opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
       check_cell_size(source, spec, _OTHER_CELL.value)
       summary = predict.predict_raster(
-          source, _OUTPUT.value, make_apply(model, _BATCH.value), make_normalise(spec), opts,
+          source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
+          area_eval.input_normalise(spec), opts,
           probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
           overwrite=_OVERWRITE.value)
       if _PNG.value:

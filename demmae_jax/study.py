@@ -1,0 +1,251 @@
+"""The product's model study (issue 12): which segmentation model to recommend, measured on areas
+it never trained on, beside today's models.
+
+Two groups of runs, each resumable (a run whose result file exists is skipped, nothing written
+earlier is replaced):
+- `delft`: N labelled tiles of Delft (the draws, validation and test areas of
+  `configs/experiments.py:cpu`, so the numbers sit beside docs/results.md), per task and seed;
+- `loao`: leave-one-area-out at 1 m: train on every labelled area but one (all their training
+  tiles), test on the whole held-out area (`data_pipelines.areas`).
+
+Every run is scored twice: per test tile, alone (the paper's protocol) and over the test area as
+`predict_raster` maps it (`demmae_jax.area_eval`: windows with their surroundings, the user's
+view). The arms are `configs/finetune.py` presets plus overrides (`ARMS`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.atomic import atomic_file
+from demmae_jax import config_files
+
+# arm -> (configs/finetune.py preset, overrides); {task} is buildings or roads.
+ARMS = {
+    # docs/results.md's best model at 10 tiles: the UNet on per-tile min-max heights
+    "unet_minmax": ("cpu_unet_{task}", {}),
+    # the same UNet on height above ground (nDSM / 30 m): heights mean the same in every tile
+    "unet_ndsm": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm"}),
+    # the ViT-UNet (models/hybrid.py), encoder finetuned, from random weights ...
+    "hybrid_random": ("cpu_hybrid_{task}", {"data.normalisation.mode": "ndsm",
+                                            "freeze_backbone": False}),
+    # ... and from the encoder pretrained on the high-resolution corpus (configs/dem_pretrain.py:
+    # cpu_hr, exported to DEM_ENCODER): the same architecture and recipe
+    "hybrid_dem": ("cpu_hybrid_{task}", {"data.normalisation.mode": "ndsm", "freeze_backbone": False,
+                                         "init": "{encoder}"}),
+}
+DEM_ENCODER = "runs/dem_mae_hr"
+ARM_NAMES = {"unet_minmax": "UNet, per-tile min-max input (today's best, docs/results.md)",
+             "unet_ndsm": "UNet, nDSM input (recommended)",
+             "hybrid_random": "ViT-UNet, nDSM, random encoder (finetuned)",
+             "hybrid_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (finetuned)",
+             "height_rule": "height rule, no learning (tuned on the training tiles)"}
+RECOMMENDED = "unet_ndsm"
+RECIPE = {"total_steps": 300, "eval_every_steps": 50, "checkpoint.every_steps": 50,
+          "optim.warmup_steps": 30, "global_batch": 8}
+# How the area score predicts: 256 px windows (the UNet is fully convolutional) and the 8
+# square symmetries averaged, as `scripts/predict.py --window 256 --tta` does.
+AREA_PREDICT = {"window": 256, "tta": True}
+LOAO_AREAS = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"),
+              "roads": ("delft", "gothenburg")}
+LOAO_CELL, LOAO_TILE, LOAO_STRIDE = 1.0, 64, 32
+
+
+def finetune_config(arm: str, task: str, manifest: str | Path, seed: int, **overrides):
+  preset, arm_overrides = ARMS[arm]
+  arm_overrides = {k: v.format(encoder=DEM_ENCODER) if isinstance(v, str) else v
+                   for k, v in arm_overrides.items()}
+  c = config_files.get_config("finetune", preset.format(task=task), **{
+      **RECIPE, **arm_overrides, "data.manifest": str(manifest), "seed": seed, "data.seed": seed,
+      "log.progress": False, "log.tensorboard": False, **overrides})
+  c.log.every_steps = 25
+  return c
+
+
+def _write_json(path: Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic_file(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=1))
+
+
+def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Path, seed: int,
+            out: Path, log=print) -> dict:
+  """Train one arm on `manifest`'s train split (validation on its val split, best kept), score it
+  per test tile and over `area_manifest`'s test area; the result JSON is written last."""
+  from demmae_jax import area_eval
+  from demmae_jax.train import finetune
+  path = out / "results" / f"{run_id}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  workdir = out / "workdirs" / run_id
+  t0 = time.time()
+  result = finetune.run(finetune_config(arm, task, manifest, seed), workdir)
+  if result.preempted:
+    raise KeyboardInterrupt(f"{run_id} stopped by a signal; rerun to resume")
+  model, spec, step = finetune.load_trained(workdir)
+  tiles, _ = finetune.evaluate_split(model, spec, str(manifest), "test")
+  area = area_eval.evaluate_area(workdir, area_manifest, model=(model, spec),
+                                 keep_prediction=workdir / "test_area_classes.tif", **AREA_PREDICT)
+  rec = {"id": run_id, "arm": arm, "task": task, "seed": seed, "manifest": str(manifest),
+         "area_manifest": str(area_manifest), "best_step": step, "tiles": tiles, "area": area,
+         "tile_iou": tiles["iou"], "area_iou": area["iou"], "seconds": round(time.time() - t0, 1),
+         "area_predict": AREA_PREDICT, "recipe": RECIPE}
+  _write_json(path, rec)
+  log(f"{run_id}: tile IoU {tiles['iou']:.3f}, area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
+  return rec
+
+
+# ------------------------------------------------------------------------------ groups
+def delft_runs(out: Path, *, sizes=(10,), seeds: int = 3, arms=("unet_minmax", "unet_ndsm"), tasks=("buildings", "roads"),
+               log=print) -> list[dict]:
+  """N labelled Delft tiles: the cpu protocol's draws (docs/results.md), validation and test."""
+  from demmae_jax import experiments
+  cfg = config_files.get_config("experiments", "cpu")
+  data = experiments.Data(cfg, out / "data" / "delft", log)
+  recs = []
+  for seed in range(seeds):
+    for n in sizes:
+      for task in tasks:
+        dataset = f"delft_{task}"
+        manifest, _ = data.manifest(experiments.Run(dataset, "unet", n, seed))
+        base = Path(data.base(dataset)["_dir"]) / "manifest.json"
+        for arm in arms:
+          recs.append(run_one(f"delft/{task}/{arm}/n{n}_s{seed}", arm, task, manifest, base, seed,
+                              out, log))
+  return recs
+
+
+def loao_data(out: Path, task: str, held_out: str, log=print) -> tuple[Path, Path]:
+  """(combined manifest: train/val of the other areas, test = the held-out area; the held-out
+  area's own manifest, every block test) at 1 m, prepared on first use."""
+  from data_pipelines.areas import leave_one_area_out, prepare_area
+  root = out / "data" / "areas"
+  manifests = {}
+  for area in LOAO_AREAS[task]:
+    holdout = area == held_out
+    folder = root / task / (f"{area}_holdout" if holdout else area)
+    m = folder / "tiles" / "manifest.json"
+    if not m.exists():
+      log(f"data: preparing {area} {task} at {LOAO_CELL:g} m{' (all test)' if holdout else ''}")
+      prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
+                   holdout=holdout, progress=False)
+    manifests[area] = m
+  combined = root / task / f"loao_{held_out}"
+  if not (combined / "manifest.json").exists():
+    leave_one_area_out(held_out, manifests, combined)
+  return combined / "manifest.json", manifests[held_out]
+
+
+def loao_runs(out: Path, *, seeds: int = 3, arms=(RECOMMENDED,), tasks=("buildings", "roads"),
+              log=print) -> list[dict]:
+  recs = []
+  for seed in range(seeds):
+    for task in tasks:
+      for held_out in LOAO_AREAS[task]:
+        manifest, area_manifest = loao_data(out, task, held_out, log)
+        for arm in arms:
+          recs.append(run_one(f"loao/{task}/{held_out}/{arm}/s{seed}", arm, task, manifest,
+                              area_manifest, seed, out, log))
+  return recs
+
+
+# ------------------------------------------------------------------------------ report
+def load_results(out: Path) -> list[dict]:
+  return [json.loads(p.read_text()) for p in sorted((Path(out) / "results").rglob("*.json"))]
+
+
+def _cell(values) -> str:
+  v = 100 * np.asarray([x for x in values if x is not None], np.float64)
+  if not len(v):
+    return ""
+  return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "") + f" ({len(v)})"
+
+
+def report(out: Path) -> str:
+  """Markdown tables of every result under `out`: mean ± std over seeds (n)."""
+  results = load_results(out)
+  lines = []
+  delft = [r for r in results if r["id"].startswith("delft/")]
+  if delft:
+    lines += ["### Delft, 10 labelled tiles (test IoU %: per tile | over the test area)", "",
+              "| task | arm | per tile | test area | area boundary IoU |", "|---|---|---|---|---|"]
+    for task in ("buildings", "roads"):
+      for arm in ARM_NAMES:
+        rs = [r for r in delft if r["task"] == task and r["arm"] == arm]
+        if rs:
+          lines.append(f"| {task} | {ARM_NAMES[arm]} | {_cell(r['tile_iou'] for r in rs)} | "
+                       f"{_cell(r['area_iou'] for r in rs)} | "
+                       f"{_cell(r['area'].get('boundary_iou') for r in rs)} |")
+    lines.append("")
+  loao = [r for r in results if r["id"].startswith("loao/")]
+  if loao:
+    lines += ["### Leave one area out, 1 m (test IoU % over the whole held-out area)", "",
+              "| task | held-out area | arm | per tile | test area | area boundary IoU |",
+              "|---|---|---|---|---|---|"]
+    for task in ("buildings", "roads"):
+      for area in LOAO_AREAS[task]:
+        for arm in ARM_NAMES:
+          rs = [r for r in loao if r["task"] == task and r["arm"] == arm and f"/{area}/" in r["id"]]
+          if rs:
+            lines.append(f"| {task} | {area} | {ARM_NAMES[arm]} | {_cell(r['tile_iou'] for r in rs)} | "
+                         f"{_cell(r['area_iou'] for r in rs)} | "
+                         f"{_cell(r['area'].get('boundary_iou') for r in rs)} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ the product model
+MODEL_STEPS = 1500  # ~5x the study's recipe: the pooled areas hold ~20x the tiles of 10-tile runs
+
+
+def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: int = 0,
+                      log=print) -> Path:
+  """The recommended model for `task` trained on every labelled area of the shared data at 1 m
+  (their training blocks; validation on their validation blocks), scored on each area's test
+  blocks over the area as `predict` maps it. Writes OUT/<task> (a finetuning workdir for
+  `scripts/predict.py --workdir`) and OUT/<task>/test_areas.json; resumable."""
+  from data_pipelines.areas import prepare_area
+  from data_pipelines.combine import combine_tile_sets
+  from demmae_jax import area_eval
+  from demmae_jax.train import finetune
+  out = Path(out)
+  manifests = {}
+  for area in LOAO_AREAS[task]:
+    if area == "amsterdam_ahn2":
+      continue  # Amsterdam once: AHN3 is the newer survey of the same place
+    folder = out / "data" / task / area
+    if not (folder / "tiles" / "manifest.json").exists():
+      log(f"data: preparing {area} {task} at {LOAO_CELL:g} m")
+      prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
+                   progress=False)
+    manifests[area] = folder / "tiles" / "manifest.json"
+  if task == "buildings":
+    folder = out / "data" / task / "amsterdam_ahn3"
+    if not (folder / "tiles" / "manifest.json").exists():
+      log("data: preparing amsterdam_ahn3 buildings at 1 m")
+      prepare_area("amsterdam_ahn3", folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE,
+                   stride=LOAO_STRIDE, progress=False)
+    manifests["amsterdam_ahn3"] = folder / "tiles" / "manifest.json"
+  pooled = out / "data" / task / "all"
+  if not (pooled / "manifest.json").exists():
+    combine_tile_sets(list(manifests.values()), pooled)
+  workdir = out / task
+  config = finetune_config(RECOMMENDED, task, pooled / "manifest.json", seed, total_steps=steps,
+                           eval_every_steps=100, **{"checkpoint.every_steps": 100,
+                                                    "optim.warmup_steps": 50})
+  config.log.progress = True
+  t0 = time.time()
+  result = finetune.run(config, workdir)
+  if result.preempted:
+    raise KeyboardInterrupt(f"{workdir}: stopped by a signal; rerun to resume")
+  model = finetune.load_trained(workdir)[:2]
+  scores = {area: area_eval.evaluate_area(workdir, m, model=model, **AREA_PREDICT)
+            for area, m in manifests.items()}
+  _write_json(workdir / "test_areas.json", {"seconds": round(time.time() - t0), "steps": steps,
+                                            "area_predict": AREA_PREDICT, "scores": scores})
+  for area, s in scores.items():
+    log(f"{task} model on {area}'s test blocks: IoU {s['iou']:.3f}")
+  return workdir

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""The product's model study (demmae_jax/study.py): the recommended segmentation model against
+today's UNet and a height rule, per test tile and over the test area, on Delft at 10 labelled
+tiles and leave-one-area-out. Resumable: rerun the same command to continue; finished runs are
+skipped.
+
+  python scripts/run_study.py --out runs/study --groups delft,loao --seeds 3
+  python scripts/run_study.py --out runs/study --report_only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", required=True, help="study folder (data, workdirs, results)")
+  p.add_argument("--groups", default="delft,loao", help="comma list of delft, loao")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--tasks", default="buildings,roads")
+  p.add_argument("--arms", default=None, help="comma list (default: every arm for delft, the "
+                 "recommended one for loao)")
+  p.add_argument("--encoder", default=None, help="DEM-pretrained encoder of arm hybrid_dem "
+                 "(default runs/dem_mae_hr: scripts/pretrain.py --config configs/dem_pretrain.py:cpu_hr, "
+                 "then scripts/export_encoder.py)")
+  p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
+  a = p.parse_args(argv)
+  from demmae_jax import study
+  out = Path(a.out)
+  tasks = tuple(a.tasks.split(","))
+  arms = tuple(a.arms.split(",")) if a.arms else None
+  unknown = [x for x in arms or () if x not in study.ARMS]
+  if unknown:
+    print(f"error: unknown arm(s) {unknown}; known: {sorted(study.ARMS)}", file=sys.stderr)
+    return 2
+  if a.encoder:
+    study.DEM_ENCODER = a.encoder
+  if not a.report_only:
+    for group in a.groups.split(","):
+      if group == "delft":
+        study.delft_runs(out, seeds=a.seeds, tasks=tasks, arms=arms or ("unet_minmax", "unet_ndsm"))
+      elif group == "loao":
+        study.loao_runs(out, seeds=a.seeds, tasks=tasks, arms=arms or (study.RECOMMENDED,))
+      else:
+        print(f"error: unknown group {group!r}: delft or loao", file=sys.stderr)
+        return 2
+  print(study.report(out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
