@@ -340,7 +340,8 @@ def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [m for m in metrics if "eval_iou" in m]
   rec = {"id": run.id, **dataclasses.asdict(run), "task": run.task, "protocol": cfg.protocol,
-         "test": summary, "test_iou": summary["iou"], "best_step": step,
+         "test": summary, "test_iou": summary["iou"], "test_boundary_iou": summary["boundary_iou"],
+         "best_step": step,
          "val_iou": max((m["eval_iou"] for m in evals), default=None),
          "val_curve": [(m["step"], m["eval_iou"]) for m in evals],
          "steps": int(config.total_steps), "batch": int(config.global_batch),
@@ -486,12 +487,14 @@ def tables(results: list[dict], cfg) -> str:
           _cell(_group(rs, dataset=ds, size=n, arm=arm, norm=m)) for m in modes) + " |")
     lines.append("")
   lines += ["### Runs", "",
-            "| run | test IoU | P | R | best val IoU (step) | training tiles (independent) | time |",
-            "|---|---|---|---|---|---|---|"]
+            "| run | test IoU | boundary IoU | P | R | best val IoU (step) | training tiles (independent) | time |",
+            "|---|---|---|---|---|---|---|---|"]
   for r in results:
     t = r["test"]["per_class"][r["test"]["positive_class"]]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    lines.append(f"| {r['id']} | {100 * r['test_iou']:.1f} | {pct(t['precision'])} | "
+    # results written before boundary IoU was measured have none
+    lines.append(f"| {r['id']} | {100 * r['test_iou']:.1f} | {pct(r.get('test_boundary_iou'))} | "
+                 f"{pct(t['precision'])} | "
                  f"{pct(t['recall'])} | {100 * r['val_iou']:.1f} ({r['best_step']}) | "
                  f"{r['draw']['drawn']} ({r['draw']['disjoint_drawn']}) | {_fmt_s(r['seconds'])} |")
   total = sum(r["seconds"] for r in results)

@@ -1,6 +1,7 @@
 """Evaluate a finetuned segmenter on a tile split: IoU of the positive class (the paper's figure),
-per-class IoU, precision, recall, F1 and the confusion matrix, as JSON and Markdown, plus
-pictures (DEM | prediction | label) of the first tiles.
+its boundary IoU (1 m band, demmae_jax.metrics.BoundaryIoU), per-class IoU, precision, recall, F1
+and the confusion matrix, as JSON and Markdown, plus pictures (DEM | prediction | label) of the
+first tiles.
 
   python scripts/evaluate.py --workdir runs/buildings --split test --pictures 8
 
@@ -87,8 +88,10 @@ def main(argv):
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2
   print(metrics.to_markdown(summary))
-  print(f"evaluate: IoU({summary['positive_class']}) = {summary['iou']:.4f} on {_SPLIT.value} "
-        f"(step {step}); outputs in {out}: metrics.json, metrics.md" + (", tiles.png" if tiles else ""))
+  biou = summary["boundary_iou"]
+  print(f"evaluate: IoU({summary['positive_class']}) = {summary['iou']:.4f}, boundary IoU = "
+        f"{'n/a' if biou is None else f'{biou:.4f}'} on {_SPLIT.value} (step {step}); outputs in "
+        f"{out}: metrics.json, metrics.md" + (", tiles.png" if tiles else ""))
   return 0
 
 

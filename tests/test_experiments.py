@@ -106,6 +106,7 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
     assert r["preset"] == "tiny" and r["init"] == ""
     assert r["draw"]["drawn"] == 10 and set(r["draw"]["tile_ids"]) <= set(base["splits"]["train"]["tile_ids"])
     assert r["test"]["pixels"] > 0
+    assert r["test_boundary_iou"] == r["test"]["boundary"]["iou"] is not None
     tiles = np.load(ex.result_path(out, ex.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")}))
                     .with_suffix(".tiles.npz"))
     assert tiles["pred"].shape == (base["splits"]["test"]["count"], 32, 32)
@@ -136,5 +137,7 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
   assert "1 of the 2 runs this command plans have results" in text
   assert "delft_buildings/minmax/imagenet_mae (n10_s0)" in text and "--imagenet PATH" in text
   assert "(c) same, random frozen encoder (control) | " + f"{100 * results['random_frozen']['test_iou']:.1f} (1)" in text
+  r = results["random_frozen"]
+  assert f"| {r['id']} | {100 * r['test_iou']:.1f} | {100 * r['test_boundary_iou']:.1f} |" in text
   assert (tmp_path / "results_iou_vs_tiles.png").stat().st_size > 10_000
   assert (tmp_path / "results_pred_delft_buildings.png").exists()

@@ -117,6 +117,9 @@ def test_evaluate_script_writes_metrics_and_pictures(trained, tmp_path):
   assert m["iou"] == pytest.approx(cm[1, 1] / (cm[1].sum() + cm[:, 1].sum() - cm[1, 1]))
   assert m["split"] == "test" and cm.sum() == m["pixels"] > 10_000
   assert (out / "tiles.png").stat().st_size > 10_000 and "IoU (building)" in (out / "metrics.md").read_text()
+  b = m["boundary"]  # 1 m band at 0.5 m; a boundary pixel is a counted pixel
+  assert b["band_px"] == 2 and m["boundary_iou"] == b["intersection"] / b["union"]
+  assert 0 < b["union"] < m["pixels"] and f"boundary IoU = {m['boundary_iou']:.4f}" in done.stdout
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # never overwritten
   assert again.returncode == 2 and "already exists" in again.stderr
 
