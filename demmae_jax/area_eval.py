@@ -122,7 +122,10 @@ def score_area(pred: np.ndarray, manifest: dict, split: str = "test", class_name
   cm = np.asarray(metrics.confusion_matrix(np.where(area, pred, 0), lab, k, area.astype(np.float32)))
   if cm.sum() == 0:
     raise ValueError(f"{manifest['_dir']}: the {split} area has no labelled valid pixel")
-  out = metrics.summarize(cm, positive=1, class_names=list(class_names) if class_names else None)
+  boundary = metrics.BoundaryIoU.in_metres(float(manifest["cell_size"]))
+  boundary.update(np.where(area, pred, 0)[None], lab[None])
+  out = metrics.summarize(cm, positive=1, class_names=list(class_names) if class_names else None,
+                          boundary=boundary)
   out["pixels"] = int(cm.sum())
   return out
 

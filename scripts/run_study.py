@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="study folder (data, workdirs, results)")
-  p.add_argument("--groups", default="delft,loao", help="comma list of delft, loao")
+  p.add_argument("--groups", default="delft,loao", help="comma list of delft, loao, rule (the height rule beside both)")
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--tasks", default="buildings,roads")
   p.add_argument("--arms", default=None, help="comma list (default: every arm for delft, the "
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
   p.add_argument("--encoder", default=None, help="DEM-pretrained encoder of arm hybrid_dem "
                  "(default runs/dem_mae_hr: scripts/pretrain.py --config configs/dem_pretrain.py:cpu_hr, "
                  "then scripts/export_encoder.py)")
+  p.add_argument("--rescore", action="store_true", help="recompute area scores of finished runs "
+                 "from their kept maps (no training)")
   p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
   a = p.parse_args(argv)
   from demmae_jax import study
@@ -45,11 +47,15 @@ def main(argv=None) -> int:
     for group in a.groups.split(","):
       if group == "delft":
         study.delft_runs(out, seeds=a.seeds, tasks=tasks, arms=arms or ("unet_minmax", "unet_ndsm"))
+      elif group == "rule":
+        study.rule_runs(out, seeds=a.seeds, tasks=tasks)
       elif group == "loao":
         study.loao_runs(out, seeds=a.seeds, tasks=tasks, arms=arms or (study.RECOMMENDED,))
       else:
-        print(f"error: unknown group {group!r}: delft or loao", file=sys.stderr)
+        print(f"error: unknown group {group!r}: delft, loao or rule", file=sys.stderr)
         return 2
+  if a.rescore:
+    study.rescore(out)
   print(study.report(out))
   return 0
 

@@ -1,0 +1,78 @@
+"""Scoring over a test area (`demmae_jax.area_eval`) and the predictor's options it relies on:
+test-time augmentation is exactly equivariant, windows larger than the tile only for the UNet,
+and the test-area mask is the tile set's test blocks."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from demmae_jax.models import unet
+from demmae_jax.train import finetune
+
+
+def test_tta_probabilities_are_equivariant_to_the_square_symmetries():
+  model = unet.UNet(unet.UNetConfig(width=4, depth=2), rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+  plain, tta = finetune.probabilities_fn(model), finetune.probabilities_fn(model, tta=True)
+  rotated = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
+  np.testing.assert_allclose(np.asarray(tta(rotated)), np.rot90(np.asarray(tta(x)), 1, axes=(1, 2)),
+                             atol=1e-6)
+  # without TTA the network is not equivariant: the property is not trivially true
+  assert np.abs(np.asarray(plain(rotated)) - np.rot90(np.asarray(plain(x)), 1, axes=(1, 2))).max() > 1e-4
+  np.testing.assert_allclose(np.asarray(tta(x)).sum(-1), 1.0, atol=1e-5)
+
+
+def test_prediction_windows_larger_than_the_tile_only_for_fully_convolutional_models():
+  u = {"kind": "unet", "unet": {"depth": 4}, "tile_size": 64}
+  finetune.check_window(u, 256)
+  with pytest.raises(ValueError, match="multiples of 16"):
+    finetune.check_window(u, 100)
+  vit = {"kind": "upernet", "tile_size": 64}
+  finetune.check_window(vit, 64)
+  with pytest.raises(ValueError, match="tile size"):
+    finetune.check_window(vit, 128)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
+  import rasterio
+  from data_pipelines.prepare import prepare_delft
+  from data_pipelines.reader import make_tf_dataset, read_manifest
+  from demmae_jax import area_eval, config_files
+  manifest_path = prepare_delft(tmp_path / "d", "buildings", tile_size=32, stride=16, progress=False)
+  m = read_manifest(str(manifest_path))
+  with rasterio.open(tmp_path / "d" / "rasters" / "ndsm.tif") as src:
+    shape = src.shape
+  test = area_eval.test_area_mask(m, shape)
+  # every test tile lies inside the mask, no training tile touches it
+  for split, inside in (("test", True), ("train", False)):
+    ds = make_tf_dataset(str(manifest_path), split, global_batch_size=64, with_meta=True,
+                         process_index=0, process_count=1, repeat=False, shuffle=False,
+                         augment=False, drop_remainder=False)
+    for b in ds.as_numpy_iterator():
+      for c, r, w, h in b["window"]:
+        assert test[r:r + h, c:c + w].all() if inside else not test[r:r + h, c:c + w].any()
+  config = config_files.get_config("finetune", "tiny_unet", **{
+      "data.manifest": str(manifest_path), "total_steps": 20, "eval_every_steps": 10,
+      "checkpoint.every_steps": 10, "log.progress": False, "log.tensorboard": False,
+      "data.normalisation.mode": "ndsm"})
+  finetune.run(config, tmp_path / "wd")
+  out = tmp_path / "pred.tif"
+  got = area_eval.evaluate_area(tmp_path / "wd", manifest_path, window=64, tta=True, keep_prediction=out)
+  with rasterio.open(out) as src:
+    pred = src.read(1)
+    assert src.crs is not None and src.shape == shape
+  with rasterio.open(tmp_path / "d" / "labels" / "buildings.tif") as src:
+    label = src.read(1)
+  with rasterio.open(tmp_path / "d" / "rasters" / "valid.tif") as src:
+    valid = src.read(1) > 0
+  keep = test & valid & (label != 255) & (pred != 255)
+  tp = np.sum(keep & (pred == 1) & (label == 1))
+  union = np.sum(keep & ((pred == 1) | (label == 1)))
+  assert got["pixels"] == keep.sum() > 0
+  assert got["iou"] == pytest.approx(tp / union)
+  assert 0 <= got["boundary_iou"] <= 1
+  json.dumps(got)  # serialisable for the study's result files
