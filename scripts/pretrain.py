@@ -58,7 +58,7 @@ def main(argv):
   mesh = sharding.make_mesh(**config.mesh)
   rows = sharding.process_batch_rows(mesh, config.global_batch)
   try:
-    checkpointing.check_or_store_config(workdir, config)  # before anything is written there
+    checkpointing.check_config(workdir, config)  # refuse another run's workdir; writes nothing
     files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
     source = RasterCrops.from_files(files, crop=config.model.img_size,
                                     global_batch=config.global_batch, seed=config.data.seed,
