@@ -24,7 +24,7 @@ import shapely.geometry
 
 from data_pipelines.atomic import atomic_file
 from data_pipelines.errors import DataError
-from data_pipelines.raster_io import open_raster, read_band
+from data_pipelines.raster_io import check_georeferenced, open_raster, read_band
 
 IGNORE = 255
 
@@ -123,10 +123,9 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
   """Rasterise `layers` onto the grid of `dem_path` (any band count: only its grid is used);
   writes a uint8 GeoTIFF; returns pixel counts. `vector_crs`: of an `area` file without one."""
   with open_raster(dem_path) as dem:
+    check_georeferenced(dem)
     grid = dict(out_shape=(dem.height, dem.width), transform=dem.transform)
     crs, bounds, profile = dem.crs, dem.bounds, dem.profile
-  if crs is None:
-    raise DataError(dem_path, "DEM has no CRS")
   label = np.zeros(grid["out_shape"], np.uint8)
   label_geoms = []
   for layer in layers:

@@ -4,6 +4,8 @@ details."), and the rules every entry point applies to elevation rasters:
 
 - one band rule: a raster with one band is used as is; with several, the band must be chosen
   (`--band N`), never silently band 1;
+- plausibility: valid elevations lie within PLAUSIBLE_ELEVATION (in metres or feet alike); a
+  value beyond is an undeclared nodata value (-9999, -3.4e38) or corrupt data, never terrain;
 - units: cell sizes are compared and stored in metres. A projected CRS in feet is converted; a
   geographic CRS (degrees) is refused unless the caller states the cell size in metres, since
   0.5 degrees is not 0.5 m and the cells are not even square on the ground.
@@ -18,6 +20,22 @@ import rasterio.crs
 import rasterio.errors
 
 from data_pipelines.errors import DataError
+
+
+# The Dead Sea shore (-430 m, -1,411 ft) to above Everest (8,849 m; 29,032 ft is still below).
+PLAUSIBLE_ELEVATION = (-1500.0, 10000.0)
+
+
+def check_elevation_range(values: np.ndarray, valid: np.ndarray, path, where: str = "") -> None:
+  """DataError if a valid elevation is outside PLAUSIBLE_ELEVATION (see the module doc)."""
+  if not valid.any():
+    return
+  v = values[valid]
+  lo, hi = float(v.min()), float(v.max())
+  if lo < PLAUSIBLE_ELEVATION[0] or hi > PLAUSIBLE_ELEVATION[1]:
+    raise DataError(path, f"holds elevations from {lo:g} to {hi:g}{where}, outside any terrain "
+                    f"({PLAUSIBLE_ELEVATION[0]:g}..{PLAUSIBLE_ELEVATION[1]:g}): an undeclared nodata "
+                    f"value (declare it: gdal_edit.py -a_nodata VALUE file.tif) or corrupt data")
 
 
 def open_raster(path: str | Path) -> rasterio.DatasetReader:
@@ -59,6 +77,16 @@ def elevation_band(src: rasterio.DatasetReader, band: int | None, flag: str | No
   if not 1 <= band <= src.count:
     raise DataError(src.name, f"has {src.count} band(s); band {band} does not exist")
   return band
+
+
+def check_georeferenced(src: rasterio.DatasetReader) -> None:
+  """A raster must say where it is: a CRS and a geotransform (GDAL gives the identity without)."""
+  if src.crs is None:
+    raise DataError(src.name, "has no CRS; assign the right one (gdal_edit.py -a_srs EPSG:XXXX "
+                    "file.tif)")
+  if src.transform.is_identity:
+    raise DataError(src.name, "has no geotransform (GDAL reads it as the identity), so its cells "
+                    "have no place or size; fix its georeferencing (gdal_edit.py -a_ullr / -a_srs)")
 
 
 def single_band(src: rasterio.DatasetReader, role: str) -> None:

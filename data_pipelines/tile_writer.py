@@ -17,7 +17,9 @@ from tqdm import tqdm
 from data_pipelines.atomic import atomic_dir, refuse_existing
 from data_pipelines.errors import DataError
 from data_pipelines.labels import IGNORE
-from data_pipelines.raster_io import cell_size_m as metric_cell_size, elevation_band, open_raster, read_band, single_band
+from data_pipelines.raster_io import cell_size_m as metric_cell_size
+from data_pipelines.raster_io import (check_elevation_range, check_georeferenced, elevation_band, open_raster,
+                                     read_band, single_band)
 from data_pipelines.tile_records import FLOAT_DTYPES, encode_tile
 from data_pipelines.tile_stats import ValueStats, class_summary
 from data_pipelines.tiles import SPLITS, TileWindow, assign_blocks, few_label_subsets, tile_split, tile_windows
@@ -93,8 +95,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
   with contextlib.ExitStack() as stack:
     dem = stack.enter_context(open_raster(elevation))
     band = elevation_band(dem, band)
-    if dem.crs is None:
-      raise DataError(elevation, "DEM has no CRS")
+    check_georeferenced(dem)
     cell_m = metric_cell_size(dem, given_m=cell_size_m)
     if dem.height < tile_size or dem.width < tile_size:
       raise DataError(elevation, f"raster of {dem.height} x {dem.width} px is smaller than one {tile_size} px tile")
@@ -105,6 +106,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
     def read_tile(w: TileWindow):
       win = rasterio.windows.Window(w.col, w.row, w.size, w.size)
       elev, ok = _read_valid(dem, win, band)
+      check_elevation_range(elev, ok, elevation, f" in the window at column {w.col}, row {w.row}")
       if val is not None:
         ok &= read_band(val, win) > 0
       chans = {"elevation": elev}

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from data_pipelines.atomic import atomic_file, sweep_stale, temp_prefix
 from data_pipelines.errors import DataError
-from data_pipelines.raster_io import elevation_band, open_raster, read_band, read_masks
+from data_pipelines.raster_io import (check_elevation_range, elevation_band, open_raster, read_band,
+                                     read_masks)
 
 CLASS_NODATA = 255
 # (dem [B, t, t] float32 with holes filled, valid [B, t, t] bool) -> network input [B, t, t, C].
@@ -122,6 +123,7 @@ def _read_region(src, band: int, rows: tuple[int, int], cols: tuple[int, int], t
   valid = (read_masks(src, band, window=win) > 0) & np.isfinite(dem)
   if src.nodata is not None and not np.isnan(src.nodata):
     valid &= dem != np.float32(src.nodata)
+  check_elevation_range(dem, valid, src.name, f" in rows {rows[0]}.., columns {cols[0]}..")
   ph, pw = rows[1] - rows[0] - dem.shape[0], cols[1] - cols[0] - dem.shape[1]
   if ph or pw:
     dem = np.pad(dem, ((0, ph), (0, pw)), mode="edge")
