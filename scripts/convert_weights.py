@@ -10,7 +10,6 @@ The output directory (orbax state/ + config.json) loads with `mae.from_pretraine
 """
 import argparse
 import logging
-import sys
 
 from demmae_jax import checkpoints, mae
 from demmae_jax.models.mae import PRESETS
@@ -68,4 +67,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from demmae_jax.train import cli
+  cli.exit(main())

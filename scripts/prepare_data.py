@@ -170,4 +170,5 @@ def _summary(manifest_path: Path) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from demmae_jax.train import cli
+  cli.exit(main())

@@ -102,6 +102,17 @@ def guarded(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
     return EXIT_BUG
 
 
+def exit(rc: int) -> None:
+  """sys.exit, except after SIGTERM: once the clean-up has run, leave at once (os._exit) rather
+  than through interpreter teardown, which can crash in native libraries (XLA's thread pools)
+  still busy with the work the signal interrupted."""
+  if rc == EXIT_SIGTERM:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+  sys.exit(rc)
+
+
 # ------------------------------------------------------------------ absl scripts
 def _flag_error(e: Exception, argv: list[str]) -> str:
   text = str(e)
@@ -198,4 +209,4 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     logging.set_verbosity(logging.WARNING)
     return guarded(_prog(sys.argv), lambda: main(argv), debug=_DEBUG.value)
 
-  app.run(lambda argv: sys.exit(wrapped(argv)), flags_parser=parser)
+  app.run(lambda argv: exit(wrapped(argv)), flags_parser=parser)
