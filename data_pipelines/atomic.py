@@ -205,8 +205,10 @@ def check_outputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | P
     for inp in inputs:
       real_in = Path(os.path.realpath(inp))
       if real_in == real or _same(out, inp):
-        raise DataError(out, f"is the input {inp}" + (f" (both resolve to {real})" if out != inp else "")
-                        + "; writing it would destroy the input: choose another output path")
+        how = "" if out == inp else f" (both resolve to {real})" if real_in == real else \
+            " (hard links to one file)"
+        raise DataError(out, f"is the input {inp}{how}; writing it would destroy the input: choose "
+                        f"another output path")
       if real in real_in.parents:
         raise DataError(out, f"holds the input {inp}; replacing it would destroy the input: choose "
                         f"another output path")

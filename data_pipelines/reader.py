@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -194,8 +195,9 @@ def check_shards(paths: Sequence[str], manifest: dict | None = None,
             raise DataError(path, f"record {n} does not match the manifest: {problem}")
         n += 1
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-      raise DataError(path, f"corrupt or truncated TFRecord after {n} records "
-                      f"({e.message.strip()[-200:]})") from e
+      found = re.search(r"(corrupted|truncated) record at \d+", e.message)
+      raise DataError(path, f"corrupt or truncated TFRecord after {n} good records ("
+                      + (found[0] if found else e.message.strip()[-200:]) + ")") from e
     except tf.errors.OpError as e:
       raise DataError(path, f"cannot be read ({e.__class__.__name__}: {e.message.strip()[-200:]})") from e
     total += n

@@ -103,9 +103,14 @@ def guarded(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
 
 
 def exit(rc: int) -> None:
-  """sys.exit, except after SIGTERM: once the clean-up has run, leave at once (os._exit) rather
-  than through interpreter teardown, which can crash in native libraries (XLA's thread pools)
-  still busy with the work the signal interrupted."""
+  """sys.exit, with the outputs complete: a SIGTERM during interpreter teardown (seconds with TF
+  and JAX loaded) is ignored rather than reported as an interruption. After a SIGTERM, once the
+  clean-up has run, leave at once (os._exit): teardown can crash in native libraries (XLA's
+  thread pools) still busy with the work the signal interrupted."""
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  except ValueError:  # not the main thread
+    pass
   if rc == EXIT_SIGTERM:
     sys.stdout.flush()
     sys.stderr.flush()
