@@ -50,19 +50,29 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     raise DataError(path, f"not a readable raster: corrupt, truncated or not a raster format ({e})") from e
 
 
+def _cause(e: BaseException) -> str:
+  """GDAL's useful message ("TIFFFillTile: Read error ...") is the innermost cause; rasterio's
+  own is "Read failed. See previous exception for details."."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  return " ".join(str(e).split())[:300]
+
+
 def read_band(src: rasterio.DatasetReader, window=None, masked: bool = False, band: int = 1,
               **kwargs) -> np.ndarray:
   try:
     return src.read(band, window=window, masked=masked, **kwargs)
   except rasterio.errors.RasterioIOError as e:
-    raise DataError(src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed ({e})") from e
+    raise DataError(src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed "
+                    f"({_cause(e)})") from e
 
 
 def read_masks(src: rasterio.DatasetReader, band: int = 1, window=None) -> np.ndarray:
   try:
     return src.read_masks(band, window=window)
   except rasterio.errors.RasterioIOError as e:
-    raise DataError(src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed ({e})") from e
+    raise DataError(src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed "
+                    f"({_cause(e)})") from e
 
 
 def elevation_band(src: rasterio.DatasetReader, band: int | None, flag: str | None = "--band") -> int:
