@@ -3,9 +3,10 @@ points, on real data (the Delft AHN3 DSM and its BGT building tiles). Each trial
 
   1. the folder holds earlier outputs (a tile set; a classes and a probabilities GeoTIFF; a
      finetuning workdir with a checkpoint), and the command would replace or extend them;
-  2. the command starts and gets the signal after a random delay in [0.1, 1.1] x the duration of
-     an uninterrupted run (so some arrive during imports, model loading or compilation, some
-     mid-write, some during the final rename, a few after the end);
+  2. the command starts and gets the signal after a seeded random fraction in [0.05, 1.0] of the
+     duration of an uninterrupted run (the median of the latest uninterrupted runs: the machine's
+     load changes), so signals arrive during imports, model loading or compilation, mid-write,
+     during the final renames, and some just after the end;
   3. checked right after: every output is either byte-identical to the earlier one or byte-
      identical to what an uninterrupted run writes (never partial); for finetune the latest
      checkpoint restores and config.json / segmenter.json are unchanged; after SIGTERM no
@@ -242,12 +243,12 @@ def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dic
   else:  # each output the earlier one or the complete new one, never partial
     intact = all(after[k] in (earlier[k], reference[k]) for k in after)
   left = temporaries(folder)
-  rc2, _ = run(cmd.command(folder), folder / "next.log")
+  rc2, next_seconds = run(cmd.command(folder), folder / "next.log")
   final = cmd.outputs(folder)
   result = {
       "command": cmd.name, "signal": signal.Signals(sig).name, "delay_s": round(delay, 2),
       "signal_before_end": in_time, "rc": rc, "outputs_intact": bool(intact),
-      "temporaries_after_signal": left, "next_rc": rc2,
+      "temporaries_after_signal": left, "next_rc": rc2, "next_seconds": round(next_seconds, 1),
       "temporaries_after_next": temporaries(folder), "next_equals_reference": final == reference,
   }
   log = (folder / "interrupted.log").read_text(errors="replace")
@@ -286,11 +287,14 @@ def main() -> None:
     print(f"{cmd.name}: an uninterrupted run takes {seconds:.1f} s", flush=True)
     for sig in (signal.SIGTERM, signal.SIGKILL):
       rng = np.random.default_rng([a.seed, sig, list(commands).index(name)])
-      delays = rng.uniform(0.1, 1.1, a.trials) * seconds
-      for i, delay in enumerate(delays):
+      fractions = rng.uniform(0.05, 1.0, a.trials)
+      durations = [seconds]
+      for i, fraction in enumerate(fractions):
         if (cmd.name, signal.Signals(sig).name, i) in done:
           continue
-        r = trial(cmd, a.out, sig, float(delay), earlier, reference, i)
+        delay = fraction * float(np.median(durations[-5:]))
+        r = trial(cmd, a.out, sig, delay, earlier, reference, i)
+        durations.append(r["next_seconds"])
         r["index"] = i
         results.append(r)
         results_path.write_text(json.dumps(results, indent=1))
