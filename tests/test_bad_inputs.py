@@ -294,6 +294,17 @@ def test_prepare_data_refuses(case, tmp_path, scene, capsys):
   assert snapshot(tmp_path) == before  # nothing new (no temporary either), earlier files unchanged
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, scene, capsys):
+  (tmp_path / "ro").mkdir()
+  (tmp_path / "ro").chmod(0o555)
+  try:
+    assert prepare_data.main(["tiles", "--dem", str(scene["dsm"]), "--out", str(tmp_path / "ro" / "t")]) == 2
+  finally:
+    (tmp_path / "ro").chmod(0o755)
+  assert_one_line_error(capsys.readouterr().err, "prepare_data", "ro/t: cannot be written: no write permission")
+
+
 def test_tiles_take_the_band_given_and_store_metres_for_a_feet_crs(tmp_path, scene, capsys):
   with rasterio.open(scene["dsm"]) as src:
     dem = src.read(1)
@@ -577,7 +588,7 @@ FINETUNE_CASES = {
     "mistyped_config_key": (["--config=CONFIGS/finetune.py:tiny", "--config.optim.lrr=1"],
                             ["bad config override", 'Did you mean "lr"']),
     "workdir_under_a_file": (["--config=CONFIGS/finetune.py:tiny", "--workdir=FILE/w"],
-                             ["afile/w: Not a directory"]),
+                             ["afile/w/config.json: cannot be written", "is a file, not a folder"]),
 }
 
 

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from data_pipelines.atomic import atomic_file, sweep_stale
+from data_pipelines.atomic import atomic_file, check_outputs, sweep_stale
 from data_pipelines.errors import DataError
 
 CONFIG_FILE = "config.json"
@@ -60,8 +60,10 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 def check_config(workdir: Path, config: ml_collections.ConfigDict,
                  ignore: tuple[str, ...] = ("log", "distributed")) -> bool:
   """Refuse a workdir that holds a run of a different config (keys in `ignore`, e.g. logging
-  frequencies, may change between restarts). Writes nothing; True if the workdir has a config."""
+  frequencies, may change between restarts), or that cannot be written. Writes nothing; True if
+  the workdir has a config."""
   path = Path(workdir) / CONFIG_FILE
+  check_outputs([path], [])
   if not path.exists():
     return False
   new = json.loads(config_to_json(config))
