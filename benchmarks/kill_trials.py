@@ -3,10 +3,11 @@ points, on real data (the Delft AHN3 DSM and its BGT building tiles). Each trial
 
   1. the folder holds earlier outputs (a tile set; a classes and a probabilities GeoTIFF; a
      finetuning workdir with a checkpoint), and the command would replace or extend them;
-  2. the command starts and gets the signal after a seeded random fraction in [0.05, 1.0] of the
-     duration of an uninterrupted run (the median of the latest uninterrupted runs: the machine's
-     load changes), so signals arrive during imports, model loading or compilation, mid-write,
-     during the final renames, and some just after the end;
+  2. the command starts and gets the signal at a seeded random point: in even trials anywhere in
+     the run (a fraction in [0.05, 1] of the median duration of the latest uninterrupted runs: the
+     machine's load changes), so during imports, model loading or compilation too; in odd trials
+     inside the write window (once the command's first temporary output appears, plus a fraction
+     of the window's length measured in the reference run), where a kill can leave temporaries;
   3. checked right after: every output is either byte-identical to the earlier one or byte-
      identical to what an uninterrupted run writes (never partial); for finetune the latest
      checkpoint restores and config.json / segmenter.json are unchanged; after SIGTERM no
@@ -82,10 +83,28 @@ def run(cmd, log: Path, timeout=3600) -> tuple[int, float]:
   return rc, time.time() - t0
 
 
-def interrupt(cmd, delay: float, sig: int, log: Path) -> tuple[int, bool]:
-  """(exit code, whether the signal arrived before the process ended)."""
+def watch(cmd, log: Path, folder: Path, marker, timeout=3600) -> tuple[int, float, float, float]:
+  """Run to the end, noting when temporaries matching `marker` exist: (rc, seconds, first, last)."""
+  t0, first, last = time.time(), None, None
   with open(log, "w") as f:
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env())
+    while proc.poll() is None and time.time() - t0 < timeout:
+      if any(marker(p.name) for p in folder.rglob("*")):
+        first = first if first is not None else time.time() - t0
+        last = time.time() - t0
+      time.sleep(0.02)
+    proc.wait()
+  return proc.returncode, time.time() - t0, first or 0.0, last or 0.0
+
+
+def interrupt(cmd, delay: float, sig: int, log: Path, folder: Path, marker=None) -> tuple[int, bool]:
+  """(exit code, whether the signal was sent before the process ended). With `marker`, `delay`
+  counts from the first temporary matching it."""
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env())
+    if marker is not None:
+      while proc.poll() is None and not any(marker(p.name) for p in folder.rglob("*")):
+        time.sleep(0.01)
     try:
       proc.wait(timeout=delay)
       return proc.returncode, False
@@ -113,6 +132,10 @@ class Tiles:
   def outputs(self, folder: Path) -> dict[str, dict]:
     return {"t": tree(folder / "t") if (folder / "t").exists() else None}
 
+  @staticmethod
+  def writing(name: str) -> bool:  # the tile folder's temporary
+    return name.startswith(".t.") and name.endswith(".tmp")
+
 
 class Predict:
   name = "predict.py"
@@ -131,6 +154,10 @@ class Predict:
 
   def outputs(self, folder: Path):
     return {n: digest(folder / n) if (folder / n).exists() else None for n in ("o.tif", "p.tif")}
+
+  @staticmethod
+  def writing(name: str) -> bool:  # the GeoTIFFs' temporaries (not the LAS scratch folder)
+    return name.startswith((".o.tif.", ".p.tif.")) and "scratch" not in name
 
 
 class Finetune:
@@ -156,6 +183,10 @@ class Finetune:
     return {"params": params_digest(w),
             "identity": {n: digest(w / n) if (w / n).exists() else None
                          for n in ("config.json", "segmenter.json")}}
+
+  @staticmethod
+  def writing(name: str) -> bool:  # a checkpoint being saved
+    return "orbax-checkpoint-tmp" in name
 
 
 def params_digest(workdir: Path) -> str | None:
@@ -212,31 +243,34 @@ def setup(base: Path) -> dict:
   return info
 
 
-def reference_outputs(cmd, base: Path) -> tuple[dict, float]:
-  """The command's uninterrupted outputs and duration (from the earlier outputs)."""
+def reference_outputs(cmd, base: Path) -> tuple[dict, float, float]:
+  """The command's uninterrupted outputs, duration and write window (from the earlier outputs)."""
   ref = base / "reference"
   key = ref / f"ref_{cmd.__class__.__name__}.json"
   if key.exists():
     r = json.loads(key.read_text())
-    return r["outputs"], r["seconds"]
+    return r["outputs"], r["seconds"], r["write_seconds"]
   folder = ref / f"run_{cmd.__class__.__name__}"
   shutil.rmtree(folder, ignore_errors=True)
   folder.mkdir()
   cmd.earlier(folder, ref)
-  rc, seconds = run(cmd.command(folder), folder / "log.txt")
+  rc, seconds, first, last = watch(cmd.command(folder), folder / "log.txt", folder, cmd.writing)
   assert rc == 0, (folder / "log.txt").read_text()[-3000:]
   outputs = cmd.outputs(folder)
-  key.write_text(json.dumps({"outputs": outputs, "seconds": seconds}))
-  return outputs, seconds
+  write = max(last - first, 0.1)
+  key.write_text(json.dumps({"outputs": outputs, "seconds": seconds, "write_seconds": write}))
+  return outputs, seconds, write
 
 
 # ------------------------------------------------------------------------------ a trial
-def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dict, index: int) -> dict:
+def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dict, index: int,
+          aimed: bool) -> dict:
   folder = base / "trials" / f"{cmd.__class__.__name__}_{signal.Signals(sig).name}_{index:02d}"
   shutil.rmtree(folder, ignore_errors=True)
   folder.mkdir(parents=True)
   cmd.earlier(folder, base / "reference")
-  rc, in_time = interrupt(cmd.command(folder), delay, sig, folder / "interrupted.log")
+  rc, in_time = interrupt(cmd.command(folder), delay, sig, folder / "interrupted.log", folder,
+                          cmd.writing if aimed else None)
   after = cmd.outputs(folder)
   if isinstance(cmd, Finetune):  # the latest checkpoint restores; config and spec unchanged
     intact = after["params"] is not None and after["identity"] == earlier["identity"]
@@ -247,6 +281,7 @@ def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dic
   final = cmd.outputs(folder)
   result = {
       "command": cmd.name, "signal": signal.Signals(sig).name, "delay_s": round(delay, 2),
+      "aimed_at_write": aimed,
       "signal_before_end": in_time, "rc": rc, "outputs_intact": bool(intact),
       "temporaries_after_signal": left, "next_rc": rc2, "next_seconds": round(next_seconds, 1),
       "temporaries_after_next": temporaries(folder), "next_equals_reference": final == reference,
@@ -261,6 +296,9 @@ def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dic
 
 
 def main() -> None:
+  if sys.argv[1:2] == ["--table"]:  # the table of a results.json
+    print(table(json.loads(Path(sys.argv[2]).read_text())))
+    return
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", type=Path, required=True, help="working folder (reused between runs)")
   p.add_argument("--trials", type=int, default=20, help="trials per command and signal")
@@ -277,14 +315,15 @@ def main() -> None:
   done = {(r["command"], r["signal"], r["index"]) for r in results}
   for name in a.commands:
     cmd = commands[name]
-    reference, seconds = reference_outputs(cmd, a.out)
+    reference, seconds, write = reference_outputs(cmd, a.out)
     probe = a.out / "probe"
     shutil.rmtree(probe, ignore_errors=True)
     probe.mkdir()
     cmd.earlier(probe, a.out / "reference")
     earlier = cmd.outputs(probe)
     shutil.rmtree(probe)
-    print(f"{cmd.name}: an uninterrupted run takes {seconds:.1f} s", flush=True)
+    print(f"{cmd.name}: an uninterrupted run takes {seconds:.1f} s, its outputs are being written "
+          f"for {write:.1f} s", flush=True)
     for sig in (signal.SIGTERM, signal.SIGKILL):
       rng = np.random.default_rng([a.seed, sig, list(commands).index(name)])
       fractions = rng.uniform(0.05, 1.0, a.trials)
@@ -292,8 +331,9 @@ def main() -> None:
       for i, fraction in enumerate(fractions):
         if (cmd.name, signal.Signals(sig).name, i) in done:
           continue
-        delay = fraction * float(np.median(durations[-5:]))
-        r = trial(cmd, a.out, sig, delay, earlier, reference, i)
+        aimed = i % 2 == 1
+        delay = fraction * (write if aimed else float(np.median(durations[-5:])))
+        r = trial(cmd, a.out, sig, delay, earlier, reference, i, aimed)
         durations.append(r["next_seconds"])
         r["index"] = i
         results.append(r)
@@ -303,18 +343,21 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| command | signal | trials | interrupted (exit code not 0) | exit codes | outputs intact | said so (SIGTERM) | "
+  rows = ["| command | signal | trials | aimed at the write | interrupted | exit codes | outputs intact | said so (SIGTERM) | "
           "temporaries right after | next run ok | temporaries after next run | next run = uninterrupted run |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({(r["command"], r["signal"]) for r in results})
   for command, sig in keys:
     rs = [r for r in results if (r["command"], r["signal"]) == (command, sig)]
-    during = [r for r in rs if r["rc"] != 0]  # the signal arrived before the work was done
+    # the signal arrived before the work was done: an exit code other than 0, or a training run
+    # that saved and stopped on it (exit 0 by design)
+    during = [r for r in rs if r["rc"] != 0 or r["said_sigterm"]]
     codes = {}
     for r in rs:
       codes[r["rc"]] = codes.get(r["rc"], 0) + 1
     rows.append(
-        f"| {command} | {sig} | {len(rs)} | {len(during)} | "
+        f"| {command} | {sig} | {len(rs)} | {sum(r.get('aimed_at_write', False) for r in rs)} | "
+        f"{len(during)} | "
         + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + " | "
         f"{sum(r['outputs_intact'] for r in rs)}/{len(rs)} | "
         + (f"{sum(r['said_sigterm'] for r in during)}/{len(during)}" if sig == "SIGTERM" else "n/a") + " | "
