@@ -8,6 +8,7 @@ labelled area is a user-given polygon layer, or by default the convex hull of th
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,11 +19,12 @@ import rasterio.crs
 import rasterio.features
 import rasterio.warp
 import shapely
+import shapely.errors
 import shapely.geometry
 
 from data_pipelines.atomic import atomic_file
 from data_pipelines.errors import DataError
-from data_pipelines.raster_io import read_band
+from data_pipelines.raster_io import check_georeferenced, open_raster, read_band
 
 IGNORE = 255
 
@@ -39,14 +41,26 @@ class LabelLayer:
 
 
 def read_geometries(src: LabelLayer, target_crs: rasterio.crs.CRS) -> np.ndarray:
-  """The layer's (filtered) geometries as shapely objects in `target_crs`."""
+  """The layer's (filtered) geometries as shapely objects in `target_crs`; invalid ones (self-
+  intersections, ...) repaired with shapely.make_valid, saying which features were."""
   path = Path(src.path)
   columns = [src.field] if src.field else []
+  if not path.exists():
+    raise DataError(path, "no such file")
   try:
-    meta, _, wkb, fields = pyogrio.raw.read(path, layer=src.layer, columns=columns)
+    if src.field:  # pyogrio skips an unknown column silently
+      known = list(pyogrio.read_info(path, layer=src.layer)["fields"])
+      if src.field not in known:
+        raise DataError(path, f"has no field {src.field!r}; its fields are {known}")
+    meta, fids, wkb, fields = pyogrio.raw.read(path, layer=src.layer, columns=columns, return_fids=True)
+  except DataError:
+    raise
   except Exception as e:  # pyogrio raises several DataSource/Field errors
     raise DataError(path, f"cannot read vector layer ({e})") from e
-  geoms = shapely.from_wkb(wkb)
+  try:
+    geoms = shapely.from_wkb(wkb)
+  except shapely.errors.GEOSException as e:
+    raise DataError(path, f"holds an unreadable geometry ({e})") from e
   if src.field:
     if src.values is None:
       raise ValueError(f"{path}: a field filter on {src.field!r} needs a list of values")
@@ -54,15 +68,43 @@ def read_geometries(src: LabelLayer, target_crs: rasterio.crs.CRS) -> np.ndarray
     if not keep.any():
       found = sorted(set(map(str, fields[0])))
       raise DataError(path, f"no feature has {src.field} in {list(src.values)}; values present: {found}")
-    geoms = geoms[keep]
-  geoms = geoms[~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)]
+    geoms, fids = geoms[keep], fids[keep]
+  keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
+  geoms, fids = geoms[keep], fids[keep]
   layer_crs = meta["crs"] or src.crs
   if layer_crs is None:
-    raise DataError(path, "layer has no CRS; give one")
+    raise DataError(path, "layer has no CRS; give one with --crs (e.g. --crs EPSG:28992)")
   layer_crs = rasterio.crs.CRS.from_user_input(layer_crs)
   if layer_crs != target_crs:  # reproject onto the DEM's CRS
     moved = rasterio.warp.transform_geom(layer_crs, target_crs, [shapely.geometry.mapping(g) for g in geoms])
     geoms = np.array([shapely.geometry.shape(g) for g in moved], dtype=object)
+  geoms = _make_valid(path, geoms, fids)
+  return geoms[~shapely.is_empty(geoms)]
+
+
+def _make_valid(path: Path, geoms: np.ndarray, fids: np.ndarray) -> np.ndarray:
+  """Invalid geometries repaired (shapely.make_valid, polygonal parts kept), with a note on
+  stderr naming the features; a feature that cannot be repaired is an error naming it."""
+  present = ~shapely.is_missing(geoms)
+  bad = present & ~shapely.is_valid(geoms)
+  if not bad.any():
+    return geoms
+  geoms = geoms.copy()
+  reasons = shapely.is_valid_reason(geoms[bad])
+  try:
+    fixed = shapely.make_valid(geoms[bad])
+  except shapely.errors.GEOSException as e:
+    raise DataError(path, f"features {fids[bad][:10].tolist()} are invalid and could not be "
+                    f"repaired ({e})") from e
+  # keep the polygonal parts: a bow-tie becomes two triangles, a collapsed sliver a line (dropped)
+  polygonal = [shapely.union_all([p for p in shapely.get_parts(g)
+                                  if p.geom_type in ("Polygon", "MultiPolygon")])
+               if g.geom_type == "GeometryCollection" else g for g in fixed]
+  geoms[bad] = polygonal
+  ids = fids[bad].tolist()
+  print(f"note: {path}: repaired {len(ids)} invalid geometr{'y' if len(ids) == 1 else 'ies'} with "
+        f"make_valid: feature id(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} ({reasons[0]})",
+        file=sys.stderr)
   return geoms
 
 
@@ -77,14 +119,15 @@ def _check_overlap(path, geoms: np.ndarray, bounds) -> None:
 
 def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_path: str | Path,
                      area: str | Path | LabelLayer | None = None,
-                     coverage: Sequence[LabelLayer] | None = None, overwrite: bool = False) -> dict:
-  """Rasterise `layers` onto the grid of `dem_path`; writes a uint8 GeoTIFF; returns pixel counts.
-  `area` (a polygon file, or a LabelLayer to pick some of its features) is the labelled area."""
-  with rasterio.open(dem_path) as dem:
+                     coverage: Sequence[LabelLayer] | None = None, overwrite: bool = False,
+                     vector_crs: str | None = None) -> dict:
+  """Rasterise `layers` onto the grid of `dem_path` (any band count: only its grid is used);
+  writes a uint8 GeoTIFF; returns pixel counts. `area` (a polygon file, or a LabelLayer to pick
+  some of its features) is the labelled area; `vector_crs`: of an `area` file without one."""
+  with open_raster(dem_path) as dem:
+    check_georeferenced(dem)
     grid = dict(out_shape=(dem.height, dem.width), transform=dem.transform)
     crs, bounds, profile = dem.crs, dem.bounds, dem.profile
-  if crs is None:
-    raise DataError(dem_path, "DEM has no CRS")
   label = np.zeros(grid["out_shape"], np.uint8)
   label_geoms = []
   for layer in layers:
@@ -93,7 +136,7 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
     label_geoms.append(geoms)
     rasterio.features.rasterize(geoms, fill=0, default_value=layer.value, out=label, dtype=np.uint8, **grid)
   if area is not None:
-    area_layer = area if isinstance(area, LabelLayer) else LabelLayer(area)
+    area_layer = area if isinstance(area, LabelLayer) else LabelLayer(area, crs=vector_crs)
     area_geoms = read_geometries(area_layer, crs)
     _check_overlap(area_layer.path, area_geoms, bounds)
     region = shapely.union_all(area_geoms)
@@ -116,12 +159,12 @@ def labels_from_class_raster(class_path: str | Path, out_path: str | Path, class
                              valid_path: str | Path | None = None, overwrite: bool = False) -> dict:
   """A class raster (LiDAR classes, land cover) as labels: 1 where the class is in `classes`, 0
   elsewhere, IGNORE at the raster's nodata and where no return was recorded (per `valid_path`)."""
-  with rasterio.open(class_path) as src:
+  with open_raster(class_path) as src:
     cls, profile = read_band(src, masked=True), src.profile
   label = np.isin(cls.data, list(classes)).astype(np.uint8)
   label[np.ma.getmaskarray(cls)] = IGNORE
   if valid_path is not None:
-    with rasterio.open(valid_path) as v:
+    with open_raster(valid_path) as v:
       label[read_band(v) == 0] = IGNORE
   profile.update(dtype="uint8", nodata=None, count=1, compress="deflate")
   with atomic_file(out_path, overwrite) as tmp:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from data_pipelines.atomic import atomic_file, refuse_existing
 from data_pipelines.errors import DataError
+from data_pipelines.raster_io import metres_per_unit
 
 GROUND = 2
 PRODUCTS = ("dsm", "dtm", "ndsm", "class", "valid")
@@ -202,6 +203,7 @@ def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: 
   for path in outputs.values():
     refuse_existing(path, overwrite)
   files = [inspect_las(p, crs) for p in paths]
+  metres_per_unit(files[0].crs, files[0].path, flag=None)  # --cell-size in degrees: refused
   grid = mosaic_grid(files, cell_size, bounds)
   halo = int(math.ceil(dtm_fill_px))
   profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=grid.crs,
@@ -211,8 +213,7 @@ def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: 
   nodata = {"dsm": np.nan, "dtm": np.nan, "ndsm": np.nan, "class": None, "valid": None}
   windows = [rasterio.windows.Window(c, r, min(window_px, grid.width - c), min(window_px, grid.height - r))
              for r in range(0, grid.height, window_px) for c in range(0, grid.width, window_px)]
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with contextlib.ExitStack() as stack:
+  with contextlib.ExitStack() as stack:  # atomic_file makes out_dir, and removes it on failure
     tmps = {p: stack.enter_context(atomic_file(outputs[p], overwrite)) for p in PRODUCTS}
     sinks = {p: stack.enter_context(rasterio.open(tmps[p], "w", dtype=dtypes[p], nodata=nodata[p], **profile))
              for p in PRODUCTS}

@@ -106,8 +106,8 @@ def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overw
   import rasterio
   from data_pipelines.atomic import atomic_file
   from data_pipelines.errors import DataError
-  from data_pipelines.raster_io import read_band
-  with rasterio.open(dsm) as a, rasterio.open(dtm) as b:
+  from data_pipelines.raster_io import open_raster, read_band
+  with open_raster(dsm) as a, open_raster(dtm) as b:
     if a.crs != b.crs or a.transform != b.transform or a.shape != b.shape:
       raise DataError(dtm, f"grid or CRS differs from {dsm}")
     top, ground = (read_band(r, masked=True).astype(np.float32) for r in (a, b))

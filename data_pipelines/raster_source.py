@@ -34,17 +34,19 @@ class CropWindow:
 
 
 def read_elevation(path: str | Path) -> np.ndarray:
-  """Band 1 of a GeoTIFF / .hgt as float32 with nodata as NaN."""
-  import rasterio
-  with rasterio.open(path) as src:
-    if src.count < 1:
-      raise ValueError(f"{path}: no raster band")
-    band = src.read(1).astype(np.float32)
+  """The one band of a GeoTIFF / .hgt as float32 with nodata as NaN (several bands: an error,
+  data_pipelines.raster_io's one band rule). Geographic CRSs are fine here: crops are scaled by
+  their own min and max, so no cell size is compared."""
+  from data_pipelines.raster_io import check_elevation_range, elevation_band, open_raster, read_band
+  with open_raster(path) as src:
+    band = read_band(src, band=elevation_band(src, None, flag=None)
+                     ).astype(np.float32)
     nodata = src.nodata
   if nodata is not None:
     band[band == np.float32(nodata)] = np.nan
   if Path(path).suffix.lower() == ".hgt":
     band[band <= -32768] = np.nan  # SRTM void
+  check_elevation_range(band, np.isfinite(band), path)
   return band
 
 

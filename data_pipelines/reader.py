@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ import tensorflow as tf
 from data_pipelines.errors import DataError
 from data_pipelines.normalisation import normalise, parse_mode
 from data_pipelines.augment import random_symmetries
-from data_pipelines.tile_records import decode_mask, decode_raw_channel, parse_spec, to_metres
+from data_pipelines.tile_records import FLOAT_DTYPES, decode_mask, decode_raw_channel, parse_spec, to_metres
 from data_pipelines.tile_writer import FORMAT
 
 
@@ -84,6 +85,10 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     paths = split_files(manifest, split)
   if not paths:
     raise DataError(files or manifest_path, f"no TFRecord files for split {split!r}")
+  missing = [p for p in paths if not tf.io.gfile.exists(p)]
+  if missing:
+    raise DataError(missing[0], f"listed in the tile manifest {manifest_path} but missing"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   wants_ndsm = "ndsm" in parse_mode(normalisation)
   if wants_ndsm and "ndsm" not in manifest["channels"]:
     raise DataError(manifest_path, f"normalisation {normalisation!r} needs tiles with an 'ndsm' channel")
@@ -150,32 +155,90 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def check_shards(paths: Sequence[str]) -> None:
-  """Read every record of every file; DataError naming the first corrupt or truncated one."""
+def _check_record(record: bytes, manifest: dict) -> str | None:
+  """What is wrong with one record against the manifest's tile format (None: nothing)."""
+  try:
+    f = tf.train.Example.FromString(record).features.feature
+  except Exception as e:  # protobuf's DecodeError and friends
+    return f"not a tf.train.Example ({e.__class__.__name__})"
+  size, dtype = int(manifest["tile_size"]), manifest["dtype"]
+  width = np.dtype(FLOAT_DTYPES[dtype]).itemsize
+  want = {c: (size * size * width, f"{size}x{size} {dtype}") for c in manifest["channels"]}
+  want["valid"] = (size * size, f"{size}x{size} uint8")
+  if manifest.get("has_label"):
+    want["label"] = (size * size, f"{size}x{size} uint8")
+  for name, (nbytes, what) in want.items():
+    if name not in f or len(f[name].bytes_list.value) != 1:
+      return f"no {name!r} bytes"
+    got = len(f[name].bytes_list.value[0])
+    if got != nbytes:
+      return f"{name!r} holds {got} bytes, the manifest's tiles need {nbytes} ({what})"
+  for c in manifest["channels"]:
+    if len(f[f"{c}_offset"].float_list.value) != 1:
+      return f"no {c + '_offset'!r} float"
+  if len(f["tile_id"].int64_list.value) != 1 or len(f["window"].int64_list.value) != 4:
+    return "no tile_id / window"
+  return None
+
+
+def check_shards(paths: Sequence[str], manifest: dict | None = None,
+                 counts: Sequence[int] | None = None) -> int:
+  """Read every record of every file; with `manifest`, decode each against its tile size, dtype,
+  channels and label, and compare the number of records with `counts` (one per file or one in
+  total). DataError naming the first missing, corrupt, truncated or misshapen file (and the
+  record). Returns the number of records."""
+  total = 0
   for path in paths:
+    if not tf.io.gfile.exists(path):
+      raise DataError(path, "listed in the tile manifest but missing")
+    n = 0
     try:
-      for _ in tf.data.TFRecordDataset(path):
-        pass
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        if manifest is not None:
+          problem = _check_record(record, manifest)
+          if problem:
+            raise DataError(path, f"record {n} does not match the manifest: {problem}")
+        n += 1
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-      raise DataError(path, f"corrupt or truncated TFRecord ({e.message.strip()[-200:]})") from e
+      found = re.search(r"(corrupted|truncated) record at \d+", e.message)
+      raise DataError(path, f"corrupt or truncated TFRecord after {n} good records ("
+                      + (found[0] if found else e.message.strip()[-200:]) + ")") from e
+    except tf.errors.OpError as e:
+      raise DataError(path, f"cannot be read ({e.__class__.__name__}: {e.message.strip()[-200:]})") from e
+    total += n
+  if counts is not None and sum(counts) != total:
+    raise DataError(paths[0] if len(paths) == 1 else posixpath.dirname(paths[0]),
+                    f"{total} records but the manifest lists {sum(counts)}")
+  return total
+
+
+def check_tile_set(manifest_path: str) -> dict[str, int]:
+  """Every split and subset of a tile set decoded against its manifest: {split: records}."""
+  m = read_manifest(manifest_path)
+  out = {}
+  for split in list(m["splits"]) + list(m["subsets"]):
+    entry = m["splits"].get(split) or m["subsets"][split]
+    out[split] = check_shards(split_files(m, split), m, [entry["count"]])
+  return out
 
 
 def make_dataset(manifest_path: str, split: str = "train", **kwargs) -> Iterator[dict[str, np.ndarray]]:
   """Iterator of NumPy batch dicts (see module doc); arguments as `make_tf_dataset`.
 
-  tf.data's own errors do not say which file broke: on one, the shards are checked one by one and
-  a DataError names the corrupt file.
+  tf.data's own errors do not say which file broke: on one, the shards are checked one by one
+  (each record decoded against the manifest) and a DataError names the file and the record.
   """
   dataset = make_tf_dataset(manifest_path, split, **kwargs)
 
   def batches():
     try:
       yield from dataset.as_numpy_iterator()
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+    except tf.errors.OpError:
       files = kwargs.get("files")
+      manifest = read_manifest(manifest_path)
       paths = ([p for pattern in files for p in tf.io.gfile.glob(pattern)] if files
-               else split_files(read_manifest(manifest_path), split))
-      check_shards(paths)
+               else split_files(manifest, split))
+      check_shards(paths, manifest)  # names the file (and record) tf.data did not
       raise
 
   return batches()

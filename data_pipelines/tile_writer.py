@@ -17,7 +17,9 @@ from tqdm import tqdm
 from data_pipelines.atomic import atomic_dir, refuse_existing
 from data_pipelines.errors import DataError
 from data_pipelines.labels import IGNORE
-from data_pipelines.raster_io import read_band
+from data_pipelines.raster_io import cell_size_m as metric_cell_size
+from data_pipelines.raster_io import (check_elevation_range, check_georeferenced, elevation_band, open_raster,
+                                     read_band, single_band)
 from data_pipelines.tile_records import FLOAT_DTYPES, encode_tile
 from data_pipelines.tile_stats import ValueStats, class_summary
 from data_pipelines.tiles import SPLITS, TileWindow, assign_blocks, few_label_subsets, tile_split, tile_windows
@@ -27,8 +29,9 @@ MANIFEST = "manifest.json"
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
-def _open_same_grid(path, ref, stack) -> rasterio.DatasetReader:
-  src = stack.enter_context(rasterio.open(path))
+def _open_same_grid(path, ref, stack, role: str) -> rasterio.DatasetReader:
+  src = stack.enter_context(open_raster(path))
+  single_band(src, role)
   if src.crs != ref.crs:
     raise DataError(path, f"CRS mismatch: {src.crs} vs {ref.crs} of {ref.name}")
   if (src.width, src.height) != (ref.width, ref.height) or not src.transform.almost_equals(ref.transform):
@@ -37,9 +40,9 @@ def _open_same_grid(path, ref, stack) -> rasterio.DatasetReader:
   return src
 
 
-def _read_valid(src: rasterio.DatasetReader, window) -> tuple[np.ndarray, np.ndarray]:
+def _read_valid(src: rasterio.DatasetReader, window, band: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Values as float32 and validity (not nodata, finite)."""
-  masked = read_band(src, window, masked=True)
+  masked = read_band(src, window, masked=True, band=band)
   values = masked.astype(np.float32).filled(np.nan)  # int16 SRTM too
   return values, ~np.ma.getmaskarray(masked) & np.isfinite(values)
 
@@ -71,13 +74,17 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
                 fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0,
                 dtype: str = "float32", tiles_per_shard: int = 1024, label_names: Mapping[int, str] | None = None,
                 overwrite: bool = False, progress: bool = True, extra_manifest: dict | None = None,
-                block_split: np.ndarray | None = None) -> Path:
+                block_split: np.ndarray | None = None, band: int | None = None,
+                cell_size_m: float | None = None) -> Path:
   """Tile the rasters into `out_dir` (train/val/test shards, few-label subsets, manifest.json).
 
   A tile is kept if >= `min_valid` of its pixels are valid and (with labels) >= `min_labelled`
   are labelled (not IGNORE); skips are counted in the manifest. Returns the manifest path.
   `block_split` (index into SPLITS per block of `block_px`, from the raster's top-left corner)
   replaces the seeded draw, so that several tile sets on one grid share one split.
+  The elevation is `band` of a multi-band raster (required then: data_pipelines.raster_io's one
+  band rule); label, validity and extra rasters have one band. The manifest's `cell_size` is in
+  metres: converted from the CRS's unit, or `cell_size_m` for a geographic or local CRS.
   """
   if dtype not in FLOAT_DTYPES:
     raise ValueError(f"dtype must be one of {list(FLOAT_DTYPES)}, got {dtype!r}")
@@ -90,18 +97,20 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
   out_dir = Path(out_dir)
   refuse_existing(out_dir, overwrite)  # before any work
   with contextlib.ExitStack() as stack:
-    dem = stack.enter_context(rasterio.open(elevation))
-    if dem.crs is None:
-      raise DataError(elevation, "DEM has no CRS")
+    dem = stack.enter_context(open_raster(elevation))
+    band = elevation_band(dem, band)
+    check_georeferenced(dem)
+    cell_m = metric_cell_size(dem, given_m=cell_size_m)
     if dem.height < tile_size or dem.width < tile_size:
       raise DataError(elevation, f"raster of {dem.height} x {dem.width} px is smaller than one {tile_size} px tile")
-    lab = _open_same_grid(label, dem, stack) if label else None
-    val = _open_same_grid(valid, dem, stack) if valid else None
-    ext = {k: _open_same_grid(p, dem, stack) for k, p in extras.items()}
+    lab = _open_same_grid(label, dem, stack, "label") if label else None
+    val = _open_same_grid(valid, dem, stack, "validity") if valid else None
+    ext = {k: _open_same_grid(p, dem, stack, f"{k!r} channel") for k, p in extras.items()}
 
     def read_tile(w: TileWindow):
       win = rasterio.windows.Window(w.col, w.row, w.size, w.size)
-      elev, ok = _read_valid(dem, win)
+      elev, ok = _read_valid(dem, win, band)
+      check_elevation_range(elev, ok, elevation, f" in the window at column {w.col}, row {w.row}")
       if val is not None:
         ok &= read_band(val, win) > 0
       chans = {"elevation": elev}
@@ -124,7 +133,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
         for bc in range(nb_c):
           win = rasterio.windows.Window(bc * block_px, br * block_px, min(block_px, dem.width - bc * block_px),
                                         min(block_px, dem.height - br * block_px))
-          _, ok = _read_valid(dem, win)
+          _, ok = _read_valid(dem, win, band)
           if lab is not None:
             ok &= read_band(lab, win) != IGNORE
           weights[br, bc] = ok.sum()
@@ -164,7 +173,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
         chans[k] = np.where(np.isfinite(chans[k]), chans[k], chans[k][ok].min())
       split = SPLITS[split_i]
       meta = dict(transform=tuple(rasterio.windows.transform(win, dem.transform))[:6],
-                  window=(w.col, w.row, w.size, w.size), tile_id=tile_id, cell_size=dem.res[0],
+                  window=(w.col, w.row, w.size, w.size), tile_id=tile_id, cell_size=cell_m,
                   crs_wkt=crs_wkt, source=source)
       writers[split].write(encode_tile(chans, ok, lbl, dtype, meta))
       tile_ids[split].append(tile_id)
@@ -200,7 +209,7 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
 
     manifest = {
         "format": FORMAT,
-        "tile_size": tile_size, "stride": stride, "cell_size": float(dem.res[0]),
+        "tile_size": tile_size, "stride": stride, "cell_size": cell_m,
         "dtype": dtype, "channels": ["elevation", *ext], "has_label": lab is not None,
         "ignore_value": IGNORE,
         "label_names": {str(k): v for k, v in (label_names or {}).items()},

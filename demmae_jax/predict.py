@@ -11,7 +11,7 @@ GDAL's block cache is capped too (`gdal_cache_mb`): by default it keeps every bl
 Invalid input (the raster's nodata, NaN or inf) is documented behaviour, not an error: holes are
 filled (rasterio.fill) only so that windows can be fed to the network, and their output pixels
 are written as nodata (255 for classes, NaN for probabilities). Windows with no valid pixel are
-skipped.
+skipped. A raster with no valid pixel at all is an error (DataError), and nothing is written.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ import shapely.geometry
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from data_pipelines.atomic import atomic_file
+from data_pipelines.atomic import atomic_file, sweep_stale, temp_prefix
 from data_pipelines.errors import DataError
+from data_pipelines.raster_io import (check_elevation_range, elevation_band, open_raster, read_band,
+                                     read_masks)
 
 CLASS_NODATA = 255
 # (dem [B, t, t] float32 with holes filled, valid [B, t, t] bool) -> network input [B, t, t, C].
@@ -80,22 +82,12 @@ class PredictOptions:
 
 def open_elevation(path: str | Path, band: int | None = None, crs=None):
   """(dataset, band) of a GeoTIFF for prediction, refusing what would give a silently wrong map:
-  a multi-band raster without an explicit band, a missing band, no CRS (unless `crs` is given)."""
-  path = Path(path)
-  if not path.exists():
-    raise DataError(path, "no such file")
-  try:
-    src = rasterio.open(path)
-  except rasterio.errors.RasterioIOError as e:
-    raise DataError(path, f"not a readable raster ({e})") from e
+  a missing or unreadable file, a multi-band raster without an explicit band (the one band rule
+  of data_pipelines.raster_io), a missing band, no CRS (unless `crs` is given)."""
+  src = open_raster(path)
   with contextlib.ExitStack() as stack:
     stack.callback(src.close)
-    if band is None and src.count != 1:
-      raise DataError(path, f"has {src.count} bands but the model takes one elevation band; "
-                      f"choose it with --band N (1..{src.count})")
-    band = 1 if band is None else band
-    if not 1 <= band <= src.count:
-      raise DataError(path, f"has {src.count} band(s); band {band} does not exist")
+    band = elevation_band(src, band)
     if src.crs is None and crs is None:
       raise DataError(path, "has no CRS, so the output could not be georeferenced; pass --crs "
                       "(e.g. EPSG:28992) if you know it")
@@ -127,10 +119,11 @@ def _read_region(src, band: int, rows: tuple[int, int], cols: tuple[int, int], t
   """DEM and validity for [rows) x [cols), padded (invalid) up to one tile when the raster is
   smaller than a tile."""
   win = Window(cols[0], rows[0], min(cols[1], src.width) - cols[0], min(rows[1], src.height) - rows[0])
-  dem = src.read(band, window=win, out_dtype=np.float32)
-  valid = (src.read_masks(band, window=win) > 0) & np.isfinite(dem)
+  dem = read_band(src, window=win, band=band, out_dtype=np.float32)
+  valid = (read_masks(src, band, window=win) > 0) & np.isfinite(dem)
   if src.nodata is not None and not np.isnan(src.nodata):
     valid &= dem != np.float32(src.nodata)
+  check_elevation_range(dem, valid, src.name, f" in rows {rows[0]}.., columns {cols[0]}..")
   ph, pw = rows[1] - rows[0] - dem.shape[0], cols[1] - cols[0] - dem.shape[1]
   if ph or pw:
     dem = np.pad(dem, ((0, ph), (0, pw)), mode="edge")
@@ -232,7 +225,8 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
     offsets = (window_offsets(src.height, opts.tile, opts.tile - opts.overlap),
                window_offsets(src.width, opts.tile, opts.tile - opts.overlap))
     windows = count_windows(src.height, src.width, opts)
-    bar = tqdm(total=windows, unit="win", disable=not progress, desc=f"predict {Path(src_path).name}")
+    bar = stack.enter_context(tqdm(total=windows, unit="win", disable=not progress,
+                                   desc=f"predict {Path(src_path).name}"))  # closed on errors too
     counts = np.zeros(num_classes, np.int64)
     nodata_pixels = 0
     for win in _blocks(src.height, src.width, opts.block):
@@ -247,6 +241,9 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
       counts += np.bincount(classes[ok].ravel(), minlength=num_classes)[:num_classes]
       nodata_pixels += int((~ok).sum())
     bar.close()
+    if not counts.sum():  # raised before the outputs are committed: nothing is written
+      raise DataError(src_path, "has no valid pixel (every pixel is nodata, NaN or inf): there is "
+                      "nothing to predict, so no output was written")
     if polygons is not None:
       polygons.write(polygons_path, out_crs, opts.class_names[opts.positive], overwrite)
   return {"classes": str(dst_path), "probabilities": str(probabilities_path) if prob else None,
@@ -301,8 +298,11 @@ class _Polygons:
     path = Path(path)
     if path.exists() and not overwrite:
       raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    # OGR drivers want their own extension, so the temporary file keeps it (atomic_file's would not).
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # OGR drivers want their own extension, so the temporary file keeps it (atomic_file's would
+    # not); named like atomic_file's, so that a killed run's is swept by the next one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent)
+    tmp = path.with_name(f"{temp_prefix(path.name)}{os.urandom(4).hex()}.tmp{path.suffix}")
     try:
       pyogrio.raw.write(tmp, geometry=np.array(shapely.to_wkb(geoms), dtype=object),
                         field_data=[np.array([name] * len(geoms), dtype=object),

@@ -10,7 +10,6 @@ The output directory (orbax state/ + config.json) loads with `mae.from_pretraine
 """
 import argparse
 import logging
-import sys
 
 from demmae_jax import checkpoints, mae
 from demmae_jax.models.mae import PRESETS
@@ -41,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="skip a finetuned classifier's head.* and fc_norm.* tensors")
   p.add_argument("--seed", type=int, default=0, help="seed of any freshly initialised decoder")
   p.add_argument("--overwrite", action="store_true", help="replace an existing DST (atomically)")
+  p.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
   return p.parse_args(argv)
 
 
@@ -52,17 +52,20 @@ def main(argv=None) -> int:
                                      num_heads=args.num_heads,
                                      decoder_num_heads=args.decoder_num_heads,
                                      norm_pix_loss=args.norm_pix_loss).items() if v is not None}
-  try:
+  from data_pipelines.atomic import check_outputs
+  from demmae_jax.train import cli
+
+  def convert():
+    check_outputs([args.dst], [args.src])  # dst is replaced as a whole: never the source
     model = mae.from_pretrained(args.src, config=args.preset, encoder_only=args.encoder_only,
                                 channel_adapt=args.channel_adapt, drop_head=args.drop_head,
                                 seed=args.seed, **overrides)
     dst = mae.save_model(model, args.dst, overwrite=args.overwrite)
-  except (mae.CheckpointError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {dst} ({model.config})")
-  return 0
+    print(f"wrote {dst} ({model.config})")
+
+  return cli.guarded("convert_weights", convert, debug=args.debug)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from demmae_jax.train import cli
+  cli.exit(main())

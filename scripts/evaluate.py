@@ -66,6 +66,9 @@ def main(argv):
   from demmae_jax.train import finetune
 
   workdir = Path(_WORKDIR.value)
+  if _OUT.value:  # before any work: --out replaced as a whole must not hold the workdir or tiles
+    from data_pipelines.atomic import check_outputs
+    check_outputs([_OUT.value], [workdir, _MANIFEST.value])
   step = _STEP.value if _STEP.value in ("best", "latest") else int(_STEP.value)
   try:
     model, spec, step = finetune.load_trained(workdir, step)

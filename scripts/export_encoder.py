@@ -30,7 +30,9 @@ def main(argv):
   import ml_collections
   from demmae_jax import mae
   from demmae_jax.train import loop, pretrain
+  from data_pipelines.atomic import check_outputs
   workdir, out = Path(_WORKDIR.value), Path(_OUT.value)
+  check_outputs([out], [workdir])  # --out replaced as a whole must not be or hold the workdir
   if out.exists() and not _OVERWRITE.value:
     print(f"export_encoder: error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
     return 2

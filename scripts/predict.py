@@ -8,16 +8,19 @@ written block by block (memory does not grow with the raster: benchmarks/predict
 batched over the devices. The classes GeoTIFF has the input's CRS, transform and size, uint8 with
 255 = nodata (where the input is nodata/NaN), deflate-compressed and tiled. A LAS/LAZ input is
 first rasterised to a DSM at the model's cell size (data_pipelines.lidar; --crs when the header
-has none). Refused with a clear error: a multi-band raster without --band, a raster without CRS
-without --crs, a cell size other than the model's (unless --allow_other_cell_size), and any
-existing output unless --overwrite. Outputs are written atomically.
+has none). Refused with a clear error (`predict: error: <file>: <problem>`, exit 2), before any
+work: an output that is an input (also through a symlink or hard link) or a file of the workdir,
+an output folder that cannot be written, a multi-band raster without --band, a raster without CRS
+without --crs, a geographic CRS (degrees; reproject, or give --cell_size_m), a cell size other
+than the model's in metres (unless --allow_other_cell_size), and any existing output unless
+--overwrite. A raster with no valid pixel is an error; one more than half nodata, a warning.
+Outputs are written atomically; SIGTERM removes the temporaries and says what was written.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,6 +46,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 16, "Windows per device batch (x dev
 _BLOCK = flags.DEFINE_integer("block", 1024, "Output block side in pixels (sets the memory).")
 _OTHER_CELL = flags.DEFINE_bool("allow_other_cell_size", False, "Predict even if the input's cell "
                                 "size differs from the training tiles' (results will suffer).")
+_CELL_M = flags.DEFINE_float("cell_size_m", None, "The input's cell size in metres, when its CRS "
+                             "does not say (geographic or local CRSs).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
@@ -59,16 +64,19 @@ def make_apply(model, batch_size: int, tta: bool = False):
   return lambda x: probs(jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)))
 
 
-def check_cell_size(path: str, spec: dict, allow: bool) -> None:
-  import rasterio
+def check_cell_size(path: str, spec: dict, allow: bool, crs=None, given_m: float | None = None) -> float:
+  """The input's cell size in metres (data_pipelines.raster_io.cell_size_m: a geographic CRS is
+  refused, feet are converted), refused if it is not the model's unless `allow`."""
   from data_pipelines.errors import DataError
-  with rasterio.open(path) as src:
-    res = src.res
+  from data_pipelines.raster_io import cell_size_m, open_raster
+  with open_raster(path) as src:
+    size = cell_size_m(src, crs, given_m, flag="--cell_size_m")
   want = spec["cell_size"]
-  if not allow and any(abs(r - want) > 0.01 * want for r in res):
-    raise DataError(path, f"cell size {res[0]:g} x {res[1]:g} but the model was trained on "
-                    f"{want:g} tiles; resample the raster (gdalwarp -tr {want} {want}) or pass "
+  if not allow and abs(size - want) > 0.01 * want:
+    raise DataError(path, f"cell size {size:g} m but the model was trained on {want:g} m tiles; "
+                    f"resample the raster (gdalwarp -tr ...) to {want:g} m cells or pass "
                     f"--allow_other_cell_size")
+  return size
 
 
 def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: bool,
@@ -103,54 +111,97 @@ def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: b
   plt.close(fig)
 
 
+def _fingerprint(path) -> tuple | None:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from data_pipelines.errors import DataError
+  from data_pipelines.atomic import check_outputs, scratch_dir
   from demmae_jax import area_eval, predict
   from demmae_jax.train import finetune
 
   outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  workdir = Path(_WORKDIR.value)
+  # before any (slow) work: no output may be an input (also through links), all must be writable
+  check_outputs(outputs, [_INPUT.value, workdir, *workdir.glob("*.json"), workdir / "checkpoints"])
   existing = [p for p in outputs if Path(p).exists()]
-  if existing and not _OVERWRITE.value:  # before any (slow) work
-    print(f"predict: error: {', '.join(existing)} already exist(s); pass --overwrite to replace",
+  if existing and not _OVERWRITE.value:
+    raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+  if not Path(_INPUT.value).exists():
+    raise FileNotFoundError(2, "No such file or directory", _INPUT.value)
+  spec = finetune.read_spec(workdir)
+  if Path(_INPUT.value).suffix.lower() not in (".las", ".laz"):  # the raster checked before the model loads
+    src, _ = predict.open_elevation(_INPUT.value, _BAND.value, _CRS.value)
+    src.close()
+    check_cell_size(_INPUT.value, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
+  model, spec, step = finetune.load_trained(workdir, _STEP.value if _STEP.value in
+                                            ("best", "latest") else int(_STEP.value))
+  tile = _WINDOW.value or spec["tile_size"]
+  finetune.check_window(spec, tile)
+  opts = predict.PredictOptions(
+      tile=tile, overlap=tile // 4 if _OVERLAP.value is None else _OVERLAP.value,
+      batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
+      class_names=tuple(spec["class_names"]))
+  with scratch_dir(_OUTPUT.value) as scratch:
+    source, band = _INPUT.value, _BAND.value
+    if Path(source).suffix.lower() in (".las", ".laz"):
+      from data_pipelines.lidar import inspect_las, las_to_rasters
+      from data_pipelines.raster_io import metres_per_unit
+      unit = metres_per_unit(inspect_las(source, _CRS.value).crs, source, "--cell_size_m")
+      rasters = las_to_rasters([source], scratch, cell_size=spec["cell_size"] / unit, crs=_CRS.value)
+      # an nDSM model reads height above the LiDAR's own ground
+      source = str(rasters["ndsm" if area_eval.input_raster_name(spec) == "ndsm" else "dsm"])
+      band = None
+      opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
+    check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
+    summary = predict.predict_raster(
+        source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
+        area_eval.input_normalise(spec), opts,
+        probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
+        overwrite=_OVERWRITE.value)
+    if _PNG.value:
+      preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
+  total = sum(summary["pixels_per_class"].values()) + summary["nodata_pixels"]
+  if summary["nodata_pixels"] > 0.5 * total:
+    print(f"predict: warning: {summary['nodata_pixels'] / total:.0%} of {_INPUT.value} is nodata "
+          f"(nodata value, NaN or inf): those pixels are nodata (255) in {_OUTPUT.value}",
           file=sys.stderr)
-    return 2
-  try:
-    model, spec, step = finetune.load_trained(_WORKDIR.value, _STEP.value if _STEP.value in
-                                              ("best", "latest") else int(_STEP.value))
-    tile = _WINDOW.value or spec["tile_size"]
-    finetune.check_window(spec, tile)
-    opts = predict.PredictOptions(
-        tile=tile, overlap=tile // 4 if _OVERLAP.value is None else _OVERLAP.value,
-        batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
-        class_names=tuple(spec["class_names"]))
-    with tempfile.TemporaryDirectory(prefix="predict_las_") as scratch:
-      source, band = _INPUT.value, _BAND.value
-      if Path(source).suffix.lower() in (".las", ".laz"):
-        from data_pipelines.lidar import las_to_rasters
-        rasters = las_to_rasters([source], Path(scratch), cell_size=spec["cell_size"], crs=_CRS.value)
-        # an nDSM model reads height above the LiDAR's own ground
-        source = str(rasters["ndsm" if area_eval.input_raster_name(spec) == "ndsm" else "dsm"])
-        band = None
-        opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
-      check_cell_size(source, spec, _OTHER_CELL.value)
-      summary = predict.predict_raster(
-          source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
-          area_eval.input_normalise(spec), opts,
-          probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
-          overwrite=_OVERWRITE.value)
-      if _PNG.value:
-        preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
-  except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
-    print(f"predict: error: {e}", file=sys.stderr)
-    return 2
   summary.update(workdir=_WORKDIR.value, step=step, input=_INPUT.value, png=_PNG.value)
   print(json.dumps(summary, indent=1))
   print(f"predict: wrote {', '.join(outputs)}")
   return 0
 
 
+def on_terminate(before: dict) -> str:
+  """What a SIGTERM left: outputs are committed only at the end, so usually none."""
+  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  written = [p for p in outputs if _fingerprint(p) != before.get(p)]
+  if not written:
+    return ("no output was written or changed (" + ", ".join(outputs) + "); temporaries were "
+            "removed. Rerun the same command to predict")
+  return (f"written before the signal: {', '.join(written)}; not written: "
+          f"{', '.join(p for p in outputs if p not in written) or 'none'}; temporaries were removed")
+
+
+def guarded_main(argv):
+  """main, reporting on SIGTERM which outputs were (not) written."""
+  from demmae_jax.train import cli
+  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  before = {p: _fingerprint(p) for p in outputs}
+  try:
+    with cli.sigterm_raises():
+      return main(argv)
+  except cli.Terminated:
+    print(f"predict: stopped by SIGTERM: {on_terminate(before)}", file=sys.stderr, flush=True)
+    return cli.EXIT_SIGTERM
+
+
 if __name__ == "__main__":
   from demmae_jax.train import cli
-  cli.run(main)
+  cli.run(guarded_main)

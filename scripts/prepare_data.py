@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Turn LiDAR / elevation rasters and vector labels into tile sets for demmae-jax.
 
-Subcommands (each refuses to replace an existing output unless --overwrite):
+Subcommands (each refuses to replace an existing output unless --overwrite, and an output that
+is one of its inputs or holds one, also through links; errors are `error: <file>: <problem>`,
+exit 2, with the traceback under --debug):
   lidar      LAS/LAZ files -> dsm/dtm/ndsm/class/valid GeoTIFFs (one mosaic)
   labels     vector layer(s) -> uint8 label GeoTIFF on a DEM's grid (255 outside the labelled area)
   tiles      DEM (+ label, validity, extra channels) -> TFRecord shards + manifest.json
   delft      the whole chain on the shared Delft set, for buildings and/or roads
   area       the whole chain on any labelled area of the shared data (data_pipelines/areas.py)
-  check      read every shard of a tile set; names the first corrupt file
+  check      decode every record of a tile set against its manifest; names the first bad file
   corpus     the high-resolution pretraining corpus (DSM + nDSM per source, held-out blocks NaN)
   normalisation-report   how each normalisation mode separates roads from buildings (Delft)
 
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
   p.add_argument("--values", nargs="+", help="attribute values kept (with --field)")
   p.add_argument("--area", help="polygon layer of the labelled area (default: convex hull of --coverage)")
   p.add_argument("--coverage", nargs="+", help="layers whose hull is the labelled area (default: --vector)")
+  p.add_argument("--crs", help="CRS of vector files that carry none, e.g. EPSG:28992")
   p.add_argument("--out", required=True, help="output GeoTIFF")
   p.add_argument("--overwrite", action="store_true")
 
@@ -75,6 +78,9 @@ def main(argv=None) -> int:
   p.add_argument("--label", help="uint8 label GeoTIFF on the same grid (255 = ignore)")
   p.add_argument("--valid", help="validity GeoTIFF on the same grid (0 = invalid)")
   p.add_argument("--extra", nargs="*", default=[], metavar="NAME=PATH", help="extra channels, e.g. ndsm=ndsm.tif")
+  p.add_argument("--band", type=int, help="band of --dem holding the elevation (required if it has several)")
+  p.add_argument("--cell-size-m", type=float, help="cell size in metres, when the CRS does not say "
+                 "(geographic or local CRSs)")
   p.add_argument("--tiles-per-shard", type=int, default=1024)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--overwrite", action="store_true")
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
   p.add_argument("--exclude", nargs="+", default=[], metavar="PLACE",
                  help="leave whole places out, e.g. gothenburg (leave-one-area-out pretraining)")
 
-  p = sub.add_parser("check", help="read every record of a tile set")
+  p = sub.add_parser("check", help="read and decode every record of a tile set against its manifest")
   p.add_argument("manifest")
 
   p = sub.add_parser("normalisation-report", help="road vs building separation per normalisation mode (Delft)")
@@ -121,36 +127,44 @@ def main(argv=None) -> int:
   p.add_argument("--json", help="also write the numbers to this JSON file")
   p.add_argument("--overwrite", action="store_true")
 
+  for p in sub.choices.values():
+    p.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
   a = parser.parse_args(argv)
-  from data_pipelines.errors import DataError
-  try:
-    return _run(a)
-  except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from demmae_jax.train import cli  # the scripts' one error contract (imports absl only)
+  return cli.guarded("prepare_data", lambda: _run(a), debug=a.debug)
 
 
 def _run(a: argparse.Namespace) -> int:
+  from data_pipelines.atomic import check_outputs
   if a.command == "lidar":
-    from data_pipelines.lidar import las_to_rasters
+    from data_pipelines.lidar import PRODUCTS, las_to_rasters
+    check_outputs([Path(a.out) / f"{p}.tif" for p in PRODUCTS], a.inputs)
     out = las_to_rasters(a.inputs, a.out, cell_size=a.cell_size, crs=a.crs, window_px=a.window_px,
                          overwrite=a.overwrite)
     print("\n".join(f"{k}: {v}" for k, v in out.items()))
   elif a.command == "labels":
     from data_pipelines.labels import LabelLayer, rasterize_labels
-    layers = [LabelLayer(v, layer=a.layer, field=a.field, values=a.values) for v in a.vector]
-    coverage = [LabelLayer(c) for c in a.coverage] if a.coverage else None
-    counts = rasterize_labels(a.dem, layers, a.out, area=a.area, coverage=coverage, overwrite=a.overwrite)
+    check_outputs([a.out], [a.dem, *a.vector, a.area, *(a.coverage or [])])
+    layers = [LabelLayer(v, layer=a.layer, field=a.field, values=a.values, crs=a.crs) for v in a.vector]
+    coverage = [LabelLayer(c, crs=a.crs) for c in a.coverage] if a.coverage else None
+    counts = rasterize_labels(a.dem, layers, a.out, area=a.area, coverage=coverage, overwrite=a.overwrite,
+                              vector_crs=a.crs)
     print(f"{a.out}: pixel counts {counts}")
   elif a.command == "tiles":
     from data_pipelines.tile_writer import write_tiles
+    bad = [e for e in a.extra if "=" not in e]
+    if bad:
+      raise ValueError(f"--extra takes NAME=PATH, got {bad}")
     extras = dict(e.split("=", 1) for e in a.extra)
+    check_outputs([a.out], [a.dem, a.label, a.valid, *extras.values()])
     m = write_tiles(a.dem, a.out, label=a.label, valid=a.valid, extras=extras, tile_size=a.tile_size,
                     stride=a.stride, block_px=a.block_px, min_valid=a.min_valid, min_labelled=a.min_labelled,
-                    dtype=a.dtype, seed=a.seed, tiles_per_shard=a.tiles_per_shard, overwrite=a.overwrite)
+                    dtype=a.dtype, seed=a.seed, tiles_per_shard=a.tiles_per_shard, overwrite=a.overwrite,
+                    band=a.band, cell_size_m=a.cell_size_m)
     _summary(m)
   elif a.command == "delft":
     from data_pipelines.prepare import prepare_delft
+    check_outputs([a.out], [])
     for task in (("buildings", "roads") if a.task == "both" else (a.task,)):
       m = prepare_delft(Path(a.out) / task, task, cell_size=a.cell_size, tile_size=a.tile_size, stride=a.stride,
                         block_px=a.block_px, dtype=a.dtype, label_source=a.label_source, min_valid=a.min_valid,
@@ -173,14 +187,14 @@ def _run(a: argparse.Namespace) -> int:
     print(f"{Path(a.out) / CORPUS_JSON}: train {c['km2']['train']['kept']:.3f} km2 kept, "
           f"{c['km2']['train']['masked']:.3f} km2 masked; eval {c['km2']['eval']['kept']:.3f} km2")
   elif a.command == "check":
-    from data_pipelines.reader import check_shards, read_manifest, split_files
-    m = read_manifest(a.manifest)
-    for split in list(m["splits"]) + list(m["subsets"]):
-      check_shards(split_files(m, split))
-    print(f"{a.manifest}: all shards read back")
+    from data_pipelines.reader import check_tile_set
+    counts = check_tile_set(a.manifest)
+    print(f"{a.manifest}: every record of every shard decodes as the manifest says: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
   elif a.command == "normalisation-report":
     from data_pipelines.atomic import atomic_file
     from data_pipelines.normalisation_report import normalisation_report, report_markdown
+    check_outputs([a.json], [])
     report = normalisation_report(tuple(a.tile_sizes), a.cell_size, a.scale_m)
     print(report_markdown(report))
     if a.json:
@@ -198,4 +212,5 @@ def _summary(manifest_path: Path) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from demmae_jax.train import cli
+  cli.exit(main())

@@ -80,7 +80,7 @@ def main(argv):
   mesh = sharding.make_mesh(**config.mesh)
   rows = sharding.process_batch_rows(mesh, config.global_batch)
   try:
-    checkpointing.check_or_store_config(workdir, config)  # before anything is written there
+    checkpointing.check_config(workdir, config)  # refuse another run's workdir; writes nothing
     n = config.data.normalisation
     norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
     if config.data.corpus:

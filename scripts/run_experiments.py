@@ -75,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from demmae_jax.train import cli
+  cli.run(main)

@@ -17,7 +17,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from data_pipelines.atomic import atomic_file
+from data_pipelines.atomic import atomic_file, check_outputs, sweep_stale
+from data_pipelines.errors import DataError
 
 CONFIG_FILE = "config.json"
 
@@ -36,6 +37,17 @@ class WorkdirConfigMismatch(ValueError):
   pass
 
 
+def unreadable(step_dir: Path, e: BaseException) -> DataError:
+  """The error for a checkpoint orbax cannot read: its folder, the cause in brief, what to do."""
+  root = e  # tensorstore's useful message ("byte range ... not valid") is the innermost cause
+  while (root.__cause__ or root.__context__) is not None:
+    root = root.__cause__ or root.__context__
+  first = " ".join(str(root).split())[:300]
+  return DataError(step_dir, f"checkpoint cannot be read: damaged or truncated "
+                   f"({root.__class__.__name__}: {first}). Restore it from a copy, or delete this "
+                   f"step's folder to use the previous checkpoint")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
   with atomic_file(path, overwrite=True) as tmp:
     tmp.write_text(text)
@@ -45,24 +57,38 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+def check_config(workdir: Path, config: ml_collections.ConfigDict,
+                 ignore: tuple[str, ...] = ("log", "distributed")) -> bool:
+  """Refuse a workdir that holds a run of a different config (keys in `ignore`, e.g. logging
+  frequencies, may change between restarts), or that cannot be written. Writes nothing; True if
+  the workdir has a config."""
+  path = Path(workdir) / CONFIG_FILE
+  check_outputs([path], [])
+  if not path.exists():
+    return False
+  new = json.loads(config_to_json(config))
+  old = json.loads(path.read_text())
+  diff = _diff({k: v for k, v in old.items() if k not in ignore},
+               {k: v for k, v in new.items() if k not in ignore})
+  if diff:
+    raise WorkdirConfigMismatch(
+        f"{workdir} holds a run of another configuration ({path}); differing keys: "
+        + "; ".join(diff[:10]) + ". Use a new --workdir, or the same config to resume.")
+  return True
+
+
 def check_or_store_config(workdir: Path, config: ml_collections.ConfigDict,
                           ignore: tuple[str, ...] = ("log", "distributed")) -> None:
-  """Store the config in a fresh workdir; in an existing one, refuse a different config (keys in
-  `ignore`, e.g. logging frequencies, may change between restarts)."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / CONFIG_FILE
-  new = json.loads(config_to_json(config))
-  if path.exists():
-    old = json.loads(path.read_text())
-    diff = _diff({k: v for k, v in old.items() if k not in ignore},
-                 {k: v for k, v in new.items() if k not in ignore})
-    if diff:
-      raise WorkdirConfigMismatch(
-          f"{workdir} holds a run of another configuration ({path}); differing keys: "
-          + "; ".join(diff[:10]) + ". Use a new --workdir, or the same config to resume.")
+  """Store the config in a fresh workdir; in an existing one, refuse a different config. Call it
+  only once the config has been validated (a stored config makes the workdir that config's).
+  Also removes the temporaries a killed run left in the workdir."""
+  if check_config(workdir, config, ignore):
+    sweep_stale(workdir)
     return
+  workdir.mkdir(parents=True, exist_ok=True)
+  sweep_stale(workdir)
   if jax.process_index() == 0:
-    atomic_write_text(path, config_to_json(config))
+    atomic_write_text(workdir / CONFIG_FILE, config_to_json(config))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -119,10 +145,17 @@ class Checkpointer:
                       metrics=metrics, force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """The state at `step` placed as `abstract_state` (ShapeDtypeStructs with shardings) says."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    """The state at `step` placed as `abstract_state` (ShapeDtypeStructs with shardings) says.
+    A damaged or truncated checkpoint is a DataError naming its folder."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+      raise unreadable(self.step_dir(step), e) from e
     return out["state"], out["meta"]
+
+  def step_dir(self, step: int) -> Path:
+    return Path(self.manager.directory) / str(step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -303,9 +303,13 @@ def _check_shapes(ckpt, step, abstract_state, workdir, spec) -> None:
         {k: tree[k] for k in ("params", "rest")}, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {path_str(p).removesuffix("/value"): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
 
-  saved = ocp.StandardCheckpointer().metadata(Path(ckpt.manager.directory) / str(step) / "state")
-  saved = getattr(saved, "item_metadata", saved)
-  have, want = shapes(getattr(saved, "tree", saved)), shapes(abstract_state)
+  try:
+    saved = ocp.StandardCheckpointer().metadata(ckpt.step_dir(step) / "state")
+    saved = getattr(saved, "item_metadata", saved)
+    have = shapes(getattr(saved, "tree", saved))
+  except Exception as e:  # a truncated _METADATA reads as None, or fails in orbax
+    raise checkpointing.unreadable(ckpt.step_dir(step), e) from e
+  want = shapes(abstract_state)
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
   misshaped = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in sorted(set(want) & set(have))
@@ -397,13 +401,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   spec = model_spec(config, manifest, backbone_cfg)
   check_spec_against_data(spec, manifest, config.data.manifest)
   workdir = Path(workdir)
-  checkpointing.check_or_store_config(workdir, config)
+  # Validate before anything is written to the workdir (loop.train writes config.json and the
+  # spec once its Trainer has validated the rest): a failed config must not claim the workdir.
+  checkpointing.check_config(workdir, config)
   spec_path = workdir / SPEC_FILE
   if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
     raise checkpointing.WorkdirConfigMismatch(
         f"{spec_path} describes another model than this run would build (was the --config.init "
         f"checkpoint or the tile set changed?); use a new --workdir")
-  checkpointing.atomic_write_text(spec_path, json.dumps(spec, indent=1))
+  weights = class_weights(config, manifest)
+  from demmae_jax.train import optim
+  optim.schedule(config.optim, int(config.total_steps), int(config.global_batch))  # fail fast
   mesh = mesh or sharding.make_mesh(**config.mesh)
   reader = dict(**reader_options(spec), seed=int(config.data.seed), deterministic=True)
 
@@ -425,9 +433,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
     train_batches = lambda start: cache.batches(start, int(config.global_batch), rows,
                                                 int(config.data.seed))
 
-  task = Finetune(config, spec, class_weights(config, manifest),
-                  eval_batches if config.eval_every_steps else None, backbone_state)
-  return loop.train(task, config, workdir, train_batches, mesh=mesh, stop_after=stop_after)
+  task = Finetune(config, spec, weights, eval_batches if config.eval_every_steps else None,
+                  backbone_state)
+  return loop.train(task, config, workdir, train_batches, mesh=mesh, stop_after=stop_after,
+                    workdir_files={SPEC_FILE: json.dumps(spec, indent=1)})
 
 
 def evaluate_split(model: nnx.Module, spec: dict, manifest_path: str, split: str, *,

@@ -222,13 +222,19 @@ class Trainer:
 
 def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
           batches: BatchSource, *, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None) -> Result:
+          stop_after: int | None = None, workdir_files: dict[str, str] | None = None) -> Result:
   """Train `task` to `config.total_steps` in `workdir`, resuming from its latest checkpoint.
-  `stop_after` ends the run early after that many steps in this call (tests, demos)."""
+  `stop_after` ends the run early after that many steps in this call (tests, demos).
+  Nothing is written before the config has validated (the Trainer is built first): a config that
+  fails leaves the workdir as it was, so its corrected rerun is not refused as another config.
+  `workdir_files` ({name: text}) are written then too, beside config.json."""
   workdir = Path(workdir)
-  checkpointing.check_or_store_config(workdir, config)
   mesh = mesh or shd.make_mesh(**config.mesh)
   trainer = Trainer(task, config, mesh)
+  checkpointing.check_or_store_config(workdir, config)
+  if jax.process_index() == 0:
+    for name, text in (workdir_files or {}).items():
+      checkpointing.atomic_write_text(workdir / name, text)
   total = int(config.total_steps)
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
                                     best_metric=task.best_metric, best_mode=task.best_mode,
