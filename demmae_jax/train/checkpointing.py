@@ -46,9 +46,10 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def check_or_store_config(workdir: Path, config: ml_collections.ConfigDict,
-                          ignore: tuple[str, ...] = ("log", "distributed")) -> None:
+                          ignore: tuple[str, ...] = ("log", "distributed", "memory")) -> None:
   """Store the config in a fresh workdir; in an existing one, refuse a different config (keys in
-  `ignore`, e.g. logging frequencies, may change between restarts)."""
+  `ignore`, e.g. logging frequencies or the memory limit to plan for, may change between
+  restarts)."""
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / CONFIG_FILE
   new = json.loads(config_to_json(config))
