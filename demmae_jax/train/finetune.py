@@ -361,8 +361,8 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None
              "valid": jax.ShapeDtypeStruct((b - a, t, t), np.float32)}
   images = jax.ShapeDtypeStruct((b - a, t, t, c), np.float32)
   if config.cache_features:  # the batches are the encoder's maps (feature_cache.FeatureCache)
-    model = nnx.eval_shape(lambda: build_from_spec(spec))
-    maps = jax.eval_shape(lambda x: model.encoder_maps(x), images)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_from_spec(spec)))
+    maps = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encoder_maps(x), state, images)
     example.update({k: jax.ShapeDtypeStruct(m.shape, m.dtype)
                     for k, m in zip(feature_cache.FEATURE_KEYS, maps)})
   else:
