@@ -106,6 +106,12 @@ def test_a_step_too_big_is_split_recorded_reused_or_refused(tmp_path, capsys):
                      rf"{plan['grad_accum_steps']}"):
     loop.train(Smooth(), _smooth_config(fit="strict", limit=limit), tmp_path / "strict", _crops)
 
+  # A loss the split would change (not a mean over examples): the flag, not a silent change.
+  inexact = Smooth()
+  inexact.accumulation_exact = False
+  with pytest.raises(loop.DoesNotFit, match=r"not a mean over examples.*--config.grad_accum_steps"):
+    loop.train(inexact, _smooth_config(limit=limit), tmp_path / "inexact", _crops)
+
   # Nothing fits: stopped before any state or checkpoint exists.
   trainer = loop.Trainer(Smooth(), _smooth_config(), loop.shd.make_mesh())
   floor = memory.Planner(trainer, {"image": np.zeros((8, 32, 32, 1), np.float32)},
