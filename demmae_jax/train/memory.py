@@ -237,7 +237,8 @@ class Plan:
             "device_kind": mesh.devices.flat[0].device_kind, "predicted_peak_bytes": t.memory.peak,
             "usable_bytes": self.usable, "device_bytes": self.device, "memory_note": self.note,
             "memory": dataclasses.asdict(t.memory), "reason": self.reason,
-            "host_rss_at_plan_bytes": host_rss()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "host_rss_at_plan_bytes": host_rss()[0], "host_peak_rss_at_plan_bytes": host_rss()[1],
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 class Planner:
