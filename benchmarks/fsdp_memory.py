@@ -31,7 +31,7 @@ def main() -> int:
   import numpy as np
 
   from demmae_jax import config_files, sharding as shd
-  from demmae_jax.train import loop, metrics as metrics_lib, pretrain
+  from demmae_jax.train import loop, memory, metrics as metrics_lib, pretrain
 
   if jax.device_count() < args.devices:
     print(f"only {jax.device_count()} devices: run in a fresh process", file=sys.stderr)
@@ -50,16 +50,14 @@ def main() -> int:
                                  (f"fsdp={n}", jax.devices()[:n], dict(data=1, fsdp=n))):
     mesh = shd.make_mesh(**mesh_kw, devices=devices)
     trainer = loop.Trainer(task, config, mesh)
-    compiled = trainer.compile(batch)
-    mem = compiled.memory_analysis()
+    mem, _, compiled = memory.measure(trainer, batch)
     flops = metrics_lib.compiled_flops(compiled)
-    state_bytes = sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize
-                      for s in jax.tree.leaves(trainer.abstract_state))
-    arg = mem.argument_size_in_bytes - batch_bytes // len(devices)
-    rows.append((name, arg, state_bytes, mem.temp_size_in_bytes))
+    state_bytes = memory.state_bytes(trainer.abstract_state)
+    arg = mem.argument - batch_bytes // len(devices)
+    rows.append((name, arg, state_bytes, mem.temp))
     print(f"{name:>9}: params+opt state per device {arg / 2**20:9.1f} MiB (compiled arguments "
           f"minus batch; from shard shapes {state_bytes / 2**20:.1f} MiB), temporaries "
-          f"{mem.temp_size_in_bytes / 2**20:.1f} MiB; cost analysis {flops / 1e9:.1f} GFLOP per "
+          f"{mem.temp / 2**20:.1f} MiB; cost analysis {flops / 1e9:.1f} GFLOP per "
           f"device program (x {len(devices)} devices = {flops * len(devices) / 1e9:.1f})",
           flush=True)
   (_, a1, s1, _), (_, an, sn, _) = rows

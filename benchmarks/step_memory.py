@@ -42,18 +42,14 @@ FSDP = 8
 
 
 def measure(trainer, batch) -> dict:
-  from demmae_jax.train import metrics
-  from train_steps import state_bytes
+  """The library's analysis (what the trainer's memory plan reads), plus FLOPs and compile time."""
+  from demmae_jax.train import memory, metrics
   t0 = time.perf_counter()
-  traced = trainer.trace(batch)
-  compiled = traced.lower().compile()
-  m = compiled.memory_analysis()
-  row = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-             alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
-             state=state_bytes(trainer), params=state_bytes(trainer, "params"),
+  mem, traced, compiled = memory.measure(trainer, batch)
+  row = dict(argument=mem.argument, output=mem.output, alias=mem.alias, temp=mem.temp,
+             state=memory.state_bytes(trainer.abstract_state), params=mem.params, peak=mem.peak,
              flops=metrics.compiled_flops(compiled), counted_flops=metrics.jaxpr_flops(traced.jaxpr),
              compile_s=time.perf_counter() - t0)
-  row["peak"] = row["argument"] + row["output"] - row["alias"] + row["temp"]
   return row, compiled
 
 

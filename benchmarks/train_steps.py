@@ -67,10 +67,3 @@ def finetune(preset: str, batch: int | None = None, tile: int | None = None, mes
 
 def _one_device(shd):
   return shd.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
-
-
-def state_bytes(trainer, part: str | None = None) -> int:
-  """Bytes of the train state per device (or of one part: params, rest, opt_state)."""
-  tree = trainer.abstract_state if part is None else trainer.abstract_state[part]
-  return sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize
-             for s in jax.tree.leaves(tree))

@@ -33,6 +33,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding.rules = ((".*", "fsdp"),)  # (regex on the array path, tactic); see demmae_jax.sharding
   c.sharding.min_fsdp_size = 2**14  # arrays with fewer elements stay replicated
 
+  # Memory plan before the first step (demmae_jax/train/memory.py, docs/memory.md). It may change
+  # between restarts of one workdir: the plan a run chose is kept in workdir/memory_plan.json.
+  c.memory = ml_collections.ConfigDict(dict(
+      fit="auto",  # auto: split the batch into micro-batches / remat until the step fits;
+                   # strict: stop instead, naming the flags that fit; off: only print the plan
+      limit="",  # bytes per device to plan for, e.g. "16GiB"; "": the device's ($DEMMAE_MEMORY_LIMIT)
+      margin=0.1,  # fraction of it kept free for the runtime, input pipeline, checkpoint copies
+      allow_remat=True,  # auto may switch the model's remat on (more compute, less memory)
+      min_micro_batch=8))  # auto: below this many rows per device per micro-batch, try remat
+
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True))
   # Logging may change between restarts of one workdir; everything else must not.
   c.log = ml_collections.ConfigDict(dict(every_steps=10, picture_every_steps=0, progress=True,

@@ -24,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.key=value (unknown keys are an error).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; an existing one of the same "
                                "config is resumed.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan per device for this config "
+                              "and mesh (or the one the workdir recorded) and exit; nothing is "
+                              "trained or written. See docs/memory.md.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,6 +41,8 @@ def main(argv):
   sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
   workdir = Path(_WORKDIR.value)
   try:
+    if _DRY_RUN.value:
+      return finetune.dry_run(config, workdir)
     result = finetune.run(config, workdir)
   except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch, ValueError) as e:
     print(f"finetune: error: {e}", file=sys.stderr)

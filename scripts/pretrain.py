@@ -24,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.key=value (unknown keys are an error).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures. "
                                "An existing one of the same config is resumed.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan per device for this config "
+                              "and mesh (or the one the workdir recorded) and exit; nothing is "
+                              "trained or written. See docs/memory.md.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -80,6 +83,8 @@ def main(argv):
   mesh = sharding.make_mesh(**config.mesh)
   rows = sharding.process_batch_rows(mesh, config.global_batch)
   try:
+    if _DRY_RUN.value:
+      return pretrain.dry_run(config, workdir, mesh)
     checkpointing.check_config(workdir, config)  # refuse another run's workdir; writes nothing
     n = config.data.normalisation
     norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
@@ -102,7 +107,7 @@ def main(argv):
     task = pretrain.MAEPretrain(config, eval_batch=eval_batch)
     result = loop.train(task, config, workdir,
                         lambda start: source.batches(start, rows), mesh=mesh)
-  except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch) as e:
+  except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch, loop.DoesNotFit) as e:
     print(f"pretrain: error: {e}", file=sys.stderr)
     return 2
   last = next((h for h in reversed(result.history) if "loss" in h), {})

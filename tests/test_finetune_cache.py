@@ -3,6 +3,7 @@ frozen step (loss and head gradients), the cache holds each symmetry's
 features and resumes its batch stream, a cached run on real Delft tiles learns and leaves a
 checkpoint that loads and evaluates as any other, and the settings it cannot serve are refused."""
 import json
+import re
 
 import jax
 import numpy as np
@@ -128,7 +129,13 @@ def test_cached_run_learns_resumes_and_its_checkpoint_evaluates(delft_tiles, tmp
   first = finetune.run(config, workdir, stop_after=24)
   second = finetune.run(config, workdir)  # rebuilds the cache, continues the batch stream
   assert first.step == 24 and second.step == 48 and second.history[0]["step"] > 24
-  assert "feature cache:" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "feature cache:" in out
+  # --dry_run plans the same step from the cached maps' shapes, without building the cache
+  peak = re.search(r"-> peak (\S+ \S+) of", out).group(1)
+  assert finetune.dry_run(config, tmp_path / "dry") == 0 and not (tmp_path / "dry").exists()
+  dry = capsys.readouterr().out
+  assert f"the step needs {peak} per device" in dry and "feature cache:" not in dry
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = [r["main_loss"] for r in rows if "main_loss" in r]
   assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2]), losses

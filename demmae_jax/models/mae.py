@@ -167,11 +167,15 @@ class MaskedAutoencoder(nnx.Module):
   def __call__(self, images: jax.Array, noise: jax.Array | None = None,
                key: jax.Array | None = None):
     """Returns (loss, pred [N, L, p*p*C], mask [N, L], 1 = removed). Pass `noise` [N, L] (as the
-    official code and Hugging Face allow) or a PRNG `key` to draw it."""
+    official code and Hugging Face allow) or a PRNG `key` to draw it: one key for the batch, or
+    [N] keys, one per image (its mask then does not depend on the other images)."""
     if noise is None:
       if key is None:
         raise ValueError("pass noise=[N, L] uniform noise or key=a jax PRNG key for the masking")
-      noise = jax.random.uniform(key, (images.shape[0], self.config.num_patches))
+      if jnp.ndim(key) == 1:
+        noise = jax.vmap(lambda k: jax.random.uniform(k, (self.config.num_patches,)))(key)
+      else:
+        noise = jax.random.uniform(key, (images.shape[0], self.config.num_patches))
     latent, mask, ids_restore = self.forward_encoder(images, noise)
     pred = self.forward_decoder(latent, ids_restore)
     return self.forward_loss(images, pred, mask), pred, mask

@@ -58,7 +58,7 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def check_config(workdir: Path, config: ml_collections.ConfigDict,
-                 ignore: tuple[str, ...] = ("log", "distributed")) -> bool:
+                 ignore: tuple[str, ...] = ("log", "distributed", "memory")) -> bool:
   """Refuse a workdir that holds a run of a different config (keys in `ignore`, e.g. logging
   frequencies, may change between restarts), or that cannot be written. Writes nothing; True if
   the workdir has a config."""
@@ -78,8 +78,9 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict,
 
 
 def check_or_store_config(workdir: Path, config: ml_collections.ConfigDict,
-                          ignore: tuple[str, ...] = ("log", "distributed")) -> None:
-  """Store the config in a fresh workdir; in an existing one, refuse a different config. Call it
+                          ignore: tuple[str, ...] = ("log", "distributed", "memory")) -> None:
+  """Store the config in a fresh workdir; in an existing one, refuse a different config (keys in
+  `ignore`, e.g. logging frequencies or the memory limit to plan for, may change). Call it
   only once the config has been validated (a stored config makes the workdir that config's).
   Also removes the temporaries a killed run left in the workdir."""
   if check_config(workdir, config, ignore):

@@ -131,6 +131,9 @@ class Finetune(Task):
   validation batches (or None); `backbone_state` the pretrained encoder (None: random, the
   "random frozen" control arm, or when the state comes from a checkpoint)."""
   best_mode = "max"
+  # The weighted cross-entropy is normalised by the batch's summed weights (not a mean over
+  # examples) and dropout draws per micro-batch: the memory plan does not split the batch itself.
+  accumulation_exact = False
 
   def __init__(self, config: ml_collections.ConfigDict, spec: dict, class_weights,
                eval_batches: Callable[[], Iterator[dict]] | None = None, backbone_state=None):
@@ -385,12 +388,9 @@ def build_feature_cache(config: ml_collections.ConfigDict, spec: dict, backbone_
   return cache, nnx.state(model.backbone)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
-        stop_after: int | None = None):
-  """Train as `config` says in `workdir` (resuming it); returns the loop's Result."""
-  from data_pipelines.reader import make_dataset, read_manifest
-  from demmae_jax import sharding
-  from demmae_jax.train import loop
+def _model_and_data(config: ml_collections.ConfigDict):
+  """(manifest, spec, pretrained backbone state or None) of a run, checked against each other."""
+  from data_pipelines.reader import read_manifest
   check_cache_features(config)
   if not config.data.manifest:
     raise ValueError("set --config.data.manifest to a tile set's manifest.json "
@@ -400,6 +400,41 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   backbone_cfg, backbone_state = _backbone(config, int(manifest["tile_size"]), int(norm.channels))
   spec = model_spec(config, manifest, backbone_cfg)
   check_spec_against_data(spec, manifest, config.data.manifest)
+  return manifest, spec, backbone_state
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None) -> int:
+  """`scripts/finetune.py --dry_run`: the memory plan of `config` on `mesh` (or the one `workdir`
+  recorded), for the manifest's tile size, printed; nothing is trained or written (with
+  cache_features, for the cached maps' shapes, without building the cache)."""
+  from demmae_jax import sharding
+  from demmae_jax.train import memory
+  manifest, spec, backbone_state = _model_and_data(config)
+  mesh = mesh or sharding.make_mesh(**config.mesh)
+  a, b = sharding.process_batch_rows(mesh, int(config.global_batch))
+  t, c = spec["tile_size"], spec["normalisation"]["channels"]
+  example = {"label": jax.ShapeDtypeStruct((b - a, t, t), np.int32),
+             "valid": jax.ShapeDtypeStruct((b - a, t, t), np.float32)}
+  images = jax.ShapeDtypeStruct((b - a, t, t, c), np.float32)
+  if config.cache_features:  # the batches are the encoder's maps (feature_cache.FeatureCache)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_from_spec(spec)))
+    maps = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).encoder_maps(x), state, images)
+    example.update({k: jax.ShapeDtypeStruct(m.shape, m.dtype)
+                    for k, m in zip(feature_cache.FEATURE_KEYS, maps)})
+  else:
+    example["image"] = images
+  task = Finetune(config, spec, class_weights(config, manifest), None, backbone_state)
+  memory.dry_run(task, config, example, mesh, workdir)
+  return 0
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
+        stop_after: int | None = None):
+  """Train as `config` says in `workdir` (resuming it); returns the loop's Result."""
+  from data_pipelines.reader import make_dataset
+  from demmae_jax import sharding
+  from demmae_jax.train import loop
+  manifest, spec, backbone_state = _model_and_data(config)
   workdir = Path(workdir)
   # Validate before anything is written to the workdir (loop.train writes config.json and the
   # spec once its Trainer has validated the rest): a failed config must not claim the workdir.

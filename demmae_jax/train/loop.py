@@ -15,6 +15,7 @@ iterator of this process's rows of each global batch as NumPy dicts, starting at
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import signal
 import time
@@ -30,7 +31,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from demmae_jax import sharding as shd
-from demmae_jax.train import checkpointing, metrics as metrics_lib, optim
+from demmae_jax.train import checkpointing, memory, metrics as metrics_lib, optim
+from demmae_jax.train.memory import DoesNotFit  # noqa: F401  (raised by train, with NonFiniteLoss)
 
 Batch = dict[str, np.ndarray]
 BatchSource = Callable[[int], Iterator[Batch]]
@@ -42,6 +44,20 @@ class Task:
   best_metric: str | None = None  # eval metric whose best checkpoint is kept
   best_mode: str = "max"
   jit_init: bool = True  # False when build_model reads weights from files
+  # True: `loss_fn`'s rng is one key per row of its (micro-)batch, key j = fold_in(step key,
+  # global row j), so an example draws the same randomness however the batch is split.
+  per_example_rng: bool = False
+  # The loss is a mean over examples whose randomness does not depend on the split (see above),
+  # so micro-batches of equal size give the full batch's loss and gradient: the memory plan may
+  # then split the batch by itself (demmae_jax/train/memory.py).
+  accumulation_exact: bool = True
+  remat: bool | None = None  # whether the model's blocks are rematerialised (None: no switch)
+  remat_flag: str | None = None  # the config key of that switch, for messages
+
+  def with_remat(self, on: bool) -> "Task | None":
+    """This task with rematerialisation switched `on` or off: the same numbers, less memory, more
+    compute. None when the model has no such switch."""
+    return None
 
   def build_model(self) -> nnx.Module:
     raise NotImplementedError
@@ -88,14 +104,12 @@ def _tree_where(ok, new, old):
 class Trainer:
   """Placement, optimiser and compiled step for one (task, config, mesh)."""
 
-  def __init__(self, task: Task, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  def __init__(self, task: Task, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+               grad_accum_steps: int | None = None):
+    """`grad_accum_steps` replaces the config's (the memory plan's choice)."""
     self.task, self.config, self.mesh = task, config, mesh
     self.global_batch = int(config.global_batch)
-    self.accum = int(config.get("grad_accum_steps", 1))
-    par = shd.batch_parallelism(mesh)
-    if self.global_batch % (par * self.accum):
-      raise ValueError(f"global_batch {self.global_batch} must be divisible by data x fsdp "
-                       f"({par}) x grad_accum_steps ({self.accum})")
+    self.accum = self._check_accum(grad_accum_steps or int(config.get("grad_accum_steps", 1)))
     if task.jit_init:
       model, self._eager_model = nnx.eval_shape(task.build_model), None
     else:  # build_model reads files, which cannot be traced: build once, keep it for init_state
@@ -118,6 +132,19 @@ class Trainer:
     self.rng = jax.random.key(int(config.seed))
     self._pictures = None
 
+  def _check_accum(self, accum: int) -> int:
+    par = shd.batch_parallelism(self.mesh)
+    if accum < 1 or self.global_batch % (par * accum):
+      raise ValueError(f"global_batch {self.global_batch} must be divisible by data x fsdp "
+                       f"({par}) x grad_accum_steps ({accum})")
+    return accum
+
+  def with_accum(self, accum: int) -> "Trainer":
+    """This trainer (same task, placement and optimiser) with another number of micro-batches."""
+    other = copy.copy(self)
+    other.accum, other._pictures = other._check_accum(accum), None
+    return other
+
   # ------------------------------------------------------------------ state
   def init_state(self) -> dict:
     """A fresh state, placed by the sharding rules. Built inside one jitted program (each device
@@ -138,6 +165,13 @@ class Trainer:
   def train_step(self, state: dict, batch: dict, rng: jax.Array) -> tuple[dict, dict]:
     """One optimiser step on one global batch (pure; jitted by `compile`)."""
     step_rng = jax.random.fold_in(rng, state["step"])
+    if self.task.per_example_rng:  # travels with its row through the micro-batch split below
+      batch = {**batch, "_rng": jax.lax.with_sharding_constraint(
+          jax.vmap(jax.random.fold_in, (None, 0))(step_rng, jnp.arange(self.global_batch)),
+          NamedSharding(self.mesh, P(shd.BATCH_AXES)))}
+
+    def key_for(micro, i):
+      return micro.pop("_rng") if self.task.per_example_rng else jax.random.fold_in(step_rng, i)
 
     def grads_on(params, rest, micro, key):
       def loss_of(p):
@@ -149,7 +183,9 @@ class Trainer:
       return loss, aux, new_rest, grads
 
     if self.accum == 1:
-      loss, aux, rest, grads = grads_on(state["params"], state["rest"], batch, step_rng)
+      batch = dict(batch)
+      key = batch.pop("_rng") if self.task.per_example_rng else step_rng
+      loss, aux, rest, grads = grads_on(state["params"], state["rest"], batch, key)
     else:
       # Micro-batch i takes rows i, i + accum, ...: each device splits its own rows, so the
       # reshape moves no data between devices.
@@ -161,14 +197,16 @@ class Trainer:
       def body(carry, xs):
         rest, gsum, lsum, asum = carry
         i, mb = xs
-        loss, aux, rest, grads = grads_on(state["params"], rest, mb, jax.random.fold_in(step_rng, i))
+        mb = dict(mb)
+        loss, aux, rest, grads = grads_on(state["params"], rest, mb, key_for(mb, i))
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
         return (rest, add(gsum, grads), lsum + loss, add(asum, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state["params"])
-      first_aux = jax.eval_shape(lambda: grads_on(state["params"], state["rest"],
-                                                  jax.tree.map(lambda x: x[0], micro),
-                                                  step_rng)[1])
+      def first_micro():
+        mb = jax.tree.map(lambda x: x[0], micro)
+        return grads_on(state["params"], state["rest"], mb, key_for(mb, 0))[1]
+      first_aux = jax.eval_shape(first_micro)
       aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_aux)
       (rest, grads, loss, aux), _ = jax.lax.scan(
           body, (state["rest"], zeros, jnp.zeros((), jnp.float32), aux0),
@@ -239,8 +277,32 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
                                     best_metric=task.best_metric, best_mode=task.best_mode,
                                     async_save=bool(config.checkpoint.get("async_save", True)))
-  # ---------------------------------------------------------------- init or restore
+  is_main = jax.process_index() == 0
+  rows = shd.process_batch_rows(mesh, trainer.global_batch)
+  # ---------------------------------------------------------------- memory plan, then state
+  # Planned before the state exists: on CPU the available host memory is then what the step
+  # itself may take. The plan compiles the step that runs (memory.py).
   start = ckpt.latest_step()
+  if start is not None and start >= total:
+    trainer._eager_model = None
+    state, _ = ckpt.restore(start, trainer.abstract_state)
+    ckpt.close()
+    return Result(state, start, [])
+  # The writer first: its imports (tensorboardX, ~150 MiB of RSS) are then in the host memory
+  # the plan sees as taken.
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start or 0,
+                                    tensorboard=bool(config.log.get("tensorboard", True)))
+  try:
+    source = iter(batches(start or 0))
+    first = next(source)
+    _check_local_batch(first, rows)
+    plan = memory.plan(trainer, first, workdir, log=memory.echo if is_main else None)
+  except BaseException:
+    writer.close()
+    ckpt.close()
+    raise
+  memory.write_plan(workdir, plan, config, mesh)
+  trainer, traced, step_fn = plan.trainer, plan.trial.traced, plan.trial.compiled
   if start is None:
     state, start = trainer.init_state(), 0
   else:
@@ -248,15 +310,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     state, meta = ckpt.restore(start, trainer.abstract_state)
     if meta["global_batch"] != trainer.global_batch:
       raise ValueError(f"checkpoint {start} was made with global batch {meta['global_batch']}")
-  rows = shd.process_batch_rows(mesh, trainer.global_batch)
-  is_main = jax.process_index() == 0
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start,
-                                    tensorboard=bool(config.log.get("tensorboard", True)))
   history: list[dict] = []
-  if start >= total:
-    writer.close()
-    ckpt.close()
-    return Result(state, start, history)
 
   # ---------------------------------------------------------------- SIGTERM: save and exit
   stop = {"signal": None}
@@ -266,11 +320,6 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   except ValueError:  # not the main thread: no handler
     pass
 
-  source = iter(batches(start))
-  first = next(source)
-  _check_local_batch(first, rows)
-  traced = trainer.trace(first)
-  step_fn = traced.lower().compile()
   flops_per_step = metrics_lib.jaxpr_flops(traced.jaxpr)  # global: the jaxpr is the whole batch
   peak, peak_note = metrics_lib.peak_flops_per_device()
   peak_total = peak * jax.device_count()
@@ -310,6 +359,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       row["images_per_s"] = steps_since * trainer.global_batch / dt
       row["flops_per_s"] = steps_since * flops_per_step / dt
       row["mfu"] = row["flops_per_s"] / peak_total
+      row["peak_memory_gib"] = memory.measured_peak() / 2**30  # against the plan's prediction
     row.update(extra or {})
     if row:
       writer.write(step, row)
@@ -344,7 +394,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
         flush(step)
         eval_row = {f"eval_{k}": v for k, v in task.evaluate(trainer.model(state), step).items()}
         flush(step, eval_row)
-      elif step % log_every == 0 or step == total:
+      elif step % log_every == 0 or step == total or step == start + 1:  # a first loss at once
         flush(step)
       if pic_every and step % pic_every == 0:
         for name, fig in trainer.pictures(state, batch, step).items():

@@ -26,6 +26,10 @@ def model_config(cfg: ml_collections.ConfigDict) -> mae_model.MAEConfig:
 
 class MAEPretrain(Task):
   trainable = nnx.Param
+  # Each image's mask is drawn from its own key: the masks, hence the loss (a mean over images of
+  # equal mask counts), do not depend on how the batch is split into micro-batches or devices.
+  per_example_rng = True
+  remat_flag = "model.remat"
 
   def __init__(self, config: ml_collections.ConfigDict, num_pictures: int = 4,
                eval_batch: dict[str, np.ndarray] | None = None):
@@ -38,6 +42,16 @@ class MAEPretrain(Task):
     if eval_batch is not None:
       self.best_metric, self.best_mode = "loss", "min"
     self._eval = None
+
+  @property
+  def remat(self) -> bool:
+    return bool(self.mae_config.remat)
+
+  def with_remat(self, on: bool) -> "MAEPretrain":
+    config = self.config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model.remat = bool(on)
+    return MAEPretrain(config, self.num_pictures, self.eval_batch)
 
   def build_model(self) -> mae_model.MaskedAutoencoder:
     init = self.config.get("init") or ""
@@ -112,6 +126,19 @@ class MAEPretrain(Task):
     fig.suptitle(f"step {step}", fontsize=9)
     fig.tight_layout()
     return {"reconstruction": fig}
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir, mesh) -> int:
+  """`scripts/pretrain.py --dry_run`: the memory plan of `config` on `mesh` (or the one `workdir`
+  recorded), printed; no data is read, nothing is trained or written."""
+  from demmae_jax import sharding
+  from demmae_jax.train import memory
+  a, b = sharding.process_batch_rows(mesh, int(config.global_batch))
+  m = model_config(config.model)
+  example = {"image": jax.ShapeDtypeStruct((b - a, m.img_size, m.img_size, m.in_chans),
+                                           np.float32)}
+  memory.dry_run(MAEPretrain(config), config, example, mesh, workdir)
+  return 0
 
 
 def _eval_losses(model, images, key):
