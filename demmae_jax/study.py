@@ -54,6 +54,39 @@ RECIPE = {"total_steps": 300, "eval_every_steps": 50, "checkpoint.every_steps": 
 # How the area score predicts: 256 px windows (the UNet is fully convolutional) and the 8
 # square symmetries averaged, as `scripts/predict.py --window 256 --tta` does.
 AREA_PREDICT = {"window": 256, "tta": True}
+def area_predict(spec: dict) -> dict:
+  """AREA_PREDICT, with the training tile as the window when the model's normalisation depends
+  on the window (per-tile min-max: finetune.check_window)."""
+  from demmae_jax.train import finetune
+  modes = spec["normalisation"]["mode"].split("+")
+  if spec["kind"] != "unet" or any(m not in finetune.WINDOW_FREE_NORMALISATIONS for m in modes):
+    return {**AREA_PREDICT, "window": int(spec["tile_size"])}
+  return dict(AREA_PREDICT)
+
+
+def repredict(out: Path, arm: str, log=print) -> int:
+  """Score the finished runs of `arm` over their test areas again with `area_predict` (after
+  the window rule changed); no training."""
+  from demmae_jax import area_eval
+  from demmae_jax.train import finetune
+  n = 0
+  for path in sorted((Path(out) / "results").rglob(f"{arm}/*.json")):
+    rec = json.loads(path.read_text())
+    workdir = Path(out) / "workdirs" / rec["id"]
+    model, spec, _ = finetune.load_trained(workdir)
+    if rec.get("area_predict") == area_predict(spec):
+      continue
+    rec["area"] = area_eval.evaluate_area(workdir, rec["area_manifest"], model=(model, spec),
+                                          keep_prediction=workdir / "test_area_classes.tif",
+                                          **area_predict(spec))
+    rec["area_iou"], rec["area_predict"] = rec["area"]["iou"], area_predict(spec)
+    with atomic_file(path, overwrite=True) as tmp:
+      tmp.write_text(json.dumps(rec, indent=1))
+    log(f"{rec['id']}: area IoU {rec['area_iou']:.3f} with {area_predict(spec)}")
+    n += 1
+  return n
+
+
 LOAO_AREAS = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"),
               "roads": ("delft", "gothenburg")}
 LOAO_CELL, LOAO_TILE, LOAO_STRIDE = 1.0, 64, 32
@@ -93,11 +126,11 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
   model, spec, step = finetune.load_trained(workdir)
   tiles, _ = finetune.evaluate_split(model, spec, str(manifest), "test")
   area = area_eval.evaluate_area(workdir, area_manifest, model=(model, spec),
-                                 keep_prediction=workdir / "test_area_classes.tif", **AREA_PREDICT)
+                                 keep_prediction=workdir / "test_area_classes.tif", **area_predict(spec))
   rec = {"id": run_id, "arm": arm, "task": task, "seed": seed, "manifest": str(manifest),
          "area_manifest": str(area_manifest), "best_step": step, "tiles": tiles, "area": area,
          "tile_iou": tiles["iou"], "area_iou": area["iou"], "seconds": round(time.time() - t0, 1),
-         "area_predict": AREA_PREDICT, "recipe": RECIPE}
+         "area_predict": area_predict(spec), "recipe": RECIPE}
   _write_json(path, rec)
   log(f"{run_id}: tile IoU {tiles['iou']:.3f}, area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
   return rec
@@ -341,3 +374,49 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
   for area, s in scores.items():
     log(f"{task} model on {area}'s test blocks: IoU {s['iou']:.3f}")
   return workdir
+
+
+def figure(out: Path, path: Path, runs: list[str]) -> Path:
+  """For each run id: its held-out area's DSM with the label's outlines (cyan) and the
+  prediction's (red), and the prediction against the label (true positive white, false positive
+  red, false negative blue, unlabelled grey)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import rasterio
+  from data_pipelines.reader import read_manifest
+  from demmae_jax.area_eval import _source
+  fig, axes = plt.subplots(len(runs), 2, figsize=(12, 6 * len(runs)), squeeze=False)
+  for row, run_id in zip(axes, runs):
+    rec = json.loads((Path(out) / "results" / f"{run_id}.json").read_text())
+    m = read_manifest(rec["area_manifest"])
+    with rasterio.open(Path(out) / "workdirs" / run_id / "test_area_classes.tif") as src:
+      pred = src.read(1)
+    with rasterio.open(_source(m, "label")) as src:
+      label = src.read(1)
+    with rasterio.open(_source(m, "elevation")) as src:
+      dsm = src.read(1, masked=True).astype(np.float32).filled(np.nan)
+    lo, hi = np.nanpercentile(dsm, [2, 98])
+    row[0].imshow(dsm, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    row[0].contour(label == 1, levels=[0.5], colors="cyan", linewidths=0.8)
+    row[0].contour(pred == 1, levels=[0.5], colors="red", linewidths=0.8)
+    known = (label != 255) & (pred != 255)
+    rgb = np.full(label.shape + (3,), 0.6)
+    rgb[known & (label == 0) & (pred == 0)] = 0.0
+    rgb[known & (label == 1) & (pred == 1)] = 1.0
+    rgb[known & (label == 0) & (pred == 1)] = (0.9, 0.1, 0.1)
+    rgb[known & (label == 1) & (pred == 0)] = (0.2, 0.4, 1.0)
+    row[1].imshow(rgb, interpolation="nearest")
+    a = rec["area"]
+    row[0].set_title(f"{run_id}: DSM, label (cyan), prediction (red)", fontsize=9)
+    row[1].set_title(f"IoU {a['iou']:.2f}, boundary IoU {a.get('boundary_iou') or float('nan'):.2f}: "
+                     "TP white, FP red, FN blue", fontsize=9)
+    for ax in row:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.tight_layout()
+  path = Path(path)
+  with atomic_file(path, overwrite=True) as tmp:
+    fig.savefig(tmp, dpi=70, format="png")
+  plt.close(fig)
+  return path

@@ -25,11 +25,14 @@ def test_tta_probabilities_are_equivariant_to_the_square_symmetries():
 
 
 def test_prediction_windows_larger_than_the_tile_only_for_fully_convolutional_models():
-  u = {"kind": "unet", "unet": {"depth": 4}, "tile_size": 64}
+  u = {"kind": "unet", "unet": {"depth": 4}, "tile_size": 64, "normalisation": {"mode": "ndsm"}}
   finetune.check_window(u, 256)
+  with pytest.raises(ValueError, match="windows of that size"):  # min-max would rescale heights
+    finetune.check_window({**u, "normalisation": {"mode": "minmax"}}, 256)
+  finetune.check_window({**u, "normalisation": {"mode": "minmax"}}, 64)
   with pytest.raises(ValueError, match="multiples of 16"):
     finetune.check_window(u, 100)
-  vit = {"kind": "upernet", "tile_size": 64}
+  vit = {"kind": "upernet", "tile_size": 64, "normalisation": {"mode": "ndsm"}}
   finetune.check_window(vit, 64)
   with pytest.raises(ValueError, match="tile size"):
     finetune.check_window(vit, 128)

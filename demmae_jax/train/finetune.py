@@ -223,7 +223,19 @@ def window_multiple(spec: dict) -> int | None:
   return None
 
 
+# Normalisations whose value at a pixel does not depend on the window around it: only with
+# these does a window larger than the training tile feed the network what it was trained on
+# (per-tile min-max or percentiles over 256 px would rescale the heights of a 64 px-tile model).
+WINDOW_FREE_NORMALISATIONS = ("ndsm", "zscore")
+
+
 def check_window(spec: dict, window: int) -> None:
+  if window != spec["tile_size"]:
+    modes = spec["normalisation"]["mode"].split("+")
+    if any(m not in WINDOW_FREE_NORMALISATIONS for m in modes):
+      raise ValueError(f"the model normalises each {spec['tile_size']} px tile by its own statistics "
+                       f"({spec['normalisation']['mode']}): predict with windows of that size, not "
+                       f"{window} (larger windows need a per-pixel normalisation: ndsm or zscore)")
   m = window_multiple(spec)
   if m is None and window != spec["tile_size"]:
     raise ValueError(f"a {spec['kind']} model takes windows of its tile size "
