@@ -80,7 +80,8 @@ def _plane(size: int, ndim: int) -> tuple:
 def fill_invalid(z: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """Each invalid cell takes its nearest valid cell's value, per plane of [B, H, W]."""
   out = np.array(z, np.float32)
-  for plane, ok in zip(out.reshape((-1,) + z.shape[-2:]), np.asarray(valid, bool).reshape((-1,) + z.shape[-2:])):
+  planes = (-1,) + z.shape[-2:]
+  for plane, ok in zip(out.reshape(planes), np.asarray(valid, bool).reshape(planes)):
     if not ok.all():
       if not ok.any():
         raise ValueError("a tile without any valid cell cannot be filled")
@@ -146,7 +147,8 @@ class Scene:
 
   def feature(self, name: str) -> np.ndarray:
     if name not in self._cache:
-      self._cache[name] = roughness(self.z) if name == "roughness" else slope_deg(self.z, self.cell_size)
+      self._cache[name] = (roughness(self.z) if name == "roughness"
+                           else slope_deg(self.z, self.cell_size))
     return self._cache[name]
 
 
@@ -253,7 +255,8 @@ def tune(scene: Scene, label: np.ndarray, valid: np.ndarray, rules: Iterable[Rul
 
 # ------------------------------------------------------------------------------ evaluation
 def evaluate(pred: np.ndarray, label: np.ndarray, valid: np.ndarray, cell_size: float,
-             class_names=("background", "positive"), band_m: float = metrics.DEFAULT_BAND_M) -> dict:
+             class_names=("background", "positive"),
+             band_m: float = metrics.DEFAULT_BAND_M) -> dict:
   """The models' test summary (`metrics.summarize` with boundary IoU) of bool predictions
   [N, h, w] against tile labels."""
   pred = np.asarray(pred, np.int32)
@@ -278,11 +281,11 @@ def load_tiles(manifest_path: str, split: str, ndsm: bool = False) -> dict[str, 
            for r in tf.data.TFRecordDataset(split_files(m, split)).as_numpy_iterator()]
   if not tiles:
     raise ValueError(f"{manifest_path}: split {split!r} holds no tile")
-  out = {"dsm": np.stack([t["elevation"] for t in tiles]), "valid": np.stack([t["valid"] for t in tiles]),
-         "label": np.stack([t["label"] for t in tiles]).astype(np.int32),
-         "window": np.stack([t["window"] for t in tiles]), "tile_id": np.array([t["tile_id"] for t in tiles])}
+  stack = lambda key: np.stack([t[key] for t in tiles])  # noqa: E731
+  out = {"dsm": stack("elevation"), "valid": stack("valid"), "label": stack("label").astype(np.int32),
+         "window": stack("window"), "tile_id": np.array([t["tile_id"] for t in tiles])}
   if ndsm:
-    out["ndsm"] = np.stack([t["ndsm"] for t in tiles])
+    out["ndsm"] = stack("ndsm")
   return out
 
 
@@ -293,7 +296,14 @@ def raster_scene(manifest_path: str, ndsm: bool = False) -> Scene:
   from data_pipelines.reader import read_manifest
   from data_pipelines.raster_source import read_elevation
   m = read_manifest(manifest_path)
-  path = lambda name: os.path.normpath(os.path.join(m["_dir"], m["sources"][name]))  # noqa: E731
+
+  def path(name):
+    found = os.path.normpath(os.path.join(m["_dir"], m["sources"][name]))
+    if not os.path.exists(found):
+      raise FileNotFoundError(f"{found}, the {name} raster {manifest_path} was cut from, is not "
+                              f"there (moved?); the per-tile mode needs only the tiles")
+    return found
+
   dsm = read_elevation(path("elevation"))
   valid = np.isfinite(dsm)
   if m["sources"].get("valid"):

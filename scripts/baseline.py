@@ -13,8 +13,9 @@ recall, F1 and boundary IoU of the positive class.
 
 Buildings: DSM - grey opening (square window) > a height, smooth (not a tree crown). Roads:
 DSM - opening <= a height, slope and roughness below thresholds. Then objects below a minimum
-area are dropped and holes below a maximum area filled. --height-source ndsm uses the tiles' nDSM (DSM - LiDAR DTM)
-instead of the opening: more information than the models, which see the DSM only.
+area are dropped and holes below a maximum area filled. --height-source ndsm uses the tiles'
+nDSM (DSM - LiDAR DTM) instead of the opening: more information than the models, which see the
+DSM only.
 
 --mode tile runs the rule on each tile alone, as a model sees it; raster runs it on the whole
 raster the tiles were cut from and crops the result at the tiles (a 20-30 m ground window needs
