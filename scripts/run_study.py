@@ -31,6 +31,8 @@ def main(argv=None) -> int:
                  "then scripts/export_encoder.py)")
   p.add_argument("--rescore", action="store_true", help="recompute area scores of finished runs "
                  "from their kept maps (no training)")
+  p.add_argument("--doc", default=None, help="also write the tables into this Markdown file, "
+                 "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)")
   p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
   a = p.parse_args(argv)
   from demmae_jax import study
@@ -56,7 +58,10 @@ def main(argv=None) -> int:
         return 2
   if a.rescore:
     study.rescore(out)
-  print(study.report(out))
+  text = study.report(out)
+  print(text)
+  if a.doc:
+    study.write_into(Path(a.doc), text)
   return 0
 
 
