@@ -410,8 +410,9 @@ class Planner:
     hint = ""
     if room > 0:
       n = math.ceil(sharded * fsdp / room)
-      hint = (f" Sharding parameters, gradients and optimiser state over about {n} devices "
-              f"(--config.mesh.fsdp={n} on a machine with them) would fit.")
+      hint = (f" Sharding parameters, gradients and optimiser state over {'about' if t else 'at least'}"
+              f" {n} devices (--config.mesh.fsdp={n} on a machine with them) "
+              + ("would fit." if t else "would fit them; the activations come on top."))
     if peak <= self.device:
       hint += (f" It would fit in the margin kept free: --config.memory.margin="
                f"{max(0.0, 1 - peak / self.device) // 0.01 / 100:.2f} (at your own risk).")
