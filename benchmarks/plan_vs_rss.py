@@ -65,7 +65,7 @@ def main() -> int:
     for p in args.presets:
       wd = Path(tmp) / p
       run(p, args.steps, wd, args.extra)
-      rows.append(summarise(p, wd))
+      rows.append(summarise(" ".join([p, *args.extra]), wd))
       print(f"{p}: done", file=sys.stderr, flush=True)
   rows += [summarise(Path(w).name, Path(w)) for w in args.workdirs]
   mib = lambda x: f"{x / MiB:,.0f}"

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.memory = ml_collections.ConfigDict(dict(
       fit="auto",  # auto: split the batch into micro-batches / remat until the step fits;
                    # strict: stop instead, naming the flags that fit; off: only print the plan
-      limit="",  # bytes per device to plan for, e.g. "16GiB"; "": the device's ($DEMMAE_MEMORY_LIMIT)
+      limit="",  # bytes per device to plan for, e.g. "16GiB"; "": $DEMMAE_MEMORY_LIMIT or the device's
       margin=0.1,  # fraction of it kept free for the runtime, input pipeline, checkpoint copies
       allow_remat=True,  # auto may switch the model's remat on (more compute, less memory)
       min_micro_batch=8))  # auto: below this many rows per device per micro-batch, try remat

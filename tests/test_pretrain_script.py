@@ -18,8 +18,9 @@ CONFIG = str(ROOT / "configs" / "dem_pretrain.py")
 
 
 def _run(*args, timeout=600, env=None, devices=1):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env={**child_env(devices), **(env or {})},
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run([sys.executable, *args], cwd=ROOT,
+                        env={**child_env(devices), **(env or {})}, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def test_help_and_a_mistyped_config_key_are_clear():
@@ -120,8 +121,8 @@ def test_a_batch_too_big_for_the_memory_is_split_and_trains(tmp_path):
   limit = str(_tiny_step_peak() - 1)  # misses by one byte
   wd = tmp_path / "w"
   out = _run("scripts/pretrain.py", f"--config={CONFIG}:tiny", f"--workdir={wd}",
-             "--config.total_steps=2", "--config.optim.warmup_steps=1", "--config.log.progress=False",
-             "--config.memory.margin=0",
+             "--config.total_steps=2", "--config.optim.warmup_steps=1",
+             "--config.log.progress=False", "--config.memory.margin=0",
              "--config.memory.allow_remat=False", "--config.memory.min_micro_batch=1",
              env={"DEMMAE_MEMORY_LIMIT": limit})
   assert out.returncode == 0, out.stderr[-3000:]

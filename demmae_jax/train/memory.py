@@ -288,8 +288,8 @@ class Planner:
                 trainer, traced, compiled, time.perf_counter() - t0)
       if self.trials or not self.fits(t):  # the configured plan fitting needs no line of its own
         self.log(f"memory: {self._name(t)}: {fmt(mem.peak)} per device "
-               f"({'fits' if self.fits(t) else 'does not fit'} in {fmt(self.usable)}; "
-               f"compiled in {t.seconds:.0f} s)")
+                 f"({'fits' if self.fits(t) else 'does not fit'} in {fmt(self.usable)}; "
+                 f"compiled in {t.seconds:.0f} s)")
       self.trials[key] = t
     return self.trials[key]
 
@@ -379,7 +379,8 @@ class Planner:
     with one row per micro-batch, the weights remat stacks for its scan can outweigh the
     activations it saves (ViT-B: 2.97 GiB with remat, 2.72 without)."""
     plain = self.largest(None)
-    if plain is not None and (plain.micro >= min(self.min_micro, self.rows) or not self.can_remat()):
+    enough = plain is not None and plain.micro >= min(self.min_micro, self.rows)
+    if enough or (plain is not None and not self.can_remat()):
       return plain
     if not self.can_remat():
       return None
@@ -408,11 +409,12 @@ class Planner:
     room = self.usable - (peak - sharded)
     fsdp = self.base.mesh.shape["fsdp"]
     hint = ""
-    if room > 0:
+    if room > 0 and math.ceil(sharded * fsdp / room) > fsdp:
       n = math.ceil(sharded * fsdp / room)
-      hint = (f" Sharding parameters, gradients and optimiser state over about {n} devices "
-              f"(--config.mesh.fsdp={n} on a machine with them) would fit.")
-    if peak <= self.device:
+      hint = (f" Sharding parameters, gradients and optimiser state over "
+              f"{'about' if t else 'at least'} {n} devices (--config.mesh.fsdp={n} on a machine "
+              f"with them) " + ("would fit." if t else "would fit them; activations come on top."))
+    if t is not None and peak <= self.device:
       hint += (f" It would fit in the margin kept free: --config.memory.margin="
                f"{max(0.0, 1 - peak / self.device) // 0.01 / 100:.2f} (at your own risk).")
     tried = "splitting the batch" + (" or rematerialising" if self.can_remat() else "")
