@@ -57,11 +57,14 @@ def test_alexandria_footprints_land_on_their_buildings(tmp_path):
 def test_srtm_voids_become_invalid_and_float16_keeps_alpine_relief(tmp_path):
   """Reads pretrain/N46E008.tif (Swiss Alps, nodata -32767 in ~7 % of cells)."""
   src = shared_file("pretrain/N46E008.tif")
+  # EPSG:4326: the cell size in metres must be stated (3 arc-seconds ~ 90 m at 46 N north-south)
   manifest = write_tiles(src, tmp_path / "t", tile_size=224, stride=224, min_valid=0.0, dtype="float16",
-                         fractions={"train": 1.0, "val": 0.0, "test": 0.0}, progress=False)
+                         fractions={"train": 1.0, "val": 0.0, "test": 0.0}, progress=False,
+                         cell_size_m=90.0)
   m, recs = _records(manifest)
   dem = rasterio.open(src).read(1).astype(np.float32)
-  assert len(recs) == 36 and m["cell_size"]  # 6 x 6: the last row and column shifted to the edge == pytest.approx(1 / 1200)
+  assert len(recs) == 36  # 6 x 6: the last row and column shifted to the edge
+  assert m["cell_size"] == pytest.approx(90.0)
   n_void = 0
   for r in recs:
     col, row, w, h = r["window"]
