@@ -663,9 +663,9 @@ def _wait_for(pattern_dir: Path, proc, timeout=120):
 
 @pytest.fixture(scope="module")
 def big_dem(tmp_path_factory):
-  """A 2048 x 2048 synthetic DSM: tiling or predicting it takes long enough to be interrupted."""
+  """A 1024 x 1024 synthetic DSM: tiling or predicting it takes long enough to be interrupted."""
   scene = synthetic_scene(SIZE, SIZE, seed=1)
-  return write_raster(tmp_path_factory.mktemp("big") / "big.tif", np.tile(scene.dsm, (16, 16)))
+  return write_raster(tmp_path_factory.mktemp("big") / "big.tif", np.tile(scene.dsm, (8, 8)))
 
 
 @pytest.mark.slow
