@@ -64,7 +64,7 @@ def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
       "data.normalisation.mode": "ndsm"})
   finetune.run(config, tmp_path / "wd")
   out = tmp_path / "pred.tif"
-  got = area_eval.evaluate_area(tmp_path / "wd", manifest_path, window=64, tta=True, keep_prediction=out)
+  got = area_eval.evaluate_area(tmp_path / "wd", manifest_path, window=128, keep_prediction=out)
   with rasterio.open(out) as src:
     pred = src.read(1)
     assert src.crs is not None and src.shape == shape
