@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from demmae_jax.models import unet, upernet
 from demmae_jax.models.mae import MaskedAutoencoder
 from demmae_jax.models.unet import DoubleConv
 
@@ -61,13 +62,8 @@ class ViTUNet(nnx.Module):
 
   def vit_map(self, images: jax.Array) -> jax.Array:
     """The chosen blocks' tokens (cls dropped) as one [N, H/p, W/p, D x len(layers)] map."""
-    c = self.backbone.config
-    tokens = self.backbone.encode(images, layers=self.config.layers)
-    if self.freeze_backbone:
-      tokens = [jax.lax.stop_gradient(t) for t in tokens]
-    n, gh, gw = images.shape[0], images.shape[1] // c.patch_size, images.shape[2] // c.patch_size
-    return jnp.concatenate([t[:, 1:].reshape(n, gh, gw, c.embed_dim) for t in tokens],
-                           -1).astype(jnp.float32)
+    maps = upernet.token_maps(self.backbone, images, self.config.layers, self.freeze_backbone)
+    return jnp.concatenate(maps, -1).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None,
                with_aux: bool = False):
@@ -79,12 +75,6 @@ class ViTUNet(nnx.Module):
         or images.shape[2] % p:
       raise ValueError(f"ViT-UNet input must be NHWC [N, H, W, {self.in_chans}] with H and W "
                        f"multiples of {p}; got {tuple(images.shape)}")
-    x = self.down[0](images.astype(jnp.float32))
-    skips = [x]
-    for block in self.down[1:]:
-      x = block(nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
-      skips.append(x)
-    x = self.fuse(jnp.concatenate([x, self.vit_proj(self.vit_map(images))], -1))
-    for up, conv, skip in zip(self.up, self.up_conv, reversed(skips[:-1])):
-      x = conv(jnp.concatenate([up(x), skip], axis=-1))
-    return self.cls(x)
+    skips = unet.contract(self.down, images)
+    x = self.fuse(jnp.concatenate([skips[-1], self.vit_proj(self.vit_map(images))], -1))
+    return self.cls(unet.expand(self.up, self.up_conv, x, skips))

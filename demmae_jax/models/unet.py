@@ -36,6 +36,24 @@ class DoubleConv(nnx.Module):
     return jax.nn.relu(self.norm2(self.conv2(x)))
 
 
+def contract(down, images: jax.Array) -> list[jax.Array]:
+  """The encoder path: `down[0]` at full resolution, then max-pool + block per level; returns
+  every level's output, finest first (the skips; the last is the bottleneck)."""
+  x = down[0](images.astype(jnp.float32))
+  skips = [x]
+  for block in down[1:]:
+    x = block(nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+    skips.append(x)
+  return skips
+
+
+def expand(up, up_conv, x: jax.Array, skips: list[jax.Array]) -> jax.Array:
+  """The decoder path from bottleneck `x`: upsample, concatenate the skip, double conv."""
+  for u, conv, skip in zip(up, up_conv, reversed(skips[:-1])):
+    x = conv(jnp.concatenate([u(x), skip], axis=-1))
+  return x
+
+
 class UNet(nnx.Module):
   freeze_backbone = False  # nothing is frozen: every parameter trains
 
@@ -66,11 +84,5 @@ class UNet(nnx.Module):
         or images.shape[2] % step:
       raise ValueError(f"UNet input must be NHWC [N, H, W, {self.config.in_chans}] with H and W "
                        f"multiples of {step}; got {tuple(images.shape)}")
-    x = self.down[0](images.astype(jnp.float32))
-    skips = [x]
-    for block in self.down[1:]:
-      x = block(nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
-      skips.append(x)
-    for up, conv, skip in zip(self.up, self.up_conv, reversed(skips[:-1])):
-      x = conv(jnp.concatenate([up(x), skip], axis=-1))
-    return self.cls(x)
+    skips = contract(self.down, images)
+    return self.cls(expand(self.up, self.up_conv, skips[-1], skips))

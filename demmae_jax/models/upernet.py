@@ -151,6 +151,18 @@ class HeadConfig:
   aux_index: int = 2  # pyramid level read by the auxiliary head (mmseg: 2)
 
 
+def token_maps(backbone: MaskedAutoencoder, images: jax.Array, layers: Sequence[int],
+               frozen: bool) -> list[jax.Array]:
+  """The tokens of encoder blocks `layers` as NHWC maps [N, H/p, W/p, D] (cls token dropped),
+  behind stop_gradient when `frozen`: what every head on the ViT reads."""
+  c = backbone.config
+  tokens = backbone.encode(images, layers=layers)
+  if frozen:
+    tokens = [jax.lax.stop_gradient(t) for t in tokens]
+  n, gh, gw = images.shape[0], images.shape[1] // c.patch_size, images.shape[2] // c.patch_size
+  return [t[:, 1:].reshape(n, gh, gw, c.embed_dim) for t in tokens]
+
+
 class Segmenter(nnx.Module):
   """MAE encoder -> Feature2Pyramid -> UperNet. `logits = model(images)` gives [N, H, W, classes];
   with `with_aux=True` also the auxiliary head's logits (same size). The call is
@@ -186,12 +198,7 @@ class Segmenter(nnx.Module):
     """The encoder blocks the neck reads, as NHWC maps [N, H/p, W/p, D] in the encoder's compute
     dtype (cls token dropped): all the head needs from the images, and what the feature cache
     (`demmae_jax.train.feature_cache`) stores."""
-    c = self.backbone.config
-    tokens = self.backbone.encode(images, layers=self.head_config.layers)
-    if self.freeze_backbone:
-      tokens = [jax.lax.stop_gradient(t) for t in tokens]
-    n, gh, gw = images.shape[0], images.shape[1] // c.patch_size, images.shape[2] // c.patch_size
-    return [t[:, 1:].reshape(n, gh, gw, c.embed_dim) for t in tokens]
+    return token_maps(self.backbone, images, self.head_config.layers, self.freeze_backbone)
 
   def _pyramid(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
     return self.neck([m.astype(jnp.float32) for m in maps])
