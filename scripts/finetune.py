@@ -35,7 +35,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
   from demmae_jax import sharding
-  from demmae_jax.train import checkpointing, finetune, loop
+  from demmae_jax import workdirs
+  from demmae_jax.train import finetune, loop
 
   d = config.distributed
   sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
@@ -44,7 +45,7 @@ def main(argv):
     if _DRY_RUN.value:
       return finetune.dry_run(config, workdir)
     result = finetune.run(config, workdir)
-  except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch, ValueError) as e:
+  except (loop.NonFiniteLoss, workdirs.WorkdirConfigMismatch, ValueError) as e:
     print(f"finetune: error: {e}", file=sys.stderr)
     return 2
   evals = [h for h in result.history if "eval_iou" in h]

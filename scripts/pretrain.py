@@ -67,7 +67,8 @@ def main(argv):
   from data_pipelines.raster_source import RasterCrops
   from data_pipelines.shared_data import shared_file
   from demmae_jax import sharding
-  from demmae_jax.train import checkpointing, loop, pretrain
+  from demmae_jax import workdirs
+  from demmae_jax.train import loop, pretrain
 
   workdir = Path(_WORKDIR.value)
   from data_pipelines.raster_source import NORMALISATIONS
@@ -85,7 +86,7 @@ def main(argv):
   try:
     if _DRY_RUN.value:
       return pretrain.dry_run(config, workdir, mesh)
-    checkpointing.check_config(workdir, config)  # refuse another run's workdir; writes nothing
+    workdirs.check_config(workdir, config)  # refuse another run's workdir; writes nothing
     n = config.data.normalisation
     norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
     if config.data.corpus:
@@ -107,7 +108,7 @@ def main(argv):
     task = pretrain.MAEPretrain(config, eval_batch=eval_batch)
     result = loop.train(task, config, workdir,
                         lambda start: source.batches(start, rows), mesh=mesh)
-  except (loop.NonFiniteLoss, checkpointing.WorkdirConfigMismatch, loop.DoesNotFit) as e:
+  except (loop.NonFiniteLoss, workdirs.WorkdirConfigMismatch, loop.DoesNotFit) as e:
     print(f"pretrain: error: {e}", file=sys.stderr)
     return 2
   last = next((h for h in reversed(result.history) if "loss" in h), {})

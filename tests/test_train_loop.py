@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from data_pipelines.raster_source import RasterCrops
-from demmae_jax import config_files
+from demmae_jax import config_files, workdirs
 from demmae_jax.sharding import path_str
-from demmae_jax.train import checkpointing, loop
+from demmae_jax.train import loop
 from test_train_support import jacksboro_dem
 
 BATCH = 8
@@ -140,7 +140,7 @@ def test_best_checkpoint_is_kept_beside_the_last(tmp_path):
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):
   loop.train(MeanHeight(), _config(2), tmp_path, _source())
-  with pytest.raises(checkpointing.WorkdirConfigMismatch, match=r"optim.lr: 0.01 -> 0.02"):
+  with pytest.raises(workdirs.WorkdirConfigMismatch, match=r"optim.lr: 0.01 -> 0.02"):
     loop.train(MeanHeight(), _config(2, optim={**_config().optim.to_dict(), "lr": 2e-2}), tmp_path,
                _source())
   # Logging frequency may change; the finished run is not redone.

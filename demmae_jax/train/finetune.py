@@ -30,12 +30,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from demmae_jax import metrics
+from demmae_jax import metrics, workdirs
 from demmae_jax.models import hybrid as hybrid_model
 from demmae_jax.models import mae as mae_model
 from demmae_jax.models import unet as unet_model
 from demmae_jax.models import upernet
-from demmae_jax.train import checkpointing, feature_cache
+from demmae_jax.train import feature_cache
 from demmae_jax.train.loop import Task, Trainer
 
 SPEC_FILE = "segmenter.json"
@@ -285,12 +285,12 @@ def load_trained(workdir: str | Path, step: int | str = "best") -> tuple[nnx.Mod
   fit the model the spec describes (another head, class count or backbone) is a clear error."""
   workdir = Path(workdir)
   spec = read_spec(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
+  config = ml_collections.ConfigDict(json.loads((workdir / workdirs.CONFIG_FILE).read_text()))
   task = Finetune(config, spec, np.ones(spec["num_classes"], np.float32))
   task.best_metric = "iou"
   from demmae_jax import sharding
   trainer = Trainer(task, config, sharding.make_mesh(data=-1))
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", best_metric="iou", async_save=False)
+  ckpt = workdirs.Checkpointer(workdir / "checkpoints", best_metric="iou", async_save=False)
   try:
     steps = ckpt.manager.all_steps()
     if not steps:
@@ -323,7 +323,7 @@ def _check_shapes(ckpt, step, abstract_state, workdir, spec) -> None:
     saved = getattr(saved, "item_metadata", saved)
     have = shapes(getattr(saved, "tree", saved))
   except Exception as e:  # a truncated _METADATA reads as None, or fails in orbax
-    raise checkpointing.unreadable(ckpt.step_dir(step), e) from e
+    raise workdirs.unreadable(ckpt.step_dir(step), e) from e
   want = shapes(abstract_state)
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
@@ -450,10 +450,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   workdir = Path(workdir)
   # Validate before anything is written to the workdir (loop.train writes config.json and the
   # spec once its Trainer has validated the rest): a failed config must not claim the workdir.
-  checkpointing.check_config(workdir, config)
+  workdirs.check_config(workdir, config)
   spec_path = workdir / SPEC_FILE
   if spec_path.exists() and json.loads(spec_path.read_text()) != json.loads(json.dumps(spec)):
-    raise checkpointing.WorkdirConfigMismatch(
+    raise workdirs.WorkdirConfigMismatch(
         f"{spec_path} describes another model than this run would build (was the --config.init "
         f"checkpoint or the tile set changed?); use a new --workdir")
   weights = class_weights(config, manifest)

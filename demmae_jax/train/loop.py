@@ -30,8 +30,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from demmae_jax import sharding as shd
-from demmae_jax.train import checkpointing, memory, metrics as metrics_lib, optim
+from demmae_jax import sharding as shd, workdirs
+from demmae_jax.train import memory, metrics as metrics_lib, optim
 from demmae_jax.train.memory import DoesNotFit  # noqa: F401  (raised by train, with NonFiniteLoss)
 
 Batch = dict[str, np.ndarray]
@@ -269,12 +269,12 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   workdir = Path(workdir)
   mesh = mesh or shd.make_mesh(**config.mesh)
   trainer = Trainer(task, config, mesh)
-  checkpointing.check_or_store_config(workdir, config)
+  workdirs.check_or_store_config(workdir, config)
   if jax.process_index() == 0:
     for name, text in (workdir_files or {}).items():
-      checkpointing.atomic_write_text(workdir / name, text)
+      workdirs.atomic_write_text(workdir / name, text)
   total = int(config.total_steps)
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
+  ckpt = workdirs.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
                                     best_metric=task.best_metric, best_mode=task.best_mode,
                                     async_save=bool(config.checkpoint.get("async_save", True)))
   is_main = jax.process_index() == 0
@@ -437,7 +437,7 @@ def restore(task: Task, config: ml_collections.ConfigDict, workdir: str | Path, 
     raise FileNotFoundError(f"{workdir / 'checkpoints'} not found: not a training workdir")
   mesh = mesh or shd.make_mesh(**config.mesh)
   trainer = Trainer(task, config, mesh)
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
+  ckpt = workdirs.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
                                     best_metric=task.best_metric, best_mode=task.best_mode)
   try:
     chosen = ckpt.best_step() if best else (step if step is not None else ckpt.latest_step())

@@ -459,7 +459,7 @@ def plan(trainer, example: dict, workdir: str | Path | None = None, *,
 
 
 def write_plan(workdir: str | Path, plan_: Plan, config, mesh) -> None:
-  from demmae_jax.train.checkpointing import atomic_write_text
+  from demmae_jax.workdirs import atomic_write_text
   if jax.process_index() == 0 and not plan_.recorded:
     atomic_write_text(Path(workdir) / PLAN_FILE, json.dumps(plan_.record(config, mesh), indent=1))
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state in `workdir/checkpoints`, and the workdir's identity.
+"""A run's workdir: orbax checkpoints of the train state in `workdir/checkpoints`, and the
+workdir's identity (training writes them; export, evaluation and prediction read them).
 
 One CheckpointManager keeps the last `keep` steps and, when the task has an eval metric, the best
 one (orbax preservation policies); saves are asynchronous and atomic (orbax writes a temporary
