@@ -5,7 +5,7 @@ stay flat.
 
 For each size N, an N x N float32 GeoTIFF (tiled, deflate) is made by mirroring the real Delft
 DSM (delft/ahn3_cropped_*.laz rasterised at 0.5 m through data_pipelines.lidar) and predicted
-by `demmae_jax.predict.predict_raster` in a fresh process with a tiny network (random weights:
+by `demmae_jax.inference.raster.predict_raster` in a fresh process with a tiny network (random weights:
 memory does not depend on them). Each child reports its peak resident set size (ru_maxrss)
 after warm-up (imports, model, one compiled batch) and after the whole prediction. Printed: both
 figures, the prediction's own growth, the time, the throughput (windows/s and km^2/s at the
@@ -65,7 +65,7 @@ def child(raster: str, tile: int, overlap: int, block: int, batch: int, model_ki
   import numpy as np
   from flax import nnx
   from data_pipelines.normalisation import normalise_numpy
-  from demmae_jax import predict
+  from demmae_jax.inference import raster as predict
   from demmae_jax.models import mae, unet, upernet
   from demmae_jax.train.finetune import probabilities_fn
   if model_kind == "unet":

@@ -22,7 +22,7 @@ import rasterio
 
 from data_pipelines.errors import DataError
 from demmae_jax import metrics
-from demmae_jax import predict as predictor
+from demmae_jax.inference import raster as predictor
 from demmae_jax.train import finetune
 
 

@@ -123,7 +123,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from data_pipelines.atomic import check_outputs, scratch_dir
-  from demmae_jax import area_eval, predict
+  from demmae_jax import area_eval
+  from demmae_jax.inference import raster as predict
   from demmae_jax.train import finetune
 
   outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]

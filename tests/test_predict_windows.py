@@ -1,5 +1,5 @@
-"""The sliding-window predictor library (demmae_jax.predict) with a per-pixel "model" whose answer
-is known exactly: blending any overlapping windows of a per-pixel function must give the function
+"""The sliding-window predictor library (demmae_jax.inference.raster) with a per-pixel "model"
+whose answer is known exactly: blending any overlapping windows of a per-pixel function must give the function
 back, so stitching, georeferencing, nodata and block-independence are checked without training."""
 import numpy as np
 import pyogrio
@@ -9,7 +9,7 @@ import shapely
 from rasterio.transform import from_origin
 
 from data_pipelines.errors import DataError
-from demmae_jax import predict
+from demmae_jax.inference import raster
 
 CRS = "EPSG:28992"
 TRANSFORM = from_origin(84800.0, 447650.0, 0.5, 0.5)
@@ -51,18 +51,18 @@ def read(path, band=1):
 
 
 def test_window_offsets_cover_raster_with_snapped_last_window():
-  assert predict.window_offsets(100, 32, 24) == [0, 24, 48, 68]
-  assert predict.window_offsets(32, 32, 24) == [0]
-  assert predict.window_offsets(20, 32, 24) == [0]
-  w = predict.hann_weights(16)
+  assert raster.window_offsets(100, 32, 24) == [0, 24, 48, 68]
+  assert raster.window_offsets(32, 32, 24) == [0]
+  assert raster.window_offsets(20, 32, 24) == [0]
+  w = raster.hann_weights(16)
   assert w.min() > 0 and w[7:9, 7:9].min() == w.max()  # nowhere zero, peak in the centre
 
 
 def test_predict_keeps_crs_transform_and_recovers_a_per_pixel_model(tmp_path):
   dem, _ = blocks_dem()
   src = write_tif(tmp_path / "dem.tif", dem)
-  opts = predict.PredictOptions(tile=16, overlap=6, batch_size=4, block=32)
-  summary = predict.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
+  opts = raster.PredictOptions(tile=16, overlap=6, batch_size=4, block=32)
+  summary = raster.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
                                    probabilities_path=tmp_path / "p.tif", progress=False)
   classes, profile, crs, transform = read(tmp_path / "cls.tif")
   assert crs == rasterio.crs.CRS.from_string(CRS) and transform == TRANSFORM
@@ -84,8 +84,8 @@ def test_output_does_not_depend_on_block_size(tmp_path):
 
   outs = []
   for block in (16, 40, 4096):
-    opts = predict.PredictOptions(tile=16, overlap=8, batch_size=3, block=block)
-    predict.predict_raster(src, tmp_path / f"p{block}.tif", smooth_apply, identity, opts,
+    opts = raster.PredictOptions(tile=16, overlap=8, batch_size=3, block=block)
+    raster.predict_raster(src, tmp_path / f"p{block}.tif", smooth_apply, identity, opts,
                            probabilities_path=tmp_path / f"prob{block}.tif", progress=False)
     outs.append(read(tmp_path / f"prob{block}.tif", 2)[0])
   np.testing.assert_array_equal(outs[0], outs[2])
@@ -98,8 +98,8 @@ def test_nodata_and_nan_pixels_become_output_nodata(tmp_path):
   dem[5, 5] = np.nan
   dem[60:70, 70:90] = -9999.0
   src = write_tif(tmp_path / "dem.tif", dem, nodata=-9999.0)
-  opts = predict.PredictOptions(tile=16, overlap=4, batch_size=8, block=24)
-  summary = predict.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
+  opts = raster.PredictOptions(tile=16, overlap=4, batch_size=8, block=24)
+  summary = raster.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
                                    progress=False)
   classes = read(tmp_path / "cls.tif")[0]
   invalid = (dem == -9999.0) | np.isnan(dem)
@@ -111,22 +111,22 @@ def test_nodata_and_nan_pixels_become_output_nodata(tmp_path):
 def test_three_band_raster_needs_an_explicit_band(tmp_path):
   dem, _ = blocks_dem(40, 40)
   src = write_tif(tmp_path / "rgb.tif", np.stack([dem + 100, dem, dem - 100]))
-  opts = predict.PredictOptions(tile=16, overlap=4)
+  opts = raster.PredictOptions(tile=16, overlap=4)
   with pytest.raises(DataError, match=r"rgb.tif: has 3 bands .* --band"):
-    predict.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
+    raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
   assert not (tmp_path / "out.tif").exists()
-  opts = predict.PredictOptions(tile=16, overlap=4, band=2)
-  predict.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
+  opts = raster.PredictOptions(tile=16, overlap=4, band=2)
+  raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
   np.testing.assert_array_equal(read(tmp_path / "out.tif")[0], (dem > 5).astype(np.uint8))
 
 
 def test_raster_without_crs_is_refused_unless_a_crs_is_given(tmp_path):
   dem, _ = blocks_dem(40, 40)
   src = write_tif(tmp_path / "nocrs.tif", dem, crs=None)
-  opts = predict.PredictOptions(tile=16, overlap=4)
+  opts = raster.PredictOptions(tile=16, overlap=4)
   with pytest.raises(DataError, match="nocrs.tif: has no CRS"):
-    predict.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
-  predict.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, crs=CRS,
+    raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
+  raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, crs=CRS,
                          progress=False)
   assert read(tmp_path / "out.tif")[2] == rasterio.crs.CRS.from_string(CRS)
 
@@ -136,11 +136,11 @@ def test_existing_output_is_never_overwritten_without_overwrite(tmp_path):
   src = write_tif(tmp_path / "dem.tif", dem)
   out = tmp_path / "out.tif"
   out.write_bytes(b"an earlier result")
-  opts = predict.PredictOptions(tile=16, overlap=4)
+  opts = raster.PredictOptions(tile=16, overlap=4)
   with pytest.raises(FileExistsError, match="out.tif already exists"):
-    predict.predict_raster(src, out, threshold_apply, identity, opts, progress=False)
+    raster.predict_raster(src, out, threshold_apply, identity, opts, progress=False)
   assert out.read_bytes() == b"an earlier result"
-  predict.predict_raster(src, out, threshold_apply, identity, opts, overwrite=True, progress=False)
+  raster.predict_raster(src, out, threshold_apply, identity, opts, overwrite=True, progress=False)
   assert read(out)[0].shape == (40, 40)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["dem.tif", "out.tif"]  # no temp left
 
@@ -156,17 +156,17 @@ def test_failure_midway_leaves_no_partial_output(tmp_path):
       raise RuntimeError("device lost")
     return threshold_apply(x)
 
-  opts = predict.PredictOptions(tile=16, overlap=4, batch_size=2, block=32)
+  opts = raster.PredictOptions(tile=16, overlap=4, batch_size=2, block=32)
   with pytest.raises(RuntimeError, match="device lost"):
-    predict.predict_raster(src, tmp_path / "out.tif", failing_apply, identity, opts, progress=False)
+    raster.predict_raster(src, tmp_path / "out.tif", failing_apply, identity, opts, progress=False)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["dem.tif"]
 
 
 def test_raster_smaller_than_a_tile_is_padded_not_refused(tmp_path):
   dem, _ = blocks_dem(10, 13)
   src = write_tif(tmp_path / "small.tif", dem)
-  opts = predict.PredictOptions(tile=16, overlap=4)
-  predict.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
+  opts = raster.PredictOptions(tile=16, overlap=4)
+  raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
   np.testing.assert_array_equal(read(tmp_path / "out.tif")[0], (dem > 5).astype(np.uint8))
 
 
@@ -174,8 +174,8 @@ def test_raster_smaller_than_a_tile_is_padded_not_refused(tmp_path):
 def test_polygons_are_merged_across_blocks(tmp_path, suffix):
   dem, boxes = blocks_dem()
   src = write_tif(tmp_path / "dem.tif", dem)
-  opts = predict.PredictOptions(tile=16, overlap=4, block=16)  # every box spans blocks
-  predict.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
+  opts = raster.PredictOptions(tile=16, overlap=4, block=16)  # every box spans blocks
+  raster.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
                          polygons_path=tmp_path / f"b{suffix}", progress=False)
   info = pyogrio.read_info(tmp_path / f"b{suffix}")
   assert info["features"] == len(boxes)
