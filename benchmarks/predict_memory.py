@@ -67,7 +67,7 @@ def child(raster: str, tile: int, overlap: int, block: int, batch: int, model_ki
   from data_pipelines.normalisation import normalise_numpy
   from demmae_jax.inference import raster as predict
   from demmae_jax.models import mae, unet, upernet
-  from demmae_jax.train.finetune import probabilities_fn
+  from demmae_jax.inference.apply import probabilities_fn
   if model_kind == "unet":
     model = unet.UNet(unet.UNetConfig(width=width, depth=depth), rngs=nnx.Rngs(0))
   else:

@@ -23,27 +23,10 @@ import rasterio
 from data_pipelines.errors import DataError
 from demmae_jax import metrics
 from demmae_jax.inference import raster as predictor
+from demmae_jax.inference.apply import probabilities_fn
+from demmae_jax.inference.segmenter import (check_spec_against_data, check_window, input_normalise,
+                                          input_raster_name)
 from demmae_jax.train import finetune
-
-
-def input_normalise(spec: dict) -> predictor.Normalise:
-  """The model's input normalisation on predictor windows: (dem, valid) -> [B, t, t, C]; for an
-  nDSM model the raster predicted on must be the nDSM itself."""
-  from data_pipelines.normalisation import normalise_numpy, parse_mode
-  n = spec["normalisation"]
-  modes = parse_mode(n["mode"])
-  if len(modes) > 1:
-    raise ValueError(f"the predictor reads one raster; a model on {n['mode']!r} needs several")
-  kw = dict(stats=n["stats"], scale_m=n["scale_m"], low_percentile=n["low_percentile"],
-            channels=n["channels"])
-  if modes[0] == "ndsm":
-    return lambda dem, valid: normalise_numpy(dem, valid, "ndsm", ndsm=dem, **kw)
-  return lambda dem, valid: normalise_numpy(dem, valid, modes[0], **kw)
-
-
-def input_raster_name(spec: dict) -> str:
-  """Which source of a tile set the model reads: 'ndsm' for an nDSM model, else 'elevation'."""
-  return "ndsm" if spec["normalisation"]["mode"] == "ndsm" else "elevation"
 
 
 def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, window: int | None = None,
@@ -57,10 +40,10 @@ def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, wi
   else:
     model, spec = model
   window = int(window or spec["tile_size"])
-  finetune.check_window(spec, window)
+  check_window(spec, window)
   opts = predictor.PredictOptions(tile=window, overlap=window // 4 if overlap is None else overlap,
                                   batch_size=batch_size, class_names=tuple(spec["class_names"]))
-  apply = finetune.probabilities_fn(model, tta=tta)
+  apply = probabilities_fn(model, tta=tta)
   return predictor.predict_raster(raster, out, apply, input_normalise(spec), opts,
                                   probabilities_path=probabilities, overwrite=overwrite,
                                   progress=progress)
@@ -96,7 +79,7 @@ def evaluate_area(workdir: str | Path, manifest_path: str | Path, *, split: str 
   if model is None:
     model = finetune.load_trained(workdir)[:2]
   spec = model[1]
-  finetune.check_spec_against_data(spec, manifest, str(manifest_path))
+  check_spec_against_data(spec, manifest, str(manifest_path))
   raster = _source(manifest, input_raster_name(spec))
   with tempfile.TemporaryDirectory(prefix="area_eval_") as tmp:
     out = Path(keep_prediction) if keep_prediction else Path(tmp) / "classes.tif"

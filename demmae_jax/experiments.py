@@ -324,6 +324,7 @@ def result_path(out: Path, run: Run) -> Path:
 def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   """Train, evaluate on the test split with the best validation checkpoint, write the result."""
   import jax
+  from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.train import finetune
   manifest, draw = data.manifest(run)
   config = finetune_config(cfg, run, manifest, encoder)
@@ -335,8 +336,8 @@ def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
     raise KeyboardInterrupt(f"{run.id} stopped by a signal at step {result.step}; rerun to resume")
   model, spec, step = finetune.load_trained(workdir, "best")
   # every test tile's prediction (~1 MB compressed): the figure then picks tiles spread over the area
-  summary, tiles = finetune.evaluate_split(model, spec, str(manifest), "test",
-                                           keep=10**6 if int(cfg.pictures) else 0)
+  summary, tiles = evaluate_split(model, spec, str(manifest), "test",
+                                  keep=10**6 if int(cfg.pictures) else 0)
   metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [m for m in metrics if "eval_iou" in m]
   rec = {"id": run.id, **dataclasses.asdict(run), "task": run.task, "protocol": cfg.protocol,

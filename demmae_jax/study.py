@@ -56,10 +56,10 @@ RECIPE = {"total_steps": 300, "eval_every_steps": 50, "checkpoint.every_steps": 
 AREA_PREDICT = {"window": 256, "tta": True}
 def area_predict(spec: dict) -> dict:
   """AREA_PREDICT, with the training tile as the window when the model's normalisation depends
-  on the window (per-tile min-max: finetune.check_window)."""
-  from demmae_jax.train import finetune
+  on the window (per-tile min-max: segmenter.check_window)."""
+  from demmae_jax.inference.segmenter import WINDOW_FREE_NORMALISATIONS
   modes = spec["normalisation"]["mode"].split("+")
-  if spec["kind"] != "unet" or any(m not in finetune.WINDOW_FREE_NORMALISATIONS for m in modes):
+  if spec["kind"] != "unet" or any(m not in WINDOW_FREE_NORMALISATIONS for m in modes):
     return {**AREA_PREDICT, "window": int(spec["tile_size"])}
   return dict(AREA_PREDICT)
 
@@ -114,6 +114,7 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
   """Train one arm on `manifest`'s train split (validation on its val split, best kept), score it
   per test tile and over `area_manifest`'s test area; the result JSON is written last."""
   from demmae_jax import area_eval
+  from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.train import finetune
   path = out / "results" / f"{run_id}.json"
   if path.exists():
@@ -124,7 +125,7 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
   if result.preempted:
     raise KeyboardInterrupt(f"{run_id} stopped by a signal; rerun to resume")
   model, spec, step = finetune.load_trained(workdir)
-  tiles, _ = finetune.evaluate_split(model, spec, str(manifest), "test")
+  tiles, _ = evaluate_split(model, spec, str(manifest), "test")
   area = area_eval.evaluate_area(workdir, area_manifest, model=(model, spec),
                                  keep_prediction=workdir / "test_area_classes.tif", **area_predict(spec))
   rec = {"id": run_id, "arm": arm, "task": task, "seed": seed, "manifest": str(manifest),

@@ -63,6 +63,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from data_pipelines.atomic import atomic_dir
   from demmae_jax import metrics
+  from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.train import finetune
 
   workdir = Path(_WORKDIR.value)
@@ -73,8 +74,7 @@ def main(argv):
   try:
     model, spec, step = finetune.load_trained(workdir, step)
     manifest = _MANIFEST.value or json.loads((workdir / "config.json").read_text())["data"]["manifest"]
-    summary, tiles = finetune.evaluate_split(model, spec, manifest, _SPLIT.value,
-                                             keep=_PICTURES.value)
+    summary, tiles = evaluate_split(model, spec, manifest, _SPLIT.value, keep=_PICTURES.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

@@ -52,18 +52,6 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
-def make_apply(model, batch_size: int, tta: bool = False):
-  """Batches put on all devices (split over the mesh's batch axes) for the jitted model."""
-  import jax
-  from demmae_jax import sharding
-  from demmae_jax.train.finetune import probabilities_fn
-  mesh = sharding.make_mesh(data=-1)
-  if batch_size % sharding.batch_parallelism(mesh):
-    raise ValueError(f"--batch_size {batch_size} must be a multiple of the {jax.device_count()} devices")
-  probs = probabilities_fn(model, tta=tta)
-  return lambda x: probs(jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)))
-
-
 def check_cell_size(path: str, spec: dict, allow: bool, crs=None, given_m: float | None = None) -> float:
   """The input's cell size in metres (data_pipelines.raster_io.cell_size_m: a geographic CRS is
   refused, feet are converted), refused if it is not the model's unless `allow`."""
@@ -123,8 +111,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from data_pipelines.atomic import check_outputs, scratch_dir
-  from demmae_jax import area_eval
   from demmae_jax.inference import raster as predict
+  from demmae_jax.inference.apply import make_apply
+  from demmae_jax.inference.segmenter import (check_window, input_normalise, input_raster_name,
+                                            read_spec)
   from demmae_jax.train import finetune
 
   outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
@@ -136,7 +126,7 @@ def main(argv):
     raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
   if not Path(_INPUT.value).exists():
     raise FileNotFoundError(2, "No such file or directory", _INPUT.value)
-  spec = finetune.read_spec(workdir)
+  spec = read_spec(workdir)
   if Path(_INPUT.value).suffix.lower() not in (".las", ".laz"):  # the raster checked before the model loads
     src, _ = predict.open_elevation(_INPUT.value, _BAND.value, _CRS.value)
     src.close()
@@ -144,7 +134,7 @@ def main(argv):
   model, spec, step = finetune.load_trained(workdir, _STEP.value if _STEP.value in
                                             ("best", "latest") else int(_STEP.value))
   tile = _WINDOW.value or spec["tile_size"]
-  finetune.check_window(spec, tile)
+  check_window(spec, tile)
   opts = predict.PredictOptions(
       tile=tile, overlap=tile // 4 if _OVERLAP.value is None else _OVERLAP.value,
       batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
@@ -157,13 +147,13 @@ def main(argv):
       unit = metres_per_unit(inspect_las(source, _CRS.value).crs, source, "--cell_size_m")
       rasters = las_to_rasters([source], scratch, cell_size=spec["cell_size"] / unit, crs=_CRS.value)
       # an nDSM model reads height above the LiDAR's own ground
-      source = str(rasters["ndsm" if area_eval.input_raster_name(spec) == "ndsm" else "dsm"])
+      source = str(rasters["ndsm" if input_raster_name(spec) == "ndsm" else "dsm"])
       band = None
       opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
     check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
     summary = predict.predict_raster(
         source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
-        area_eval.input_normalise(spec), opts,
+        input_normalise(spec), opts,
         probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
         overwrite=_OVERWRITE.value)
     if _PNG.value:

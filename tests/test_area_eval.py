@@ -9,13 +9,13 @@ import pytest
 from flax import nnx
 
 from demmae_jax.models import unet
-from demmae_jax.train import finetune
+from demmae_jax.inference import apply, segmenter
 
 
 def test_tta_probabilities_are_equivariant_to_the_square_symmetries():
   model = unet.UNet(unet.UNetConfig(width=4, depth=2), rngs=nnx.Rngs(0))
   x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
-  plain, tta = finetune.probabilities_fn(model), finetune.probabilities_fn(model, tta=True)
+  plain, tta = apply.probabilities_fn(model), apply.probabilities_fn(model, tta=True)
   rotated = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
   np.testing.assert_allclose(np.asarray(tta(rotated)), np.rot90(np.asarray(tta(x)), 1, axes=(1, 2)),
                              atol=1e-6)
@@ -26,16 +26,16 @@ def test_tta_probabilities_are_equivariant_to_the_square_symmetries():
 
 def test_prediction_windows_larger_than_the_tile_only_for_fully_convolutional_models():
   u = {"kind": "unet", "unet": {"depth": 4}, "tile_size": 64, "normalisation": {"mode": "ndsm"}}
-  finetune.check_window(u, 256)
+  segmenter.check_window(u, 256)
   with pytest.raises(ValueError, match="windows of that size"):  # min-max would rescale heights
-    finetune.check_window({**u, "normalisation": {"mode": "minmax"}}, 256)
-  finetune.check_window({**u, "normalisation": {"mode": "minmax"}}, 64)
+    segmenter.check_window({**u, "normalisation": {"mode": "minmax"}}, 256)
+  segmenter.check_window({**u, "normalisation": {"mode": "minmax"}}, 64)
   with pytest.raises(ValueError, match="multiples of 16"):
-    finetune.check_window(u, 100)
+    segmenter.check_window(u, 100)
   vit = {"kind": "upernet", "tile_size": 64, "normalisation": {"mode": "ndsm"}}
-  finetune.check_window(vit, 64)
+  segmenter.check_window(vit, 64)
   with pytest.raises(ValueError, match="tile size"):
-    finetune.check_window(vit, 128)
+    segmenter.check_window(vit, 128)
 
 
 @pytest.mark.realdata
@@ -45,6 +45,7 @@ def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
   from data_pipelines.prepare import prepare_delft
   from data_pipelines.reader import make_tf_dataset, read_manifest
   from demmae_jax import area_eval, config_files
+  from demmae_jax.train import finetune
   manifest_path = prepare_delft(tmp_path / "d", "buildings", tile_size=32, stride=16, progress=False)
   m = read_manifest(str(manifest_path))
   with rasterio.open(tmp_path / "d" / "rasters" / "ndsm.tif") as src:

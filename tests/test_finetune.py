@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from demmae_jax import mae
+from demmae_jax.inference import segmenter
 from demmae_jax.sharding import path_str
 from demmae_jax.train import finetune
 
@@ -133,7 +134,7 @@ def test_finetune_config_rejects_unknown_keys_and_tiles_of_another_size(delft_ti
   spec = finetune.model_spec(config, manifest, finetune._backbone(config, 64, 1)[0])
   spec["tile_size"] = 64  # a model made for 64 px tiles, given the 32 px tile set
   with pytest.raises(ValueError, match="tiles are 32 px but the model was built for 64 px"):
-    finetune.check_spec_against_data(spec, manifest, "delft tiles")
+    segmenter.check_spec_against_data(spec, manifest, "delft tiles")
 
 
 def test_predict_script_keeps_crs_transform_and_agrees_with_labels(trained, delft_tiles, tmp_path):

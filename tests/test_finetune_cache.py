@@ -13,6 +13,8 @@ from flax import nnx
 
 from data_pipelines.augment import symmetry
 from demmae_jax import config_files, sharding
+from demmae_jax.inference.evaluate import evaluate_split
+from demmae_jax.inference.segmenter import build_from_spec
 from demmae_jax.train import feature_cache, finetune
 from demmae_jax.train.pretrain import model_config
 
@@ -142,9 +144,9 @@ def test_cached_run_learns_resumes_and_its_checkpoint_evaluates(delft_tiles, tmp
   # the checkpoint is the whole segmenter; its encoder is the one the cache was computed with
   model, spec, step = finetune.load_trained(workdir)
   assert step in (24, 48) and spec["freeze_backbone"]
-  eager = finetune.build_from_spec(spec, int(config.seed))
+  eager = build_from_spec(spec, int(config.seed))
   for a, b in zip(jax.tree.leaves(nnx.state(model.backbone, nnx.Param)),
                   jax.tree.leaves(nnx.state(eager.backbone, nnx.Param))):
     np.testing.assert_array_equal(a, b)
-  summary, kept = finetune.evaluate_split(model, spec, str(delft_tiles), "val", keep=2)
+  summary, kept = evaluate_split(model, spec, str(delft_tiles), "val", keep=2)
   assert 0.0 <= summary["accuracy"] <= 1.0 and kept["pred"].shape == (2, 32, 32)

@@ -9,7 +9,7 @@ from flax import nnx
 from data_pipelines.synthetic import synthetic_scene, write_scene_geotiffs
 from data_pipelines.tile_writer import write_tiles
 from demmae_jax import metrics
-from demmae_jax.train import finetune
+from demmae_jax.inference.evaluate import evaluate_split
 
 
 class HighIsPositive(nnx.Module):
@@ -36,8 +36,8 @@ def test_evaluate_split_adds_boundary_iou_of_every_batch(tiles):
   spec = {"num_classes": 2, "class_names": ["background", "building"], "tile_size": 32,
           "cell_size": 0.5, "normalisation": {"mode": "minmax", "channels": 1, "scale_m": 30.0,
                                               "low_percentile": 2.0}}
-  summary, kept = finetune.evaluate_split(HighIsPositive(), spec, str(tiles), "test", batch_size=4,
-                                          keep=10 ** 6)
+  summary, kept = evaluate_split(HighIsPositive(), spec, str(tiles), "test", batch_size=4,
+                                 keep=10 ** 6)
   n = len(kept["pred"])
   assert n > 4 and n % 4  # several batches and a padded last one
   want = metrics.BoundaryIoU(2)  # 1 m at 0.5 m

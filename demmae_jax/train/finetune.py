@@ -13,9 +13,8 @@ prediction are the same as without.
 Loss: pixel cross-entropy weighted per class (the manifest's inverse-frequency weights), over
 pixels that are labelled (label != 255) and valid, plus 0.4 x the auxiliary FCN head's loss.
 
-The workdir also gets `segmenter.json`: everything needed to rebuild the model and feed it
-(architecture, classes, normalisation, tile and cell size), so evaluation and prediction need
-only the workdir, never the pretraining checkpoint.
+The workdir also gets `segmenter.json` (`model_spec`): everything `demmae_jax.inference` needs to
+rebuild the model and feed it, so evaluation and prediction need only the workdir.
 """
 from __future__ import annotations
 
@@ -31,15 +30,14 @@ import numpy as np
 from flax import nnx
 
 from demmae_jax import metrics, workdirs
+from demmae_jax.inference.evaluate import confusion
+from demmae_jax.inference.segmenter import (SPEC_FILE, build_from_spec, check_spec_against_data,
+                                          read_spec, reader_options)
 from demmae_jax.models import hybrid as hybrid_model
 from demmae_jax.models import mae as mae_model
-from demmae_jax.models import unet as unet_model
 from demmae_jax.models import upernet
 from demmae_jax.train import feature_cache
 from demmae_jax.train.loop import Task, Trainer
-
-SPEC_FILE = "segmenter.json"
-
 
 # ------------------------------------------------------------------------------ model spec
 def model_spec(config: ml_collections.ConfigDict, manifest: dict,
@@ -77,40 +75,6 @@ def hybrid_config(config: ml_collections.ConfigDict) -> hybrid_model.HybridConfi
   h = config.model.hybrid
   return hybrid_model.HybridConfig(num_classes=int(config.num_classes), layers=tuple(h.layers),
                                    width=int(h.width), vit_channels=int(h.vit_channels))
-
-
-def build_from_spec(spec: dict, seed: int = 0, backbone_state=None) -> nnx.Module:
-  """The model `spec` describes; random weights unless `backbone_state` (an MAE's nnx.State)."""
-  rngs = nnx.Rngs(params=seed)
-  if spec["kind"] == "unet":
-    u = spec["unet"]
-    return unet_model.UNet(unet_model.UNetConfig(in_chans=spec["normalisation"]["channels"],
-                                                 num_classes=spec["num_classes"], width=u["width"],
-                                                 depth=u["depth"]), rngs=rngs)
-  backbone = mae_model.MaskedAutoencoder(mae_model.MAEConfig(**spec["backbone"]),
-                                         rngs=nnx.Rngs(params=seed + 1))
-  if backbone_state is not None:
-    nnx.update(backbone, jax.tree.map(jnp.array, backbone_state))  # a copy: the loop donates state
-  if spec["kind"] == "hybrid":
-    h = spec["hybrid"]
-    return hybrid_model.ViTUNet(backbone, hybrid_model.HybridConfig(**{**h, "layers": tuple(h["layers"])}),
-                                freeze_backbone=spec["freeze_backbone"], rngs=rngs)
-  head = spec["head"]
-  head = upernet.HeadConfig(**{**head, "layers": tuple(head["layers"]),
-                               "pool_scales": tuple(head["pool_scales"])})
-  return upernet.Segmenter(backbone, head, freeze_backbone=spec["freeze_backbone"], rngs=rngs)
-
-
-def check_spec_against_data(spec: dict, manifest: dict, source: str) -> None:
-  """A model for K classes and tiles of T pixels must see data of at most K classes and size T."""
-  weights = manifest["splits"]["train"].get("classes", {}).get("frequencies", {})
-  labels = [int(k) for k in weights]
-  if labels and max(labels) >= spec["num_classes"]:
-    raise ValueError(f"{source}: the tiles hold label {max(labels)} but the model has "
-                     f"{spec['num_classes']} classes ({spec['class_names']})")
-  if manifest["tile_size"] != spec["tile_size"]:
-    raise ValueError(f"{source}: tiles are {manifest['tile_size']} px but the model was built for "
-                     f"{spec['tile_size']} px")
 
 
 # ------------------------------------------------------------------------------ loss
@@ -183,100 +147,6 @@ class Finetune(Task):
     s = metrics.summarize(cm)
     return {"iou": float("nan") if s["iou"] is None else s["iou"],
             "miou": float("nan") if s["miou"] is None else s["miou"], "accuracy": s["accuracy"]}
-
-
-# ------------------------------------------------------------------------------ inference
-@jax.jit
-def _probs(graphdef, state, images):
-  return jax.nn.softmax(nnx.merge(graphdef, state)(images).astype(jnp.float32), axis=-1)
-
-
-@jax.jit
-def _probs_tta(graphdef, state, images):
-  """Mean probabilities over the 8 square symmetries (4 rotations x mirror), each undone on the
-  output: the network is not equivariant, so averaging removes its orientation bias."""
-  model = nnx.merge(graphdef, state)
-  total = 0.0
-  for k in range(4):
-    for mirror in (False, True):
-      x = jnp.rot90(images, k, axes=(1, 2))
-      x = x[:, :, ::-1] if mirror else x
-      y = jax.nn.softmax(model(x).astype(jnp.float32), axis=-1)
-      y = y[:, :, ::-1] if mirror else y
-      total = total + jnp.rot90(y, -k, axes=(1, 2))
-  return total / 8.0
-
-
-def probabilities_fn(model: nnx.Module, tta: bool = False) -> Callable[[np.ndarray], jax.Array]:
-  """images [B, H, W, C] -> class probabilities [B, H, W, K], jitted (one compile per shape);
-  `tta=True` averages them over the 8 square symmetries (8 forward passes)."""
-  graphdef, state = nnx.split(model)
-  fn = _probs_tta if tta else _probs
-  return lambda images: fn(graphdef, state, jnp.asarray(images, jnp.float32))
-
-
-def window_multiple(spec: dict) -> int | None:
-  """The side a prediction window of this model must be a multiple of, or None when only the
-  training tile size works (a ViT's position embeddings fix its input size)."""
-  if spec["kind"] == "unet":
-    return 2 ** int(spec["unet"]["depth"])
-  return None
-
-
-# Normalisations whose value at a pixel does not depend on the window around it: only with
-# these does a window larger than the training tile feed the network what it was trained on
-# (per-tile min-max or percentiles over 256 px would rescale the heights of a 64 px-tile model).
-WINDOW_FREE_NORMALISATIONS = ("ndsm", "zscore")
-
-
-def check_window(spec: dict, window: int) -> None:
-  if window != spec["tile_size"]:
-    modes = spec["normalisation"]["mode"].split("+")
-    if any(m not in WINDOW_FREE_NORMALISATIONS for m in modes):
-      raise ValueError(f"the model normalises each {spec['tile_size']} px tile by its own statistics "
-                       f"({spec['normalisation']['mode']}): predict with windows of that size, not "
-                       f"{window} (larger windows need a per-pixel normalisation: ndsm or zscore)")
-  m = window_multiple(spec)
-  if m is None and window != spec["tile_size"]:
-    raise ValueError(f"a {spec['kind']} model takes windows of its tile size "
-                     f"({spec['tile_size']} px) only, not {window}")
-  if m is not None and (window % m or window < m):
-    raise ValueError(f"prediction windows of a {spec['kind']} model must be multiples of {m} px; "
-                     f"got {window}")
-
-
-def confusion(model: nnx.Module, batches: Iterator[dict], num_classes: int,
-              keep: int = 0, boundary: metrics.BoundaryIoU | None = None
-              ) -> tuple[np.ndarray, dict[str, list]]:
-  """Confusion matrix of the model's argmax over finite batches of {image, label, valid}, and the
-  first `keep` tiles with their predictions; `boundary` (if given) accumulates boundary IoU over
-  the same pixels. A short last batch is padded (one compiled shape)."""
-  probs = probabilities_fn(model)
-  total = np.zeros((num_classes, num_classes), np.int64)
-  kept: dict[str, list] = {"image": [], "label": [], "valid": [], "pred": []}
-  size = None
-  for batch in batches:
-    n = batch["image"].shape[0]
-    size = size or n
-    images = batch["image"] if n == size else np.concatenate(
-        [batch["image"], np.zeros((size - n,) + batch["image"].shape[1:], np.float32)])
-    pred = np.asarray(probs(images)).argmax(-1)[:n]
-    total += np.asarray(metrics.confusion_matrix(pred, batch["label"], num_classes, batch["valid"]))
-    if boundary is not None:
-      boundary.update(pred, batch["label"], batch["valid"])
-    room = keep - len(kept["pred"])
-    for name, x in (("image", batch["image"]), ("label", batch["label"]),
-                    ("valid", batch["valid"]), ("pred", pred)):
-      kept[name].extend(x[:max(room, 0)])
-  return total, kept
-
-
-def read_spec(workdir: str | Path) -> dict:
-  path = Path(workdir) / SPEC_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a finetuning workdir "
-                            f"(made by scripts/finetune.py)")
-  return json.loads(path.read_text())
 
 
 def load_trained(workdir: str | Path, step: int | str = "best") -> tuple[nnx.Module, dict, int]:
@@ -366,13 +236,6 @@ def _backbone(config: ml_collections.ConfigDict, tile: int, channels: int):
     return model.config, nnx.state(model)
   from demmae_jax.train.pretrain import model_config
   return model_config(config.model.backbone).replace(img_size=tile, in_chans=channels), None
-
-
-def reader_options(spec: dict) -> dict:
-  """The tile reader's normalisation arguments for the model `spec` describes."""
-  n = spec["normalisation"]
-  return dict(normalisation=n["mode"], channels=n["channels"], scale_m=n["scale_m"],
-              low_percentile=n["low_percentile"])
 
 
 def check_cache_features(config: ml_collections.ConfigDict) -> None:
@@ -484,20 +347,3 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
                   backbone_state)
   return loop.train(task, config, workdir, train_batches, mesh=mesh, stop_after=stop_after,
                     workdir_files={SPEC_FILE: json.dumps(spec, indent=1)})
-
-
-def evaluate_split(model: nnx.Module, spec: dict, manifest_path: str, split: str, *,
-                   batch_size: int = 16, keep: int = 0,
-                   band_m: float = metrics.DEFAULT_BAND_M) -> tuple[dict, dict[str, np.ndarray]]:
-  """(metrics summary, the first `keep` tiles' {image, label, valid, pred}) on a tile split; the
-  summary includes boundary IoU of class 1 in a band of `band_m` metres."""
-  from data_pipelines.reader import make_dataset, read_manifest
-  check_spec_against_data(spec, read_manifest(manifest_path), manifest_path)
-  batches = make_dataset(manifest_path, split, global_batch_size=batch_size, deterministic=True,
-                         process_index=0, process_count=1, **reader_options(spec))
-  boundary = metrics.BoundaryIoU.in_metres(spec["cell_size"], band_m)
-  cm, kept = confusion(model, batches, spec["num_classes"], keep, boundary)
-  if cm.sum() == 0:
-    raise ValueError(f"{manifest_path}: split {split!r} has no labelled valid pixel to evaluate")
-  summary = metrics.summarize(cm, positive=1, class_names=spec["class_names"], boundary=boundary)
-  return summary, {name: np.stack(v) for name, v in kept.items() if v}
