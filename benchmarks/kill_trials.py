@@ -192,9 +192,9 @@ class Finetune:
 def params_digest(workdir: Path) -> str | None:
   """Digest of the latest checkpoint's parameters (None: it does not restore)."""
   code = ("import sys, hashlib, numpy as np, jax\n"
-          "from demmae_jax.train import finetune\n"
+          "from demmae_jax.inference.restore import load_trained\n"
           "from flax import nnx\n"
-          "m, _, s = finetune.load_trained(sys.argv[1], 'latest')\n"
+          "m, _, s = load_trained(sys.argv[1], 'latest')\n"
           "h = hashlib.sha1()\n"
           "for leaf in jax.tree.leaves(nnx.state(m, nnx.Param)): h.update(np.asarray(leaf).tobytes())\n"
           "print(s, h.hexdigest())\n")

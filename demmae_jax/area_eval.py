@@ -24,9 +24,9 @@ from data_pipelines.errors import DataError
 from demmae_jax import metrics
 from demmae_jax.inference import raster as predictor
 from demmae_jax.inference.apply import probabilities_fn
+from demmae_jax.inference.restore import load_trained
 from demmae_jax.inference.segmenter import (check_spec_against_data, check_window, input_normalise,
                                           input_raster_name)
-from demmae_jax.train import finetune
 
 
 def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, window: int | None = None,
@@ -36,7 +36,7 @@ def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, wi
   """Classes of `raster` by the best checkpoint of `workdir` into `out` (GeoTIFF); returns the
   predictor's summary. `window` defaults to the training tile; `overlap` to a quarter window."""
   if model is None:
-    model, spec, _ = finetune.load_trained(workdir)
+    model, spec, _ = load_trained(workdir)
   else:
     model, spec = model
   window = int(window or spec["tile_size"])
@@ -77,7 +77,7 @@ def evaluate_area(workdir: str | Path, manifest_path: str | Path, *, split: str 
   from data_pipelines.reader import read_manifest
   manifest = read_manifest(str(manifest_path))
   if model is None:
-    model = finetune.load_trained(workdir)[:2]
+    model = load_trained(workdir)[:2]
   spec = model[1]
   check_spec_against_data(spec, manifest, str(manifest_path))
   raster = _source(manifest, input_raster_name(spec))

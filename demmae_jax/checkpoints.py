@@ -457,14 +457,9 @@ def check_official(sd: Mapping[str, np.ndarray], config: MAEConfig, *, source: s
                    encoder_only: bool = False) -> None:
   """Every expected tensor present with the right shape and nothing left over, or one
   CheckpointError listing all that is missing, unexpected and mis-shaped."""
-  want = expected_shapes(config, encoder_only)
-  missing = sorted(set(want) - set(sd))
-  unexpected = sorted(set(sd) - set(want))
-  misshaped = {k: (tuple(sd[k].shape), want[k]) for k in set(want) & set(sd)
-               if tuple(sd[k].shape) != want[k]}
-  if missing or unexpected or misshaped:
-    raise CheckpointError(_mismatch_message(source, config, missing, unexpected, misshaped,
-                                            encoder_only))
+  diff = compare_shapes({k: v.shape for k, v in sd.items()}, expected_shapes(config, encoder_only))
+  if diff:
+    raise CheckpointError(_mismatch_message(source, config, diff, encoder_only))
 
 
 def load_official(model: MaskedAutoencoder, sd: Mapping[str, np.ndarray], *,
@@ -495,21 +490,45 @@ def _assign(tree, values: dict[str, object], prefix="") -> None:
       tree[k] = values[path]
 
 
-def _mismatch_message(source, config, missing, unexpected, misshaped, encoder_only) -> str:
+@dataclasses.dataclass(frozen=True)
+class ShapeDiff:
+  """What a set of saved arrays lacks, adds and shapes otherwise than a model wants (by name)."""
+  missing: list[str]
+  unexpected: list[str]
+  misshaped: dict[str, tuple[tuple, tuple]]  # name -> (saved shape, model shape)
+
+  def __bool__(self) -> bool:
+    return bool(self.missing or self.unexpected or self.misshaped)
+
+  def lines(self, saved: str = "file") -> list[str]:
+    """The differences, indented, with runs of numbered names compacted ('blocks.{0..3}.x') and
+    mis-shaped names grouped by their pair of shapes; `saved` names the saved side."""
+    out = [f"  {what} ({len(keys)}): {', '.join(_compact(keys))}"
+           for what, keys in (("missing", self.missing), ("unexpected", self.unexpected)) if keys]
+    if self.misshaped:
+      by_shapes: dict[tuple, list[str]] = {}
+      for k, shapes in self.misshaped.items():
+        by_shapes.setdefault(shapes, []).append(k)
+      out.append(f"  mis-shaped ({len(self.misshaped)}):")
+      out += [f"    {', '.join(_compact(keys))}: {saved} {got} vs model {want}"
+              for (got, want), keys in sorted(by_shapes.items(), key=lambda kv: sorted(kv[1]))]
+    return out
+
+
+def compare_shapes(saved: Mapping[str, tuple], want: Mapping[str, tuple]) -> ShapeDiff:
+  """Saved array shapes against the model's, by name (the weight port's official names, or a
+  training checkpoint's variable paths)."""
+  return ShapeDiff(sorted(set(want) - set(saved)), sorted(set(saved) - set(want)),
+                   {k: (tuple(saved[k]), tuple(want[k])) for k in set(want) & set(saved)
+                    if tuple(saved[k]) != tuple(want[k])})
+
+
+def _mismatch_message(source, config, diff: ShapeDiff, encoder_only) -> str:
   lines = [f"{source}: checkpoint does not match the model (embed_dim={config.embed_dim}, "
            f"depth={config.depth}, patch_size={config.patch_size}, in_chans={config.in_chans}, "
            f"decoder_embed_dim={config.decoder_embed_dim}, decoder_depth={config.decoder_depth}, "
-           f"mlp_ratio={config.mlp_ratio}); official MAE key names:"]
-  for what, keys in (("missing", missing), ("unexpected", unexpected)):
-    if keys:
-      lines.append(f"  {what} ({len(keys)}): {', '.join(_compact(keys))}")
-  if misshaped:
-    by_shapes: dict[tuple, list[str]] = {}
-    for k, shapes in misshaped.items():
-      by_shapes.setdefault(shapes, []).append(k)
-    lines.append(f"  mis-shaped ({len(misshaped)}):")
-    lines += [f"    {', '.join(_compact(keys))}: file {got} vs model {want}"
-              for (got, want), keys in sorted(by_shapes.items(), key=lambda kv: sorted(kv[1]))]
+           f"mlp_ratio={config.mlp_ratio}); official MAE key names:"] + diff.lines()
+  missing, unexpected, misshaped = diff.missing, diff.unexpected, diff.misshaped
   if not encoder_only and missing and all(_is_decoder(k) for k in missing):
     lines.append("  the file has no decoder (like mae_pretrain_vit_*.pth): pass "
                  "encoder_only=True (--encoder-only) to initialise the decoder")

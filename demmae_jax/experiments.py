@@ -325,6 +325,7 @@ def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   """Train, evaluate on the test split with the best validation checkpoint, write the result."""
   import jax
   from demmae_jax.inference.evaluate import evaluate_split
+  from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
   manifest, draw = data.manifest(run)
   config = finetune_config(cfg, run, manifest, encoder)
@@ -334,7 +335,7 @@ def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   train_s = time.time() - t0
   if result.preempted:
     raise KeyboardInterrupt(f"{run.id} stopped by a signal at step {result.step}; rerun to resume")
-  model, spec, step = finetune.load_trained(workdir, "best")
+  model, spec, step = load_trained(workdir, "best")
   # every test tile's prediction (~1 MB compressed): the figure then picks tiles spread over the area
   summary, tiles = evaluate_split(model, spec, str(manifest), "test",
                                   keep=10**6 if int(cfg.pictures) else 0)

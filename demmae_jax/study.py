@@ -68,12 +68,12 @@ def repredict(out: Path, arm: str, log=print) -> int:
   """Score the finished runs of `arm` over their test areas again with `area_predict` (after
   the window rule changed); no training."""
   from demmae_jax import area_eval
-  from demmae_jax.train import finetune
+  from demmae_jax.inference.restore import load_trained
   n = 0
   for path in sorted((Path(out) / "results").rglob(f"{arm}/*.json")):
     rec = json.loads(path.read_text())
     workdir = Path(out) / "workdirs" / rec["id"]
-    model, spec, _ = finetune.load_trained(workdir)
+    model, spec, _ = load_trained(workdir)
     if rec.get("area_predict") == area_predict(spec):
       continue
     rec["area"] = area_eval.evaluate_area(workdir, rec["area_manifest"], model=(model, spec),
@@ -115,6 +115,7 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
   per test tile and over `area_manifest`'s test area; the result JSON is written last."""
   from demmae_jax import area_eval
   from demmae_jax.inference.evaluate import evaluate_split
+  from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
   path = out / "results" / f"{run_id}.json"
   if path.exists():
@@ -124,7 +125,7 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
   result = finetune.run(finetune_config(arm, task, manifest, seed), workdir)
   if result.preempted:
     raise KeyboardInterrupt(f"{run_id} stopped by a signal; rerun to resume")
-  model, spec, step = finetune.load_trained(workdir)
+  model, spec, step = load_trained(workdir)
   tiles, _ = evaluate_split(model, spec, str(manifest), "test")
   area = area_eval.evaluate_area(workdir, area_manifest, model=(model, spec),
                                  keep_prediction=workdir / "test_area_classes.tif", **area_predict(spec))
@@ -352,6 +353,7 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
   from data_pipelines.areas import prepare_area
   from data_pipelines.combine import combine_tile_sets
   from demmae_jax import area_eval
+  from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
   out = Path(out)
   manifests = {}
@@ -383,7 +385,7 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
   result = finetune.run(config, workdir)
   if result.preempted:
     raise KeyboardInterrupt(f"{workdir}: stopped by a signal; rerun to resume")
-  model = finetune.load_trained(workdir)[:2]
+  model = load_trained(workdir)[:2]
   scores = {area: area_eval.evaluate_area(workdir, m, model=model, **AREA_PREDICT)
             for area, m in manifests.items()}
   _write_json(workdir / "test_areas.json", {"seconds": round(time.time() - t0), "steps": steps,

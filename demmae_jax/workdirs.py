@@ -156,6 +156,31 @@ class Checkpointer:
       raise unreadable(self.step_dir(step), e) from e
     return out["state"], out["meta"]
 
+  def variable_shapes(self, step: int) -> dict[str, tuple]:
+    """{"params/<path>" or "rest/<path>": shape} of the model variables saved at `step`, read from
+    the checkpoint's metadata (no array is loaded)."""
+    try:
+      saved = ocp.StandardCheckpointer().metadata(self.step_dir(step) / "state")
+      saved = getattr(saved, "item_metadata", saved)
+      tree = getattr(saved, "tree", saved)
+      flat = jax.tree_util.tree_flatten_with_path({k: tree[k] for k in ("params", "rest")},
+                                                  is_leaf=lambda x: hasattr(x, "shape"))[0]
+    except Exception as e:  # a truncated _METADATA reads as None, or fails in orbax
+      raise unreadable(self.step_dir(step), e) from e
+    from demmae_jax.sharding import path_str
+    return {path_str(p).removesuffix("/value"): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
+
+  def restore_variables(self, step: int, target: dict) -> dict:
+    """The `params` and `rest` of the state at `step` as `target` ({"params": ..., "rest": ...}
+    of ShapeDtypeStructs with shardings) says, without reading the optimiser state."""
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+      raise unreadable(self.step_dir(step), e) from e
+    return out["state"]
+
   def step_dir(self, step: int) -> Path:
     return Path(self.manager.directory) / str(step)
 

@@ -64,7 +64,7 @@ def main(argv):
   from data_pipelines.atomic import atomic_dir
   from demmae_jax import metrics
   from demmae_jax.inference.evaluate import evaluate_split
-  from demmae_jax.train import finetune
+  from demmae_jax.inference.restore import load_trained
 
   workdir = Path(_WORKDIR.value)
   if _OUT.value:  # before any work: --out replaced as a whole must not hold the workdir or tiles
@@ -72,7 +72,7 @@ def main(argv):
     check_outputs([_OUT.value], [workdir, _MANIFEST.value])
   step = _STEP.value if _STEP.value in ("best", "latest") else int(_STEP.value)
   try:
-    model, spec, step = finetune.load_trained(workdir, step)
+    model, spec, step = load_trained(workdir, step)
     manifest = _MANIFEST.value or json.loads((workdir / "config.json").read_text())["data"]["manifest"]
     summary, tiles = evaluate_split(model, spec, manifest, _SPLIT.value, keep=_PICTURES.value)
   except (FileNotFoundError, ValueError) as e:

@@ -113,9 +113,9 @@ def main(argv):
   from data_pipelines.atomic import check_outputs, scratch_dir
   from demmae_jax.inference import raster as predict
   from demmae_jax.inference.apply import make_apply
+  from demmae_jax.inference.restore import load_trained
   from demmae_jax.inference.segmenter import (check_window, input_normalise, input_raster_name,
                                             read_spec)
-  from demmae_jax.train import finetune
 
   outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
   workdir = Path(_WORKDIR.value)
@@ -131,8 +131,8 @@ def main(argv):
     src, _ = predict.open_elevation(_INPUT.value, _BAND.value, _CRS.value)
     src.close()
     check_cell_size(_INPUT.value, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
-  model, spec, step = finetune.load_trained(workdir, _STEP.value if _STEP.value in
-                                            ("best", "latest") else int(_STEP.value))
+  model, spec, step = load_trained(workdir, _STEP.value if _STEP.value in ("best", "latest")
+                                   else int(_STEP.value))
   tile = _WINDOW.value or spec["tile_size"]
   check_window(spec, tile)
   opts = predict.PredictOptions(

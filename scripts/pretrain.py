@@ -30,84 +30,22 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan per device
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def lidar_dsm(config, workdir: Path) -> list[Path]:
-  """The DSM of `config.data.lidar_files`, rasterised once into the workdir (process 0)."""
-  if not config.data.lidar_files:
-    return []
-  import jax
-  from jax.experimental import multihost_utils
-  from data_pipelines.lidar import las_to_rasters
-  from data_pipelines.shared_data import shared_file
-  out = workdir / "lidar_dsm"
-  if jax.process_index() == 0 and not (out / "dsm.tif").exists():
-    las_to_rasters([shared_file(f) for f in config.data.lidar_files], out,
-                   cell_size=config.data.lidar_cell_size, progress=False)
-  multihost_utils.sync_global_devices("lidar_dsm")
-  return [out / "dsm.tif"]
-
-
-def corpus_files(config, workdir: Path) -> tuple[list[Path], list[Path]]:
-  """(training, evaluation) rasters of `config.data.corpus` for the normalisation mode; "auto"
-  builds the corpus into WORKDIR/corpus first (process 0; an unfinished one is completed)."""
-  import jax
-  from jax.experimental import multihost_utils
-  from data_pipelines.pretrain_corpus import CORPUS_JSON, build_corpus, corpus_rasters
-  auto = config.data.corpus == "auto"
-  path = workdir / "corpus" if auto else Path(config.data.corpus)
-  if auto and jax.process_index() == 0 and not (path / CORPUS_JSON).exists():
-    build_corpus(path, config.data.corpus_cell_size)
-  multihost_utils.sync_global_devices("corpus")
-  return corpus_rasters(path, config.data.normalisation.mode)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
-  from data_pipelines.raster_source import RasterCrops
-  from data_pipelines.shared_data import shared_file
-  from demmae_jax import sharding
-  from demmae_jax import workdirs
+  from demmae_jax import sharding, workdirs
   from demmae_jax.train import loop, pretrain
 
   workdir = Path(_WORKDIR.value)
-  from data_pipelines.raster_source import NORMALISATIONS
-  if config.data.normalisation.mode not in NORMALISATIONS:
-    raise app.UsageError(f"data.normalisation.mode must be one of {NORMALISATIONS}")
-  if config.data.normalisation.mode == "ndsm" and not config.data.corpus:
-    raise app.UsageError("normalisation 'ndsm' reads nDSM rasters: set --config.data.corpus (e.g. auto)")
-  if config.data.corpus not in ("", "auto") and not (Path(config.data.corpus) / "corpus.json").exists():
-    raise app.UsageError(f"{config.data.corpus} holds no corpus.json: build it with "
-                         f"scripts/prepare_data.py corpus --out {config.data.corpus}")
+  pretrain.check_data(config)
   d = config.distributed
   sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
   mesh = sharding.make_mesh(**config.mesh)
-  rows = sharding.process_batch_rows(mesh, config.global_batch)
   try:
     if _DRY_RUN.value:
       return pretrain.dry_run(config, workdir, mesh)
-    workdirs.check_config(workdir, config)  # refuse another run's workdir; writes nothing
-    n = config.data.normalisation
-    norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
-    if config.data.corpus:
-      files, eval_files = corpus_files(config, workdir)
-    else:
-      files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
-      eval_files = [shared_file(f) for f in config.data.eval_files]
-    source = RasterCrops.from_files(files, crop=config.model.img_size,
-                                    global_batch=config.global_batch, seed=config.data.seed,
-                                    augment=config.data.augment, min_relief=config.data.min_relief,
-                                    **norm)
-    eval_batch = None
-    if config.eval_every_steps and eval_files:
-      held_out = RasterCrops.from_files(eval_files, crop=config.model.img_size,
-                                        global_batch=config.data.eval_samples,
-                                        seed=config.data.seed + 1, augment=False,
-                                        min_relief=config.data.min_relief, **norm)
-      eval_batch = held_out.batch(0)
-    task = pretrain.MAEPretrain(config, eval_batch=eval_batch)
-    result = loop.train(task, config, workdir,
-                        lambda start: source.batches(start, rows), mesh=mesh)
+    result = pretrain.run(config, workdir, mesh=mesh)
   except (loop.NonFiniteLoss, workdirs.WorkdirConfigMismatch, loop.DoesNotFit) as e:
     print(f"pretrain: error: {e}", file=sys.stderr)
     return 2

@@ -14,6 +14,7 @@ from flax import nnx
 from data_pipelines.augment import symmetry
 from demmae_jax import config_files, sharding
 from demmae_jax.inference.evaluate import evaluate_split
+from demmae_jax.inference.restore import load_trained
 from demmae_jax.inference.segmenter import build_from_spec
 from demmae_jax.train import feature_cache, finetune
 from demmae_jax.train.pretrain import model_config
@@ -142,7 +143,7 @@ def test_cached_run_learns_resumes_and_its_checkpoint_evaluates(delft_tiles, tmp
   losses = [r["main_loss"] for r in rows if "main_loss" in r]
   assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:2]), losses
   # the checkpoint is the whole segmenter; its encoder is the one the cache was computed with
-  model, spec, step = finetune.load_trained(workdir)
+  model, spec, step = load_trained(workdir)
   assert step in (24, 48) and spec["freeze_backbone"]
   eager = build_from_spec(spec, int(config.seed))
   for a, b in zip(jax.tree.leaves(nnx.state(model.backbone, nnx.Param)),

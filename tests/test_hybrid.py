@@ -64,6 +64,7 @@ def test_hybrid_finetunes_on_real_tiles_and_reloads(tmp_path):
   from data_pipelines.prepare import prepare_delft
   from demmae_jax import config_files
   from demmae_jax.inference.evaluate import evaluate_split
+  from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
   manifest = prepare_delft(tmp_path / "delft", "buildings", tile_size=32, stride=16, progress=False)
   config = config_files.get_config("finetune", "tiny", **{
@@ -72,10 +73,10 @@ def test_hybrid_finetunes_on_real_tiles_and_reloads(tmp_path):
       "checkpoint.every_steps": 20, "log.progress": False, "log.tensorboard": False,
       "data.normalisation.mode": "relative+ndsm", "data.normalisation.channels": 2})
   finetune.run(config, tmp_path / "wd")
-  model, spec, step = finetune.load_trained(tmp_path / "wd")
+  model, spec, step = load_trained(tmp_path / "wd")
   assert spec["kind"] == "hybrid" and spec["backbone"]["in_chans"] == 2 and step in (20, 40)
   summary, _ = evaluate_split(model, spec, str(manifest), "test")
   assert summary["iou"] > 0.3  # buildings are ~30 % of pixels: better than nothing
-  again, _, _ = finetune.load_trained(tmp_path / "wd")
+  again, _, _ = load_trained(tmp_path / "wd")
   x = jnp.asarray(np.random.default_rng(3).uniform(size=(1, 32, 32, 2)), jnp.float32)
   np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(again(x)))

@@ -68,12 +68,13 @@ def test_pretrain_on_real_elevation_then_export_loads_in_from_pretrained(tmp_pat
   assert out.returncode == 2 and "exists" in out.stderr
 
   from demmae_jax import mae
-  from demmae_jax.train import loop, pretrain
+  from demmae_jax.inference.restore import restore
+  from demmae_jax.train import pretrain
   from test_train_support import dem_pretrain_config
   model = mae.from_pretrained(export)
   assert model.config.in_chans == 1 and model.config.img_size == 32
   config = dem_pretrain_config("tiny")
-  restored, step = loop.restore(pretrain.MAEPretrain(config), config, wd)
+  restored, step = restore(nnx.eval_shape(pretrain.MAEPretrain(config).build_model), wd)
   assert step == 6
   a = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
   b = {path_str(k): v for k, v in

@@ -12,6 +12,7 @@ from flax import nnx
 
 from data_pipelines.raster_source import RasterCrops
 from demmae_jax import config_files, workdirs
+from demmae_jax.inference.restore import restore
 from demmae_jax.sharding import path_str
 from demmae_jax.train import loop
 from test_train_support import jacksboro_dem
@@ -107,7 +108,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     loop.train(MeanHeight(), _config(6), tmp_path, _source(nan_at_step=3))
   ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert ckpts == [2]
-  model, step = loop.restore(MeanHeight(), _config(6), tmp_path)
+  model, step = restore(nnx.eval_shape(MeanHeight().build_model), tmp_path)
   assert step == 2
   assert all(np.isfinite(v).all() for v in _flat(nnx.state(model)).values())
 
@@ -134,7 +135,7 @@ def test_best_checkpoint_is_kept_beside_the_last(tmp_path):
   loop.train(task, config, tmp_path, _source())
   ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert ckpts == [2, 5]  # the best (0.9) and the latest
-  _, step = loop.restore(task, config, tmp_path, best=True)
+  _, step = restore(nnx.eval_shape(task.build_model), tmp_path, "best", best_metric=task.best_metric)
   assert step == 2
 
 

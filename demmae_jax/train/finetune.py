@@ -32,12 +32,12 @@ from flax import nnx
 from demmae_jax import metrics, workdirs
 from demmae_jax.inference.evaluate import confusion
 from demmae_jax.inference.segmenter import (SPEC_FILE, build_from_spec, check_spec_against_data,
-                                          read_spec, reader_options)
+                                          reader_options)
 from demmae_jax.models import hybrid as hybrid_model
 from demmae_jax.models import mae as mae_model
 from demmae_jax.models import upernet
 from demmae_jax.train import feature_cache
-from demmae_jax.train.loop import Task, Trainer
+from demmae_jax.train.loop import Task
 
 # ------------------------------------------------------------------------------ model spec
 def model_spec(config: ml_collections.ConfigDict, manifest: dict,
@@ -147,66 +147,6 @@ class Finetune(Task):
     s = metrics.summarize(cm)
     return {"iou": float("nan") if s["iou"] is None else s["iou"],
             "miou": float("nan") if s["miou"] is None else s["miou"], "accuracy": s["accuracy"]}
-
-
-def load_trained(workdir: str | Path, step: int | str = "best") -> tuple[nnx.Module, dict, int]:
-  """(model, spec, step) from a finetuning workdir: the best validation checkpoint (or the
-  latest when no evaluation ran), "latest", or a step number. A checkpoint whose arrays do not
-  fit the model the spec describes (another head, class count or backbone) is a clear error."""
-  workdir = Path(workdir)
-  spec = read_spec(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / workdirs.CONFIG_FILE).read_text()))
-  task = Finetune(config, spec, np.ones(spec["num_classes"], np.float32))
-  task.best_metric = "iou"
-  from demmae_jax import sharding
-  trainer = Trainer(task, config, sharding.make_mesh(data=-1))
-  ckpt = workdirs.Checkpointer(workdir / "checkpoints", best_metric="iou", async_save=False)
-  try:
-    steps = ckpt.manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint")
-    if step == "best":
-      step = ckpt.best_step() or ckpt.latest_step()
-    elif step == "latest":
-      step = ckpt.latest_step()
-    if step not in steps:
-      raise FileNotFoundError(f"no checkpoint of step {step} in {workdir / 'checkpoints'}; "
-                              f"there are {sorted(steps)}")
-    _check_shapes(ckpt, step, trainer.abstract_state, workdir, spec)
-    state, _ = ckpt.restore(step, trainer.abstract_state)
-  finally:
-    ckpt.close()
-  return trainer.model(state), spec, int(step)
-
-
-def _check_shapes(ckpt, step, abstract_state, workdir, spec) -> None:
-  import orbax.checkpoint as ocp
-  from demmae_jax.sharding import path_str
-
-  def shapes(tree):
-    flat = jax.tree_util.tree_flatten_with_path(
-        {k: tree[k] for k in ("params", "rest")}, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {path_str(p).removesuffix("/value"): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
-
-  try:
-    saved = ocp.StandardCheckpointer().metadata(ckpt.step_dir(step) / "state")
-    saved = getattr(saved, "item_metadata", saved)
-    have = shapes(getattr(saved, "tree", saved))
-  except Exception as e:  # a truncated _METADATA reads as None, or fails in orbax
-    raise workdirs.unreadable(ckpt.step_dir(step), e) from e
-  want = shapes(abstract_state)
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  misshaped = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in sorted(set(want) & set(have))
-               if have[k] != want[k]]
-  if missing or unexpected or misshaped:
-    raise ValueError(
-        f"{workdir}: checkpoint step {step} does not fit the model in {SPEC_FILE} "
-        f"({spec['kind']}, {spec['num_classes']} classes {spec['class_names']}): "
-        + "; ".join(filter(None, [
-            f"{len(misshaped)} mis-shaped: " + ", ".join(misshaped[:5]) if misshaped else "",
-            f"{len(missing)} missing: " + ", ".join(missing[:5]) if missing else "",
-            f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:5]) if unexpected else ""])))
 
 
 # ------------------------------------------------------------------------------ a run

@@ -427,28 +427,6 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   return Result(state, step, history, preempted)
 
 
-def restore(task: Task, config: ml_collections.ConfigDict, workdir: str | Path, *,
-            step: int | None = None, best: bool = False,
-            mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.Module, int]:
-  """The model of `workdir`'s checkpoint at `step` (default: the latest; `best=True`: the best
-  by the task's eval metric), for export, evaluation or prediction."""
-  workdir = Path(workdir)
-  if not (workdir / "checkpoints").is_dir():
-    raise FileNotFoundError(f"{workdir / 'checkpoints'} not found: not a training workdir")
-  mesh = mesh or shd.make_mesh(**config.mesh)
-  trainer = Trainer(task, config, mesh)
-  ckpt = workdirs.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
-                                    best_metric=task.best_metric, best_mode=task.best_mode)
-  try:
-    chosen = ckpt.best_step() if best else (step if step is not None else ckpt.latest_step())
-    if chosen is None:
-      raise FileNotFoundError(f"no {'best ' if best else ''}checkpoint in {workdir / 'checkpoints'}")
-    state, _ = ckpt.restore(chosen, trainer.abstract_state)
-  finally:
-    ckpt.close()
-  return trainer.model(state), chosen
-
-
 def _check_local_batch(batch: Batch, rows: tuple[int, int]) -> None:
   n = rows[1] - rows[0]
   for k, v in batch.items():

@@ -1,4 +1,5 @@
-"""Masked-autoencoder pretraining as a `Task` of the generic loop.
+"""Masked-autoencoder pretraining as a `Task` of the generic loop; `run` trains it from the
+config's rasters (or corpus) and `export` writes a run's MAE for finetuning.
 
 The masking noise comes from the step's `rng` (the loop folds in the step), so masks are
 reproducible across restarts and device counts. Pictures show, per sample: the DEM, the masked
@@ -6,6 +7,9 @@ input (removed patches grey), the reconstruction (visible patches pasted back, a
 MAE visualisation) and the absolute error on the removed patches.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +143,104 @@ def dry_run(config: ml_collections.ConfigDict, workdir, mesh) -> int:
                                            np.float32)}
   memory.dry_run(MAEPretrain(config), config, example, mesh, workdir)
   return 0
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """The data section's mistakes that would otherwise show only after setup (ValueError)."""
+  from data_pipelines.pretrain_corpus import CORPUS_JSON
+  from data_pipelines.raster_source import NORMALISATIONS
+  d = config.data
+  if d.normalisation.mode not in NORMALISATIONS:
+    raise ValueError(f"data.normalisation.mode must be one of {NORMALISATIONS}")
+  if d.normalisation.mode == "ndsm" and not d.corpus:
+    raise ValueError("normalisation 'ndsm' reads nDSM rasters: set --config.data.corpus (e.g. auto)")
+  if d.corpus not in ("", "auto") and not (Path(d.corpus) / CORPUS_JSON).exists():
+    raise ValueError(f"{d.corpus} holds no {CORPUS_JSON}: build it with "
+                     f"scripts/prepare_data.py corpus --out {d.corpus}")
+
+
+def lidar_dsm(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
+  """The DSM of `config.data.lidar_files`, rasterised once into the workdir (process 0)."""
+  if not config.data.lidar_files:
+    return []
+  from jax.experimental import multihost_utils
+  from data_pipelines.lidar import las_to_rasters
+  from data_pipelines.shared_data import shared_file
+  out = workdir / "lidar_dsm"
+  if jax.process_index() == 0 and not (out / "dsm.tif").exists():
+    las_to_rasters([shared_file(f) for f in config.data.lidar_files], out,
+                   cell_size=config.data.lidar_cell_size, progress=False)
+  multihost_utils.sync_global_devices("lidar_dsm")
+  return [out / "dsm.tif"]
+
+
+def corpus_files(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list[Path], list[Path]]:
+  """(training, evaluation) rasters of `config.data.corpus` for the normalisation mode; "auto"
+  builds the corpus into WORKDIR/corpus first (process 0; an unfinished one is completed)."""
+  from jax.experimental import multihost_utils
+  from data_pipelines.pretrain_corpus import CORPUS_JSON, build_corpus, corpus_rasters
+  auto = config.data.corpus == "auto"
+  path = workdir / "corpus" if auto else Path(config.data.corpus)
+  if auto and jax.process_index() == 0 and not (path / CORPUS_JSON).exists():
+    build_corpus(path, config.data.corpus_cell_size)
+  multihost_utils.sync_global_devices("corpus")
+  return corpus_rasters(path, config.data.normalisation.mode)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
+        stop_after: int | None = None):
+  """Pretrain as `config` says in `workdir` (resuming it); returns the loop's Result. Training
+  crops come from the config's rasters (plus its LiDAR, rasterised into the workdir) or corpus;
+  evaluation, when configured, on fixed crops of the held-out rasters."""
+  from data_pipelines.raster_source import RasterCrops
+  from data_pipelines.shared_data import shared_file
+  from demmae_jax import sharding, workdirs
+  from demmae_jax.train import loop
+  check_data(config)
+  workdir = Path(workdir)
+  mesh = mesh or sharding.make_mesh(**config.mesh)
+  rows = sharding.process_batch_rows(mesh, config.global_batch)
+  workdirs.check_config(workdir, config)  # refuse another run's workdir; writes nothing
+  n = config.data.normalisation
+  norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
+  if config.data.corpus:
+    files, eval_files = corpus_files(config, workdir)
+  else:
+    files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
+    eval_files = [shared_file(f) for f in config.data.eval_files]
+  crops = dict(crop=config.model.img_size, min_relief=config.data.min_relief, **norm)
+  source = RasterCrops.from_files(files, global_batch=config.global_batch, seed=config.data.seed,
+                                  augment=config.data.augment, **crops)
+  eval_batch = None
+  if config.eval_every_steps and eval_files:
+    held_out = RasterCrops.from_files(eval_files, global_batch=config.data.eval_samples,
+                                      seed=config.data.seed + 1, augment=False, **crops)
+    eval_batch = held_out.batch(0)
+  return loop.train(MAEPretrain(config, eval_batch=eval_batch), config, workdir,
+                    lambda start: source.batches(start, rows), mesh=mesh, stop_after=stop_after)
+
+
+def export(workdir: str | Path, out: str | Path, *, step: int | None = None,
+           overwrite: bool = False) -> tuple[Path, int]:
+  """(directory, step): the MAE of pretraining run `workdir` at `step` (default: the latest),
+  written whole (the decoder is small; finetuning reads the encoder only) as a checkpoint that
+  `mae.from_pretrained` loads: orbax `state/` + `config.json`, atomically."""
+  from data_pipelines.atomic import check_outputs
+  from demmae_jax import mae, workdirs
+  from demmae_jax.inference.restore import restore
+  workdir, out = Path(workdir), Path(out)
+  check_outputs([out], [workdir])  # `out` replaced as a whole must not be or hold the workdir
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+  config_file = workdir / workdirs.CONFIG_FILE
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{config_file} not found: not a pretraining workdir")
+  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  # The checkpoint holds every weight: the architecture is the config's, its init file unread.
+  model = nnx.eval_shape(lambda: mae_model.MaskedAutoencoder(model_config(config.model),
+                                                             rngs=nnx.Rngs(params=0)))
+  model, step = restore(model, workdir, "latest" if step is None else step)
+  return mae.save_model(model, out, overwrite=overwrite), step
 
 
 def _eval_losses(model, images, key):

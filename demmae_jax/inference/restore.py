@@ -1,0 +1,105 @@
+"""A trained model out of its workdir: the one way weights are read from a training run's
+checkpoints (export, evaluation, prediction). Only the model's variables are read (the train
+state's `params` and `rest`), never the optimiser state, and they are checked by name and shape
+against the model first, so a checkpoint of another model is an error naming every difference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from demmae_jax import sharding, workdirs
+from demmae_jax.checkpoints import compare_shapes
+from demmae_jax.inference.segmenter import SPEC_FILE, build_from_spec, read_spec
+
+Step = int | str  # a step number, "latest", or "best"
+
+
+def restore(model: nnx.Module, workdir: str | Path, step: Step = "latest", *,
+            best_metric: str | None = None, best_mode: str = "max",
+            what: str = "the model") -> tuple[nnx.Module, int]:
+  """(`model` with the variables of `workdir`'s checkpoint at `step`, that step). `model` may be
+  abstract (`nnx.eval_shape`): only its structure is used. "best" is the best by `best_metric`
+  (the latest when no metric was recorded). The arrays are replicated over all devices."""
+  workdir = Path(workdir)
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} not found: {workdir} is not a training workdir")
+  ckpt = workdirs.Checkpointer(directory, best_metric=best_metric, best_mode=best_mode,
+                               async_save=False)
+  try:
+    steps = ckpt.manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory} holds no checkpoint")
+    if step == "best":
+      step = ckpt.best_step() or ckpt.latest_step()
+    elif step == "latest":
+      step = ckpt.latest_step()
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; there are "
+                              f"{sorted(steps)}")
+    saved = ckpt.variable_shapes(step)  # "params/..." and "rest/..."
+    graphdef, state = nnx.split(model)
+    want = {sharding.path_str(p): tuple(x.shape) for p, x in
+            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
+    diff = compare_shapes({k.split("/", 1)[1]: s for k, s in saved.items()}, want)
+    if diff:
+      raise ValueError("\n".join([f"{workdir}: checkpoint step {step} does not fit {what}; "
+                                  f"variable paths:"] + diff.lines("checkpoint")))
+    replicated = sharding.replicated(sharding.make_mesh(data=-1))
+    flat = _flat(nnx.to_pure_dict(state))
+    target: dict = {"params": {}, "rest": {}}
+    for key in saved:
+      group, path = key.split("/", 1)
+      x = flat[path]
+      _put(target[group], path.split("/") + ["value"],
+           jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
+    restored = ckpt.restore_variables(step, target)
+  finally:
+    ckpt.close()
+  values = {}
+  for group in ("params", "rest"):
+    values.update({k.removesuffix("/value"): v for k, v in _flat(_pure(restored[group])).items()})
+  nnx.replace_by_pure_dict(state, _nest(values, nnx.to_pure_dict(state)))
+  return nnx.merge(graphdef, state), int(step)
+
+
+def load_trained(workdir: str | Path, step: Step = "best") -> tuple[nnx.Module, dict, int]:
+  """(model, spec, step) from a finetuning workdir: the best validation checkpoint (or the
+  latest when no evaluation ran), "latest", or a step number. A checkpoint whose arrays do not
+  fit the model the spec describes (another head, class count or backbone) is a clear error."""
+  spec = read_spec(workdir)
+  model = nnx.eval_shape(lambda: build_from_spec(spec))
+  what = (f"the model in {SPEC_FILE} ({spec['kind']}, {spec['num_classes']} classes "
+          f"{spec['class_names']})")
+  model, step = restore(model, workdir, step, best_metric="iou", what=what)
+  return model, spec, step
+
+
+def _pure(tree):
+  """Nested dicts of arrays from a restored nnx.State (or dicts already)."""
+  return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _put(tree: dict, keys: list[str], value) -> None:
+  for k in keys[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[keys[-1]] = value
+
+
+def _nest(flat: dict, like: dict, prefix: str = "") -> dict:
+  """`flat` ({"a/b": x}) in the nesting (and key types) of `like`."""
+  return {k: _nest(flat, v, f"{prefix}{k}/") if isinstance(v, dict) else flat[f"{prefix}{k}"]
+          for k, v in like.items()}
