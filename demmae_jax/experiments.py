@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,6 @@ import numpy as np
 from data_pipelines.atomic import atomic_file
 from demmae_jax import config_files
 
-ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("dem_mae", "imagenet_mae", "random_frozen", "unet")
 ARM_NAMES = {"dem_mae": "(a) MAE pretrained on DEMs, frozen + UperNet",
              "imagenet_mae": "(b) MAE from ImageNet weights, frozen + UperNet",
@@ -299,21 +296,20 @@ def finetune_config(cfg, run: Run, manifest: Path, encoder: str):
 
 def ensure_encoder(cfg, out: Path, log=print) -> str:
   """The DEM-pretrained encoder of arm (a): `cfg.encoder` if it exists, otherwise pretrain with
-  configs/dem_pretrain.py:`cfg.pretrain_preset` under OUT/pretrain and export it (subprocesses:
-  the pretraining script owns its data preparation)."""
+  configs/dem_pretrain.py:`cfg.pretrain_preset` under OUT/pretrain (resumable) and export it."""
   if cfg.encoder and Path(cfg.encoder).exists():
     return str(cfg.encoder)
   export = out / "pretrain" / "encoder"
   if export.exists():
     return str(export)
+  from demmae_jax.train import pretrain
+  workdir = out / "pretrain" / "workdir"
   log(f"encoder {cfg.encoder or '(none given)'} not found: pretraining "
-      f"configs/dem_pretrain.py:{cfg.pretrain_preset} in {out / 'pretrain'}")
-  py = sys.executable
-  subprocess.run([py, str(ROOT / "scripts" / "pretrain.py"), "--config",
-                  f"{ROOT / 'configs' / 'dem_pretrain.py'}:{cfg.pretrain_preset}",
-                  "--workdir", str(out / "pretrain" / "workdir")], check=True)
-  subprocess.run([py, str(ROOT / "scripts" / "export_encoder.py"), "--workdir",
-                  str(out / "pretrain" / "workdir"), "--out", str(export)], check=True)
+      f"configs/dem_pretrain.py:{cfg.pretrain_preset} in {workdir}")
+  result = pretrain.run(config_files.get_config("dem_pretrain", cfg.pretrain_preset), workdir)
+  if result.preempted:
+    raise KeyboardInterrupt(f"pretraining stopped by a signal at step {result.step}; rerun to resume")
+  pretrain.export(workdir, export)
   return str(export)
 
 
