@@ -129,6 +129,12 @@ def atomic_file(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
       _remove_if_empty(created)
 
 
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> None:
+  """`text` into `path` atomically (`atomic_file`)."""
+  with atomic_file(path, overwrite) as tmp:
+    tmp.write_text(text)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
   """Yields a temporary folder; it replaces `path` only if the block succeeds."""

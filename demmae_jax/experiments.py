@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.atomic import atomic_file
+from data_pipelines.atomic import atomic_file, atomic_write_text
 from demmae_jax import config_files
 
 ARMS = ("dem_mae", "imagenet_mae", "random_frozen", "unet")
@@ -104,13 +104,6 @@ def _write_records(path: Path, records: list[bytes]) -> None:
   with atomic_file(path, overwrite=True) as tmp, tf.io.TFRecordWriter(str(tmp)) as w:
     for r in records:
       w.write(r)
-
-
-def _atomic_json(path: Path, obj, overwrite: bool = False) -> None:
-  if path.exists() and not overwrite:
-    raise FileExistsError(f"{path} exists; results are never overwritten")
-  with atomic_file(path, overwrite=True) as tmp:
-    tmp.write_text(json.dumps(obj, indent=1))
 
 
 def _label_counts(records: list[bytes], size: int) -> dict[str, int]:
@@ -215,8 +208,9 @@ class Data:
             "test_tiles": evalm["splits"]["test"]["count"],
             "disjoint_train_tiles": disjoint_count([w for _, w, _ in pool]),
             "disjoint_drawn": disjoint_count([w for _, w, _ in chosen])}
-    _atomic_json(info_path, info, overwrite=True)
-    _atomic_json(path, m, overwrite=True)  # last: its presence marks a complete folder
+    atomic_write_text(info_path, json.dumps(info, indent=1), overwrite=True)
+    # last: its presence marks a complete folder
+    atomic_write_text(path, json.dumps(m, indent=1), overwrite=True)
     return path, info
 
   def val_file(self, dataset: str, evalm: dict) -> Path:
@@ -352,7 +346,7 @@ def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   if tiles:
     np.savez_compressed(path.with_suffix(".tiles.npz"), image=tiles["image"][..., 0],
                         label=tiles["label"], valid=tiles["valid"], pred=tiles["pred"])
-  _atomic_json(path, rec)
+  atomic_write_text(path, json.dumps(rec, indent=1))
   return rec
 
 
@@ -420,7 +414,7 @@ def check_protocol(cfg, out: Path) -> None:
       raise ValueError(f"{out} holds runs of another protocol ({diff}, as (there, now)); "
                        f"use another --out")
   else:
-    _atomic_json(path, want)
+    atomic_write_text(path, json.dumps(want, indent=1))
 
 
 # ------------------------------------------------------------------------------ report
@@ -620,7 +614,5 @@ def report(cfg, out: Path, doc: Path, command: str) -> Path:
     text = head + body + rest.split(END, 1)[1]
   else:
     text = text.rstrip() + "\n\n" + body + "\n"
-  tmp = doc.with_name(f".{doc.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, doc)
+  atomic_write_text(doc, text, overwrite=True)
   return doc

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.atomic import atomic_file
+from data_pipelines.atomic import atomic_file, atomic_write_text
 from demmae_jax import config_files
 
 # arm -> (configs/finetune.py preset, overrides); {task} is buildings or roads.
@@ -80,8 +80,7 @@ def repredict(out: Path, arm: str, log=print) -> int:
                                           keep_prediction=workdir / "test_area_classes.tif",
                                           **area_predict(spec))
     rec["area_iou"], rec["area_predict"] = rec["area"]["iou"], area_predict(spec)
-    with atomic_file(path, overwrite=True) as tmp:
-      tmp.write_text(json.dumps(rec, indent=1))
+    atomic_write_text(path, json.dumps(rec, indent=1), overwrite=True)
     log(f"{rec['id']}: area IoU {rec['area_iou']:.3f} with {area_predict(spec)}")
     n += 1
   return n
@@ -101,12 +100,6 @@ def finetune_config(arm: str, task: str, manifest: str | Path, seed: int, **over
       "log.progress": False, "log.tensorboard": False, **overrides})
   c.log.every_steps = 25
   return c
-
-
-def _write_json(path: Path, obj) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with atomic_file(path) as tmp:
-    tmp.write_text(json.dumps(obj, indent=1))
 
 
 def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Path, seed: int,
@@ -133,7 +126,7 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
          "area_manifest": str(area_manifest), "best_step": step, "tiles": tiles, "area": area,
          "tile_iou": tiles["iou"], "area_iou": area["iou"], "seconds": round(time.time() - t0, 1),
          "area_predict": area_predict(spec), "recipe": RECIPE}
-  _write_json(path, rec)
+  atomic_write_text(path, json.dumps(rec, indent=1))
   log(f"{run_id}: tile IoU {tiles['iou']:.3f}, area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
   return rec
 
@@ -168,7 +161,7 @@ def rule_one(run_id: str, task: str, train_manifests, area_manifest: Path, out: 
   rec = {"id": run_id, "arm": "height_rule", "task": task, "rule": dataclasses.asdict(rule),
          "area_manifest": str(area_manifest), "area": area, "area_iou": area["iou"],
          "tile_iou": None, "seconds": round(time.time() - t0, 1)}
-  _write_json(path, rec)
+  atomic_write_text(path, json.dumps(rec, indent=1))
   log(f"{run_id}: area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
   return rec
 
@@ -274,8 +267,7 @@ def rescore(out: Path, log=print) -> int:
     m = read_manifest(rec["area_manifest"])
     rec["area"] = area_eval.score_area(pred, m, "test", rec["area"]["per_class"].keys())
     rec["area_iou"] = rec["area"]["iou"]
-    with atomic_file(path, overwrite=True) as tmp:
-      tmp.write_text(json.dumps(rec, indent=1))
+    atomic_write_text(path, json.dumps(rec, indent=1), overwrite=True)
     n += 1
   log(f"rescored {n} runs")
   return n
@@ -303,8 +295,7 @@ def write_into(doc: Path, text: str) -> None:
     raise ValueError(f"{doc} has no {BEGIN} ... {END} block")
   head, rest = page.split(BEGIN, 1)
   page = head + BEGIN + "\n" + text.strip() + "\n" + END + rest.split(END, 1)[1]
-  with atomic_file(doc, overwrite=True) as tmp:
-    tmp.write_text(page)
+  atomic_write_text(doc, page, overwrite=True)
 
 
 def report(out: Path) -> str:
@@ -388,8 +379,9 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
   model = load_trained(workdir)[:2]
   scores = {area: area_eval.evaluate_area(workdir, m, model=model, **AREA_PREDICT)
             for area, m in manifests.items()}
-  _write_json(workdir / "test_areas.json", {"seconds": round(time.time() - t0), "steps": steps,
-                                            "area_predict": AREA_PREDICT, "scores": scores})
+  atomic_write_text(workdir / "test_areas.json", json.dumps(
+      {"seconds": round(time.time() - t0), "steps": steps, "area_predict": AREA_PREDICT,
+       "scores": scores}, indent=1))
   for area, s in scores.items():
     log(f"{task} model on {area}'s test blocks: IoU {s['iou']:.3f}")
   return workdir

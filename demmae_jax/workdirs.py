@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from data_pipelines.atomic import atomic_file, check_outputs, sweep_stale
+from data_pipelines.atomic import atomic_write_text, check_outputs, sweep_stale
 from data_pipelines.errors import DataError
 
 CONFIG_FILE = "config.json"
@@ -47,11 +47,6 @@ def unreadable(step_dir: Path, e: BaseException) -> DataError:
   return DataError(step_dir, f"checkpoint cannot be read: damaged or truncated "
                    f"({root.__class__.__name__}: {first}). Restore it from a copy, or delete this "
                    f"step's folder to use the previous checkpoint")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-  with atomic_file(path, overwrite=True) as tmp:
-    tmp.write_text(text)
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -90,7 +85,7 @@ def check_or_store_config(workdir: Path, config: ml_collections.ConfigDict,
   workdir.mkdir(parents=True, exist_ok=True)
   sweep_stale(workdir)
   if jax.process_index() == 0:
-    atomic_write_text(workdir / CONFIG_FILE, config_to_json(config))
+    atomic_write_text(workdir / CONFIG_FILE, config_to_json(config), overwrite=True)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data_pipelines.atomic import atomic_write_text
 from demmae_jax import sharding as shd, workdirs
 from demmae_jax.train import memory, metrics as metrics_lib, optim
 from demmae_jax.train.memory import DoesNotFit  # noqa: F401  (raised by train, with NonFiniteLoss)
@@ -272,7 +273,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   workdirs.check_or_store_config(workdir, config)
   if jax.process_index() == 0:
     for name, text in (workdir_files or {}).items():
-      workdirs.atomic_write_text(workdir / name, text)
+      atomic_write_text(workdir / name, text, overwrite=True)
   total = int(config.total_steps)
   ckpt = workdirs.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
                                     best_metric=task.best_metric, best_mode=task.best_mode,

@@ -459,9 +459,10 @@ def plan(trainer, example: dict, workdir: str | Path | None = None, *,
 
 
 def write_plan(workdir: str | Path, plan_: Plan, config, mesh) -> None:
-  from demmae_jax.workdirs import atomic_write_text
+  from data_pipelines.atomic import atomic_write_text
   if jax.process_index() == 0 and not plan_.recorded:
-    atomic_write_text(Path(workdir) / PLAN_FILE, json.dumps(plan_.record(config, mesh), indent=1))
+    atomic_write_text(Path(workdir) / PLAN_FILE, json.dumps(plan_.record(config, mesh), indent=1),
+                      overwrite=True)
 
 
 def dry_run(task, config, example: dict, mesh, workdir: str | Path | None = None, *,
