@@ -318,8 +318,8 @@ def raster_scene(manifest_path: str, ndsm: bool = False) -> Scene:
 
 def draw(windows: np.ndarray, n: int, seed: int) -> np.ndarray:
   """Indices (sorted) of the `n` training tiles the experiment harness gives its models for
-  `seed` (demmae_jax.experiments: disjoint-first draw with default_rng(1000 + seed))."""
-  from demmae_jax.experiments import draw_order
+  `seed` (demmae_jax.experiments.draws: disjoint-first draw with default_rng(1000 + seed))."""
+  from demmae_jax.experiments.draws import draw_order
   if n > len(windows):
     raise ValueError(f"{n} tiles asked, the split holds {len(windows)}")
   return np.sort(draw_order([tuple(w) for w in windows], np.random.default_rng(1000 + seed))[:n])

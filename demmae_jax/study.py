@@ -170,15 +170,15 @@ def rule_runs(out: Path, *, seeds: int = 3, tasks=("buildings", "roads"), groups
               log=print) -> list[dict]:
   """The height rule beside every model run: tuned on the same training tiles."""
   from data_pipelines.areas import get_area
-  from demmae_jax import experiments
+  from demmae_jax.experiments import draws, plan
   recs = []
   if "delft" in groups:
     cfg = config_files.get_config("experiments", "cpu")
-    data = experiments.Data(cfg, out / "data" / "delft", log)
+    data = draws.Data(cfg, out / "data" / "delft", log)
     for seed in range(seeds):
       for task in tasks:
         dataset = f"delft_{task}"
-        manifest, _ = data.manifest(experiments.Run(dataset, "unet", 10, seed))
+        manifest, _ = data.manifest(plan.Run(dataset, "unet", 10, seed))
         base = Path(data.base(dataset)["_dir"]) / "manifest.json"
         recs.append(rule_one(f"delft/{task}/height_rule/n10_s{seed}", task, [manifest], base, out,
                              raster_train=base, log=log))
@@ -200,15 +200,15 @@ def rule_runs(out: Path, *, seeds: int = 3, tasks=("buildings", "roads"), groups
 def delft_runs(out: Path, *, sizes=(10,), seeds: int = 3, arms=("unet_minmax", "unet_ndsm"), tasks=("buildings", "roads"),
                log=print) -> list[dict]:
   """N labelled Delft tiles: the cpu protocol's draws (docs/results.md), validation and test."""
-  from demmae_jax import experiments
+  from demmae_jax.experiments import draws, plan
   cfg = config_files.get_config("experiments", "cpu")
-  data = experiments.Data(cfg, out / "data" / "delft", log)
+  data = draws.Data(cfg, out / "data" / "delft", log)
   recs = []
   for seed in range(seeds):
     for n in sizes:
       for task in tasks:
         dataset = f"delft_{task}"
-        manifest, _ = data.manifest(experiments.Run(dataset, "unet", n, seed))
+        manifest, _ = data.manifest(plan.Run(dataset, "unet", n, seed))
         base = Path(data.base(dataset)["_dir"]) / "manifest.json"
         for arm in arms:
           recs.append(run_one(f"delft/{task}/{arm}/n{n}_s{seed}", arm, task, manifest, base, seed,

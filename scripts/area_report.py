@@ -47,7 +47,7 @@ def main(argv=None) -> int:
   p.add_argument("--json", help="also write the numbers here")
   a = p.parse_args(argv)
   from data_pipelines.areas import AREAS, leave_one_area_out
-  from demmae_jax.experiments import disjoint_count
+  from demmae_jax.experiments.draws import disjoint_count
   root = Path(a.work_dir)
   kw = dict(root=root, cell=a.cell_size, tile=a.tile_size, stride=a.stride)
   rows, loao = [], []

@@ -45,7 +45,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from demmae_jax import experiments
+  from demmae_jax.experiments import plan, report, runner
   cfg = _CONFIG.value
   with cfg.unlocked():
     if _IMAGENET.value:
@@ -54,12 +54,12 @@ def main(argv):
       cfg.encoder = _ENCODER.value
   out = Path(_OUT.value)
   if _DRY_RUN.value:
-    for r in experiments.plan(cfg):
-      print(("done " if experiments.result_path(out, r).exists() else "todo ") + r.id)
+    for r in plan.plan(cfg):
+      print(("done " if runner.result_path(out, r).exists() else "todo ") + r.id)
     return 0
   if not _REPORT_ONLY.value:
     try:
-      experiments.sweep(cfg, out, log=lambda m: print(m, flush=True))
+      runner.sweep(cfg, out, log=lambda m: print(m, flush=True))
     except (ValueError, FileExistsError) as e:
       print(f"run_experiments: error: {e}", file=sys.stderr)
       return 2
@@ -69,7 +69,7 @@ def main(argv):
   if _REPORT.value:
     command = "python scripts/run_experiments.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
                                                                if a != "--report_only")
-    doc = experiments.report(cfg, out, Path(_REPORT.value), command)
+    doc = report.report(cfg, out, Path(_REPORT.value), command)
     print(f"run_experiments: tables and figures in {doc} (from {out / 'results'})")
   return 0
 

@@ -131,13 +131,14 @@ def synthetic_tiles(tmp_path_factory):
 
 def test_draw_gives_the_tiles_the_experiment_harness_gives_its_models(synthetic_tiles, tmp_path):
   from data_pipelines.reader import read_manifest
-  from demmae_jax import config_files, experiments
+  from demmae_jax import config_files
+  from demmae_jax.experiments import draws, plan
   cfg = config_files.get_config("experiments", "tiny")
-  data = experiments.Data(cfg, tmp_path, progress=lambda *_: None)
+  data = draws.Data(cfg, tmp_path, progress=lambda *_: None)
   data._base["delft_buildings"] = read_manifest(str(synthetic_tiles))  # stands in for the prepared set
   train = B.load_tiles(str(synthetic_tiles), "train")
   for seed in (0, 1):
-    _, info = data.manifest(experiments.Run("delft_buildings", "unet", 5, seed))
+    _, info = data.manifest(plan.Run("delft_buildings", "unet", 5, seed))
     assert train["tile_id"][B.draw(train["window"], 5, seed)].tolist() == info["tile_ids"]
 
 

@@ -1,5 +1,5 @@
-"""The experiment harness (demmae_jax.experiments, scripts/run_experiments.py): a miniature sweep on
-the real Delft data (delft/ahn3_cropped_{1,2}.laz at 0.5 m, BGT buildings from
+"""The experiment harness (demmae_jax/experiments/, scripts/run_experiments.py): a miniature
+sweep on the real Delft data (delft/ahn3_cropped_{1,2}.laz at 0.5 m, BGT buildings from
 delft/bgt_pand.sqlite, via data_pipelines.prepare_delft) runs end to end, writes one result per
 run, skips finished runs on a rerun without touching them, and reports tables and a figure."""
 import json
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demmae_jax import config_files, experiments as ex
+from demmae_jax import config_files
+from demmae_jax.experiments import draws, plan, report, runner
 
 
 
@@ -20,7 +21,7 @@ def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():
   cfg = protocol(datasets=("delft_roads",), sizes=(10, 50), seeds=2, arms=("dem_mae", "unet"),
                  groups=("table1", "norm"), norm_datasets=("delft_roads",), norm_sizes=(50,),
                  norm_arms=("unet",), norm_modes=("relative",))
-  runs = ex.plan(cfg)
+  runs = plan.plan(cfg)
   assert [r.seed for r in runs] == sorted(r.seed for r in runs)
   ids = [r.id for r in runs]
   assert len(ids) == len(set(ids))
@@ -28,7 +29,7 @@ def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():
   assert len(runs) == 2 * (4 + 1)
   assert "delft_roads/relative/unet/n50_s1" in ids
   # a comma list from the command line means the same as a tuple
-  assert ex.plan(protocol(datasets=("delft_roads",), sizes=("10,50",), seeds=2, arms=("dem_mae,unet",),
+  assert plan.plan(protocol(datasets=("delft_roads",), sizes=("10,50",), seeds=2, arms=("dem_mae,unet",),
                           groups=("table1,norm",), norm_datasets=("delft_roads",), norm_sizes=("50",),
                           norm_arms=("unet",), norm_modes=("relative",))) == runs
 
@@ -36,8 +37,8 @@ def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():
 def test_disjoint_count_counts_non_overlapping_tiles():
   # 64 px tiles at stride 32 on a 128 px square: 9 tiles, of which 4 are pairwise disjoint
   windows = [(c, r, 64, 64) for r in (0, 32, 64) for c in (0, 32, 64)]
-  assert ex.disjoint_count(windows) == 4
-  assert ex.disjoint_count([(0, 0, 64, 64)] * 3) == 1
+  assert draws.disjoint_count(windows) == 4
+  assert draws.disjoint_count([(0, 0, 64, 64)] * 3) == 1
 
 
 def test_disjoint_first_draws_take_independent_tiles_before_overlapping_crops():
@@ -46,33 +47,33 @@ def test_disjoint_first_draws_take_independent_tiles_before_overlapping_crops():
 
   def disjoint_prefix(order):  # how many leading tiles are pairwise disjoint
     k = 1
-    while k < len(order) and ex.disjoint_count([windows[i] for i in order[:k + 1]]) == k + 1:
+    while k < len(order) and draws.disjoint_count([windows[i] for i in order[:k + 1]]) == k + 1:
       k += 1
     return k
 
-  first = ex.draw_order(windows, np.random.default_rng(3))
+  first = draws.draw_order(windows, np.random.default_rng(3))
   assert sorted(first) == list(range(len(windows)))  # a permutation: every crop can be drawn
   k = disjoint_prefix(first)
   assert 9 <= k <= 16
   # maximal: every later crop overlaps one of the first k (no independent view left for later)
-  assert all(ex.disjoint_count([windows[j] for j in first[:k]] + [windows[i]]) <= k for i in first[k:])
-  uniform = ex.draw_order(windows, np.random.default_rng(3), "uniform")
+  assert all(draws.disjoint_count([windows[j] for j in first[:k]] + [windows[i]]) <= k for i in first[k:])
+  uniform = draws.draw_order(windows, np.random.default_rng(3), "uniform")
   assert disjoint_prefix(uniform) < k // 2  # a uniform draw soon takes overlapping crops
   with pytest.raises(ValueError, match="unknown draw"):
-    ex.draw_order(windows, np.random.default_rng(3), "disjoint")
+    draws.draw_order(windows, np.random.default_rng(3), "disjoint")
 
 
 def test_an_output_folder_refuses_another_protocol(tmp_path):
-  ex.check_protocol(protocol(), tmp_path)
-  ex.check_protocol(protocol(seeds=5, sizes=(10,)), tmp_path)  # what to run may grow
+  runner.check_protocol(protocol(), tmp_path)
+  runner.check_protocol(protocol(seeds=5, sizes=(10,)), tmp_path)  # what to run may grow
   with pytest.raises(ValueError, match="another protocol.*steps"):
-    ex.check_protocol(protocol(steps=5), tmp_path)
+    runner.check_protocol(protocol(steps=5), tmp_path)
 
 
 def test_each_arm_gets_its_finetuning_preset_and_encoder():
   cfg = protocol("cpu", imagenet="mae_pretrain_vit_base.pth", steps=150, eval_every=50, warmup=20)
-  get = lambda arm, norm="minmax": ex.finetune_config(  # noqa: E731
-      cfg, ex.Run("delft_roads", arm, 10, 2, norm), Path("m.json"), "runs/dem_mae_cpu")
+  get = lambda arm, norm="minmax": runner.finetune_config(  # noqa: E731
+      cfg, plan.Run("delft_roads", arm, 10, 2, norm), Path("m.json"), "runs/dem_mae_cpu")
   assert (get("dem_mae").preset, get("dem_mae").init) == ("cpu_roads", "runs/dem_mae_cpu")
   assert (get("random_frozen").preset, get("random_frozen").init) == ("cpu_roads", "")
   b = get("imagenet_mae")
@@ -93,12 +94,12 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
                  pictures=2)
   out = tmp_path / "out"
   log: list[str] = []
-  counts = ex.sweep(cfg, out, log=log.append)
+  counts = runner.sweep(cfg, out, log=log.append)
   assert counts["ran"] == 1 and counts["skipped_no_weights"] == 1
   assert any("imagenet_mae SKIPPED" in m and "--imagenet" in m for m in log)
   assert any(m.startswith("[1/1]") and "ETA" in m for m in log)
 
-  results = {r["arm"]: r for r in ex.load_results(out)}
+  results = {r["arm"]: r for r in report.load_results(out)}
   assert set(results) == {"random_frozen"}
   base = json.loads((out / "data" / "delft_buildings" / "prepared" / "tiles" / "manifest.json").read_text())
   for arm, r in results.items():
@@ -107,7 +108,7 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
     assert r["draw"]["drawn"] == 10 and set(r["draw"]["tile_ids"]) <= set(base["splits"]["train"]["tile_ids"])
     assert r["test"]["pixels"] > 0
     assert r["test_boundary_iou"] == r["test"]["boundary"]["iou"] is not None
-    tiles = np.load(ex.result_path(out, ex.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")}))
+    tiles = np.load(runner.result_path(out, plan.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")}))
                     .with_suffix(".tiles.npz"))
     assert tiles["pred"].shape == (base["splits"]["test"]["count"], 32, 32)
   # the fixed validation tiles, the whole test area
@@ -117,22 +118,22 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
 
   # a rerun runs nothing and rewrites nothing
   stamps = {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*")}
-  counts = ex.sweep(cfg, out, log=log.append)
+  counts = runner.sweep(cfg, out, log=log.append)
   assert counts["ran"] == 0 and counts["skipped_finished"] == 1
   assert stamps == {p: p.stat().st_mtime_ns for p in (out / "results").rglob("*")}
 
   # draws of one seed are nested; another seed draws other tiles
-  data = ex.Data(cfg, out / "data", log.append)
-  ids = lambda n, s: set(data.manifest(ex.Run("delft_buildings", "unet", n, s))[1]["tile_ids"])  # noqa: E731
+  data = draws.Data(cfg, out / "data", log.append)
+  ids = lambda n, s: set(data.manifest(plan.Run("delft_buildings", "unet", n, s))[1]["tile_ids"])  # noqa: E731
   assert ids(10, 0) < ids(50, 0) and ids(10, 1) != ids(10, 0)
 
   # the report fills its marked part and keeps the text around it
   doc = tmp_path / "results.md"
   doc.write_text("# Results\n\nhand-written intro\n")
-  ex.report(cfg, out, doc, "the command")
-  ex.report(cfg, out, doc, "the command")
+  report.report(cfg, out, doc, "the command")
+  report.report(cfg, out, doc, "the command")
   text = doc.read_text()
-  assert text.count(ex.BEGIN) == 1 and "hand-written intro" in text
+  assert text.count(report.BEGIN) == 1 and "hand-written intro" in text
   assert "*55.5*" in text and "*27.9*" in text  # the paper's Table 1 beside ours
   assert "1 of the 2 runs this command plans have results" in text
   assert "delft_buildings/minmax/imagenet_mae (n10_s0)" in text and "--imagenet PATH" in text
