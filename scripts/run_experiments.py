@@ -1,6 +1,6 @@
 """The paper's protocol in one command: Table 1 (training-set sizes x arms x seeds on every real
 labelled set), the Table 2 analogue (noisy LiDAR labels) and the normalisation ablation, then
-docs/results.md tables and figures.
+tables and figures in OUT/report.md (and in docs/results.md with --report docs/results.md).
 
   python scripts/run_experiments.py --config configs/experiments.py:cpu --out runs/experiments/cpu
   python scripts/run_experiments.py --config configs/experiments.py:cpu --out runs/experiments/cpu \
@@ -34,8 +34,9 @@ _OUT = flags.DEFINE_string("out", None, "Folder of this protocol's data, workdir
 _IMAGENET = flags.DEFINE_string("imagenet", None, "ImageNet MAE weights (.pth) for arm (b).")
 _ENCODER = flags.DEFINE_string("encoder", None, "Exported DEM MAE encoder for arm (a) "
                                "(default: the protocol's config.encoder).")
-_REPORT = flags.DEFINE_string("report", "docs/results.md", "Markdown file whose generated part is "
-                              "rewritten (its figures go beside it); empty: no report.")
+_REPORT = flags.DEFINE_string("report", "", "Also rewrite the generated part of this Markdown file "
+                              "(e.g. docs/results.md; its figures go beside it). The report always "
+                              "goes to OUT/report.md.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only aggregate the existing results.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and whether they are finished.")
 flags.mark_flags_as_required(["config", "out"])
@@ -66,11 +67,13 @@ def main(argv):
     except KeyboardInterrupt as e:  # SIGTERM/Ctrl-C: the run's checkpoint is saved, rerun resumes
       print(f"run_experiments: interrupted: {e}", file=sys.stderr)
       return 130
+  command = "python scripts/run_experiments.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                                             if a != "--report_only")
+  docs = [report.report(cfg, out, command)]
   if _REPORT.value:
-    command = "python scripts/run_experiments.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
-                                                               if a != "--report_only")
-    doc = report.report(cfg, out, Path(_REPORT.value), command)
-    print(f"run_experiments: tables and figures in {doc} (from {out / 'results'})")
+    docs.append(report.report(cfg, out, command, Path(_REPORT.value)))
+  print(f"run_experiments: tables and figures in {', '.join(map(str, docs))} (from "
+        f"{out / 'results'})")
   return 0
 
 

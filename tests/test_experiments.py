@@ -128,10 +128,12 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
   assert ids(10, 0) < ids(50, 0) and ids(10, 1) != ids(10, 0)
 
   # the report fills its marked part and keeps the text around it
-  doc = tmp_path / "results.md"
+  assert report.report(cfg, out, "the command") == out / "report.md"  # the run folder's own
+  assert (out / "results_iou_vs_tiles.png").exists() and not (tmp_path / "results.md").exists()
+  doc = tmp_path / "results.md"  # a hand-written page, as docs/results.md
   doc.write_text("# Results\n\nhand-written intro\n")
-  report.report(cfg, out, doc, "the command")
-  report.report(cfg, out, doc, "the command")
+  report.report(cfg, out, "the command", doc)
+  report.report(cfg, out, "the command", doc)
   text = doc.read_text()
   assert text.count(report.BEGIN) == 1 and "hand-written intro" in text
   assert "*55.5*" in text and "*27.9*" in text  # the paper's Table 1 beside ours

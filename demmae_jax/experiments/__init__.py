@@ -7,7 +7,8 @@ A run is (dataset, arm, training-set size, seed, normalisation). Each one trains
 checkpoint), is evaluated on the test split with its best validation checkpoint, and writes
 `OUT/results/<run id>.json` atomically. A run whose result exists is skipped; nothing written
 earlier is replaced. `report` aggregates every result into Markdown tables (mean +- std over
-seeds, beside the paper's numbers) and figures.
+seeds, beside the paper's numbers) and figures in OUT/report.md; a page of docs/ is written only
+when asked (`scripts/run_experiments.py --report docs/results.md`).
 
 Data per labelled set (OUT/data/<dataset>/): the tile set of `data_pipelines.prepare` at the
 protocol's tile size and stride, and per (size, seed) a manifest whose `train` split is a seeded

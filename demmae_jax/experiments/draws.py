@@ -14,13 +14,16 @@ from data_pipelines.atomic import atomic_file, atomic_write_text
 from demmae_jax.experiments.plan import Run
 
 
-def _records(manifest: dict, split: str):
-  """(tile_id, window, raw record) of a split, in file order."""
+def _tiles(manifest: dict, split: str):
+  """(tile_id, window, label, raw record) of a split's tiles in file order, decoded by the tile
+  format's own reader."""
   import tensorflow as tf
-  files = [os.path.join(manifest["_dir"], f) for f in manifest["splits"][split]["files"]]
-  for rec in tf.data.TFRecordDataset(files).as_numpy_iterator():
-    f = tf.train.Example.FromString(rec).features.feature
-    yield int(f["tile_id"].int64_list.value[0]), tuple(f["window"].int64_list.value), rec
+  from data_pipelines.reader import split_files
+  from data_pipelines.tile_records import decode_tile_numpy
+  form = (manifest["channels"], manifest["dtype"], int(manifest["tile_size"]))
+  for rec in tf.data.TFRecordDataset(split_files(manifest, split)).as_numpy_iterator():
+    tile = decode_tile_numpy(rec, *form)
+    yield int(tile["tile_id"]), tuple(int(v) for v in tile["window"]), tile.get("label"), rec
 
 
 def _write_records(path: Path, records: list[bytes]) -> None:
@@ -28,26 +31,6 @@ def _write_records(path: Path, records: list[bytes]) -> None:
   with atomic_file(path, overwrite=True) as tmp, tf.io.TFRecordWriter(str(tmp)) as w:
     for r in records:
       w.write(r)
-
-
-def _label_counts(records: list[bytes], size: int) -> dict[str, int]:
-  import tensorflow as tf
-  counts: dict[str, int] = {}
-  for rec in records:
-    lab = np.frombuffer(tf.train.Example.FromString(rec).features.feature["label"].bytes_list.value[0], np.uint8)
-    for v, c in zip(*np.unique(lab, return_counts=True)):
-      counts[str(int(v))] = counts.get(str(int(v)), 0) + int(c)
-  return counts
-
-
-def _class_summary(counts: dict[str, int]) -> dict:
-  """As the tile writer's: frequencies over labelled pixels, inverse-frequency weights of mean 1."""
-  lab = {k: v for k, v in counts.items() if k != "255"}
-  total = sum(lab.values())
-  freq = {k: v / total for k, v in sorted(lab.items())}
-  inv = {k: 1 / f for k, f in freq.items() if f > 0}
-  mean = sum(inv.values()) / len(inv)
-  return {"pixel_counts": counts, "frequencies": freq, "weights": {k: v / mean for k, v in inv.items()}}
 
 
 class Data:
@@ -85,16 +68,20 @@ class Data:
     training (any of the LiDAR set's own splits), evaluated on the BGT val/test tiles."""
     if dataset != "delft_buildings_lidar":
       m = self.base(dataset)
-      return m, list(_records(m, "train")), m["splits"]["train"]["classes"]
+      pool = [(tid, window, rec) for tid, window, _, rec in _tiles(m, "train")]
+      return m, pool, m["splits"]["train"]["classes"]
+    from data_pipelines.tile_stats import class_summary
     bgt, noisy = self.base("delft_buildings"), self.base(dataset)
     bp, blocks = bgt["split"]["block_px"], np.asarray(bgt["split"]["block_splits"])
-    pool = []
+    pool, counts = [], np.zeros(256, np.int64)
     for split in ("train", "val", "test"):
-      for tid, (col, row, w, h), rec in _records(noisy, split):
+      for tid, (col, row, w, h), label, rec in _tiles(noisy, split):
         under = blocks[row // bp:(row + h - 1) // bp + 1, col // bp:(col + w - 1) // bp + 1]
         if (under == 0).all():  # 0 = train in data_pipelines.tiles.SPLITS
           pool.append((tid, (col, row, w, h), rec))
-    return bgt, pool, _class_summary(_label_counts([r for *_, r in pool], int(bgt["tile_size"])))
+          counts += np.bincount(label.ravel(), minlength=256)
+    counts = {k: int(c) for k, c in enumerate(counts) if c}
+    return bgt, pool, class_summary(counts, int(noisy["ignore_value"]))
 
   def manifest(self, run: Run) -> tuple[Path, dict]:
     """The run's manifest path (train = its draw, val = the fixed draw, test = the test area)
@@ -142,10 +129,10 @@ class Data:
     name = "delft_buildings" if dataset == "delft_buildings_lidar" else dataset
     path = self.root / name / f"val_{self.cfg.val_tiles}.tfrecord"
     if not path.exists():
-      recs = list(_records(evalm, "val"))
+      recs = list(_tiles(evalm, "val"))
       k = min(int(self.cfg.val_tiles), len(recs))
       pick = sorted(np.random.default_rng(0).permutation(len(recs))[:k])
-      _write_records(path, [recs[i][2] for i in pick])
+      _write_records(path, [recs[i][-1] for i in pick])
     return path
 
 

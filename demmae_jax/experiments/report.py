@@ -177,10 +177,11 @@ def pictures(out: Path, results: list[dict], path: Path, dataset: str, size, nor
   return Path(path)
 
 
-def report(cfg, out: Path, doc: Path, command: str) -> Path:
-  """Write the generated part of `doc` (between the BEGIN/END markers; text outside them is kept)
-  and its figures beside it (results_*.png)."""
-  out, doc = Path(out), Path(doc)
+def report(cfg, out: Path, command: str, doc: Path | None = None) -> Path:
+  """Write the generated part of `doc` (default OUT/report.md; between the BEGIN/END markers, text
+  outside them is kept) and its figures beside it (results_*.png)."""
+  out = Path(out)
+  doc = Path(doc) if doc is not None else out / "report.md"
   results = load_results(out)
   figs = []
   p = plot(results, doc.with_name("results_iou_vs_tiles.png"))
