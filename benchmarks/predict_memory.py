@@ -5,8 +5,8 @@ stay flat.
 
 For each size N, an N x N float32 GeoTIFF (tiled, deflate) is made by mirroring the real Delft
 DSM (delft/ahn3_cropped_*.laz rasterised at 0.5 m through data_pipelines.lidar) and predicted
-by `demmae_jax.inference.raster.predict_raster` in a fresh process with a tiny network (random weights:
-memory does not depend on them). Each child reports its peak resident set size (ru_maxrss)
+by `demmae_jax.inference.raster.predict_raster` in a fresh process with a tiny network (random
+weights: memory does not depend on them). Each child reports its peak resident set size (ru_maxrss)
 after warm-up (imports, model, one compiled batch) and after the whole prediction. Printed: both
 figures, the prediction's own growth, the time, the throughput (windows/s and km^2/s at the
 raster's 0.5 m cells), the ratio of peaks between sizes (1.0 = flat), and the load average.

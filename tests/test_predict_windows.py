@@ -1,6 +1,7 @@
 """The sliding-window predictor library (demmae_jax.inference.raster) with a per-pixel "model"
 whose answer is known exactly: blending any overlapping windows of a per-pixel function must
-give the function back, so stitching, georeferencing, nodata and block-independence are checked without training."""
+give the function back, so stitching, georeferencing, nodata and block-independence are checked
+without training."""
 import numpy as np
 import pyogrio
 import pytest
