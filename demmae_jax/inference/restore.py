@@ -40,29 +40,32 @@ def restore(model: nnx.Module, workdir: str | Path, step: Step = "latest", *,
     if step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; there are "
                               f"{sorted(steps)}")
-    saved = ckpt.variable_shapes(step)  # "params/..." and "rest/..."
     graphdef, state = nnx.split(model)
-    want = {sharding.path_str(p): tuple(x.shape) for p, x in
-            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
-    diff = compare_shapes({k.split("/", 1)[1]: s for k, s in saved.items()}, want)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
+    want = {sharding.path_str(p): x for p, x in leaves}
+    # {"params/<path>" or "rest/<path>": shape}: the trainable ones and the others, as trained
+    group, saved = {}, {}
+    for key, shape in ckpt.variable_shapes(step).items():
+      name, path = key.split("/", 1)
+      group[path], saved[path] = name, shape
+    diff = compare_shapes(saved, {k: x.shape for k, x in want.items()})
     if diff:
       raise ValueError("\n".join([f"{workdir}: checkpoint step {step} does not fit {what}; "
                                   f"variable paths:"] + diff.lines("checkpoint")))
     replicated = sharding.replicated(sharding.make_mesh(data=-1))
-    flat = _flat(nnx.to_pure_dict(state))
     target: dict = {"params": {}, "rest": {}}
-    for key in saved:
-      group, path = key.split("/", 1)
-      x = flat[path]
-      _put(target[group], path.split("/") + ["value"],
+    for path, x in want.items():
+      _put(target[group[path]], path.split("/") + ["value"],
            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
     restored = ckpt.restore_variables(step, target)
   finally:
     ckpt.close()
   values = {}
-  for group in ("params", "rest"):
-    values.update({k.removesuffix("/value"): v for k, v in _flat(_pure(restored[group])).items()})
-  nnx.replace_by_pure_dict(state, _nest(values, nnx.to_pure_dict(state)))
+  for name in ("params", "rest"):
+    values.update({sharding.path_str(p).removesuffix("/value"): x
+                   for p, x in jax.tree_util.tree_flatten_with_path(restored[name])[0]})
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(
+      treedef, [values[sharding.path_str(p)] for p, _ in leaves]))
   return nnx.merge(graphdef, state), int(step)
 
 
@@ -78,28 +81,7 @@ def load_trained(workdir: str | Path, step: Step = "best") -> tuple[nnx.Module, 
   return model, spec, step
 
 
-def _pure(tree):
-  """Nested dicts of arrays from a restored nnx.State (or dicts already)."""
-  return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
-
-
-def _flat(tree, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _put(tree: dict, keys: list[str], value) -> None:
   for k in keys[:-1]:
     tree = tree.setdefault(k, {})
   tree[keys[-1]] = value
-
-
-def _nest(flat: dict, like: dict, prefix: str = "") -> dict:
-  """`flat` ({"a/b": x}) in the nesting (and key types) of `like`."""
-  return {k: _nest(flat, v, f"{prefix}{k}/") if isinstance(v, dict) else flat[f"{prefix}{k}"]
-          for k, v in like.items()}
