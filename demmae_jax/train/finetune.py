@@ -39,6 +39,7 @@ from demmae_jax.models import upernet
 from demmae_jax.train import feature_cache
 from demmae_jax.train.loop import Task
 
+
 # ------------------------------------------------------------------------------ model spec
 def model_spec(config: ml_collections.ConfigDict, manifest: dict,
                backbone: mae_model.MAEConfig | None) -> dict:
