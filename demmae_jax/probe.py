@@ -57,11 +57,11 @@ def symmetries(data: ProbeData) -> ProbeData:
   return ProbeData(np.concatenate(views_i), np.concatenate(views_l))
 
 
-def tokens(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
-  """[N, L, D] patch tokens of the encoder's last block (no masking, cls dropped)."""
+def tokens(model, images: np.ndarray, batch: int = 64, layer: int | None = None) -> np.ndarray:
+  """[N, L, D] patch tokens of block `layer` (default the last; no masking, cls dropped)."""
   from flax import nnx
   graphdef, state = nnx.split(model)
-  layer = model.config.depth - 1
+  layer = model.config.depth - 1 if layer is None else layer
 
   @jax.jit
   def encode(state, x):
@@ -117,14 +117,14 @@ def fit_and_score(train_tokens: np.ndarray, train: ProbeData, val_tokens: np.nda
 
 
 def probe_model(model, draws: Sequence[ProbeData], val: ProbeData, *, steps: int = 300,
-                seed: int = 0) -> dict:
+                seed: int = 0, layer: int | None = None) -> dict:
   """The probe on each few-label draw (its symmetries), scored on `val`: mean and per draw."""
   patch = model.config.patch_size
-  val_tokens = tokens(model, val.images)
+  val_tokens = tokens(model, val.images, layer=layer)
   per_draw = []
   for i, draw in enumerate(draws):
     train = symmetries(draw)
-    per_draw.append(fit_and_score(tokens(model, train.images), train, val_tokens, val, patch,
+    per_draw.append(fit_and_score(tokens(model, train.images, layer=layer), train, val_tokens, val, patch,
                                   steps=steps, seed=seed + i))
   ious = [r["iou"] for r in per_draw]
   return {"iou": float(np.mean(ious)), "iou_std": float(np.std(ious)), "draws": per_draw}
@@ -132,10 +132,10 @@ def probe_model(model, draws: Sequence[ProbeData], val: ProbeData, *, steps: int
 
 def probe_run(workdir, draw_manifests: Sequence[str], val_manifest: str | None = None, *,
               steps: Iterable[int | None] = (None,), include_random: bool = True, probe_steps: int = 300,
-              log=print) -> list[dict]:
+              layer: int | None = None, log=print) -> list[dict]:
   """The probe at each kept checkpoint `steps` of pretraining run `workdir` (None = the latest),
   and for the same architecture at random initialisation (step 0). Data are read with the run's
-  own input normalisation; validation is `val_manifest`'s (default: the first draw's) val split."""
+  own input normalisation; `layer` is the block read (default the last); validation is `val_manifest`'s (default: the first draw's) val split."""
   import json
   from pathlib import Path
 
@@ -155,12 +155,12 @@ def probe_run(workdir, draw_manifests: Sequence[str], val_manifest: str | None =
   task = pretrain.MAEPretrain(config)
   results = []
   if include_random:
-    rec = {"step": 0, **probe_model(task.build_model(), draws, val, steps=probe_steps)}
+    rec = {"step": 0, **probe_model(task.build_model(), draws, val, steps=probe_steps, layer=layer)}
     log(f"probe: random init: IoU {rec['iou']:.3f} +- {rec['iou_std']:.3f}")
     results.append(rec)
   for s in steps:
     model, step = loop.restore(task, config, workdir, step=s)
-    rec = {"step": int(step), **probe_model(model, draws, val, steps=probe_steps)}
+    rec = {"step": int(step), **probe_model(model, draws, val, steps=probe_steps, layer=layer)}
     log(f"probe: step {step}: IoU {rec['iou']:.3f} +- {rec['iou_std']:.3f}")
     results.append(rec)
   return results

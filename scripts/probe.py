@@ -26,6 +26,7 @@ def main(argv=None) -> int:
   p.add_argument("--val", default=None, help="manifest whose val split scores the probe (default: the first draw's)")
   p.add_argument("--steps", default="latest", help="comma list of kept checkpoint steps, or 'latest'")
   p.add_argument("--probe_steps", type=int, default=300, help="optimiser steps of the linear map")
+  p.add_argument("--layer", type=int, default=None, help="encoder block to read (default: the last)")
   p.add_argument("--out", required=True, help="JSON to write (refused if it exists)")
   p.add_argument("--png", default=None, help="also plot IoU against pretraining step here")
   a = p.parse_args(argv)
@@ -43,10 +44,11 @@ def main(argv=None) -> int:
   from data_pipelines.atomic import atomic_file
   from demmae_jax import probe
   steps = [None] if a.steps == "latest" else [int(s) for s in a.steps.split(",")]
-  results = probe.probe_run(a.workdir, a.draws, a.val, steps=steps, probe_steps=a.probe_steps)
+  results = probe.probe_run(a.workdir, a.draws, a.val, steps=steps, probe_steps=a.probe_steps,
+                             layer=a.layer)
   with atomic_file(out, overwrite=False) as tmp:
     tmp.write_text(json.dumps({"workdir": a.workdir, "draws": a.draws, "val": a.val or a.draws[0],
-                               "probe_steps": a.probe_steps, "results": results}, indent=1))
+                               "probe_steps": a.probe_steps, "layer": a.layer, "results": results}, indent=1))
   if a.png:
     import matplotlib
     matplotlib.use("Agg")
