@@ -31,10 +31,11 @@ import shapely.geometry
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from data_pipelines.atomic import atomic_file, sweep_stale, temp_prefix
+from data_pipelines.atomic import sweep_stale, temp_prefix
 from data_pipelines.errors import DataError
 from data_pipelines.raster_io import (check_elevation_range, elevation_band, open_raster, read_band,
                                      read_masks)
+from demmae_jax.gis import cog
 
 CLASS_NODATA = 255
 # (dem [B, t, t] float32 with holes filled, valid [B, t, t] bool) -> network input [B, t, t, C].
@@ -191,9 +192,10 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
                    normalise: Normalise, opts: PredictOptions, *, probabilities_path=None,
                    polygons_path=None, crs=None, overwrite: bool = False,
                    progress: bool = True) -> dict:
-  """Classes (uint8, nodata 255) to `dst_path`, optionally probabilities (float32, one band per
+  """Classes (uint8, nodata 255, colour table) to `dst_path`, optionally probabilities (float32, one band per
   class, nodata NaN) and positive-class polygons (GeoJSON or GeoPackage by extension). Same CRS,
-  transform and size as the input; every output written atomically; existing outputs refused
+  transform and size as the input; rasters are Cloud-Optimized GeoTIFFs with internal overviews
+  (gis/cog.py); every output written atomically; existing outputs refused
   unless `overwrite`. Returns a summary (pixels per class, windows, paths)."""
   outputs = [Path(p) for p in (dst_path, probabilities_path, polygons_path) if p is not None]
   for p in outputs:  # refuse before any work is done
@@ -210,13 +212,14 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
     profile = dict(driver="GTiff", width=src.width, height=src.height, crs=out_crs,
                    transform=src.transform, tiled=True, blockxsize=256, blockysize=256,
                    compress="deflate", BIGTIFF="IF_SAFER")
-    tmp = stack.enter_context(atomic_file(dst_path, overwrite))
+    # streamed into a tiled GeoTIFF, copied into a Cloud-Optimized GeoTIFF when all went well
+    tmp = stack.enter_context(cog.cog_output(dst_path, overwrite, "nearest"))
     dst = stack.enter_context(rasterio.open(tmp, "w", **profile, count=1, dtype="uint8",
                                             nodata=CLASS_NODATA))
     dst.write_colormap(1, _colormap(num_classes))
     prob = None
     if probabilities_path is not None:
-      ptmp = stack.enter_context(atomic_file(probabilities_path, overwrite))
+      ptmp = stack.enter_context(cog.cog_output(probabilities_path, overwrite, "average", predictor=3))
       prob = stack.enter_context(rasterio.open(ptmp, "w", **profile, count=num_classes,
                                                dtype="float32", nodata=float("nan"), predictor=3))
       for i, name in enumerate(opts.class_names):
