@@ -1,11 +1,12 @@
 """Predict a finetuned segmenter over an elevation GeoTIFF (or a LAS/LAZ point cloud) of any size.
 
   python scripts/predict.py --workdir runs/buildings --input dsm.tif --output buildings.tif \
-      [--probabilities p.tif] [--polygons buildings.gpkg] [--png preview.png]
+      [--probabilities p.tif] [--uncertainty u.tif] [--polygons buildings.gpkg] [--png preview.png]
 
 Sliding windows of the model's tile size with --overlap, blended with a 2-D Hann weight, read and
 written block by block (memory does not grow with the raster: benchmarks/predict_memory.py),
-batched over the devices. The classes GeoTIFF has the input's CRS, transform and size, uint8 with
+batched over the devices. Rasters are Cloud-Optimized GeoTIFFs (docs/gis_outputs.md). The classes
+GeoTIFF has the input's CRS, transform and size, uint8 with
 255 = nodata (where the input is nodata/NaN), deflate-compressed and tiled. A LAS/LAZ input is
 first rasterised to a DSM at the model's cell size (data_pipelines.lidar; --crs when the header
 has none). Refused with a clear error (`predict: error: <file>: <problem>`, exit 2), before any
@@ -34,6 +35,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Classes GeoTIFF to write.")
 _PROBS = flags.DEFINE_string("probabilities", None, "Also write class probabilities (GeoTIFF).")
 _POLYGONS = flags.DEFINE_string("polygons", None, "Also write polygons of the positive class "
                                 "(.gpkg or .geojson).")
+_UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Also write the per-pixel uncertainty (normalised "
+                                   "entropy of the probabilities, 0 sure .. 1 unsure; COG). Best with --tta.")
 _PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes), decimated.")
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
@@ -126,7 +129,7 @@ def main(argv):
   from demmae_jax import area_eval, predict
   from demmae_jax.train import finetune
 
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
   workdir = Path(_WORKDIR.value)
   # before any (slow) work: no output may be an input (also through links), all must be writable
   check_outputs(outputs, [_INPUT.value, workdir, *workdir.glob("*.json"), workdir / "checkpoints"])
@@ -160,11 +163,16 @@ def main(argv):
       band = None
       opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
     check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
+    probs = _PROBS.value or (scratch / "probabilities.tif" if _UNCERTAINTY.value else None)
     summary = predict.predict_raster(
         source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
         area_eval.input_normalise(spec), opts,
-        probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
+        probabilities_path=probs, polygons_path=_POLYGONS.value, crs=_CRS.value,
         overwrite=_OVERWRITE.value)
+    if _UNCERTAINTY.value:
+      from demmae_jax.gis.uncertainty import write_uncertainty
+      summary["uncertainty"] = str(write_uncertainty(probs, _UNCERTAINTY.value, _OVERWRITE.value))
+      summary["probabilities"] = _PROBS.value
     if _PNG.value:
       preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
   total = sum(summary["pixels_per_class"].values()) + summary["nodata_pixels"]
@@ -180,7 +188,7 @@ def main(argv):
 
 def on_terminate(before: dict) -> str:
   """What a SIGTERM left: outputs are committed only at the end, so usually none."""
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
   written = [p for p in outputs if _fingerprint(p) != before.get(p)]
   if not written:
     return ("no output was written or changed (" + ", ".join(outputs) + "); temporaries were "
@@ -192,7 +200,7 @@ def on_terminate(before: dict) -> str:
 def guarded_main(argv):
   """main, reporting on SIGTERM which outputs were (not) written."""
   from demmae_jax.train import cli
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
   before = {p: _fingerprint(p) for p in outputs}
   try:
     with cli.sigterm_raises():
