@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,11 +30,10 @@ import shapely.geometry
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from data_pipelines.atomic import sweep_stale, temp_prefix
 from data_pipelines.errors import DataError
 from data_pipelines.raster_io import (check_elevation_range, elevation_band, open_raster, read_band,
                                      read_masks)
-from demmae_jax.gis import cog
+from demmae_jax.gis import cog, vector_io
 
 CLASS_NODATA = 255
 # (dem [B, t, t] float32 with holes filled, valid [B, t, t] bool) -> network input [B, t, t, C].
@@ -271,7 +269,7 @@ def _colormap(num_classes: int) -> dict:
   return {i: palette[i % len(palette)] for i in range(num_classes)}
 
 
-POLYGON_DRIVERS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG"}
+POLYGON_DRIVERS = vector_io.DRIVERS
 
 
 class _Polygons:
@@ -294,31 +292,15 @@ class _Polygons:
           (inner[2] and ys[1] >= win.height) or (inner[3] and xs[1] >= win.width)
       (self.edge if touches else self.done).append(shapely.geometry.shape(geom))
 
-  def write(self, path, crs, name: str, overwrite: bool):
-    import pyogrio.raw
+  def geometries(self) -> list:
+    """The polygons: those inside blocks, and the union of the pieces on inner block edges."""
     merged = shapely.unary_union(self.edge) if self.edge else None
-    geoms = self.done + ([] if merged is None else list(shapely.get_parts(merged)))
-    path = Path(path)
-    if path.exists() and not overwrite:
-      raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    # OGR drivers want their own extension, so the temporary file keeps it (atomic_file's would
-    # not); named like atomic_file's, so that a killed run's is swept by the next one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path.parent)
-    tmp = path.with_name(f"{temp_prefix(path.name)}{os.urandom(4).hex()}.tmp{path.suffix}")
-    try:
-      pyogrio.raw.write(tmp, geometry=np.array(shapely.to_wkb(geoms), dtype=object),
-                        field_data=[np.array([name] * len(geoms), dtype=object),
-                                    np.array([g.area for g in geoms], dtype=np.float64)],
-                        fields=["class", "area"], crs=crs.to_wkt(), layer=_layer_name(name),
-                        geometry_type="Polygon", driver=POLYGON_DRIVERS[path.suffix.lower()])
-      os.replace(tmp, path)
-    finally:
-      tmp.unlink(missing_ok=True)
+    return self.done + ([] if merged is None else list(shapely.get_parts(merged)))
 
-
-def _layer_name(name: str) -> str:
-  return "".join(ch if ch.isalnum() else "_" for ch in name) or "polygons"
+  def write(self, path, crs, name: str, overwrite: bool):
+    geoms = self.geometries()
+    vector_io.write_polygons(path, geoms, {"class": [name] * len(geoms),
+                                           "area": [g.area for g in geoms]}, crs, name, overwrite)
 
 
 def _pixel_bounds(geom, transform):
