@@ -34,7 +34,14 @@ _INPUT = flags.DEFINE_string("input", None, "Elevation GeoTIFF, or a .las/.laz p
 _OUTPUT = flags.DEFINE_string("output", None, "Classes GeoTIFF to write.")
 _PROBS = flags.DEFINE_string("probabilities", None, "Also write class probabilities (GeoTIFF).")
 _POLYGONS = flags.DEFINE_string("polygons", None, "Also write polygons of the positive class "
-                                "(.gpkg or .geojson).")
+                                "(.gpkg or .geojson) with area, perimeter, mean probability, source, "
+                                "model and, for buildings, height above ground (docs/gis_outputs.md).")
+_REGULARISE = flags.DEFINE_bool("regularise", False, "Polygons with right angles (holes kept).")
+_SIMPLIFY = flags.DEFINE_float("simplify_m", 0.0, "Simplify polygons with this tolerance (m).")
+_MIN_AREA = flags.DEFINE_float("min_area_m2", 0.0, "Drop polygons smaller than this (m2).")
+_DTM = flags.DEFINE_string("dtm", None, "Terrain model on the input's grid: building heights = DSM - "
+                           "DTM (default: the input itself for an nDSM model, else estimated from "
+                           "the DSM alone).")
 _UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Also write the per-pixel uncertainty (normalised "
                                    "entropy of the probabilities, 0 sure .. 1 unsure; COG). Best with --tta.")
 _PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes), decimated.")
@@ -114,6 +121,28 @@ def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: b
   plt.close(fig)
 
 
+def write_polygons(source: str, spec: dict, probs, model: str, dtm: str | None) -> dict:
+  """The positive class's polygons with their attributes (demmae_jax.gis.polygons)."""
+  from demmae_jax import area_eval
+  from demmae_jax.gis import polygons
+  name = spec["class_names"][1]
+  heights = None
+  if name == "building":
+    if area_eval.input_raster_name(spec) == "ndsm":
+      heights = polygons.HeightSource(ndsm=source)
+    else:
+      heights = polygons.HeightSource(dsm=source, dtm=dtm)
+  opts = polygons.PolygonOptions(simplify_m=_SIMPLIFY.value, regularise=_REGULARISE.value,
+                                 min_area_m2=_MIN_AREA.value)
+  try:
+    return polygons.write_class_polygons(
+        _OUTPUT.value, _POLYGONS.value, value=1, name=name, opts=opts, probabilities=probs,
+        heights=heights, source=Path(_INPUT.value).name, model=model, overwrite=_OVERWRITE.value)
+  finally:
+    if heights is not None:
+      heights.close()
+
+
 def _fingerprint(path) -> tuple | None:
   try:
     st = os.stat(path)
@@ -132,7 +161,11 @@ def main(argv):
   outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
   workdir = Path(_WORKDIR.value)
   # before any (slow) work: no output may be an input (also through links), all must be writable
-  check_outputs(outputs, [_INPUT.value, workdir, *workdir.glob("*.json"), workdir / "checkpoints"])
+  check_outputs(outputs, [_INPUT.value, _DTM.value, workdir, *workdir.glob("*.json"),
+                          workdir / "checkpoints"])
+  if _POLYGONS.value:
+    from demmae_jax.gis.vector_io import check_vector_path
+    check_vector_path(_POLYGONS.value)
   existing = [p for p in outputs if Path(p).exists()]
   if existing and not _OVERWRITE.value:
     raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
@@ -152,7 +185,7 @@ def main(argv):
       batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
       class_names=tuple(spec["class_names"]))
   with scratch_dir(_OUTPUT.value) as scratch:
-    source, band = _INPUT.value, _BAND.value
+    source, band, dtm = _INPUT.value, _BAND.value, _DTM.value
     if Path(source).suffix.lower() in (".las", ".laz"):
       from data_pipelines.lidar import inspect_las, las_to_rasters
       from data_pipelines.raster_io import metres_per_unit
@@ -160,19 +193,23 @@ def main(argv):
       rasters = las_to_rasters([source], scratch, cell_size=spec["cell_size"] / unit, crs=_CRS.value)
       # an nDSM model reads height above the LiDAR's own ground
       source = str(rasters["ndsm" if area_eval.input_raster_name(spec) == "ndsm" else "dsm"])
+      dtm = str(rasters["dtm"])  # building heights above the LiDAR's own ground
       band = None
       opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
     check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
-    probs = _PROBS.value or (scratch / "probabilities.tif" if _UNCERTAINTY.value else None)
+    probs = _PROBS.value or (scratch / "probabilities.tif" if _UNCERTAINTY.value or _POLYGONS.value
+                             else None)
     summary = predict.predict_raster(
         source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
         area_eval.input_normalise(spec), opts,
-        probabilities_path=probs, polygons_path=_POLYGONS.value, crs=_CRS.value,
+        probabilities_path=probs, crs=_CRS.value,
         overwrite=_OVERWRITE.value)
     if _UNCERTAINTY.value:
       from demmae_jax.gis.uncertainty import write_uncertainty
       summary["uncertainty"] = str(write_uncertainty(probs, _UNCERTAINTY.value, _OVERWRITE.value))
-      summary["probabilities"] = _PROBS.value
+    summary["probabilities"] = _PROBS.value
+    if _POLYGONS.value:
+      summary["polygons"] = write_polygons(source, spec, probs, f"{workdir} step {step}", dtm)
     if _PNG.value:
       preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
   total = sum(summary["pixels_per_class"].values()) + summary["nodata_pixels"]
