@@ -88,7 +88,7 @@ def plot_reliability(curves: dict[str, Reliability], out: str | Path, overwrite:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from data_pipelines.atomic import atomic_file
+  from demmae_jax.gis.figures import save_png
   fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]},
                                  sharex=True)
   low = min(r.edges[0] for r in curves.values())
@@ -105,8 +105,4 @@ def plot_reliability(curves: dict[str, Reliability], out: str | Path, overwrite:
   hist.set_xlabel("confidence (highest class probability)")
   hist.set_ylabel("fraction of pixels")
   hist.set_yscale("log")
-  fig.tight_layout()
-  with atomic_file(out, overwrite) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
-  return Path(out)
+  return save_png(fig, out, overwrite)

@@ -245,7 +245,7 @@ def plot_change(change_tif: str | Path, out: str | Path, footprints=None, title:
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
   from matplotlib.patches import Patch
-  from data_pipelines.atomic import atomic_file
+  from demmae_jax.gis.figures import save_png
   with open_raster(change_tif) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
     codes = src.read(1, out_shape=(src.height // scale, src.width // scale))
@@ -265,11 +265,7 @@ def plot_change(change_tif: str | Path, out: str | Path, footprints=None, title:
   ax.set_title(title, fontsize=10)
   ax.set_xlabel("x (m)")
   ax.set_ylabel("y (m)")
-  fig.tight_layout()
-  with atomic_file(out, overwrite) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
-  return Path(out)
+  return save_png(fig, out, overwrite)
 
 
 def main(argv=None) -> int:
