@@ -44,6 +44,8 @@ _DTM = flags.DEFINE_string("dtm", None, "Terrain model on the input's grid: buil
                            "the DSM alone).")
 _UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Also write the per-pixel uncertainty (normalised "
                                    "entropy of the probabilities, 0 sure .. 1 unsure; COG). Best with --tta.")
+_STAC = flags.DEFINE_string("stac", None, "Also write a STAC Item (JSON) describing the outputs, "
+                            "the model and the source (demmae_jax/gis/stac.py).")
 _PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes), decimated.")
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
@@ -143,6 +145,11 @@ def write_polygons(source: str, spec: dict, probs, model: str, dtm: str | None) 
       heights.close()
 
 
+def _outputs() -> list[str]:
+  return [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value,
+                      _STAC.value) if p]
+
+
 def _fingerprint(path) -> tuple | None:
   try:
     st = os.stat(path)
@@ -158,7 +165,7 @@ def main(argv):
   from demmae_jax import area_eval, predict
   from demmae_jax.train import finetune
 
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
+  outputs = _outputs()
   workdir = Path(_WORKDIR.value)
   # before any (slow) work: no output may be an input (also through links), all must be writable
   check_outputs(outputs, [_INPUT.value, _DTM.value, workdir, *workdir.glob("*.json"),
@@ -212,6 +219,14 @@ def main(argv):
       summary["polygons"] = write_polygons(source, spec, probs, f"{workdir} step {step}", dtm)
     if _PNG.value:
       preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
+    if _STAC.value:
+      from demmae_jax.gis.stac import write_item
+      write_item(_STAC.value, {"classes": _OUTPUT.value, "probabilities": _PROBS.value,
+                               "uncertainty": _UNCERTAINTY.value, "polygons": _POLYGONS.value,
+                               "png": _PNG.value}, class_names=spec["class_names"],
+                 source=_INPUT.value, model=f"{workdir} step {step}", overwrite=_OVERWRITE.value,
+                 properties={"demmae:tta": _TTA.value, "demmae:window": tile})
+      summary["stac"] = _STAC.value
   total = sum(summary["pixels_per_class"].values()) + summary["nodata_pixels"]
   if summary["nodata_pixels"] > 0.5 * total:
     print(f"predict: warning: {summary['nodata_pixels'] / total:.0%} of {_INPUT.value} is nodata "
@@ -225,7 +240,7 @@ def main(argv):
 
 def on_terminate(before: dict) -> str:
   """What a SIGTERM left: outputs are committed only at the end, so usually none."""
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
+  outputs = _outputs()
   written = [p for p in outputs if _fingerprint(p) != before.get(p)]
   if not written:
     return ("no output was written or changed (" + ", ".join(outputs) + "); temporaries were "
@@ -237,7 +252,7 @@ def on_terminate(before: dict) -> str:
 def guarded_main(argv):
   """main, reporting on SIGTERM which outputs were (not) written."""
   from demmae_jax.train import cli
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value) if p]
+  outputs = _outputs()
   before = {p: _fingerprint(p) for p in outputs}
   try:
     with cli.sigterm_raises():
