@@ -77,3 +77,21 @@ def test_reliability_of_rasters_skips_ignored_and_nodata_pixels(tmp_path):
   shifted = write(tmp_path / "l2.tif", labels, "uint8", transform=from_origin(84000.0, 447000.0, 1.0, 1.0))
   with pytest.raises(DataError, match="l2.tif"):
     calibration.reliability_of_rasters(probs, shifted)
+
+
+def test_uncertainty_of_errors_finds_the_wrong_pixels_where_uncertainty_is_high(tmp_path):
+  rng = np.random.default_rng(1)
+  p1 = rng.uniform(0, 1, (128, 128)).astype(np.float32)
+  probs = np.stack([1 - p1, p1])
+  truth = (p1 > 0.5).astype(np.uint8)
+  flip = (np.abs(p1 - 0.5) < 0.1) & (rng.uniform(size=p1.shape) < 0.5)  # errors only when unsure
+  labels = np.where(flip, 1 - truth, truth)
+  p = write(tmp_path / "p.tif", probs, "float32", nodata=np.nan)
+  lab = write(tmp_path / "l.tif", labels, "uint8")
+  u = write(tmp_path / "u.tif", uncertainty.normalised_entropy(probs), "float32", nodata=np.nan)
+  got = calibration.uncertainty_of_errors(p, lab, u)
+  assert got["error_rate"] == pytest.approx(flip.mean())
+  assert got["mean_uncertainty_wrong"] > 0.9 > got["mean_uncertainty_correct"]
+  assert got["error_rate_least_uncertain_tenth"] == 0.0
+  assert got["error_rate_most_uncertain_tenth"] > 0.3
+  assert all(share >= 0.1 for share in got["tenths_pixel_shares"])

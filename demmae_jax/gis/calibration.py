@@ -82,6 +82,37 @@ def reliability_of_rasters(probabilities: str | Path, labels: str | Path, bins: 
   return rel
 
 
+def uncertainty_of_errors(probabilities: str | Path, labels: str | Path, uncertainty: str | Path,
+                          ignore: int = 255) -> dict:
+  """Is the uncertainty raster high where the prediction is wrong? Mean uncertainty on correct
+  and on wrong labelled pixels, and the error rate in the most and least uncertain tenth (from a
+  histogram of 100 bins over [0, 1]), block by block."""
+  bins = 100
+  right, wrong = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+  with open_raster(probabilities) as p, open_raster(labels) as lab, open_raster(uncertainty) as u:
+    for src, path in ((lab, labels), (u, uncertainty)):
+      if src.crs != p.crs or src.transform != p.transform or src.shape != p.shape:
+        raise DataError(path, f"grid or CRS differs from the probabilities {probabilities}")
+    for _, win in p.block_windows(1):
+      probs, y, unc = p.read(window=win), lab.read(1, window=win), u.read(1, window=win)
+      ok = (y != ignore) & np.isfinite(probs).all(axis=0) & np.isfinite(unc)
+      b = np.clip((unc[ok] * bins).astype(int), 0, bins - 1)
+      correct = probs[:, ok].argmax(axis=0) == y[ok]
+      right += np.bincount(b[correct], minlength=bins)
+      wrong += np.bincount(b[~correct], minlength=bins)
+  centres = (np.arange(bins) + 0.5) / bins
+  n = right + wrong
+  cum = np.cumsum(n) / n.sum()
+  # the least and the most uncertain tenth, in whole bins (so each holds at least a tenth)
+  low, high = np.concatenate([[True], cum[:-1] < 0.1]), cum > 0.9
+  return {"mean_uncertainty_correct": float((centres * right).sum() / right.sum()),
+          "mean_uncertainty_wrong": float((centres * wrong).sum() / max(wrong.sum(), 1)),
+          "error_rate": float(wrong.sum() / n.sum()),
+          "error_rate_least_uncertain_tenth": float(wrong[low].sum() / max(n[low].sum(), 1)),
+          "error_rate_most_uncertain_tenth": float(wrong[high].sum() / max(n[high].sum(), 1)),
+          "tenths_pixel_shares": [float(n[low].sum() / n.sum()), float(n[high].sum() / n.sum())]}
+
+
 def plot_reliability(curves: dict[str, Reliability], out: str | Path, overwrite: bool = False) -> Path:
   """Reliability diagram (accuracy against confidence per bin, one line per area, ECE in the
   legend; the diagonal is perfect calibration) and the pixels per bin, to a PNG (atomic)."""

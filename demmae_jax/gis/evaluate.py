@@ -1,6 +1,6 @@
 """Measurements of a prediction's GIS outputs on a labelled area (numbers in docs/gis_outputs.md).
 
-  python -m demmae_jax.gis.evaluate calibration --area delft=P.tif:LABELS.tif [--area ...] \
+  python -m demmae_jax.gis.evaluate calibration --area delft=P.tif:LABELS.tif[:U.tif] [--area ...] \
       --png reliability.png
   python -m demmae_jax.gis.evaluate split-labels --manifest TILES/manifest.json --out test_labels.tif
   python -m demmae_jax.gis.evaluate objects --classes C.tif --labels LABELS.tif \
@@ -29,17 +29,20 @@ from demmae_jax.gis.vector_io import read_polygons
 
 
 def run_calibration(args) -> dict:
-  curves = {}
+  curves, extra = {}, {}
   for spec in args.area:
     name, _, paths = spec.partition("=")
-    probs, _, labels = paths.partition(":")
+    probs, _, rest = paths.partition(":")
+    labels, _, unc = rest.partition(":")
     if not name or not probs or not labels:
-      raise SystemExit(f"--area wants NAME=PROBABILITIES.tif:LABELS.tif, got {spec!r}")
+      raise SystemExit(f"--area wants NAME=PROBABILITIES.tif:LABELS.tif[:UNCERTAINTY.tif], got {spec!r}")
     curves[name] = calibration.reliability_of_rasters(probs, labels, bins=args.bins)
+    if unc:
+      extra[name] = calibration.uncertainty_of_errors(probs, labels, unc)
   if args.png:
     calibration.plot_reliability(curves, args.png, args.overwrite)
-  return {name: {k: v for k, v in r.summary().items() if k != "bins" or args.bins_out}
-          for name, r in curves.items()}
+  return {name: {**{k: v for k, v in r.summary().items() if k != "bins" or args.bins_out},
+                 **extra.get(name, {})} for name, r in curves.items()}
 
 
 def run_objects(args) -> dict:
@@ -174,7 +177,8 @@ def parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("calibration", help="ECE and reliability plot of probability rasters")
-  c.add_argument("--area", action="append", required=True, help="NAME=PROBABILITIES.tif:LABELS.tif")
+  c.add_argument("--area", action="append", required=True,
+                 help="NAME=PROBABILITIES.tif:LABELS.tif[:UNCERTAINTY.tif]")
   c.add_argument("--bins", type=int, default=10)
   c.add_argument("--bins_out", action="store_true", help="also print the per-bin table")
   c.add_argument("--png", default=None)
