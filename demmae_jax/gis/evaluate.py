@@ -102,6 +102,15 @@ def run_objects(args) -> dict:
       heights[name] = objects.height_errors(attrs_p["height_median_m"], ref_h)
   if ref_h is not None and args.heights_at_footprints:
     heights["at_footprints"] = _heights_at_footprints(args, ref_kept, ref_attr)
+  if args.png:
+    from demmae_jax.gis.figures import plot_outlines
+    matched = {p for p, _, _ in pairs}
+    plot_outlines(args.ndsm or args.classes, [
+        (ref_kept, "#ffd700", "reference"),
+        ([g for i, g in enumerate(pred) if i in matched], "#00c853", "predicted, matched (IoU >= 0.5)"),
+        ([g for i, g in enumerate(pred) if i not in matched], "#ff1744", "predicted, unmatched")],
+        args.png, f"{Path(args.classes).parent.name}: object F1 {out['iou>=0.5']['f1']:.3f} "
+        f"at IoU 0.5" if "iou>=0.5" in out else "", args.overwrite)
   if args.polygons:
     hs = polygons.HeightSource(ndsm=args.ndsm) if args.ndsm else None
     fields_out = {"class": ["building"] * len(pred)}
@@ -196,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
   o.add_argument("--probabilities", default=None)
   o.add_argument("--model", default=None)
   o.add_argument("--polygons", default=None, help="also write the scored polygons (.gpkg)")
+  o.add_argument("--png", default=None, help="also draw the outlines over the nDSM")
   o.add_argument("--dissolve_reference", action="store_true",
                  help="score against blocks of touching footprints (attributes kept for blocks of one)")
   o.add_argument("--clip", action="store_true",
