@@ -98,3 +98,13 @@ def test_surveys_on_other_grids_are_refused(tmp_path):
     d.write(np.zeros(SHAPE, np.float32), 1)
   with pytest.raises(DataError, match="moved.tif"):
     change.vertical_offset(a, change.Survey(str(other), a.dtm, a.classes))
+
+
+def test_change_cli_names_a_missing_file_in_one_line(tmp_path, capsys):
+  a = survey(tmp_path, "a", {"kept": 9.0}, 0.0, 0)
+  missing = str(tmp_path / "nosuch_dsm.tif")
+  rc = change.main(["--earlier", *a.__dict__.values(), "--later", missing, a.dtm, a.classes,
+                    "--out", str(tmp_path / "c")])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and err.startswith("change: error: ") and "nosuch_dsm.tif" in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "c").exists()

@@ -272,9 +272,6 @@ def main(argv=None) -> int:
   """python -m demmae_jax.gis.change --earlier DSM DTM CLASSES [LIDAR_CLASS] --later ... --out DIR
   [--footprints F --year_field bouwjaar --built_after 2010 --built_before 2013] [--png map.png]"""
   import argparse
-  import json
-  import sys
-  from data_pipelines.atomic import atomic_file
   p = argparse.ArgumentParser(prog="python -m demmae_jax.gis.change", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--earlier", nargs="+", required=True, help="DSM DTM CLASSES [LIDAR_CLASS]")
@@ -293,6 +290,17 @@ def main(argv=None) -> int:
   for name in ("earlier", "later"):
     if len(getattr(args, name)) not in (3, 4):
       p.error(f"--{name} wants DSM DTM CLASSES [LIDAR_CLASS]")
+  if args.footprints and (args.built_after is None or args.built_before is None):
+    p.error("--footprints needs --built_after and --built_before")
+  from demmae_jax.train.cli import guarded
+  return guarded("change", lambda: _run(args, argv))
+
+
+def _run(args, argv) -> int:
+  """The change command's work (main: arguments and the error contract)."""
+  import json
+  import sys
+  from data_pipelines.atomic import atomic_file
   a, b = Survey(*args.earlier), Survey(*args.later)
   opts = ChangeOptions(dh_m=args.dh_m, min_area_m2=args.min_area_m2)
   result = {"command": " ".join(["python -m demmae_jax.gis.change"] + list(argv or sys.argv[1:]))}
@@ -302,8 +310,6 @@ def main(argv=None) -> int:
     crs = src.crs
   outlines = None
   if args.footprints:
-    if args.built_after is None or args.built_before is None:
-      p.error("--footprints needs --built_after and --built_before")
     area = valid_area(out / "change.tif")
     result["footprints"] = footprint_check(out / "change.gpkg", args.footprints, crs,
                                            layer=args.layer, year_field=args.year_field,

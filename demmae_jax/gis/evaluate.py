@@ -229,7 +229,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Bad input is one line, `gis-evaluate: error: <file>: <problem>`, exit 2 (train/cli.py)."""
+  from demmae_jax.train.cli import guarded
   args = parser().parse_args(argv)
+  return guarded("gis-evaluate", lambda: _run(args, argv))
+
+
+def _run(args, argv) -> int:
   result = {"calibration": run_calibration, "objects": run_objects,
             "split-labels": run_split_labels}[args.command](args)
   result = {"command": " ".join(["python -m demmae_jax.gis.evaluate"] + list(argv or sys.argv[1:])),
