@@ -108,3 +108,53 @@ def test_change_cli_names_a_missing_file_in_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert rc == 2 and err.startswith("change: error: ") and "nosuch_dsm.tif" in err
   assert len(err.splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
+def test_rough_new_objects_are_dropped_as_vegetation(tmp_path):
+  a = survey(tmp_path, "a", {"kept": 9.0}, 0.0, 0)
+  b = survey(tmp_path, "b", {"kept": 9.0, "new": 7.0}, 0.0, 1)
+  with rasterio.open(b.dsm, "r+") as dsm, rasterio.open(b.classes, "r+") as cls:
+    z, c = dsm.read(1), cls.read(1)
+    crown = np.s_[85:110, 30:50]  # a tree the model took for a building: bumpy, ~8 m
+    z[crown] += 8.0 + np.random.default_rng(2).uniform(-2.0, 2.0, z[crown].shape)
+    c[crown] = 1
+    dsm.write(z, 1)
+    cls.write(c, 1)
+  plain = change.write_change(a, b, tmp_path / "plain")
+  filtered = change.write_change(a, b, tmp_path / "filtered", change.ChangeOptions(max_roughness_m=0.2))
+  assert plain["changes"]["new"]["polygons"] == 2
+  assert filtered["changes"]["new"] == {"polygons": 1, "area_m2": pytest.approx(box("new").area, rel=0.15),
+                                        "dropped_rough": 1}
+  meta, _, _, fields = pyogrio.raw.read(tmp_path / "plain" / "change.gpkg")
+  rough = dict(zip(meta["fields"], fields))["roughness_after_m"]
+  assert sorted(rough)[0] < 0.1 < 0.5 < sorted(rough)[1]  # a roof is smooth, the crown is not
+
+
+def test_cells_near_a_survey_edge_are_not_compared(tmp_path):
+  a = survey(tmp_path, "a", {"kept": 9.0}, 0.0, 0)
+  b = survey(tmp_path, "b", {"kept": 9.0}, 0.0, 1)
+  with rasterio.open(b.classes, "r+") as cls, rasterio.open(b.dsm, "r+") as dsm:
+    c, z = cls.read(1), dsm.read(1)  # something 6 m high along the later survey's edge
+    c[40:70, 127:135] = 1
+    z[40:70, 127:135] += 6.0
+    cls.write(c, 1)
+    dsm.write(z, 1)
+  near = change.write_change(a, b, tmp_path / "near")
+  far = change.write_change(a, b, tmp_path / "far", change.ChangeOptions(edge_m=6))
+  assert near["changes"]["new"]["polygons"] == 1 and far["changes"]["new"]["polygons"] == 0
+  with rasterio.open(tmp_path / "far" / "change.tif") as src:
+    codes = src.read(1)
+  assert (codes[:, 129:] == change.NODATA).all() and (codes[6:-6, 6:120] != change.NODATA).all()
+  assert (codes[:6] == change.NODATA).all()  # the raster's border is an edge too
+
+
+def test_a_class_change_without_a_height_change_is_not_a_new_building(tmp_path):
+  a = survey(tmp_path, "a", {"kept": 9.0, "new": 7.0}, 0.0, 0)  # there already, 7 m high ...
+  b = survey(tmp_path, "b", {"kept": 9.0, "new": 7.0}, 0.0, 1)
+  with rasterio.open(a.classes, "r+") as cls:  # ... but the model missed it in the first survey
+    c = cls.read(1)
+    r0, c0, r1, c1 = BOXES["new"]
+    c[r0:r1, c0:c1] = 0
+    cls.write(c, 1)
+  got = change.write_change(a, b, tmp_path / "c")
+  assert all(v["polygons"] == 0 for v in got["changes"].values())

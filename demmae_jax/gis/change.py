@@ -5,13 +5,19 @@
    DSM(later) - DSM(earlier) is the surveys' offset; its spread says how well they agree. The
    height difference used below is corrected by it.
 2. Per cell, from the two predicted class rasters (1 = building) and the corrected difference dh:
-   new (building later only), demolished (earlier only), raised (building in both, dh > +`dh_m`),
-   lowered (both, dh < -`dh_m`). Each change mask is opened with a 3 x 3 square (a one-cell
+   new (building later only, dh > +`dh_m`), demolished (earlier only, dh < -`dh_m`), raised
+   (building in both, dh > +`dh_m`), lowered (both, dh < -`dh_m`): a change of class must also be
+   a change of height, else it is the model disagreeing with itself. With `edge_m`, cells that close to where either survey has no
+   data (its edge, the raster's border, canals) are not compared: the predictor filled those
+   windows. Each change mask is opened with a 3 x 3 square (a one-cell
    misregistration along every wall would otherwise show up as slivers). Cells not valid in both
    surveys are nodata. Written block by block (with a halo for the opening) into a change COG
    (uint8 codes, colour table) and a dh COG (float32, m).
 3. Polygons per change class (gis/polygons.py) of at least `min_area_m2`, with the median and max
-   dh, area, and the heights above ground before and after.
+   dh, area, the heights above ground before and after, and the median roughness (|DSM - its
+   3 x 3 median|, 5 x 5 median; baselines.roughness) of each survey's surface: ~0 on roofs, large
+   in tree crowns. With `max_roughness_m`, polygons whose building surface is rougher are
+   dropped (counted as `dropped_rough`).
 """
 from __future__ import annotations
 
@@ -49,6 +55,11 @@ class ChangeOptions:
   min_area_m2: float = 20.0
   block: int = 1024
   building: int = 1
+  # a change polygon whose surface with the building (later for new and raised, earlier for
+  # demolished and lowered) has a median roughness above this is dropped as vegetation
+  # (baselines.roughness; the height rule tuned 0.1-0.2 m on Delft's training tiles); None: off
+  max_roughness_m: float | None = None
+  edge_m: float = 0.0  # cells this close to where either survey has no data are not compared
 
 
 def _open_all(a: Survey, b: Survey):
@@ -104,21 +115,26 @@ def vertical_offset(a: Survey, b: Survey, opts: ChangeOptions = ChangeOptions())
 
 
 def change_block(srcs, a: Survey, b: Survey, win: Window, offset: float, opts: ChangeOptions):
-  """(codes uint8, dh float32) of one block (read with a 1-cell halo for the opening)."""
-  halo = Window(win.col_off - 1, win.row_off - 1, win.width + 2, win.height + 2)
+  """(codes uint8, dh float32) of one block (read with a halo for the opening and the edge)."""
+  edge = int(np.ceil(opts.edge_m / abs(srcs[a.dsm].transform.a)))
+  pad = edge + 1
+  halo = Window(win.col_off - pad, win.row_off - pad, win.width + 2 * pad, win.height + 2 * pad)
   za, zb = _read(srcs, a.dsm, halo), _read(srcs, b.dsm, halo)
   ca = _read(srcs, a.classes, halo, np.uint8, 255)
   cb = _read(srcs, b.classes, halo, np.uint8, 255)
   ok = np.isfinite(za) & np.isfinite(zb) & (ca != 255) & (cb != 255)
+  if edge:  # predictions beside a survey's edge or a hole saw filled-in windows: not compared
+    ok = ndi.binary_erosion(ok, np.ones((2 * edge + 1, 2 * edge + 1), bool), border_value=1)
   ba, bb = ok & (ca == opts.building), ok & (cb == opts.building)
   dh = np.where(ok, zb - za - offset, np.nan).astype(np.float32)
-  masks = {NEW: bb & ~ba, DEMOLISHED: ba & ~bb, RAISED: ba & bb & (dh > opts.dh_m),
-           LOWERED: ba & bb & (dh < -opts.dh_m)}
+  up, down = dh > opts.dh_m, dh < -opts.dh_m  # a class change must be a height change too
+  masks = {NEW: bb & ~ba & up, DEMOLISHED: ba & ~bb & down, RAISED: ba & bb & up,
+           LOWERED: ba & bb & down}
   codes = np.where(ok, NONE, NODATA).astype(np.uint8)
   square = np.ones((3, 3), bool)
   for code, m in masks.items():
     codes[ndi.binary_opening(m, square)] = code
-  inner = np.s_[1:-1, 1:-1]
+  inner = np.s_[pad:-pad, pad:-pad]
   return codes[inner], dh[inner]
 
 
@@ -153,8 +169,9 @@ def write_change(a: Survey, b: Survey, out_dir: str | Path, opts: ChangeOptions 
   finally:
     for s in srcs.values():
       s.close()
-  geoms, fields, counts = [], {k: [] for k in ("change", "area_m2", "dh_median_m", "dh_max_abs_m",
-                                               "height_before_m", "height_after_m")}, {}
+  geoms, counts = [], {}
+  fields = {k: [] for k in ("change", "area_m2", "dh_median_m", "dh_max_abs_m", "height_before_m",
+                            "height_after_m", "roughness_before_m", "roughness_after_m")}
   dh_src = polygons.HeightSource(ndsm=out_dir / "dh.tif")
   before = polygons.HeightSource(dsm=a.dsm, dtm=a.dtm)
   after = polygons.HeightSource(dsm=b.dsm, dtm=b.dtm)
@@ -162,16 +179,22 @@ def write_change(a: Survey, b: Survey, out_dir: str | Path, opts: ChangeOptions 
     for code, name in NAMES.items():
       polys = [g for g in polygons.vectorise(out_dir / "change.tif", code, opts.block)[0]
                if g.area >= opts.min_area_m2]
-      counts[name] = {"polygons": len(polys), "area_m2": float(sum(g.area for g in polys))}
+      kept, dropped = [], 0
       for g in polys:
+        rough = (_median_roughness(a.dsm, g), _median_roughness(b.dsm, g))
+        building_surface = rough[1] if code in (NEW, RAISED) else rough[0]
+        if opts.max_roughness_m is not None and not building_surface <= opts.max_roughness_m:
+          dropped += 1
+          continue
+        kept.append(g)
         d, h0, h1 = dh_src.heights(g), before.heights(g), after.heights(g)
         geoms.append(g)
-        fields["change"].append(name)
-        fields["area_m2"].append(g.area)
-        fields["dh_median_m"].append(float(np.nanmedian(d)) if np.isfinite(d).any() else np.nan)
-        fields["dh_max_abs_m"].append(float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else np.nan)
-        fields["height_before_m"].append(float(np.nanmedian(h0)) if np.isfinite(h0).any() else np.nan)
-        fields["height_after_m"].append(float(np.nanmedian(h1)) if np.isfinite(h1).any() else np.nan)
+        values = [name, g.area, _nan_median(d), _nan_max_abs(d), _nan_median(h0), _nan_median(h1),
+                  *rough]
+        for key, v in zip(fields, values):
+          fields[key].append(v)
+      counts[name] = {"polygons": len(kept), "area_m2": float(sum(g.area for g in kept)),
+                      "dropped_rough": dropped}
   finally:
     for s in (dh_src, before, after):
       s.close()
@@ -179,6 +202,28 @@ def write_change(a: Survey, b: Survey, out_dir: str | Path, opts: ChangeOptions 
   return {"offset": offset, "changes": counts, "options": dataclasses.asdict(opts),
           "cell_area_m2": cell_area, "outputs": [str(out_dir / n) for n in
                                                  ("change.tif", "dh.tif", "change.gpkg")]}
+
+
+def _nan_median(a) -> float:
+  return float(np.nanmedian(a)) if np.isfinite(a).any() else float("nan")
+
+
+def _nan_max_abs(a) -> float:
+  return float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else float("nan")
+
+
+def _median_roughness(dsm: str | Path, poly) -> float:
+  """Median roughness (baselines.roughness) of a DSM's cells inside `poly`."""
+  from demmae_jax.baselines import fill_invalid, roughness
+  from demmae_jax.gis.polygons import _window_mask
+  with open_raster(dsm) as src:
+    win, mask = _window_mask(poly, src.transform, pad=4)
+    z = src.read(1, window=win, boundless=True, masked=True, fill_value=np.nan).astype(np.float32)
+  z = z.filled(np.nan)
+  ok = np.isfinite(z)
+  if not ok[mask].any():
+    return float("nan")
+  return float(np.median(roughness(fill_invalid(z, ok))[mask & ok]))
 
 
 def found_footprints(change_polys, change_names, footprints, min_cover: float = 0.5,
@@ -237,34 +282,43 @@ def valid_area(change_tif: str | Path, block: int = 1024):
   return shapely.unary_union(parts)
 
 
-def plot_change(change_tif: str | Path, out: str | Path, footprints=None, title: str = "",
-                overwrite: bool = False, max_side: int = 2000) -> Path:
-  """The change map (decimated read), change classes coloured, footprints outlined."""
+def plot_change(change_tif: str | Path, change_gpkg: str | Path, out: str | Path, footprints=None,
+                title: str = "", overwrite: bool = False, max_side: int = 2000) -> Path:
+  """The change map: the area both surveys cover (light grey; decimated read of change.tif), the
+  change polygons of change.gpkg filled by class, footprints outlined."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
   from matplotlib.patches import Patch
   from demmae_jax.gis.figures import save_png
+  from demmae_jax.gis.vector_io import read_polygons
   with open_raster(change_tif) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
     codes = src.read(1, out_shape=(src.height // scale, src.width // scale))
-    b = src.bounds
-  img = np.ma.masked_equal(codes, NODATA)
-  cmap = ListedColormap([np.array(COLOURS[k]) / 255 for k in range(5)]).with_extremes(bad="white")
+    b, crs = src.bounds, src.crs
+  img = np.ma.masked_equal((codes != NODATA).astype(np.uint8), 0)
+  cmap = ListedColormap([(1, 1, 1), np.array(COLOURS[NONE][:3]) / 255]).with_extremes(bad="white")
   fig, ax = plt.subplots(figsize=(9, 9 * codes.shape[0] / codes.shape[1] + 0.5))
-  ax.imshow(img, cmap=cmap, vmin=-0.5, vmax=4.5, extent=(b.left, b.right, b.bottom, b.top),
+  ax.imshow(img, cmap=cmap, vmin=0, vmax=1, extent=(b.left, b.right, b.bottom, b.top),
             interpolation="nearest")
-  handles = [Patch(color=np.array(COLOURS[k]) / 255, label=NAMES[k]) for k in NAMES]
-  for geoms, colour, label in footprints or []:
+  polys, attrs = read_polygons(change_gpkg, crs, None, ["change"])
+  colour = {name: np.array(COLOURS[code]) / 255 for code, name in NAMES.items()}
+  for g, name in zip(polys, attrs["change"]):
+    for part in getattr(g, "geoms", [g]):
+      ax.fill(*part.exterior.xy, color=colour[name], lw=0)
+  handles = [Patch(color=colour[n], label=n) for n in NAMES.values()]
+  for geoms, line, label in footprints or []:
     for g in geoms:
       for part in getattr(g, "geoms", [g]):
-        ax.plot(*part.exterior.xy, color=colour, lw=0.8)
-    handles.append(Patch(facecolor="none", edgecolor=colour, label=label))
+        ax.plot(*part.exterior.xy, color=line, lw=0.8)
+    handles.append(Patch(facecolor="none", edgecolor=line, label=label))
   ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
   ax.set_title(title, fontsize=10)
   ax.set_xlabel("x (m)")
   ax.set_ylabel("y (m)")
+  ax.set_xlim(b.left, b.right)
+  ax.set_ylim(b.bottom, b.top)
   return save_png(fig, out, overwrite)
 
 
@@ -279,6 +333,10 @@ def main(argv=None) -> int:
   p.add_argument("--out", required=True, help="folder for change.tif, dh.tif, change.gpkg, change.json")
   p.add_argument("--dh_m", type=float, default=ChangeOptions.dh_m)
   p.add_argument("--min_area_m2", type=float, default=ChangeOptions.min_area_m2)
+  p.add_argument("--edge_m", type=float, default=0.0,
+                 help="do not compare cells this close to either survey's nodata (e.g. 5)")
+  p.add_argument("--max_roughness_m", type=float, default=None,
+                 help="drop change polygons whose building surface is rougher (vegetation), e.g. 0.2")
   p.add_argument("--footprints", default=None)
   p.add_argument("--layer", default=None)
   p.add_argument("--year_field", default="bouwjaar")
@@ -302,7 +360,8 @@ def _run(args, argv) -> int:
   import sys
   from data_pipelines.atomic import atomic_file
   a, b = Survey(*args.earlier), Survey(*args.later)
-  opts = ChangeOptions(dh_m=args.dh_m, min_area_m2=args.min_area_m2)
+  opts = ChangeOptions(dh_m=args.dh_m, min_area_m2=args.min_area_m2,
+                       max_roughness_m=args.max_roughness_m, edge_m=args.edge_m)
   result = {"command": " ".join(["python -m demmae_jax.gis.change"] + list(argv or sys.argv[1:]))}
   result.update(write_change(a, b, args.out, opts, args.overwrite))
   out = Path(args.out)
@@ -322,9 +381,11 @@ def _run(args, argv) -> int:
     outlines = [(fp[sel], "black", f"{args.year_field} {args.built_after + 1}-{args.built_before}")]
   if args.png:
     counts = ", ".join(f"{k} {v['polygons']}" for k, v in result["changes"].items())
-    plot_change(out / "change.tif", args.png, outlines, overwrite=args.overwrite,
+    rough = "" if opts.max_roughness_m is None else f"; roughness <= {opts.max_roughness_m:g} m"
+    rough += f"; {opts.edge_m:g} m from nodata" if opts.edge_m else ""
+    plot_change(out / "change.tif", out / "change.gpkg", args.png, outlines, overwrite=args.overwrite,
                 title=f"building change (offset {result['offset']['median_m']:+.2f} m removed; "
-                      f"|dh| > {opts.dh_m:g} m; >= {opts.min_area_m2:g} m2): {counts}")
+                      f"|dh| > {opts.dh_m:g} m; >= {opts.min_area_m2:g} m2{rough}):\n{counts}")
   text = json.dumps(result, indent=1)
   with atomic_file(out / "change.json", args.overwrite) as tmp:
     Path(tmp).write_text(text + "\n")
