@@ -30,6 +30,8 @@ ARMS = {
     "unet_minmax": ("cpu_unet_{task}", {}),
     # the same UNet on height above ground (nDSM / 30 m): heights mean the same in every tile
     "unet_ndsm": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm"}),
+    # ... trained with half its tiles shown as a 2x coarser source would give them (data.coarsen)
+    "unet_ndsm_coarsen": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm", "data.coarsen": 0.5}),
     # the paper's head (Feature2Pyramid + UperNet) on a frozen encoder, as `make demo` trained it
     # until now; random encoder weights: docs/results.md measured the DEM-pretrained one no better
     "upernet_frozen": ("cpu_{task}", {}),
@@ -44,6 +46,7 @@ ARMS = {
 DEM_ENCODER = "runs/dem_mae_hr"
 ARM_NAMES = {"unet_minmax": "UNet, per-tile min-max input (today's best, docs/results.md)",
              "unet_ndsm": "UNet, nDSM input (recommended)",
+             "unet_ndsm_coarsen": "UNet, nDSM input, half the training tiles 2x coarsened",
              "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
              "hybrid_random": "ViT-UNet, nDSM, random encoder (finetuned)",
              "hybrid_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (finetuned)",
