@@ -114,6 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.train_split = "train"  # or a few-label subset: train_10, train_50, train_200, train_450
   c.data.eval_split = "val"
   c.data.seed = 0
+  # share of training tiles shown 2x coarser (block means interpolated back): robustness to
+  # sources coarser than the grid they are predicted on (Alexandria's 2 m DSM at 1 m)
+  c.data.coarsen = 0.0
   c.data.normalisation = ml_collections.ConfigDict(dict(
       mode="minmax", channels=1, scale_m=30.0, low_percentile=2.0))
 

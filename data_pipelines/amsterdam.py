@@ -20,7 +20,7 @@ import rasterio.features
 import shapely
 
 from data_pipelines.atomic import atomic_dir
-from data_pipelines.labels import LabelLayer, read_geometries, rasterize_labels
+from data_pipelines.labels import LabelLayer, mask_label_conflicts, read_geometries, rasterize_labels
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.prepare import named_target
 from data_pipelines.shared_data import shared_file
@@ -90,6 +90,8 @@ def prepare_amsterdam(out_dir: str | Path, task: str = "buildings", *, survey: s
     label_tif = tmp / "labels" / "buildings.tif"
     rasterize_labels(rasters["dsm"], [LabelLayer(shared_file(BAG), layer=BAG_LAYER)], label_tif,
                      area=_units(units))
+    # AHN3 classifies buildings: footprints it contradicts over a whole object are unknown
+    conflicts = mask_label_conflicts(label_tif, rasters["class"]) if survey == "ahn3" else None
     split = amsterdam_block_split(rasters["dsm"], block_px, seed, fractions)
     write_tiles(rasters["dsm"], tmp / "tiles", label=label_tif, valid=rasters["valid"],
                 extras={"dtm": rasters["dtm"], "ndsm": rasters["ndsm"]}, tile_size=tile_size,
@@ -99,6 +101,7 @@ def prepare_amsterdam(out_dir: str | Path, task: str = "buildings", *, survey: s
                 extra_manifest={"preset": {
                     "name": f"amsterdam_{survey}", "place": "amsterdam", "task": task, "survey": survey,
                     "units": list(units), "crs": CRS, "labels": f"{BAG} layer {BAG_LAYER}",
+                    "label_conflicts_ignored": conflicts,
                     "labelled_area": f"the {survey.upper()} units of {INDEX}",
                     "split": "amsterdam_block_split: shared by ahn2 and ahn3 at equal cell_size, "
                              "block_px and seed"}})

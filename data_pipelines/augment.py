@@ -48,3 +48,16 @@ def random_symmetries(planes: list[tf.Tensor], seed: tf.Tensor, groups: int = GR
     out.append(tf.concat([tf.switch_case(picks[g], [lambda p=p, f=f: f(p) for f in SYMMETRIES])
                           for g, p in enumerate(parts)], axis=0))
   return out
+
+
+def random_coarsening(image: tf.Tensor, seed: tf.Tensor, prob: float, factor: int = 2) -> tf.Tensor:
+  """With probability `prob` per tile, `image` [B, H, W, C] as a source `factor` times coarser
+  would give it: block means, bilinearly interpolated back to the grid (as `resample.py` brings a
+  2 m DSM to 1 m). A model trained only on fine LiDAR reads such smoothed crowns as roofs."""
+  if prob <= 0:
+    return image
+  shape = tf.shape(image)
+  coarse = tf.nn.avg_pool2d(image, factor, factor, "VALID")
+  back = tf.image.resize(coarse, shape[1:3], "bilinear")
+  pick = tf.random.stateless_uniform(tf.stack([shape[0], 1, 1, 1]), seed) < prob
+  return tf.where(pick, back, image)

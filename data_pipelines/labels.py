@@ -172,3 +172,37 @@ def labels_from_class_raster(class_path: str | Path, out_path: str | Path, class
       sink.write(label, 1)
   values, counts = np.unique(label, return_counts=True)
   return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def mask_label_conflicts(label_path: str | Path, class_path: str | Path, classes: Sequence[int] = (6,),
+                         min_area_m2: float = 50.0, open_m: float = 3.0) -> dict:
+  """Set to IGNORE, in place, the labelled regions where footprints and an independent class
+  raster (LiDAR class 6 of the highest return) disagree over a whole object: footprints missing
+  from the register (Delft: a row of houses absent from BGT inside its hull) or standing where
+  the survey saw none. Disagreements are opened with a `open_m` square first, so wall offsets and
+  overhanging eaves (thin bands along every outline) stay labelled; then regions of at least
+  `min_area_m2` go. Returns {"missing": cells, "extra": cells, "regions": n}."""
+  import scipy.ndimage as ndi
+  with open_raster(label_path) as src:
+    label, profile, cell = read_band(src), src.profile, abs(src.transform.a)
+  with open_raster(class_path) as src:
+    if (src.height, src.width) != label.shape:
+      raise DataError(class_path, f"grid {src.height} x {src.width} differs from the labels' {label.shape}")
+    surveyed = np.isin(read_band(src), list(classes))
+  size = max(1, int(round(open_m / cell)))
+  counts, regions = {}, 0
+  for name, disagree in (("missing", surveyed & (label == 0)), ("extra", ~surveyed & (label == 1))):
+    opened = ndi.binary_opening(disagree, structure=np.ones((size, size), bool))
+    parts, n = ndi.label(opened)
+    areas = ndi.sum(opened, parts, np.arange(1, n + 1)) * cell * cell
+    big = np.isin(parts, np.flatnonzero(areas >= min_area_m2) + 1)
+    # the whole disagreement connected to a big opened region goes, not only its opened core
+    whole, _ = ndi.label(disagree)
+    region = np.isin(whole, np.unique(whole[big])) & disagree if big.any() else big
+    label[region] = IGNORE
+    counts[name] = int(region.sum())
+    regions += int((areas >= min_area_m2).sum())
+  with atomic_file(label_path, overwrite=True) as tmp:
+    with rasterio.open(tmp, "w", **profile) as sink:
+      sink.write(label, 1)
+  return {**counts, "regions": regions}

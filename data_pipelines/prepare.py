@@ -14,7 +14,7 @@ from typing import Mapping
 
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.errors import DataError
-from data_pipelines.labels import LabelLayer, labels_from_class_raster, rasterize_labels
+from data_pipelines.labels import LabelLayer, labels_from_class_raster, mask_label_conflicts, rasterize_labels
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.resample import resample_raster
 from data_pipelines.shared_data import shared_file
@@ -74,12 +74,14 @@ def _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype,
     rasters = las_to_rasters([shared_file(p) for p in DELFT_LAZ], tmp / "rasters", cell_size=cell_size,
                              crs=DELFT_CRS, progress=progress)
     label_tif = tmp / "labels" / f"{task}.tif"
+    conflicts = None
     coverage = [LabelLayer(shared_file(DELFT_BUILDINGS)), LabelLayer(shared_file(DELFT_ROADS))]
     if task == "roads":
       layer = LabelLayer(shared_file(DELFT_ROADS), field="function", values=DELFT_ROAD_FUNCTIONS)
       rasterize_labels(rasters["dsm"], [layer], label_tif, coverage=coverage)
     elif label_source == "bgt":
       rasterize_labels(rasters["dsm"], [LabelLayer(shared_file(DELFT_BUILDINGS))], label_tif, coverage=coverage)
+      conflicts = mask_label_conflicts(label_tif, rasters["class"])
     else:
       labels_from_class_raster(rasters["class"], label_tif, classes=(6,), valid_path=rasters["valid"])
     write_tiles(rasters["dsm"], tmp / "tiles", label=label_tif, valid=rasters["valid"],
@@ -88,7 +90,7 @@ def _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype,
                 seed=seed, dtype=dtype, label_names={0: "background", 1: task[:-1]}, progress=progress,
                 fractions=fractions or DEFAULT_FRACTIONS, extra_manifest={"preset": {
                     "name": "delft", "place": "delft", "task": task, "label_source": label_source,
-                    "laz": list(DELFT_LAZ), "crs": DELFT_CRS,
+                    "laz": list(DELFT_LAZ), "crs": DELFT_CRS, "label_conflicts_ignored": conflicts,
                     "road_functions": list(DELFT_ROAD_FUNCTIONS) if task == "roads" else None,
                     "labelled_area": "convex hull of bgt_pand + bgt_wegdeel" if label_source == "bgt" else "LiDAR returns"}})
   return out_dir / "tiles" / MANIFEST
@@ -117,6 +119,30 @@ def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overw
   with atomic_file(out, overwrite) as tmp:
     with rasterio.open(tmp, "w", **profile) as sink:
       sink.write(ndsm, 1)
+  return Path(out)
+
+
+def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str | Path) -> Path:
+  """A DSM as LiDAR sees it, from UMEP's vegetation-free DSM: max(DSM, DEM + canopy height)
+  where the canopy raster has vegetation. Without trees in the input a model never sees a raised
+  object that is not a building (issue 12: tree crowns were the held-out areas' false positives)."""
+  import numpy as np
+  import rasterio
+  from data_pipelines.atomic import atomic_file
+  from data_pipelines.errors import DataError
+  from data_pipelines.raster_io import open_raster, read_band
+  with open_raster(dsm) as a, open_raster(dem) as b, open_raster(canopy) as c:
+    for r, path in ((b, dem), (c, canopy)):
+      if r.crs != a.crs or r.transform != a.transform or r.shape != a.shape:
+        raise DataError(path, f"grid or CRS differs from {dsm}")
+    top, ground, trees = (read_band(r, masked=True).astype(np.float32) for r in (a, b, c))
+    profile = a.profile
+  crowns = np.ma.where(trees > 0, ground + trees, -np.inf)
+  out_dsm = np.ma.maximum(top, crowns).filled(np.nan)
+  profile.update(dtype="float32", nodata=np.nan, count=1)
+  with atomic_file(out, overwrite=False) as tmp:
+    with rasterio.open(tmp, "w", **profile) as sink:
+      sink.write(out_dsm, 1)
   return Path(out)
 
 
@@ -154,6 +180,7 @@ def prepare_alexandria(out_dir: str | Path, task: str = "buildings", *, cell_siz
 
 GOTHENBURG_DSM = "gothenburg/DSM_KRbig.tif"  # ground + buildings, vegetation removed (UMEP)
 GOTHENBURG_DEM = "gothenburg/DEM_KRbig.tif"  # ground
+GOTHENBURG_CANOPY = "gothenburg/CDSM_KRbig.tif"  # vegetation height above ground, 0 = none
 GOTHENBURG_COVER = "gothenburg/landcover.tif"  # 1 paved, 2 building, 5 grass, 7 water
 GOTHENBURG_CELL = 1.0
 GOTHENBURG_CLASSES = {"buildings": 2, "roads": 1}  # "roads" = paved: streets, pavements, squares
@@ -169,13 +196,16 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
   cover labels the whole raster; other classes are background. The raster is 234 x 223 px:
   the default 128 px blocks are only 4 (train gets 2, val and test 1 each), but 64 px blocks
   lose more tiles to straddling (18 / 2 / 3 tiles instead of 18 / 9 / 6). Another `cell_size`
-  resamples DSM/DEM (bilinear or average) and the labels (nearest or mode).
+  resamples DSM/DEM (bilinear or average) and the labels (nearest or mode). The DSM gets its
+  trees back from the canopy raster (`with_canopy`), as a LiDAR DSM has them.
   """
   if task not in GOTHENBURG_CLASSES:
     raise ValueError(f"task must be one of {tuple(GOTHENBURG_CLASSES)}, got {task!r}")
   out_dir = Path(out_dir)
   with named_target(out_dir), atomic_dir(out_dir, overwrite) as tmp:
-    dsm, dem = shared_file(GOTHENBURG_DSM), shared_file(GOTHENBURG_DEM)
+    dem = shared_file(GOTHENBURG_DEM)
+    dsm = with_canopy(shared_file(GOTHENBURG_DSM), dem, shared_file(GOTHENBURG_CANOPY),
+                      tmp / "rasters" / "dsm_canopy.tif")
     label_tif = tmp / "labels" / f"{task}.tif"
     labels_from_class_raster(shared_file(GOTHENBURG_COVER), label_tif, classes=(GOTHENBURG_CLASSES[task],))
     if cell_size != GOTHENBURG_CELL:
@@ -191,5 +221,6 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
                 extra_manifest={"preset": {"name": "gothenburg", "place": "gothenburg", "task": task,
                                            "crs": "EPSG:3007", "native_cell_size": GOTHENBURG_CELL,
                                            "labels": f"{GOTHENBURG_COVER} class {GOTHENBURG_CLASSES[task]}",
+                                           "dsm": f"max({GOTHENBURG_DSM}, DEM + {GOTHENBURG_CANOPY})",
                                            "labelled_area": "the whole raster"}})
   return out_dir / "tiles" / MANIFEST

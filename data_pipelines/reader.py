@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from data_pipelines.errors import DataError
 from data_pipelines.normalisation import normalise, parse_mode
-from data_pipelines.augment import random_symmetries
+from data_pipelines.augment import random_coarsening, random_symmetries
 from data_pipelines.tile_records import FLOAT_DTYPES, decode_mask, decode_raw_channel, parse_spec, to_metres
 from data_pipelines.tile_writer import FORMAT
 
@@ -57,12 +57,14 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
                     deterministic: bool = False, skip_batches: int = 0,
                     process_index: int | None = None, process_count: int | None = None,
                     shuffle_buffer: int = 2048, drop_remainder: bool | None = None,
-                    files: Sequence[str] | None = None, with_meta: bool = False) -> tf.data.Dataset:
+                    files: Sequence[str] | None = None, with_meta: bool = False,
+                    coarsen: float = 0.0) -> tf.data.Dataset:
   """The tf.data pipeline (tensors); `make_dataset` wraps it into NumPy dicts.
 
   Training defaults (split starting with 'train'): augment, shuffle, repeat, drop the remainder;
   evaluation splits: none of these. `files` (paths or globs, e.g. gs://...) overrides the split's
   shards. `process_index`/`process_count` default to jax.process_index()/process_count().
+  `coarsen`: with augmentation, the share of tiles shown as a 2x coarser source would give them.
   """
   manifest = read_manifest(manifest_path)
   training = split.startswith("train")
@@ -132,6 +134,8 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
                               ndsm=metres.get("ndsm"), scale_m=scale_m, low_percentile=low_percentile,
                               channels=channels, filled=True),
            "valid": tf.cast(valid, tf.float32)}
+    if augment and coarsen > 0:
+      out["image"] = random_coarsening(out["image"], aug_seed + tf.constant([1, 0], tf.int64), coarsen)
     if has_label:
       out["label"] = tf.cast(planes[-1], tf.int32)
     return out

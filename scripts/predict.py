@@ -1,11 +1,12 @@
 """Predict a finetuned segmenter over an elevation GeoTIFF (or a LAS/LAZ point cloud) of any size.
 
   python scripts/predict.py --workdir runs/buildings --input dsm.tif --output buildings.tif \
-      [--probabilities p.tif] [--polygons buildings.gpkg] [--png preview.png]
+      [--probabilities p.tif] [--uncertainty u.tif] [--polygons buildings.gpkg] [--png preview.png]
 
 Sliding windows of the model's tile size with --overlap, blended with a 2-D Hann weight, read and
 written block by block (memory does not grow with the raster: benchmarks/predict_memory.py),
-batched over the devices. The classes GeoTIFF has the input's CRS, transform and size, uint8 with
+batched over the devices. Rasters are Cloud-Optimized GeoTIFFs (docs/gis_outputs.md). The classes
+GeoTIFF has the input's CRS, transform and size, uint8 with
 255 = nodata (where the input is nodata/NaN), deflate-compressed and tiled. A LAS/LAZ input is
 first rasterised to a DSM at the model's cell size (data_pipelines.lidar; --crs when the header
 has none). Refused with a clear error (`predict: error: <file>: <problem>`, exit 2), before any
@@ -33,7 +34,18 @@ _INPUT = flags.DEFINE_string("input", None, "Elevation GeoTIFF, or a .las/.laz p
 _OUTPUT = flags.DEFINE_string("output", None, "Classes GeoTIFF to write.")
 _PROBS = flags.DEFINE_string("probabilities", None, "Also write class probabilities (GeoTIFF).")
 _POLYGONS = flags.DEFINE_string("polygons", None, "Also write polygons of the positive class "
-                                "(.gpkg or .geojson).")
+                                "(.gpkg or .geojson) with area, perimeter, mean probability, source, "
+                                "model and, for buildings, height above ground (docs/gis_outputs.md).")
+_REGULARISE = flags.DEFINE_bool("regularise", False, "Polygons with right angles (holes kept).")
+_SIMPLIFY = flags.DEFINE_float("simplify_m", 0.0, "Simplify polygons with this tolerance (m).")
+_MIN_AREA = flags.DEFINE_float("min_area_m2", 0.0, "Drop polygons smaller than this (m2).")
+_DTM = flags.DEFINE_string("dtm", None, "Terrain model on the input's grid: building heights = DSM - "
+                           "DTM (default: the input itself for an nDSM model, else estimated from "
+                           "the DSM alone).")
+_UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Also write the per-pixel uncertainty (normalised "
+                                   "entropy of the probabilities, 0 sure .. 1 unsure; COG). Best with --tta.")
+_STAC = flags.DEFINE_string("stac", None, "Also write a STAC Item (JSON) describing the outputs, "
+                            "the model and the source (demmae_jax/gis/stac.py).")
 _PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes), decimated.")
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
@@ -99,6 +111,33 @@ def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: b
   plt.close(fig)
 
 
+def write_polygons(source: str, spec: dict, probs, model: str, dtm: str | None) -> dict:
+  """The positive class's polygons with their attributes (demmae_jax.gis.polygons)."""
+  from demmae_jax.gis import polygons
+  from demmae_jax.inference.segmenter import input_raster_name
+  name = spec["class_names"][1]
+  heights = None
+  if name == "building":
+    if input_raster_name(spec) == "ndsm":
+      heights = polygons.HeightSource(ndsm=source)
+    else:
+      heights = polygons.HeightSource(dsm=source, dtm=dtm)
+  opts = polygons.PolygonOptions(simplify_m=_SIMPLIFY.value, regularise=_REGULARISE.value,
+                                 min_area_m2=_MIN_AREA.value)
+  try:
+    return polygons.write_class_polygons(
+        _OUTPUT.value, _POLYGONS.value, value=1, name=name, opts=opts, probabilities=probs,
+        heights=heights, source=Path(_INPUT.value).name, model=model, overwrite=_OVERWRITE.value)
+  finally:
+    if heights is not None:
+      heights.close()
+
+
+def _outputs() -> list[str]:
+  return [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _UNCERTAINTY.value, _PNG.value,
+                      _STAC.value) if p]
+
+
 def _fingerprint(path) -> tuple | None:
   try:
     st = os.stat(path)
@@ -117,10 +156,14 @@ def main(argv):
   from demmae_jax.inference.segmenter import (check_window, input_normalise, input_raster_name,
                                             read_spec)
 
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  outputs = _outputs()
   workdir = Path(_WORKDIR.value)
   # before any (slow) work: no output may be an input (also through links), all must be writable
-  check_outputs(outputs, [_INPUT.value, workdir, *workdir.glob("*.json"), workdir / "checkpoints"])
+  check_outputs(outputs, [_INPUT.value, _DTM.value, workdir, *workdir.glob("*.json"),
+                          workdir / "checkpoints"])
+  if _POLYGONS.value:
+    from demmae_jax.gis.vector_io import check_vector_path
+    check_vector_path(_POLYGONS.value)
   existing = [p for p in outputs if Path(p).exists()]
   if existing and not _OVERWRITE.value:
     raise FileExistsError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
@@ -140,7 +183,7 @@ def main(argv):
       batch_size=_BATCH.value, block=_BLOCK.value, band=_BAND.value,
       class_names=tuple(spec["class_names"]))
   with scratch_dir(_OUTPUT.value) as scratch:
-    source, band = _INPUT.value, _BAND.value
+    source, band, dtm = _INPUT.value, _BAND.value, _DTM.value
     if Path(source).suffix.lower() in (".las", ".laz"):
       from data_pipelines.lidar import inspect_las, las_to_rasters
       from data_pipelines.raster_io import metres_per_unit
@@ -148,16 +191,33 @@ def main(argv):
       rasters = las_to_rasters([source], scratch, cell_size=spec["cell_size"] / unit, crs=_CRS.value)
       # an nDSM model reads height above the LiDAR's own ground
       source = str(rasters["ndsm" if input_raster_name(spec) == "ndsm" else "dsm"])
+      dtm = str(rasters["dtm"])  # building heights above the LiDAR's own ground
       band = None
       opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
     check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
+    probs = _PROBS.value or (scratch / "probabilities.tif" if _UNCERTAINTY.value or _POLYGONS.value
+                             else None)
     summary = predict.predict_raster(
         source, _OUTPUT.value, make_apply(model, _BATCH.value, _TTA.value),
         input_normalise(spec), opts,
-        probabilities_path=_PROBS.value, polygons_path=_POLYGONS.value, crs=_CRS.value,
+        probabilities_path=probs, crs=_CRS.value,
         overwrite=_OVERWRITE.value)
+    if _UNCERTAINTY.value:
+      from demmae_jax.gis.uncertainty import write_uncertainty
+      summary["uncertainty"] = str(write_uncertainty(probs, _UNCERTAINTY.value, _OVERWRITE.value))
+    summary["probabilities"] = _PROBS.value
+    if _POLYGONS.value:
+      summary["polygons"] = write_polygons(source, spec, probs, f"{workdir} step {step}", dtm)
     if _PNG.value:
       preview(source, band or 1, _OUTPUT.value, Path(_PNG.value), _OVERWRITE.value)
+    if _STAC.value:
+      from demmae_jax.gis.stac import write_item
+      write_item(_STAC.value, {"classes": _OUTPUT.value, "probabilities": _PROBS.value,
+                               "uncertainty": _UNCERTAINTY.value, "polygons": _POLYGONS.value,
+                               "png": _PNG.value}, class_names=spec["class_names"],
+                 source=_INPUT.value, model=f"{workdir} step {step}", overwrite=_OVERWRITE.value,
+                 properties={"demmae:tta": _TTA.value, "demmae:window": tile})
+      summary["stac"] = _STAC.value
   total = sum(summary["pixels_per_class"].values()) + summary["nodata_pixels"]
   if summary["nodata_pixels"] > 0.5 * total:
     print(f"predict: warning: {summary['nodata_pixels'] / total:.0%} of {_INPUT.value} is nodata "
@@ -171,7 +231,7 @@ def main(argv):
 
 def on_terminate(before: dict) -> str:
   """What a SIGTERM left: outputs are committed only at the end, so usually none."""
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  outputs = _outputs()
   written = [p for p in outputs if _fingerprint(p) != before.get(p)]
   if not written:
     return ("no output was written or changed (" + ", ".join(outputs) + "); temporaries were "
@@ -183,7 +243,7 @@ def on_terminate(before: dict) -> str:
 def guarded_main(argv):
   """main, reporting on SIGTERM which outputs were (not) written."""
   from demmae_jax.train import cli
-  outputs = [p for p in (_OUTPUT.value, _PROBS.value, _POLYGONS.value, _PNG.value) if p]
+  outputs = _outputs()
   before = {p: _fingerprint(p) for p in outputs}
   try:
     with cli.sigterm_raises():

@@ -133,3 +133,35 @@ def test_land_cover_nodata_becomes_ignore(tmp_path, dem):
   label = rasterio.open(tmp_path / "l.tif").read(1)
   assert (label[:8] == 1).all() and (label[-1] == IGNORE).all()
   assert counts == {0: 64 * 55, 1: 64 * 8, IGNORE: 64}
+
+
+def _raster(path, array):
+  profile = dict(driver="GTiff", width=array.shape[1], height=array.shape[0], count=1, dtype="uint8",
+                 crs="EPSG:32631", transform=rasterio.transform.from_origin(X0, Y0, 1.0, 1.0))
+  with rasterio.open(path, "w", **profile) as sink:
+    sink.write(array, 1)
+  return path
+
+
+def test_label_conflicts_mask_whole_missing_or_extra_buildings_not_outline_offsets(tmp_path):
+  from data_pipelines.labels import mask_label_conflicts
+  label = np.zeros((64, 64), np.uint8)
+  cls = np.full((64, 64), 2, np.uint8)  # ground
+  label[5:25, 5:25] = 1  # a footprint ...
+  cls[6:26, 5:25] = 6  # ... the survey's roof one cell south of it (an offset band, 20 m2)
+  cls[40:50, 5:15] = 6  # a house of 100 m2 missing from the register
+  cls[40:44, 30:34] = 6  # a 16 m2 shed missing from it: too small to call the register wrong
+  label[40:50, 45:55] = 1  # a footprint the survey did not see as building (100 m2)
+  label[:, 60:] = IGNORE
+  cls[:, 60:] = 6  # outside the labelled area nothing changes
+  before = label.copy()
+  counts = mask_label_conflicts(_raster(tmp_path / "l.tif", label), _raster(tmp_path / "c.tif", cls),
+                                min_area_m2=50, open_m=3)
+  after = rasterio.open(tmp_path / "l.tif").read(1)
+  expected = before.copy()
+  expected[40:50, 5:15] = IGNORE
+  expected[40:50, 45:55] = IGNORE
+  np.testing.assert_array_equal(after, expected)
+  assert counts == {"missing": 100, "extra": 100, "regions": 2}
+  with pytest.raises(DataError, match="c2.tif"):
+    mask_label_conflicts(tmp_path / "l.tif", _raster(tmp_path / "c2.tif", cls[:32]))

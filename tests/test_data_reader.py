@@ -180,3 +180,24 @@ def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifes
         want = normalise_numpy(t["elevation"], None, mode, stats=m["stats"]["elevation"])
         np.testing.assert_allclose(b["image"][i], want, atol=1e-6, err_msg=mode)
         np.testing.assert_array_equal(b["label"][i], t["label"])
+
+
+def test_coarsening_shows_a_share_of_tiles_as_a_2x_coarser_source(manifest):
+  kw = dict(global_batch_size=8, normalisation="zscore", deterministic=True, seed=3, augment=True, **ONE_HOST)
+  plain, coarse = make_dataset(manifest, "train", **kw), make_dataset(manifest, "train", coarsen=0.5, **kw)
+  coarsened = 0
+  for _ in range(4):
+    a, b = next(plain), next(coarse)
+    np.testing.assert_array_equal(a["label"], b["label"])  # the same tiles, symmetries, labels
+    for x, y in zip(a["image"], b["image"]):
+      if np.array_equal(x, y):
+        continue
+      coarsened += 1
+      h, w, c = x.shape  # block means, bilinearly back: the 2 x 2 means of y are those of x
+      means = lambda t: t.reshape(h // 2, 2, w // 2, 2, c).mean((1, 3))  # noqa: E731
+      assert np.abs(means(y) - means(x)).max() < 0.35 * np.abs(x).max()
+      assert np.abs(np.diff(y, axis=0)).mean() < np.abs(np.diff(x, axis=0)).mean()  # smoother
+  assert 8 <= coarsened <= 24  # about half of 32 tiles
+  ev = dict(global_batch_size=8, deterministic=True, **ONE_HOST)
+  evaluation, reference = make_dataset(manifest, "val", coarsen=1.0, **ev), make_dataset(manifest, "val", **ev)
+  np.testing.assert_array_equal(next(evaluation)["image"], next(reference)["image"])  # never at evaluation

@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("demmae_jax", "data_pipelines")
 # The programs on top of the library: they may import any of it, and nothing below imports them.
 APPS = ("demmae_jax.experiments", "demmae_jax.study", "demmae_jax.area_eval",
-        "demmae_jax.baselines")
+        "demmae_jax.baselines", "demmae_jax.probe", "demmae_jax.cli", "demmae_jax.gis.change",
+        "demmae_jax.gis.evaluate")
 CORE = ("demmae_jax.sharding", "demmae_jax.metrics", "demmae_jax.checkpoints", "demmae_jax.mae",
         "demmae_jax.workdirs", "demmae_jax.config_files")
 # (modules, the imports they must not make, why)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,10 +30,10 @@ import shapely.geometry
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from data_pipelines.atomic import atomic_file, sweep_stale, temp_prefix
 from data_pipelines.errors import DataError
 from data_pipelines.raster_io import (check_elevation_range, elevation_band, open_raster, read_band,
                                      read_masks)
+from demmae_jax.gis import cog, vector_io
 
 CLASS_NODATA = 255
 # (dem [B, t, t] float32 with holes filled, valid [B, t, t] bool) -> network input [B, t, t, C].
@@ -191,9 +190,10 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
                    normalise: Normalise, opts: PredictOptions, *, probabilities_path=None,
                    polygons_path=None, crs=None, overwrite: bool = False,
                    progress: bool = True) -> dict:
-  """Classes (uint8, nodata 255) to `dst_path`, optionally probabilities (float32, one band per
+  """Classes (uint8, nodata 255, colour table) to `dst_path`, optionally probabilities (float32, one band per
   class, nodata NaN) and positive-class polygons (GeoJSON or GeoPackage by extension). Same CRS,
-  transform and size as the input; every output written atomically; existing outputs refused
+  transform and size as the input; rasters are Cloud-Optimized GeoTIFFs with internal overviews
+  (gis/cog.py); every output written atomically; existing outputs refused
   unless `overwrite`. Returns a summary (pixels per class, windows, paths)."""
   outputs = [Path(p) for p in (dst_path, probabilities_path, polygons_path) if p is not None]
   for p in outputs:  # refuse before any work is done
@@ -210,13 +210,14 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
     profile = dict(driver="GTiff", width=src.width, height=src.height, crs=out_crs,
                    transform=src.transform, tiled=True, blockxsize=256, blockysize=256,
                    compress="deflate", BIGTIFF="IF_SAFER")
-    tmp = stack.enter_context(atomic_file(dst_path, overwrite))
+    # streamed into a tiled GeoTIFF, copied into a Cloud-Optimized GeoTIFF when all went well
+    tmp = stack.enter_context(cog.cog_output(dst_path, overwrite, "nearest"))
     dst = stack.enter_context(rasterio.open(tmp, "w", **profile, count=1, dtype="uint8",
                                             nodata=CLASS_NODATA))
     dst.write_colormap(1, _colormap(num_classes))
     prob = None
     if probabilities_path is not None:
-      ptmp = stack.enter_context(atomic_file(probabilities_path, overwrite))
+      ptmp = stack.enter_context(cog.cog_output(probabilities_path, overwrite, "average", predictor=3))
       prob = stack.enter_context(rasterio.open(ptmp, "w", **profile, count=num_classes,
                                                dtype="float32", nodata=float("nan"), predictor=3))
       for i, name in enumerate(opts.class_names):
@@ -268,7 +269,7 @@ def _colormap(num_classes: int) -> dict:
   return {i: palette[i % len(palette)] for i in range(num_classes)}
 
 
-POLYGON_DRIVERS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG"}
+POLYGON_DRIVERS = vector_io.DRIVERS
 
 
 class _Polygons:
@@ -291,31 +292,15 @@ class _Polygons:
           (inner[2] and ys[1] >= win.height) or (inner[3] and xs[1] >= win.width)
       (self.edge if touches else self.done).append(shapely.geometry.shape(geom))
 
-  def write(self, path, crs, name: str, overwrite: bool):
-    import pyogrio.raw
+  def geometries(self) -> list:
+    """The polygons: those inside blocks, and the union of the pieces on inner block edges."""
     merged = shapely.unary_union(self.edge) if self.edge else None
-    geoms = self.done + ([] if merged is None else list(shapely.get_parts(merged)))
-    path = Path(path)
-    if path.exists() and not overwrite:
-      raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
-    # OGR drivers want their own extension, so the temporary file keeps it (atomic_file's would
-    # not); named like atomic_file's, so that a killed run's is swept by the next one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(path.parent)
-    tmp = path.with_name(f"{temp_prefix(path.name)}{os.urandom(4).hex()}.tmp{path.suffix}")
-    try:
-      pyogrio.raw.write(tmp, geometry=np.array(shapely.to_wkb(geoms), dtype=object),
-                        field_data=[np.array([name] * len(geoms), dtype=object),
-                                    np.array([g.area for g in geoms], dtype=np.float64)],
-                        fields=["class", "area"], crs=crs.to_wkt(), layer=_layer_name(name),
-                        geometry_type="Polygon", driver=POLYGON_DRIVERS[path.suffix.lower()])
-      os.replace(tmp, path)
-    finally:
-      tmp.unlink(missing_ok=True)
+    return self.done + ([] if merged is None else list(shapely.get_parts(merged)))
 
-
-def _layer_name(name: str) -> str:
-  return "".join(ch if ch.isalnum() else "_" for ch in name) or "polygons"
+  def write(self, path, crs, name: str, overwrite: bool):
+    geoms = self.geometries()
+    vector_io.write_polygons(path, geoms, {"class": [name] * len(geoms),
+                                           "area": [g.area for g in geoms]}, crs, name, overwrite)
 
 
 def _pixel_bounds(geom, transform):

@@ -199,9 +199,15 @@ def execute(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
   return guarded(prog, lambda: main(rest), debug=_DEBUG.value)
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
   """app.run with the contract above, and absl logging at WARNING (orbax logs every file it
-  writes at INFO)."""
+  writes at INFO). --help prints the script's doc and flags and exits 0 (absl's exits 1)."""
+  asked = [a for a in sys.argv[1:] if a in HELP_FLAGS]
+  if asked:
+    app.usage(shorthelp=asked[0] != "--helpfull", writeto_stdout=True, exitcode=0)
 
   def parser(argv):
     rest, error = parse_flags(argv)

@@ -273,7 +273,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
 
   def train_batches(start):  # deterministic and skippable: a resumed run sees the same batches
     return make_dataset(config.data.manifest, config.data.train_split,
-                        global_batch_size=int(config.global_batch), skip_batches=start, **reader)
+                        global_batch_size=int(config.global_batch), skip_batches=start,
+                        coarsen=float(config.data.coarsen), **reader)
 
   if config.cache_features:
     cache, backbone_state = build_feature_cache(config, spec, backbone_state)

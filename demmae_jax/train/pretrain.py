@@ -226,21 +226,29 @@ def export(workdir: str | Path, out: str | Path, *, step: int | None = None,
   written whole (the decoder is small; finetuning reads the encoder only) as a checkpoint that
   `mae.from_pretrained` loads: orbax `state/` + `config.json`, atomically."""
   from data_pipelines.atomic import check_outputs
-  from demmae_jax import mae, workdirs
-  from demmae_jax.inference.restore import restore
+  from demmae_jax import mae
   workdir, out = Path(workdir), Path(out)
   check_outputs([out], [workdir])  # `out` replaced as a whole must not be or hold the workdir
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-  config_file = workdir / workdirs.CONFIG_FILE
+  model, step = restore_mae(workdir, step)
+  return mae.save_model(model, out, overwrite=overwrite), step
+
+
+def restore_mae(workdir: str | Path, step: int | None = None
+                ) -> tuple[mae_model.MaskedAutoencoder, int]:
+  """(the MAE of pretraining run `workdir` at `step` (default: the latest), that step). The
+  architecture is the run's config.json's; its init file is not read (the checkpoint holds every
+  weight)."""
+  from demmae_jax import workdirs
+  from demmae_jax.inference.restore import restore
+  config_file = Path(workdir) / workdirs.CONFIG_FILE
   if not config_file.is_file():
     raise FileNotFoundError(f"{config_file} not found: not a pretraining workdir")
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  # The checkpoint holds every weight: the architecture is the config's, its init file unread.
   model = nnx.eval_shape(lambda: mae_model.MaskedAutoencoder(model_config(config.model),
                                                              rngs=nnx.Rngs(params=0)))
-  model, step = restore(model, workdir, "latest" if step is None else step)
-  return mae.save_model(model, out, overwrite=overwrite), step
+  return restore(model, workdir, "latest" if step is None else step)
 
 
 def _eval_losses(model, images, key):

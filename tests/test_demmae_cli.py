@@ -1,0 +1,38 @@
+"""The `demmae` tool: declared as a console entry point, lists its commands, runs a stage's
+script with its own --help (exit 0) and refuses an unknown command (exit 2)."""
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from demmae_jax import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_entry_point_is_declared_and_every_command_has_a_target():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert project["scripts"]["demmae"] == "demmae_jax.cli:main"
+  for name, ((kind, target), _) in cli.COMMANDS.items():
+    if kind == "script":
+      assert (ROOT / "scripts" / target).exists(), name
+
+
+def test_help_lists_the_commands_and_unknown_ones_are_refused(capsys):
+  assert cli.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  assert all(f"  {name}" in out for name in ("prepare", "predict", "change", "gis-evaluate"))
+  assert cli.main(["nosuch"]) == 2
+  assert "unknown command 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["predict", "finetune", "change"])
+def test_command_help_exits_0(command):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  done = subprocess.run([sys.executable, "-m", "demmae_jax.cli", command, "--help"], cwd=ROOT,
+                        capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "--" in done.stdout and len(done.stdout.splitlines()) > 5
