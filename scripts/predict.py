@@ -39,9 +39,9 @@ _POLYGONS = flags.DEFINE_string("polygons", None, "Also write polygons of the po
 _REGULARISE = flags.DEFINE_bool("regularise", False, "Polygons with right angles (holes kept).")
 _SIMPLIFY = flags.DEFINE_float("simplify_m", 0.0, "Simplify polygons with this tolerance (m).")
 _MIN_AREA = flags.DEFINE_float("min_area_m2", 0.0, "Drop polygons smaller than this (m2).")
-_DTM = flags.DEFINE_string("dtm", None, "Terrain model on the input's grid: building heights = DSM - "
-                           "DTM (default: the input itself for an nDSM model, else estimated from "
-                           "the DSM alone).")
+_DTM = flags.DEFINE_string("dtm", None, "Terrain model on the input's grid. A DSM input with an nDSM "
+                           "model is predicted on DSM - DTM; building heights = DSM - DTM (default: "
+                           "the input itself for an nDSM model, else estimated from the DSM alone).")
 _UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Also write the per-pixel uncertainty (normalised "
                                    "entropy of the probabilities, 0 sure .. 1 unsure; COG). Best with --tta.")
 _STAC = flags.DEFINE_string("stac", None, "Also write a STAC Item (JSON) describing the outputs, "
@@ -174,6 +174,8 @@ def main(argv):
     src, _ = predict.open_elevation(_INPUT.value, _BAND.value, _CRS.value)
     src.close()
     check_cell_size(_INPUT.value, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
+    if input_raster_name(spec) == "ndsm" and not _DTM.value:  # a DSM would map as all "tall"
+      predict.check_height_above_ground(_INPUT.value, _BAND.value)
   model, spec, step = load_trained(workdir, _STEP.value if _STEP.value in ("best", "latest")
                                    else int(_STEP.value))
   tile = _WINDOW.value or spec["tile_size"]
@@ -192,6 +194,11 @@ def main(argv):
       # an nDSM model reads height above the LiDAR's own ground
       source = str(rasters["ndsm" if input_raster_name(spec) == "ndsm" else "dsm"])
       dtm = str(rasters["dtm"])  # building heights above the LiDAR's own ground
+      band = None
+      opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
+    elif input_raster_name(spec) == "ndsm" and dtm:  # an nDSM model reads DSM - DTM
+      from data_pipelines.prepare import height_above_ground
+      source = str(height_above_ground(source, dtm, scratch / "ndsm.tif"))
       band = None
       opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
     check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)

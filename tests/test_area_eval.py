@@ -2,6 +2,7 @@
 test-time augmentation is exactly equivariant, windows larger than the tile only for the UNet,
 and the test-area mask is the tile set's test blocks."""
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +81,32 @@ def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
   assert got["iou"] == pytest.approx(tp / union)
   assert 0 <= got["boundary_iou"] <= 1
   json.dumps(got)  # serialisable for the study's result files
+  _predict_script_reads_height_above_ground(tmp_path, tmp_path / "wd", tmp_path / "d" / "rasters")
+
+
+def _predict_script_reads_height_above_ground(tmp_path, workdir, rasters):
+  """The nDSM model of the test above through scripts/predict.py: a DSM with --dtm is predicted
+  as DSM - DTM, exactly as the nDSM; a DSM of a city 40 m above its datum without one is refused
+  before the model loads."""
+  import subprocess
+  import sys
+  import rasterio
+  root = Path(__file__).resolve().parent.parent
+  with rasterio.open(rasters / "dsm.tif") as src:
+    profile, dsm = src.profile, src.read(1)
+  with rasterio.open(tmp_path / "dsm40.tif", "w", **profile) as dst:
+    dst.write(dsm + 40, 1)
+  base = [sys.executable, str(root / "scripts" / "predict.py"), f"--workdir={workdir}", "--window=128"]
+  run = lambda *a: subprocess.run(base + list(a), capture_output=True, text=True, cwd=root)  # noqa: E731
+  refused = run(f"--input={tmp_path / 'dsm40.tif'}", f"--output={tmp_path / 'no.tif'}")
+  assert refused.returncode == 2 and "dsm40.tif" in refused.stderr and "not height above ground" in refused.stderr
+  assert not (tmp_path / "no.tif").exists()
+  outs = {}
+  for name, args in (("ndsm", [f"--input={rasters / 'ndsm.tif'}"]),
+                     ("dsm_dtm", [f"--input={rasters / 'dsm.tif'}", f"--dtm={rasters / 'dtm.tif'}"])):
+    done = run(*args, f"--output={tmp_path / name}.tif")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with rasterio.open(tmp_path / f"{name}.tif") as src:
+      outs[name] = src.read(1)
+  np.testing.assert_array_equal(outs["ndsm"], outs["dsm_dtm"])
+  assert (outs["ndsm"] == 1).mean() > 0.05

@@ -184,3 +184,15 @@ def test_polygons_are_merged_across_blocks(tmp_path, suffix):
   _, _, geometry, _ = pyogrio.raw.read(tmp_path / f"b{suffix}")
   areas = sorted(shapely.area(shapely.from_wkb(geometry)))
   assert areas == sorted((r1 - r0) * (c1 - c0) * 0.25 for r0, c0, r1, c1 in boxes)
+
+
+def test_height_above_ground_check_refuses_absolute_heights(tmp_path):
+  from data_pipelines.errors import DataError
+  from demmae_jax.inference.raster import check_height_above_ground
+  ndsm, _ = blocks_dem()  # ground ~0 m, 10 m blocks
+  write_tif(tmp_path / "ndsm.tif", ndsm)
+  check_height_above_ground(tmp_path / "ndsm.tif")
+  for name, offset in (("dsm.tif", 35.0), ("below.tif", -8.0)):
+    write_tif(tmp_path / name, ndsm + offset)
+    with pytest.raises(DataError, match=f"{name}.*not height above ground"):
+      check_height_above_ground(tmp_path / name)

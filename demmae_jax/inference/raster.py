@@ -309,3 +309,30 @@ def _pixel_bounds(geom, transform):
   cols, rows = ~transform @ (xy[:, 0], xy[:, 1])
   return (math.floor(np.min(rows) + 1e-6), math.ceil(np.max(rows) - 1e-6)), \
       (math.floor(np.min(cols) + 1e-6), math.ceil(np.max(cols) - 1e-6))
+
+
+# An nDSM holds the ground at ~0 m: over a city block or a field at least a few per cent of the
+# cells are ground. A DSM or DTM in absolute heights (tens to hundreds of metres above the datum)
+# fed to an nDSM model makes everything "tall": refused instead of mapped.
+NDSM_GROUND_SHARE = 0.02
+NDSM_GROUND_M = 1.0
+
+
+def check_height_above_ground(path: str | Path, band: int | None = None, sample_px: int = 1024) -> None:
+  """Refuse a raster that cannot be height above ground: its lowest `NDSM_GROUND_SHARE` of cells
+  (read decimated to at most `sample_px` a side) lie above `NDSM_GROUND_M` or far below 0."""
+  with open_raster(path) as src:
+    band = elevation_band(src, band)
+    scale = max(1, int(np.ceil(max(src.height, src.width) / sample_px)))
+    shape = (max(1, src.height // scale), max(1, src.width // scale))
+    data = src.read(band, out_shape=shape, masked=True).astype(np.float64)
+  values = data.compressed()
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    return
+  low = float(np.quantile(values, NDSM_GROUND_SHARE))
+  if low > NDSM_GROUND_M or low < -NDSM_GROUND_M:
+    raise DataError(path, f"is not height above ground: {NDSM_GROUND_SHARE:.0%} of its cells are "
+                    f"{'above' if low > 0 else 'below'} {low:.1f} m, while an nDSM has its ground at "
+                    f"0 m. This model reads an nDSM: pass --dtm (terrain on the same grid, the nDSM "
+                    f"is DSM - DTM), a LiDAR .las/.laz, or an nDSM raster")
