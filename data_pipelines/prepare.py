@@ -146,6 +146,29 @@ def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str |
   return Path(out)
 
 
+def hide_under_canopy(label_path: str | Path, canopy: str | Path) -> int:
+  """Positive cells under a tree crown become unknown (255), in place: a DSM with its trees shows
+  the crown, not the street or roof below it (a label there would teach "crowns are streets").
+  Background under a crown stays background: a tree is background for every task. Returns how
+  many cells were hidden."""
+  import numpy as np
+  import rasterio
+  from data_pipelines.atomic import atomic_file
+  from data_pipelines.errors import DataError
+  from data_pipelines.labels import IGNORE
+  from data_pipelines.raster_io import open_raster, read_band
+  with open_raster(label_path) as a, open_raster(canopy) as c:
+    if a.shape != c.shape or a.transform != c.transform:
+      raise DataError(canopy, f"grid differs from {label_path}")
+    label, trees, profile = read_band(a), read_band(c, masked=True).filled(0), a.profile
+  hidden = (label == 1) & (trees > 0)
+  label[hidden] = IGNORE
+  with atomic_file(label_path, overwrite=True) as tmp:
+    with rasterio.open(tmp, "w", **profile) as sink:
+      sink.write(label, 1)
+  return int(hidden.sum())
+
+
 def prepare_alexandria(out_dir: str | Path, task: str = "buildings", *, cell_size: float = 2.0,
                        tile_size: int = 64, stride: int | None = 32, block_px: int | None = None,
                        dtype: str = "float16", min_valid: float = 0.9, min_labelled: float = 0.25,
@@ -208,6 +231,7 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
                       tmp / "rasters" / "dsm_canopy.tif")
     label_tif = tmp / "labels" / f"{task}.tif"
     labels_from_class_raster(shared_file(GOTHENBURG_COVER), label_tif, classes=(GOTHENBURG_CLASSES[task],))
+    hidden = hide_under_canopy(label_tif, shared_file(GOTHENBURG_CANOPY))
     if cell_size != GOTHENBURG_CELL:
       dsm = resample_raster(dsm, tmp / "rasters" / "dsm.tif", cell_size)
       dem = resample_raster(dem, tmp / "rasters" / "dtm.tif", cell_size)
@@ -222,5 +246,6 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
                                            "crs": "EPSG:3007", "native_cell_size": GOTHENBURG_CELL,
                                            "labels": f"{GOTHENBURG_COVER} class {GOTHENBURG_CLASSES[task]}",
                                            "dsm": f"max({GOTHENBURG_DSM}, DEM + {GOTHENBURG_CANOPY})",
+                                           "hidden_under_canopy": hidden,
                                            "labelled_area": "the whole raster"}})
   return out_dir / "tiles" / MANIFEST
