@@ -71,9 +71,10 @@ def main(argv):
 
   workdir = Path(_WORKDIR.value)
   from data_pipelines.raster_source import NORMALISATIONS
-  if config.data.normalisation.mode not in NORMALISATIONS:
+  tiles = bool(config.data.corpus_tiles)  # TFRecord corpora: data_pipelines/corpus_reader.py
+  if not tiles and config.data.normalisation.mode not in NORMALISATIONS:
     raise app.UsageError(f"data.normalisation.mode must be one of {NORMALISATIONS}")
-  if config.data.normalisation.mode == "ndsm" and not config.data.corpus:
+  if config.data.normalisation.mode == "ndsm" and not (config.data.corpus or tiles):
     raise app.UsageError("normalisation 'ndsm' reads nDSM rasters: set --config.data.corpus (e.g. auto)")
   if config.data.corpus not in ("", "auto") and not (Path(config.data.corpus) / "corpus.json").exists():
     raise app.UsageError(f"{config.data.corpus} holds no corpus.json: build it with "
@@ -88,16 +89,21 @@ def main(argv):
     checkpointing.check_config(workdir, config)  # refuse another run's workdir; writes nothing
     n = config.data.normalisation
     norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
-    if config.data.corpus:
+    if tiles:
+      from data_pipelines.corpus_reader import pretrain_sources
+      source, eval_batch = pretrain_sources(config, workdir)
+      files = eval_files = ()
+    elif config.data.corpus:
       files, eval_files = corpus_files(config, workdir)
     else:
       files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
       eval_files = [shared_file(f) for f in config.data.eval_files]
-    source = RasterCrops.from_files(files, crop=config.model.img_size,
-                                    global_batch=config.global_batch, seed=config.data.seed,
-                                    augment=config.data.augment, min_relief=config.data.min_relief,
-                                    **norm)
-    eval_batch = None
+    if not tiles:
+      source = RasterCrops.from_files(files, crop=config.model.img_size,
+                                      global_batch=config.global_batch, seed=config.data.seed,
+                                      augment=config.data.augment, min_relief=config.data.min_relief,
+                                      **norm)
+      eval_batch = None
     if config.eval_every_steps and eval_files:
       held_out = RasterCrops.from_files(eval_files, crop=config.model.img_size,
                                         global_batch=config.data.eval_samples,

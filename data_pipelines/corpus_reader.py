@@ -1,0 +1,210 @@
+"""Pretraining batches streamed from Beam-built corpora (data_pipelines/corpus_beam.py) by tf.data.
+
+    source = CorpusTiles(["runs/corpus/corpus_manifest.json"], global_batch=256, normalisation="ndsm")
+    for batch in source.batches(start_step, rows=(a, b)):  # {"image": float32 [b - a, H, W, C]}
+
+The same interface as data_pipelines.raster_source.RasterCrops, so the training loop takes either.
+
+- Files: the shards of every manifest (globs of manifests or corpus folders, local or gs://) whose
+  role matches (train / eval) and that hold the channels the normalisation needs ("ndsm": LiDAR
+  shards only), sorted; process p of P reads shards p, p + P, ... (every P-th record when there
+  are fewer shards than processes).
+- Order: epoch e reads this process's shards in a permutation seeded by (seed, e), interleaved
+  (ordered), through a shuffle buffer seeded by (seed, e); epochs are concatenated, then batched.
+  Batch s is thus a pure function of (seed, s, the process's shards): a run resumed at step s
+  reads from epoch floor(s * b / N) on (N: the process's tile count, from the manifests) and skips
+  the rest of that epoch's records unparsed, so it sees bit-identical batches to an uninterrupted
+  run, at the cost of at most one epoch of reading.
+- Per batch: parse (tf.io.parse_example), random symmetries per group of tiles (augment.py, seeded
+  by (seed, step)), an optional random crop to `crop` px (one offset per batch, seeded likewise),
+  then normalisation.normalise with the modes of RasterCrops (minmax | relative | ndsm, joined by
+  "+" for one channel each): raw heights are stored, so the mode is the reader's choice.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import posixpath
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines.augment import random_symmetries
+from data_pipelines.errors import DataError
+from data_pipelines.normalisation import mode_channels, normalise, parse_mode
+from data_pipelines.tile_records import decode_raw_channel, parse_spec, to_metres
+
+INTERLEAVE = 8  # shards read at once per process
+
+
+def _manifest_paths(patterns: Sequence[str]) -> list[str]:
+  from data_pipelines.corpus_beam import MANIFEST
+  out = []
+  for pattern in patterns:
+    pattern = str(pattern)
+    matches = tf.io.gfile.glob(pattern) if "://" in pattern else glob.glob(pattern)
+    if not matches:
+      raise DataError(pattern, "matches no corpus (build one: scripts/prepare_data.py corpus-beam)")
+    for m in sorted(matches):
+      path = m if m.endswith(".json") else posixpath.join(m, MANIFEST)
+      if not tf.io.gfile.exists(path):
+        raise DataError(path, "no corpus manifest here (build the corpus: scripts/prepare_data.py corpus-beam)")
+      out.append(path)
+  return out
+
+
+def corpus_shards(patterns: Sequence[str], role: str, channels: Sequence[str]) -> tuple[list[str], list[int], dict]:
+  """(shard paths, their tile counts, the common format) of `role` holding `channels`."""
+  from data_pipelines.corpus_beam import FORMAT
+  paths, counts, fmt = [], [], None
+  for manifest_path in _manifest_paths(patterns):
+    with tf.io.gfile.GFile(manifest_path) as f:
+      m = json.load(f)
+    if m.get("format") != FORMAT:
+      raise DataError(manifest_path, f"not a {FORMAT} manifest (format={m.get('format')!r})")
+    this = {"tile_size": m["tile_size"], "dtype": m["dtype"]}
+    if fmt is not None and this != fmt:
+      raise DataError(manifest_path, f"tiles of {this}, the other corpora's are {fmt}: one tile format per run")
+    fmt = this
+    root = posixpath.dirname(manifest_path)
+    for s in m["shards"]:
+      if s.get("role", "train") == role and set(channels) <= set(s["channels"]):
+        paths.append(posixpath.join(root, s["file"]))
+        counts.append(int(s["count"]))
+  if not paths:
+    raise DataError(", ".join(map(str, patterns)), f"no {role!r} shards with channels {list(channels)}")
+  order = np.argsort(paths, kind="stable")
+  return [paths[i] for i in order], [counts[i] for i in order], fmt
+
+
+class CorpusTiles:
+  """`batches(start_step, rows=(a, b))` yields {"image": float32 [b - a, crop, crop, C]}; see the
+  module doc. `process_index`/`process_count` default to jax's."""
+
+  def __init__(self, manifests: Sequence[str], global_batch: int, *, seed: int = 0, augment: bool = True,
+               normalisation: str = "minmax", scale_m: float = 30.0, low_percentile: float = 2.0,
+               role: str = "train", shuffle_buffer: int = 4096, crop: int | None = None,
+               process_index: int | None = None, process_count: int | None = None):
+    self.modes = parse_mode(normalisation)
+    if "zscore" in self.modes:
+      raise ValueError("zscore needs global statistics a corpus does not keep: use minmax, relative or ndsm")
+    self.normalisation, self.scale_m, self.low_percentile = normalisation, float(scale_m), float(low_percentile)
+    self.channel_names = ["elevation"] + (["ndsm"] if "ndsm" in self.modes else [])
+    self.paths, self.counts, fmt = corpus_shards(manifests, role, self.channel_names)
+    self.tile_size, self.dtype = int(fmt["tile_size"]), fmt["dtype"]
+    self.crop = int(crop or self.tile_size)
+    if self.crop > self.tile_size:
+      raise ValueError(f"crop {self.crop} is larger than the corpus tiles ({self.tile_size} px)")
+    self.global_batch, self.seed, self.augment = int(global_batch), int(seed), bool(augment)
+    self.shuffle_buffer = int(shuffle_buffer)
+    if process_index is None or process_count is None:
+      import jax
+      process_index, process_count = jax.process_index(), jax.process_count()
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.by_file = len(self.paths) >= self.process_count
+    if self.by_file:
+      self.local_paths = self.paths[self.process_index::self.process_count]
+      self.local_tiles = sum(self.counts[self.process_index::self.process_count])
+    else:  # every P-th record of all shards
+      self.local_paths = self.paths
+      total = sum(self.counts)
+      self.local_tiles = total // self.process_count + (self.process_index < total % self.process_count)
+    if self.local_tiles == 0:
+      raise DataError(self.local_paths[0] if self.local_paths else ",".join(manifests),
+                      f"process {self.process_index} of {self.process_count} has no tiles to read")
+
+  # ---------------------------------------------------------------- the record stream
+  def _epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+    seed = tf.stack([tf.constant(self.seed, tf.int64), epoch])
+    files = tf.constant(self.local_paths)
+    if len(self.local_paths) > 1:
+      files = tf.random.experimental.stateless_shuffle(files, seed=seed)
+    ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(self.local_paths), INTERLEAVE),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not self.by_file:
+      ds = ds.shard(self.process_count, self.process_index)
+    return ds.shuffle(self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch)
+
+  def records(self, start_record: int = 0) -> tf.data.Dataset:
+    """This process's endless record stream from record `start_record` on."""
+    first_epoch, skip = divmod(int(start_record), self.local_tiles)
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(self._epoch)
+    return ds.skip(skip)  # unparsed records of the first epoch only
+
+  # ---------------------------------------------------------------- batches
+  def tf_dataset(self, start_step: int = 0, rows: tuple[int, int] | None = None) -> tf.data.Dataset:
+    a, b = rows or (0, self.global_batch)
+    local = b - a
+    if self.global_batch != local * self.process_count:
+      raise ValueError(f"rows {a}:{b} are not this process's 1/{self.process_count} of the global batch "
+                       f"{self.global_batch}")
+    spec = parse_spec(self.channel_names, has_label=False)
+    spec.pop("valid")  # pretraining sees every stored pixel; validity is not needed
+    size, crop, dtype = self.tile_size, self.crop, self.dtype
+
+    def process(step, records):
+      f = tf.io.parse_example(records, spec)
+      planes = [decode_raw_channel(f[c], dtype, size) for c in self.channel_names]
+      seed = tf.stack([tf.constant(self.seed, tf.int64), step])
+      if self.augment:
+        planes = random_symmetries(planes, seed)
+      if crop < size:
+        y, x = tf.unstack(tf.random.stateless_uniform([2], seed + 1, 0, size - crop + 1, tf.int64))
+        planes = [p[:, y:y + crop, x:x + crop] for p in planes]
+      metres = {c: to_metres(p, f[f"{c}_offset"]) for c, p in zip(self.channel_names, planes)}
+      has_value = tf.ones(tf.shape(metres["elevation"]), tf.bool)  # stored filled: every pixel has one
+      image = normalise(metres["elevation"], has_value, self.normalisation, ndsm=metres.get("ndsm"),
+                        scale_m=self.scale_m, low_percentile=self.low_percentile,
+                        channels=mode_channels(self.normalisation), filled=True)
+      return {"image": image}
+
+    ds = self.records(int(start_step) * local).batch(local, drop_remainder=True)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max), ds)
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  def batches(self, start_step: int = 0, rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    return self.tf_dataset(start_step, rows).as_numpy_iterator()
+
+  def batch(self, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    return next(iter(self.batches(step, rows)))
+
+
+def pretrain_sources(config, workdir):
+  """The pretraining data of `config.data.corpus_tiles` (a comma-separated list of corpus folders /
+  manifests / globs; "auto" = the shared data built into WORKDIR/corpus_tiles on first use, by
+  process 0): (training source, held-out evaluation batch or None). The factory scripts/pretrain.py
+  calls when the option is set."""
+  from pathlib import Path
+  d, n = config.data, config.data.normalisation
+  spec = str(d.corpus_tiles)
+  if spec == "auto":
+    import jax
+    from jax.experimental import multihost_utils
+    from data_pipelines import corpus_beam as cb
+    out = Path(workdir) / "corpus_tiles"
+    if jax.process_index() == 0 and not (out / cb.MANIFEST).exists():
+      size = int(config.model.img_size)
+      opts = cb.BuildOptions(out_dir=str(out), cell_size=d.corpus_cell_size, tile_size=size, stride=size // 2,
+                             held_out=cb.held_out_from_corpus(str(out), d.corpus_cell_size))
+      cb.build_corpus_beam(cb.shared_inputs(d.corpus_cell_size), opts)
+    multihost_utils.sync_global_devices("corpus_tiles")
+    manifests = [str(out)]
+  else:
+    manifests = [s.strip() for s in spec.split(",") if s.strip()]
+  norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
+  source = CorpusTiles(manifests, config.global_batch, seed=d.seed, augment=d.augment,
+                       crop=config.model.img_size, shuffle_buffer=d.shuffle_buffer, **norm)
+  eval_batch = None
+  if config.eval_every_steps:
+    try:
+      held_out = CorpusTiles(manifests, d.eval_samples, seed=d.seed + 1, augment=False, role="eval",
+                             crop=config.model.img_size, process_index=0, process_count=1, **norm)
+    except DataError:  # a corpus without evaluation tiles: no held-out loss
+      held_out = None
+    eval_batch = held_out.batch(0) if held_out is not None else None
+  return source, eval_batch
