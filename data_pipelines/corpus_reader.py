@@ -90,7 +90,9 @@ class CorpusTiles:
     if "zscore" in self.modes:
       raise ValueError("zscore needs global statistics a corpus does not keep: use minmax, relative or ndsm")
     self.normalisation, self.scale_m, self.low_percentile = normalisation, float(scale_m), float(low_percentile)
-    self.channel_names = ["elevation"] + (["ndsm"] if "ndsm" in self.modes else [])
+    # the channels the modes read ("ndsm" alone does not need the elevation: not parsed then)
+    self.channel_names = [c for c, used in (("elevation", set(self.modes) - {"ndsm"}), ("ndsm", "ndsm" in self.modes))
+                          if used]
     self.paths, self.counts, fmt = corpus_shards(manifests, role, self.channel_names)
     self.tile_size, self.dtype = int(fmt["tile_size"]), fmt["dtype"]
     self.crop = int(crop or self.tile_size)
@@ -153,9 +155,13 @@ class CorpusTiles:
       if crop < size:
         y, x = tf.unstack(tf.random.stateless_uniform([2], seed + 1, 0, size - crop + 1, tf.int64))
         planes = [p[:, y:y + crop, x:x + crop] for p in planes]
-      metres = {c: to_metres(p, f[f"{c}_offset"]) for c, p in zip(self.channel_names, planes)}
-      has_value = tf.ones(tf.shape(metres["elevation"]), tf.bool)  # stored filled: every pixel has one
-      image = normalise(metres["elevation"], has_value, self.normalisation, ndsm=metres.get("ndsm"),
+      # minmax and relative do not change when a constant is added to a tile: the per-tile
+      # offset of float16 storage is added only where the metres themselves count (ndsm / scale)
+      metres = {c: to_metres(p, f[f"{c}_offset"]) if c == "ndsm" else tf.cast(p, tf.float32)
+                for c, p in zip(self.channel_names, planes)}
+      first = metres[self.channel_names[0]]
+      has_value = tf.ones(tf.shape(first), tf.bool)  # stored filled: every pixel has one
+      image = normalise(metres.get("elevation", first), has_value, self.normalisation, ndsm=metres.get("ndsm"),
                         scale_m=self.scale_m, low_percentile=self.low_percentile,
                         channels=mode_channels(self.normalisation), filled=True)
       return {"image": image}

@@ -250,8 +250,9 @@ def _corpus_beam(a: argparse.Namespace) -> None:
     inputs += cb.shared_inputs(a.cell_size, srtm=a.srtm)
   if not inputs:
     raise ValueError("no inputs: give paths/globs, --source or --shared-data")
-  if a.held_out == "corpus":
-    held_out = cb.held_out_from_corpus(a.out, a.cell_size)
+  if a.held_out == "corpus":  # the splits are prepared locally: in the output, or beside the project for gs://
+    cache = str(Path(__file__).resolve().parent.parent / "runs" / "held_out_splits") if "://" in a.out else a.out
+    held_out = cb.held_out_from_corpus(cache, a.cell_size)
   else:
     held_out = () if a.held_out == "none" else cb.held_out_from_file(a.held_out)
   opts = cb.BuildOptions(out_dir=a.out, cell_size=a.cell_size, tile_size=a.tile_size, stride=a.stride,
