@@ -264,7 +264,7 @@ def _corpus_beam(a: argparse.Namespace) -> None:
   print(f"{a.out}/{cb.MANIFEST}: {t['tiles']} tiles from {t['sources']} sources ({t['km2']:.3f} km2); "
         f"skipped {t['skipped']}; {t['quarantined']} quarantined")
   for q in m["quarantined"]:
-    print(f"  quarantined {q['path']}: {q['reason']}")
+    print(f"  quarantined: {q['reason']}")  # the reason starts with the file
 
 
 def _summary(manifest_path: Path) -> None:
