@@ -36,7 +36,7 @@ def corpus(tmp_path_factory):
 
 
 def _raw(records) -> list[dict]:
-  return [decode_tile_numpy(r, [], "float16", TILE) for r in records]
+  return [decode_tile_numpy(r, ["elevation"], "float16", TILE) for r in records]
 
 
 def _key(record: bytes) -> tuple:
@@ -120,3 +120,20 @@ def test_pretrain_script_trains_from_a_corpus_with_held_out_loss(corpus, tmp_pat
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
   assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_tfds_load_serves_the_corpus_tiles_by_role(corpus, tmp_path):
+  import tensorflow_datasets as tfds
+  import data_pipelines.tfds_builder  # noqa: F401  (registers dem_corpus)
+  m = json.loads((corpus / cb.MANIFEST).read_text())
+  for role in ("train", "eval"):
+    ds = tfds.load("dem_corpus", split=role, data_dir=str(tmp_path / "tfds"),
+                   builder_kwargs={"manifest": str(corpus / cb.MANIFEST)})
+    got = {(ex["source"].decode(), tuple(ex["bounds"])): ex for ex in tfds.as_numpy(ds)}
+    files = [str(corpus / s["file"]) for s in m["shards"] if s["role"] == role]
+    want = _raw(tf.data.TFRecordDataset(files).as_numpy_iterator())
+    assert len(got) == len(want) == sum(s["count"] for s in m["shards"] if s["role"] == role)
+    for t in want:
+      ex = got[(t["source"], tuple(t["bounds"]))]
+      np.testing.assert_array_equal(ex["elevation"], t["elevation"])
+      np.testing.assert_array_equal(ex["stats"], t["stats"])
