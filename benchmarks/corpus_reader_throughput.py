@@ -19,10 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augment: bool) -> dict:
+def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augment: bool, streams: int) -> dict:
   import tensorflow as tf
   from data_pipelines.corpus_reader import CorpusTiles
-  src = CorpusTiles([corpus], batch, normalisation=mode, augment=augment, process_index=0, process_count=1)
+  src = CorpusTiles([corpus], batch, normalisation=mode, augment=augment, streams=streams)
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
   options.threading.max_intra_op_parallelism = 1
@@ -35,7 +35,7 @@ def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augmen
     image = next(it)["image"]
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   n = steps * batch
-  return {"mode": mode, "batch": batch, "threads": threads, "augment": augment, "tiles": n,
+  return {"mode": mode, "batch": batch, "threads": threads, "streams": streams, "augment": augment, "tiles": n,
           "shape": list(image.shape[1:]), "tiles_per_s": round(n / wall), "tiles_per_cpu_s": round(n / cpu),
           "cpu_cores_used": round(cpu / wall, 2)}
 
@@ -47,13 +47,14 @@ def main() -> int:
   p.add_argument("--tiles", type=int, default=8192)
   p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
   p.add_argument("--modes", nargs="+", default=["minmax", "relative", "ndsm"])
+  p.add_argument("--streams", type=int, default=8, help="the reader's streams (config.data.streams)")
   p.add_argument("--no-augment", action="store_true", help="also measure without augmentation")
   a = p.parse_args()
   print(f"load average {os.getloadavg()}", flush=True)
   for threads in a.threads:
     for mode in a.modes:
       for augment in ([True, False] if a.no_augment else [True]):
-        print(json.dumps(measure(a.corpus, mode, a.batch, a.tiles, threads, augment)), flush=True)
+        print(json.dumps(measure(a.corpus, mode, a.batch, a.tiles, threads, augment, a.streams)), flush=True)
   print(f"load average {os.getloadavg()}", flush=True)
   return 0
 

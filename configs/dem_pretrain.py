@@ -114,7 +114,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # give the held-out loss. Tiles larger than img_size are cropped at random. Normalisation may
   # join modes with "+" (one channel each: set model.in_chans to match).
   c.data.corpus_tiles = ""
-  c.data.shuffle_buffer = 4096
+  c.data.shuffle_buffer = 4096  # per stream
+  # Streams of shards the global batch is drawn from (global_batch / streams rows each); every
+  # process reads whole streams, so the batches do not depend on the number of processes as
+  # long as it divides this.
+  c.data.streams = 8
   # Normalisation of the crops, as in configs/finetune.py (data_pipelines/normalisation.py):
   # "minmax" per crop (the paper's); "relative" (DSM height above the crop's low_percentile, /
   # scale_m, clipped) and "ndsm" (the corpus's nDSM rasters / scale_m, clipped) are the modes

@@ -7,16 +7,20 @@ The same interface as data_pipelines.raster_source.RasterCrops, so the training 
 
 - Files: the shards of every manifest (globs of manifests or corpus folders, local or gs://) whose
   role matches (train / eval) and that hold the channels the normalisation needs ("ndsm": LiDAR
-  shards only), sorted; process p of P reads shards p, p + P, ... (every P-th record when there
-  are fewer shards than processes).
-- Order: epoch e reads this process's shards in a permutation seeded by (seed, e), interleaved
-  (ordered), through a shuffle buffer seeded by (seed, e); epochs are concatenated, then batched.
-  Batch s is thus a pure function of (seed, s, the process's shards): a run resumed at step s
-  reads from epoch floor(s * b / N) on (N: the process's tile count, from the manifests) and skips
+  shards only), sorted.
+- Streams: the shards are dealt to `streams` (K) streams, k reading shards k, k + K, ... (every
+  K-th record when there are fewer shards than streams); rows [k * B/K, (k + 1) * B/K) of the
+  global batch B come from stream k. A process reads only the streams of its rows (per-process
+  file sharding), so the global batch is the same for 1 process or any number dividing K
+  (tested: two processes' rows put together equal one process's batch, bit for bit).
+- Order: epoch e of stream k reads its shards in a permutation seeded by (seed, k, e),
+  interleaved (ordered), through a shuffle buffer seeded likewise; epochs are concatenated, then
+  batched. Batch s is a pure function of (seed, s): a run resumed at step s reads each stream
+  from epoch floor(s * B/K / N_k) on (N_k: the stream's tile count, from the manifests) and skips
   the rest of that epoch's records unparsed, so it sees bit-identical batches to an uninterrupted
   run, at the cost of at most one epoch of reading.
-- Per batch: parse (tf.io.parse_example), random symmetries per group of tiles (augment.py, seeded
-  by (seed, step)), an optional random crop to `crop` px (one offset per batch, seeded likewise),
+- Per batch: parse (tf.io.parse_example), random symmetries per group of tiles (augment.py) and
+  an optional random crop to `crop` px, both seeded by (seed, step, stream),
   then normalisation.normalise with the modes of RasterCrops (minmax | relative | ndsm, joined by
   "+" for one channel each): raw heights are stored, so the mode is the reader's choice.
 """
@@ -30,7 +34,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines.augment import random_symmetries
+from data_pipelines.augment import GROUPS, random_symmetries
 from data_pipelines.errors import DataError
 from data_pipelines.normalisation import mode_channels, normalise, parse_mode
 from data_pipelines.tile_records import decode_raw_channel, parse_spec, to_metres
@@ -80,12 +84,12 @@ def corpus_shards(patterns: Sequence[str], role: str, channels: Sequence[str]) -
 
 class CorpusTiles:
   """`batches(start_step, rows=(a, b))` yields {"image": float32 [b - a, crop, crop, C]}; see the
-  module doc. `process_index`/`process_count` default to jax's."""
+  module doc. The global batch is `streams` sub-batches of global_batch / streams rows, one per
+  stream of shards; the rows a process asks for name the streams it reads."""
 
   def __init__(self, manifests: Sequence[str], global_batch: int, *, seed: int = 0, augment: bool = True,
                normalisation: str = "minmax", scale_m: float = 30.0, low_percentile: float = 2.0,
-               role: str = "train", shuffle_buffer: int = 4096, crop: int | None = None,
-               process_index: int | None = None, process_count: int | None = None):
+               role: str = "train", shuffle_buffer: int = 4096, crop: int | None = None, streams: int = 8):
     self.modes = parse_mode(normalisation)
     if "zscore" in self.modes:
       raise ValueError("zscore needs global statistics a corpus does not keep: use minmax, relative or ndsm")
@@ -99,62 +103,69 @@ class CorpusTiles:
     if self.crop > self.tile_size:
       raise ValueError(f"crop {self.crop} is larger than the corpus tiles ({self.tile_size} px)")
     self.global_batch, self.seed, self.augment = int(global_batch), int(seed), bool(augment)
-    self.shuffle_buffer = int(shuffle_buffer)
-    if process_index is None or process_count is None:
-      import jax
-      process_index, process_count = jax.process_index(), jax.process_count()
-    self.process_index, self.process_count = int(process_index), int(process_count)
-    self.by_file = len(self.paths) >= self.process_count
-    if self.by_file:
-      self.local_paths = self.paths[self.process_index::self.process_count]
-      self.local_tiles = sum(self.counts[self.process_index::self.process_count])
-    else:  # every P-th record of all shards
-      self.local_paths = self.paths
-      total = sum(self.counts)
-      self.local_tiles = total // self.process_count + (self.process_index < total % self.process_count)
-    if self.local_tiles == 0:
-      raise DataError(self.local_paths[0] if self.local_paths else ",".join(manifests),
-                      f"process {self.process_index} of {self.process_count} has no tiles to read")
+    self.shuffle_buffer, self.streams = int(shuffle_buffer), int(streams)
+    if self.streams < 1 or self.global_batch % self.streams:
+      raise ValueError(f"the global batch {self.global_batch} must be a multiple of streams ({self.streams})")
+    self.stream_rows = self.global_batch // self.streams
+    # stream k reads shards k, k + K, ...; with fewer shards than streams, every K-th record of all
+    self.by_file = len(self.paths) >= self.streams
+    total = sum(self.counts)
+    self.stream_paths = [self.paths[k::self.streams] if self.by_file else self.paths for k in range(self.streams)]
+    self.stream_tiles = [sum(self.counts[k::self.streams]) if self.by_file else
+                         total // self.streams + (k < total % self.streams) for k in range(self.streams)]
+    if min(self.stream_tiles) == 0:
+      raise DataError(", ".join(map(str, manifests)), f"{total} tiles cannot feed {self.streams} streams")
 
-  # ---------------------------------------------------------------- the record stream
-  def _epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
-    seed = tf.stack([tf.constant(self.seed, tf.int64), epoch])
-    files = tf.constant(self.local_paths)
-    if len(self.local_paths) > 1:
+  # ---------------------------------------------------------------- the record streams
+  def _epoch(self, k: int, epoch: tf.Tensor) -> tf.data.Dataset:
+    paths = self.stream_paths[k]
+    seed = tf.stack([tf.constant(self.seed * self.streams + k, tf.int64), epoch])
+    files = tf.constant(paths)
+    if len(paths) > 1:
       files = tf.random.experimental.stateless_shuffle(files, seed=seed)
+    # sequential interleave: the parallel one cost ~30 % more CPU per tile (its threads), and
+    # the map after it is parallel anyway
     ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(self.local_paths), INTERLEAVE),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.data.TFRecordDataset, cycle_length=min(len(paths), INTERLEAVE), deterministic=True)
     if not self.by_file:
-      ds = ds.shard(self.process_count, self.process_index)
-    return ds.shuffle(self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch)
+      ds = ds.shard(self.streams, k)
+    return ds.shuffle(self.shuffle_buffer, seed=(self.seed * self.streams + k) * 1_000_003 + epoch)
 
-  def records(self, start_record: int = 0) -> tf.data.Dataset:
-    """This process's endless record stream from record `start_record` on."""
-    first_epoch, skip = divmod(int(start_record), self.local_tiles)
-    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(self._epoch)
+  def records(self, k: int = 0, start_record: int = 0) -> tf.data.Dataset:
+    """Stream k's endless records from record `start_record` on."""
+    first_epoch, skip = divmod(int(start_record), self.stream_tiles[k])
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(lambda e: self._epoch(k, e))
     return ds.skip(skip)  # unparsed records of the first epoch only
 
   # ---------------------------------------------------------------- batches
   def tf_dataset(self, start_step: int = 0, rows: tuple[int, int] | None = None) -> tf.data.Dataset:
     a, b = rows or (0, self.global_batch)
-    local = b - a
-    if self.global_batch != local * self.process_count:
-      raise ValueError(f"rows {a}:{b} are not this process's 1/{self.process_count} of the global batch "
-                       f"{self.global_batch}")
+    r = self.stream_rows
+    if a % r or b % r or not 0 <= a < b <= self.global_batch:
+      raise ValueError(f"rows {a}:{b} do not fall on the {self.streams} streams of {r} rows of the global "
+                       f"batch {self.global_batch}: choose data.streams so that every process holds whole streams")
+    mine = range(a // r, b // r)
     spec = parse_spec(self.channel_names, has_label=False)
     spec.pop("valid")  # pretraining sees every stored pixel; validity is not needed
     size, crop, dtype = self.tile_size, self.crop, self.dtype
 
+    def one_stream(planes, seed):
+      if self.augment:  # GROUPS symmetry groups per global batch in all, as with one stream
+        planes = random_symmetries(planes, seed, groups=max(1, GROUPS // self.streams))
+      if crop < size:
+        y, x = tf.unstack(tf.random.stateless_uniform([2], seed + 1, 0, size - crop + 1, tf.int64))
+        planes = [tf.ensure_shape(p[:, y:y + crop, x:x + crop], [None, crop, crop]) for p in planes]
+      return planes
+
     def process(step, records):
       f = tf.io.parse_example(records, spec)
       planes = [decode_raw_channel(f[c], dtype, size) for c in self.channel_names]
-      seed = tf.stack([tf.constant(self.seed, tf.int64), step])
-      if self.augment:
-        planes = random_symmetries(planes, seed)
-      if crop < size:
-        y, x = tf.unstack(tf.random.stateless_uniform([2], seed + 1, 0, size - crop + 1, tf.int64))
-        planes = [p[:, y:y + crop, x:x + crop] for p in planes]
+      # each stream's rows are augmented and cropped by (seed, step, stream): the same rows of
+      # the global batch whichever process reads them
+      parts = [one_stream([p[j * r:(j + 1) * r] for p in planes],
+                          tf.stack([tf.constant(self.seed, tf.int64), step * self.streams + k]))
+               for j, k in enumerate(mine)]
+      planes = [tf.concat([part[i] for part in parts], 0) for i in range(len(planes))]
       # minmax and relative do not change when a constant is added to a tile: the per-tile
       # offset of float16 storage is added only where the metres themselves count (ndsm / scale)
       metres = {c: to_metres(p, f[f"{c}_offset"]) if c == "ndsm" else tf.cast(p, tf.float32)
@@ -166,8 +177,12 @@ class CorpusTiles:
                         channels=mode_channels(self.normalisation), filled=True)
       return {"image": image}
 
-    ds = self.records(int(start_step) * local).batch(local, drop_remainder=True)
-    ds = tf.data.Dataset.zip(tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max), ds)
+    # r records of each of this process's streams in turn, batched: one batch op, not one per stream
+    streams = [self.records(k, int(start_step) * r) for k in mine]
+    turns = tf.data.Dataset.range(len(streams)).flat_map(
+        lambda j: tf.data.Dataset.from_tensors(j).repeat(r)).repeat()
+    ds = tf.data.Dataset.choose_from_datasets(streams, turns).batch(b - a, drop_remainder=True)
+    ds = tf.data.Dataset.zip((tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max), ds))
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
@@ -204,12 +219,12 @@ def pretrain_sources(config, workdir):
     manifests = [s.strip() for s in spec.split(",") if s.strip()]
   norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
   source = CorpusTiles(manifests, config.global_batch, seed=d.seed, augment=d.augment,
-                       crop=config.model.img_size, shuffle_buffer=d.shuffle_buffer, **norm)
+                       crop=config.model.img_size, shuffle_buffer=d.shuffle_buffer, streams=d.streams, **norm)
   eval_batch = None
   if config.eval_every_steps:
     try:
       held_out = CorpusTiles(manifests, d.eval_samples, seed=d.seed + 1, augment=False, role="eval",
-                             crop=config.model.img_size, process_index=0, process_count=1, **norm)
+                             crop=config.model.img_size, streams=1, **norm)
     except DataError:  # a corpus without evaluation tiles: no held-out loss
       held_out = None
     eval_batch = held_out.batch(0) if held_out is not None else None

@@ -44,29 +44,38 @@ def _key(record: bytes) -> tuple:
   return t["source"], tuple(t["window"])
 
 
-def test_each_epoch_reads_every_tile_once_in_a_new_order_and_processes_split_the_shards(corpus):
+def test_each_epoch_reads_every_tile_once_in_a_new_order_and_streams_split_the_shards(corpus):
   m = json.loads((corpus / cb.MANIFEST).read_text())
   train = {(s["source"]) for s in m["shards"] if s["role"] == "train"}
   n = sum(s["count"] for s in m["shards"] if s["role"] == "train")
   assert len(train) == 3 and n > 40 and len([s for s in m["shards"] if s["role"] == "train"]) > 8
-  src = CorpusTiles([str(corpus)], 8, process_index=0, process_count=1, shuffle_buffer=16)
-  assert src.local_tiles == n
-  stream = [_key(r) for r in src.records().take(2 * n).as_numpy_iterator()]
+  src = CorpusTiles([str(corpus)], 8, streams=1, shuffle_buffer=16)
+  assert src.stream_tiles == [n]
+  stream = [_key(r) for r in src.records(0).take(2 * n).as_numpy_iterator()]
   first, second = stream[:n], stream[n:]
   assert len(set(first)) == n and set(first) == set(second) and first != second
   assert {k[0] for k in first} == train  # no eval tile in training
 
-  parts = [CorpusTiles([str(corpus)], 8, process_index=p, process_count=2, shuffle_buffer=16) for p in range(2)]
-  keys = [{_key(r) for r in p.records().take(p.local_tiles).as_numpy_iterator()} for p in parts]
+  two = CorpusTiles([str(corpus)], 8, streams=2, shuffle_buffer=16)
+  keys = [{_key(r) for r in two.records(k).take(two.stream_tiles[k]).as_numpy_iterator()} for k in range(2)]
   assert not keys[0] & keys[1] and keys[0] | keys[1] == set(first)
-  assert not set(parts[0].local_paths) & set(parts[1].local_paths)
-  assert parts[0].local_tiles + parts[1].local_tiles == n
+  assert not set(two.stream_paths[0]) & set(two.stream_paths[1]) and sum(two.stream_tiles) == n
+
+
+def test_processes_reading_their_rows_make_the_one_process_global_batch(corpus):
+  src = CorpusTiles([str(corpus)], 8, streams=4, normalisation="relative", crop=24, shuffle_buffer=16)
+  for start in (0, 7):
+    whole = list(src.tf_dataset(start).take(3).as_numpy_iterator())
+    halves = [list(src.tf_dataset(start, rows=rows).take(3).as_numpy_iterator()) for rows in ((0, 4), (4, 8))]
+    for step, batch in enumerate(whole):
+      np.testing.assert_array_equal(batch["image"], np.concatenate([h[step]["image"] for h in halves]))
+  assert not np.array_equal(whole[0]["image"][:4], whole[0]["image"][4:])
 
 
 @pytest.mark.parametrize("mode", ["minmax", "relative+ndsm"])
 def test_resumed_batches_are_bit_identical_across_epochs(corpus, mode):
-  src = CorpusTiles([str(corpus)], 12, normalisation=mode, process_index=0, process_count=1, shuffle_buffer=16)
-  steps = src.local_tiles // 12 * 2 + 3  # past the second epoch boundary
+  src = CorpusTiles([str(corpus)], 12, normalisation=mode, streams=2, shuffle_buffer=16)
+  steps = max(src.stream_tiles) // 6 * 2 + 3  # past every stream's second epoch boundary
   run = list(src.tf_dataset(0).take(steps).as_numpy_iterator())
   start = steps - 4
   resumed = list(src.tf_dataset(start).take(4).as_numpy_iterator())
@@ -79,9 +88,9 @@ def test_resumed_batches_are_bit_identical_across_epochs(corpus, mode):
 
 @pytest.mark.parametrize("mode", ["minmax", "relative", "ndsm"])
 def test_images_are_the_raw_tiles_normalised_as_rastercrops_does(corpus, mode):
-  src = CorpusTiles([str(corpus)], 6, normalisation=mode, augment=False, process_index=0, process_count=1,
-                    shuffle_buffer=16, scale_m=20.0)
-  records = list(src.records().take(6).as_numpy_iterator())
+  src = CorpusTiles([str(corpus)], 6, normalisation=mode, augment=False, streams=1, shuffle_buffer=16,
+                    scale_m=20.0)
+  records = list(src.records(0).take(6).as_numpy_iterator())
   channels = ["elevation", "ndsm"] if mode == "ndsm" else ["elevation"]
   raw = [decode_tile_numpy(r, channels, "float16", TILE) for r in records]
   image = next(src.batches(0))["image"]
@@ -95,16 +104,18 @@ def test_images_are_the_raw_tiles_normalised_as_rastercrops_does(corpus, mode):
 
 
 def test_cropping_rows_and_bad_requests(corpus, tmp_path):
-  src = CorpusTiles([str(corpus)], 8, crop=16, process_index=1, process_count=2)
+  src = CorpusTiles([str(corpus)], 8, crop=16, streams=2)
   assert next(src.batches(0, rows=(4, 8)))["image"].shape == (4, 16, 16, 1)
-  with pytest.raises(ValueError, match="not this process's 1/2"):
-    src.tf_dataset(0, rows=(0, 8))
+  with pytest.raises(ValueError, match="rows 0:3 do not fall on the 2 streams"):
+    src.tf_dataset(0, rows=(0, 3))
+  with pytest.raises(ValueError, match="must be a multiple of streams"):
+    CorpusTiles([str(corpus)], 8, streams=3)
   with pytest.raises(ValueError, match="larger than the corpus tiles"):
-    CorpusTiles([str(corpus)], 8, crop=64, process_index=0, process_count=1)
+    CorpusTiles([str(corpus)], 8, crop=64)
   with pytest.raises(ValueError, match="matches no corpus"):
-    CorpusTiles([str(tmp_path / "none*")], 8, process_index=0, process_count=1)
+    CorpusTiles([str(tmp_path / "none*")], 8)
   with pytest.raises(ValueError, match="no 'eval' shards with channels"):
-    CorpusTiles([str(corpus)], 8, role="eval", normalisation="ndsm", process_index=0, process_count=1)
+    CorpusTiles([str(corpus)], 8, role="eval", normalisation="ndsm")
 
 
 def test_pretrain_script_trains_from_a_corpus_with_held_out_loss(corpus, tmp_path):
