@@ -126,7 +126,7 @@ class CorpusTiles:
     # sequential interleave: the parallel one cost ~30 % more CPU per tile (its threads), and
     # the map after it is parallel anyway
     ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(paths), INTERLEAVE), deterministic=True)
+        tf.data.TFRecordDataset, cycle_length=min(len(paths), INTERLEAVE))
     if not self.by_file:
       ds = ds.shard(self.streams, k)
     return ds.shuffle(self.shuffle_buffer, seed=(self.seed * self.streams + k) * 1_000_003 + epoch)
