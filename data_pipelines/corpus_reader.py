@@ -58,15 +58,24 @@ def _manifest_paths(patterns: Sequence[str]) -> list[str]:
   return out
 
 
+def read_corpus_manifest(path: str) -> dict:
+  """A corpus manifest (local or gs://), checked for the corpus format."""
+  from data_pipelines.corpus_beam import FORMAT
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      m = json.load(f)
+  except (tf.errors.NotFoundError, json.JSONDecodeError) as e:
+    raise DataError(path, f"cannot read the corpus manifest ({e})") from e
+  if m.get("format") != FORMAT:
+    raise DataError(path, f"not a {FORMAT} manifest (format={m.get('format')!r})")
+  return m
+
+
 def corpus_shards(patterns: Sequence[str], role: str, channels: Sequence[str]) -> tuple[list[str], list[int], dict]:
   """(shard paths, their tile counts, the common format) of `role` holding `channels`."""
-  from data_pipelines.corpus_beam import FORMAT
   paths, counts, fmt = [], [], None
   for manifest_path in _manifest_paths(patterns):
-    with tf.io.gfile.GFile(manifest_path) as f:
-      m = json.load(f)
-    if m.get("format") != FORMAT:
-      raise DataError(manifest_path, f"not a {FORMAT} manifest (format={m.get('format')!r})")
+    m = read_corpus_manifest(manifest_path)
     this = {"tile_size": m["tile_size"], "dtype": m["dtype"]}
     if fmt is not None and this != fmt:
       raise DataError(manifest_path, f"tiles of {this}, the other corpora's are {fmt}: one tile format per run")

@@ -11,15 +11,18 @@ tiles into its own format under `data_dir`; each tile set needs its own `data_di
 """
 from __future__ import annotations
 
-import json
 import posixpath
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from data_pipelines.errors import DataError
 from data_pipelines.reader import read_manifest, split_files
 from data_pipelines.tile_records import decode_tile_numpy
+
+
+def _tile_features(size: int) -> dict:
+  return {"elevation": tfds.features.Tensor(shape=(size, size), dtype=tf.float32),
+          "valid": tfds.features.Tensor(shape=(size, size), dtype=tf.uint8)}
 
 
 class DemTiles(tfds.core.GeneratorBasedBuilder):
@@ -37,8 +40,7 @@ class DemTiles(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self._manifest["tile_size"]
     features = {
-        "elevation": tfds.features.Tensor(shape=(size, size), dtype=tf.float32),
-        "valid": tfds.features.Tensor(shape=(size, size), dtype=tf.uint8),
+        **_tile_features(size),
         "tile_id": tf.int64,
         "transform": tfds.features.Tensor(shape=(6,), dtype=tf.float64),
     }
@@ -70,21 +72,16 @@ class DemCorpus(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Tiles of data_pipelines.corpus_beam (format demmae-corpus/1)."}
 
   def __init__(self, *, manifest: str | None = None, **kwargs):
-    from data_pipelines.corpus_beam import FORMAT
+    from data_pipelines.corpus_reader import read_corpus_manifest
     if manifest is None:
       raise ValueError("dem_corpus needs builder_kwargs={'manifest': path to a corpus_manifest.json}")
-    with tf.io.gfile.GFile(manifest) as f:
-      self._manifest = json.load(f)
-    if self._manifest.get("format") != FORMAT:
-      raise DataError(manifest, f"not a {FORMAT} manifest (format={self._manifest.get('format')!r})")
+    self._manifest = read_corpus_manifest(manifest)
     self._root = posixpath.dirname(str(manifest))
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self._manifest["tile_size"]
     features = {
-        "elevation": tfds.features.Tensor(shape=(size, size), dtype=tf.float32),
-        "valid": tfds.features.Tensor(shape=(size, size), dtype=tf.uint8),
+        **_tile_features(self._manifest["tile_size"]),
         "source": tfds.features.Text(),
         "bounds": tfds.features.Tensor(shape=(4,), dtype=tf.float64),
         "cell_size": tf.float32,
