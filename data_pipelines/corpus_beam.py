@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -359,21 +360,40 @@ def build_source(src: SourceFile, opts: BuildOptions) -> dict:
   return record | {"resumed": False}
 
 
-def _progress(opts: BuildOptions, total: int, start: float, done_before: int, record: dict) -> str:
-  """One line: this source, the counts so far (from the output folder, so every worker process
-  sees all of them) and the ETA from this run's rate."""
-  def count(sub, pattern):
-    folder = _join(opts.out_dir, sub)
+RECOUNT_SECONDS = 30.0  # a worker lists the output folder at most this often (O(sources) a listing)
+
+
+class _Progress:
+  """One line per source: the counts so far and the ETA from this run's rate. The counts come
+  from the output folder, so every worker process sees all workers' sources; a worker lists it
+  at most every RECOUNT_SECONDS (a listing of 100k sources on gs:// is not free) and adds its own
+  completions since the last listing in between ("~" then marks the counts as at least that)."""
+
+  def __init__(self, opts: BuildOptions, total: int, start: float, done_before: int):
+    self.opts, self.total, self.start, self.done_before = opts, total, start, done_before
+    self.counted_at, self.built, self.quarantined = -math.inf, 0, 0
+    self.since = {"ok": 0, "quarantined": 0}
+
+  def _count(self, sub: str, pattern: str) -> int:
+    folder = _join(self.opts.out_dir, sub)
     return len(_gfile().glob(_join(folder, pattern))) if _exists(folder) else 0
-  built, quarantined = count("sources", f"*/{SOURCE_JSON}"), count("quarantine", "*.json")
-  finished = built + quarantined
-  elapsed = time.time() - start
-  this_run = max(finished - done_before, 1)
-  eta = elapsed / this_run * max(total - finished, 0)
-  what = (f"quarantined: {record['reason'][:200]}" if record["status"] == "quarantined" else
-          f"{record['tiles']} tiles" + (" (already built)" if record.get("resumed") else ""))
-  return (f"corpus: [{finished}/{total}] {record['id']}: {what} | {built} built, {quarantined} "
-          f"quarantined, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+
+  def line(self, record: dict) -> str:
+    fresh = time.time() - self.counted_at >= RECOUNT_SECONDS
+    if fresh:
+      self.built, self.quarantined = self._count("sources", f"*/{SOURCE_JSON}"), self._count("quarantine", "*.json")
+      self.counted_at, self.since = time.time(), {"ok": 0, "quarantined": 0}
+    elif not record.get("resumed"):
+      self.since[record["status"]] += 1
+    built, quarantined = self.built + self.since["ok"], self.quarantined + self.since["quarantined"]
+    finished = built + quarantined
+    elapsed = time.time() - self.start
+    eta = elapsed / max(finished - self.done_before, 1) * max(self.total - finished, 0)
+    what = (f"quarantined: {record['reason'][:200]}" if record["status"] == "quarantined" else
+            f"{record['tiles']} tiles" + (" (already built)" if record.get("resumed") else ""))
+    approx = "" if fresh else "~"
+    return (f"corpus: [{approx}{finished}/{self.total}] {record['id']}: {what} | {approx}{built} built, "
+            f"{approx}{quarantined} quarantined, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
 
 
 # ------------------------------------------------------------------ manifest
@@ -427,11 +447,11 @@ class _BuildFn:
   """The DoFn body (a plain callable: beam.Map pickles it with its options)."""
 
   def __init__(self, opts: BuildOptions, total: int, start: float, done_before: int):
-    self.opts, self.total, self.start, self.done_before = opts, total, start, done_before
+    self.opts, self.progress = opts, _Progress(opts, total, start, done_before)
 
   def __call__(self, src: SourceFile) -> dict:
     record = build_source(src, self.opts)
-    print(_progress(self.opts, self.total, self.start, self.done_before, record), file=sys.stderr, flush=True)
+    print(self.progress.line(record), file=sys.stderr, flush=True)
     return record
 
 
