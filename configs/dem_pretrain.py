@@ -9,6 +9,10 @@ Presets:
         0.5-2 m LiDAR / DSMs, every evaluation split's val/test blocks NaN), built into
         WORKDIR/corpus, normalised as finetuning does ("ndsm", 30 m; "relative" reads the DSMs);
         held-out loss on the IGN La Rochelle tile, which is never trained on;
+  cpu_tiles the cpu model streamed by tf.data from a TFRecord corpus of the shared data
+        (data_pipelines/corpus_beam.py, built into WORKDIR/corpus_tiles on first use: 64 px tiles,
+        stride 32, evaluation splits' val/test blocks dropped; La Rochelle as held-out loss),
+        normalised "ndsm" as cpu_hr;
   base  the paper's ViT-B/16 on 224 x 224 single-channel DEMs, bfloat16 compute, FSDP;
   large ViT-L/16, the same recipe.
 Override anything with --config.key=value (e.g. --config.total_steps=100); unknown keys are an
@@ -57,6 +61,13 @@ PRESETS["cpu_hr"] = {**PRESETS["cpu"], "data": dict(
     normalisation=dict(mode="ndsm", scale_m=30.0))}  # as the recommended finetuning input
 
 
+# The cpu run streamed from TFRecord tiles (data_pipelines/corpus_reader.py) instead of rasters
+# in memory; a built corpus folder can be named instead of "auto" (--config.data.corpus_tiles=DIR).
+PRESETS["cpu_tiles"] = {**PRESETS["cpu"], "data": dict(
+    corpus_tiles="auto", corpus_cell_size=0.5, files=(), lidar_files=(), eval_files=(),
+    normalisation=dict(mode="ndsm", scale_m=30.0))}
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   name = common.select(arg, PRESETS, default="base")
   p = PRESETS[name]
@@ -96,6 +107,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # replace files and lidar_files, and its evaluation rasters (the IGN La Rochelle tile) eval_files.
   c.data.corpus = ""
   c.data.corpus_cell_size = 1.0
+  # TFRecord corpora (scripts/prepare_data.py corpus-beam), streamed by tf.data with per-process
+  # shard sharding: comma-separated corpus folders / manifests / globs (local or gs://), or "auto"
+  # = the shared data built into WORKDIR/corpus_tiles (img_size tiles, stride img_size / 2) on
+  # first use. When set, it replaces files, lidar_files, eval_files and corpus; its "eval" tiles
+  # give the held-out loss. Tiles larger than img_size are cropped at random. Normalisation may
+  # join modes with "+" (one channel each: set model.in_chans to match).
+  c.data.corpus_tiles = ""
+  c.data.shuffle_buffer = 4096  # per stream
+  # Streams of shards the global batch is drawn from (global_batch / streams rows each); every
+  # process reads whole streams, so the batches do not depend on the number of processes as
+  # long as it divides this.
+  c.data.streams = 8
   # Normalisation of the crops, as in configs/finetune.py (data_pipelines/normalisation.py):
   # "minmax" per crop (the paper's); "relative" (DSM height above the crop's low_percentile, /
   # scale_m, clipped) and "ndsm" (the corpus's nDSM rasters / scale_m, clipped) are the modes

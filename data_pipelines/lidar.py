@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import struct
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +48,7 @@ class LidarFile:
 def inspect_las(path: str | Path, crs: str | None = None) -> LidarFile:
   """Header bounds and CRS; the user's `crs` fills in a missing one and must match a present one."""
   path = Path(path)
+  _check_las_header(path)
   try:
     with laspy.open(path) as reader:
       header = reader.header
@@ -64,6 +66,23 @@ def inspect_las(path: str | Path, crs: str | None = None) -> LidarFile:
   mins, maxs = header.mins, header.maxs
   return LidarFile(path, (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1])),
                    final, int(header.point_count))
+
+
+def _check_las_header(path: Path) -> None:
+  """The public header block's sizes against the file's: laspy trusts them, and a corrupt
+  header (e.g. 2e9 VLRs) makes it loop and allocate without end instead of failing."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(105)
+    size = path.stat().st_size
+  except OSError as e:
+    raise DataError(path, f"cannot be read ({e})") from e
+  if len(head) < 105 or head[:4] != b"LASF":
+    return  # laspy's own error says it is not a LAS/LAZ file
+  header_size, point_offset, n_vlrs = struct.unpack_from("<HII", head, 94)
+  if not (227 <= header_size <= point_offset <= size) or n_vlrs * 54 > point_offset - header_size:
+    raise DataError(path, f"not a readable LAS/LAZ file (corrupt header: header size {header_size}, point data "
+                    f"at {point_offset}, {n_vlrs} VLRs, file size {size})")
 
 
 def _header_crs(path: Path, header: laspy.LasHeader) -> rasterio.crs.CRS | None:

@@ -43,7 +43,12 @@ def encode_tile(channels: dict[str, np.ndarray], valid: np.ndarray, label: np.nd
   feats["cell_size"] = _floats(meta["cell_size"])
   feats["crs_wkt"] = _bytes(meta["crs_wkt"].encode())
   feats["source"] = _bytes(meta["source"].encode())
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+  if "bounds" in meta:  # corpus tiles: xmin, ymin, xmax, ymax in the CRS (float64: 1e6 m coordinates)
+    feats["bounds"] = _bytes(np.asarray(meta["bounds"], "<f8").tobytes())
+  if "stats" in meta:  # corpus tiles: corpus_beam.TILE_STATS of the raw elevation
+    feats["stats"] = _floats(np.asarray(meta["stats"], np.float32))
+  # deterministic: map entries sorted by key, so the bytes do not depend on the process (upb hashes)
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
 
 
 def parse_spec(channels, has_label: bool, with_meta: bool = False) -> dict:
@@ -98,4 +103,8 @@ def decode_tile_numpy(record: bytes, channels, dtype: str, size: int) -> dict[st
   out["crs_wkt"] = f["crs_wkt"].bytes_list.value[0].decode()
   out["source"] = f["source"].bytes_list.value[0].decode()
   out["cell_size"] = f["cell_size"].float_list.value[0]
+  if "bounds" in f:
+    out["bounds"] = np.frombuffer(f["bounds"].bytes_list.value[0], "<f8")
+  if "stats" in f:
+    out["stats"] = np.array(f["stats"].float_list.value, np.float32)
   return out

@@ -11,12 +11,16 @@ exit 2, with the traceback under --debug):
   area       the whole chain on any labelled area of the shared data (data_pipelines/areas.py)
   check      decode every record of a tile set against its manifest; names the first bad file
   corpus     the high-resolution pretraining corpus (DSM + nDSM per source, held-out blocks NaN)
+  corpus-beam  LAZ / COPC / GeoTIFF / HGT files (local or gs://) -> TFRecord tile shards + manifest,
+             an Apache Beam pipeline (data_pipelines/corpus_beam.py); extra --flags go to Beam
   normalisation-report   how each normalisation mode separates roads from buildings (Delft)
 
 Examples:
   scripts/prepare_data.py delft --out data/delft --task both
   scripts/prepare_data.py area amsterdam_ahn3 --cell-size 1 --out data/areas/amsterdam_ahn3
   scripts/prepare_data.py corpus --out data/corpus --cell-size 1
+  scripts/prepare_data.py corpus-beam 'ahn/*.laz' --crs EPSG:28992 --source 'ign/*.copc.laz' \
+      --source 'dem/*.tif' --out data/corpus_tiles --direct_num_workers=2 --direct_running_mode=multi_processing
   scripts/prepare_data.py lidar a.laz b.laz --crs EPSG:28992 --cell-size 0.5 --out rasters/
   scripts/prepare_data.py labels --dem rasters/dsm.tif --vector roads.gpkg --field function \\
       --values "rijbaan lokale weg" parkeervlak --out labels/roads.tif
@@ -117,6 +121,31 @@ def main(argv=None) -> int:
   p.add_argument("--exclude", nargs="+", default=[], metavar="PLACE",
                  help="leave whole places out, e.g. gothenburg (leave-one-area-out pretraining)")
 
+  p = sub.add_parser("corpus-beam", help="LiDAR / DEM files -> TFRecord tile shards + corpus_manifest.json "
+                     "(Apache Beam; unknown --flags are Beam pipeline options, e.g. --direct_num_workers=2)")
+  p.add_argument("inputs", nargs="*", help="paths or globs (local or gs://) of .las/.laz/.tif/.hgt files")
+  p.add_argument("--crs", help="CRS of the positional inputs whose headers carry none")
+  p.add_argument("--source", nargs="+", action="append", default=[], metavar=("PATTERN", "CRS"),
+                 help="an input with its own options: PATTERN [CRS [CELL_SIZE [ROLE]]] (CRS '-' = the "
+                 "header's; ROLE train or eval)")
+  p.add_argument("--shared-data", action="store_true", help="add the shared real data (the sources of "
+                 "data_pipelines/pretrain_corpus.py; La Rochelle as eval)")
+  p.add_argument("--srtm", action="store_true", help="with --shared-data: the SRTM tiles too (N44W072 as eval)")
+  p.add_argument("--out", required=True, help="output folder (local or gs://); an unfinished one is completed")
+  p.add_argument("--cell-size", type=float, default=1.0, help="LiDAR cell in metres (default 1; "
+                 "--shared-data sources keep the finest their density supports)")
+  p.add_argument("--tile-size", type=int, default=224)
+  p.add_argument("--stride", type=int, default=None, help="default: the tile size")
+  p.add_argument("--max-nodata", type=float, default=0.1, help="largest share of cells without a value")
+  p.add_argument("--min-relief", type=float, default=1.0, help="metres of relief a tile needs")
+  p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+  p.add_argument("--tiles-per-shard", type=int, default=256)
+  p.add_argument("--window-px", type=int, default=2048, help="LiDAR output window (the memory bound)")
+  p.add_argument("--lidar-products", nargs="+", default=["dsm", "ndsm"], choices=("dsm", "ndsm", "dtm"))
+  p.add_argument("--held-out", default="corpus", help="'corpus' (the evaluation splits of "
+                 "data_pipelines/pretrain_corpus.py; prepared once into OUT/splits), 'none', or a JSON file "
+                 "[{\"crs\": ..., \"rects\": [[xmin, ymin, xmax, ymax], ...]}]")
+
   p = sub.add_parser("check", help="read and decode every record of a tile set against its manifest")
   p.add_argument("manifest")
 
@@ -129,7 +158,10 @@ def main(argv=None) -> int:
 
   for p in sub.choices.values():
     p.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
-  a = parser.parse_args(argv)
+  a, beam_args = parser.parse_known_args(argv)
+  if beam_args and a.command != "corpus-beam":
+    parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+  a.beam_args = beam_args
   from demmae_jax.train import cli  # the scripts' one error contract (imports absl only)
   return cli.guarded("prepare_data", lambda: _run(a), debug=a.debug)
 
@@ -186,6 +218,8 @@ def _run(a: argparse.Namespace) -> int:
             f"masked {s['km2']['masked']:.3f} km2")
     print(f"{Path(a.out) / CORPUS_JSON}: train {c['km2']['train']['kept']:.3f} km2 kept, "
           f"{c['km2']['train']['masked']:.3f} km2 masked; eval {c['km2']['eval']['kept']:.3f} km2")
+  elif a.command == "corpus-beam":
+    _corpus_beam(a)
   elif a.command == "check":
     from data_pipelines.reader import check_tile_set
     counts = check_tile_set(a.manifest)
@@ -201,6 +235,36 @@ def _run(a: argparse.Namespace) -> int:
       with atomic_file(a.json, a.overwrite) as tmp:
         tmp.write_text(json.dumps(report, indent=1))
   return 0
+
+
+def _corpus_beam(a: argparse.Namespace) -> None:
+  from data_pipelines import corpus_beam as cb
+  inputs = [cb.CorpusInput(p, a.crs) for p in a.inputs]
+  for spec in a.source:
+    if len(spec) > 4:
+      raise ValueError(f"--source takes PATTERN [CRS [CELL_SIZE [ROLE]]], got {spec}")
+    pattern, crs, cell, role = [*spec, None, None, None][:4]
+    inputs.append(cb.CorpusInput(pattern, None if crs in (None, "-") else crs, float(cell) if cell else None,
+                                 role or "train"))
+  if a.shared_data:
+    inputs += cb.shared_inputs(a.cell_size, srtm=a.srtm)
+  if not inputs:
+    raise ValueError("no inputs: give paths/globs, --source or --shared-data")
+  if a.held_out == "corpus":  # the splits are prepared locally: in the output, or beside the project for gs://
+    cache = str(Path(__file__).resolve().parent.parent / "runs" / "held_out_splits") if "://" in a.out else a.out
+    held_out = cb.held_out_from_corpus(cache, a.cell_size)
+  else:
+    held_out = () if a.held_out == "none" else cb.held_out_from_file(a.held_out)
+  opts = cb.BuildOptions(out_dir=a.out, cell_size=a.cell_size, tile_size=a.tile_size, stride=a.stride,
+                         max_nodata=a.max_nodata, min_relief=a.min_relief, dtype=a.dtype,
+                         tiles_per_shard=a.tiles_per_shard, window_px=a.window_px,
+                         lidar_products=tuple(a.lidar_products), held_out=held_out)
+  m = cb.build_corpus_beam(inputs, opts, a.beam_args)
+  t = m["totals"]
+  print(f"{a.out}/{cb.MANIFEST}: {t['tiles']} tiles from {t['sources']} sources ({t['km2']:.3f} km2); "
+        f"skipped {t['skipped']}; {t['quarantined']} quarantined")
+  for q in m["quarantined"]:
+    print(f"  quarantined: {q['reason']}")  # the reason starts with the file
 
 
 def _summary(manifest_path: Path) -> None:

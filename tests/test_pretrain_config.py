@@ -5,7 +5,7 @@ from demmae_jax.train.pretrain import model_config
 from test_train_support import dem_pretrain_config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "cpu", "cpu_hr", "base", "large"])
+@pytest.mark.parametrize("preset", ["tiny", "cpu", "cpu_hr", "cpu_tiles", "base", "large"])
 def test_every_preset_gives_a_locked_config_of_a_valid_model(preset):
   c = dem_pretrain_config(preset)
   m = model_config(c.model)
@@ -44,4 +44,12 @@ def test_cpu_hr_is_the_cpu_model_on_the_corpus_normalised_as_finetuning_and_othe
   assert not hr.data.files and not hr.data.lidar_files and not hr.data.eval_files  # the corpus's
   for preset in ("tiny", "cpu", "base", "large"):
     c = dem_pretrain_config(preset)
-    assert c.data.corpus == "" and c.data.normalisation.mode == "minmax"
+    assert c.data.corpus == "" and c.data.normalisation.mode == "minmax" and c.data.corpus_tiles == ""
+
+
+def test_cpu_tiles_is_cpu_hr_streamed_from_a_tfrecord_corpus():
+  tiles, hr = dem_pretrain_config("cpu_tiles"), dem_pretrain_config("cpu_hr")
+  assert tiles.model.to_dict() == hr.model.to_dict() and tiles.total_steps == hr.total_steps
+  assert tiles.data.corpus_tiles == "auto" and tiles.data.corpus == "" and hr.data.corpus_tiles == ""
+  assert tiles.data.normalisation.to_dict() == hr.data.normalisation.to_dict()
+  assert tiles.data.corpus_cell_size == hr.data.corpus_cell_size == 0.5

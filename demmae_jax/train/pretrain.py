@@ -150,9 +150,10 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   from data_pipelines.pretrain_corpus import CORPUS_JSON
   from data_pipelines.raster_source import NORMALISATIONS
   d = config.data
-  if d.normalisation.mode not in NORMALISATIONS:
+  tiles = bool(d.corpus_tiles)  # TFRecord corpora (data_pipelines/corpus_reader.py) join modes by "+"
+  if not tiles and d.normalisation.mode not in NORMALISATIONS:
     raise ValueError(f"data.normalisation.mode must be one of {NORMALISATIONS}")
-  if d.normalisation.mode == "ndsm" and not d.corpus:
+  if d.normalisation.mode == "ndsm" and not (d.corpus or tiles):
     raise ValueError("normalisation 'ndsm' reads nDSM rasters: set --config.data.corpus (e.g. auto)")
   if d.corpus not in ("", "auto") and not (Path(d.corpus) / CORPUS_JSON).exists():
     raise ValueError(f"{d.corpus} holds no {CORPUS_JSON}: build it with "
@@ -203,15 +204,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   workdirs.check_config(workdir, config)  # refuse another run's workdir; writes nothing
   n = config.data.normalisation
   norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
-  if config.data.corpus:
-    files, eval_files = corpus_files(config, workdir)
+  if config.data.corpus_tiles:  # a Beam-built TFRecord corpus, streamed
+    from data_pipelines.corpus_reader import pretrain_sources
+    source, eval_batch = pretrain_sources(config, workdir)
+    eval_files = ()
   else:
-    files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
-    eval_files = [shared_file(f) for f in config.data.eval_files]
-  crops = dict(crop=config.model.img_size, min_relief=config.data.min_relief, **norm)
-  source = RasterCrops.from_files(files, global_batch=config.global_batch, seed=config.data.seed,
-                                  augment=config.data.augment, **crops)
-  eval_batch = None
+    if config.data.corpus:
+      files, eval_files = corpus_files(config, workdir)
+    else:
+      files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
+      eval_files = [shared_file(f) for f in config.data.eval_files]
+    crops = dict(crop=config.model.img_size, min_relief=config.data.min_relief, **norm)
+    source = RasterCrops.from_files(files, global_batch=config.global_batch, seed=config.data.seed,
+                                    augment=config.data.augment, **crops)
+    eval_batch = None
   if config.eval_every_steps and eval_files:
     held_out = RasterCrops.from_files(eval_files, global_batch=config.data.eval_samples,
                                       seed=config.data.seed + 1, augment=False, **crops)
