@@ -76,7 +76,9 @@ def test_cached_loss_and_head_gradients_equal_the_frozen_step(tiny):
   np.testing.assert_allclose(c_aux["pixel_acc"], aux["pixel_acc"], rtol=1e-6)
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
   assert len(flat) > 20 and all(np.abs(np.asarray(g)).max() > 0 for _, g in flat[:5])
-  for (path, g), c in zip(flat, jax.tree.leaves(c_grads)):
+  # the same tree (a leaf missing on one side must fail, not be cut off by zip)
+  assert jax.tree.structure(c_grads) == jax.tree.structure(grads)
+  for (path, g), c in zip(flat, jax.tree.leaves(c_grads), strict=True):
     np.testing.assert_allclose(c, g, rtol=1e-5, atol=1e-6, err_msg=sharding.path_str(path))
   # dropout is on in both (another key, another loss): the cached path keeps the head's dropout
   other = jax.jit(lambda p, b: task.loss_fn(nnx.merge(graphdef, p, rest), b, jax.random.key(4))[0])

@@ -72,9 +72,22 @@ def test_single_process_feeds_every_row_and_batch_must_divide():
   mesh = shd.make_mesh()
   n = jax.device_count()
   assert shd.process_batch_rows(mesh, 8 * n) == (0, 8 * n)
-  if n > 1:
-    with pytest.raises(ValueError, match="not divisible"):
-      shd.process_batch_rows(mesh, n + 1)
   batch = shd.global_batch({"image": np.ones((8 * n, 4, 4, 1), np.float32)}, mesh, 8 * n)
   assert batch["image"].shape == (8 * n, 4, 4, 1)
   assert batch["image"].sharding.spec == P(shd.BATCH_AXES, None, None, None)
+
+
+@pytest.mark.multidevice
+def test_a_batch_that_does_not_divide_the_devices_is_refused():
+  """On 8 forced host devices (the suite pins one device, so in a child process)."""
+  import os
+  import subprocess
+  import sys
+  child = ("import jax; from demmae_jax import sharding as s; m = s.make_mesh(data=-1); "
+           "assert jax.device_count() == 8; print(s.process_batch_rows(m, 16))\n"
+           "try:\n  s.process_batch_rows(m, 9)\nexcept ValueError as e:\n  print('REFUSED', e)")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "(0, 16)" in done.stdout and "REFUSED" in done.stdout and "not divisible" in done.stdout
