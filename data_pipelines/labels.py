@@ -22,9 +22,8 @@ import shapely
 import shapely.errors
 import shapely.geometry
 
-from data_pipelines.atomic import atomic_file
 from data_pipelines.errors import DataError
-from data_pipelines.raster_io import check_georeferenced, open_raster, read_band
+from data_pipelines.raster_io import check_georeferenced, open_raster, read_band, write_band
 
 IGNORE = 255
 
@@ -146,11 +145,9 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
   inside = rasterio.features.rasterize([region], fill=0, default_value=1, dtype=np.uint8, **grid)
   label[inside == 0] = IGNORE
   profile.update(dtype="uint8", nodata=None, count=1, compress="deflate")
-  with atomic_file(out_path, overwrite) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(label, 1)
-      sink.update_tags(labelled_area="given" if area else "convex hull of coverage layers",
-                       sources=";".join(str(Path(l.path).name) for l in layers))
+  write_band(out_path, label, profile, overwrite,
+             labelled_area="given" if area else "convex hull of coverage layers",
+             sources=";".join(str(Path(l.path).name) for l in layers))
   values, counts = np.unique(label, return_counts=True)
   return {int(v): int(c) for v, c in zip(values, counts)}
 
@@ -167,9 +164,7 @@ def labels_from_class_raster(class_path: str | Path, out_path: str | Path, class
     with open_raster(valid_path) as v:
       label[read_band(v) == 0] = IGNORE
   profile.update(dtype="uint8", nodata=None, count=1, compress="deflate")
-  with atomic_file(out_path, overwrite) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(label, 1)
+  write_band(out_path, label, profile, overwrite)
   values, counts = np.unique(label, return_counts=True)
   return {int(v): int(c) for v, c in zip(values, counts)}
 
@@ -202,7 +197,20 @@ def mask_label_conflicts(label_path: str | Path, class_path: str | Path, classes
     label[region] = IGNORE
     counts[name] = int(region.sum())
     regions += int((areas >= min_area_m2).sum())
-  with atomic_file(label_path, overwrite=True) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(label, 1)
+  write_band(label_path, label, profile, overwrite=True)
   return {**counts, "regions": regions}
+
+
+def hide_under_canopy(label_path: str | Path, canopy: str | Path) -> int:
+  """Positive cells under a tree crown become unknown (255), in place: a DSM with its trees shows
+  the crown, not the street or roof below it (a label there would teach "crowns are streets").
+  Background under a crown stays background: a tree is background for every task. Returns how
+  many cells were hidden."""
+  with open_raster(label_path) as a, open_raster(canopy) as c:
+    if a.shape != c.shape or a.transform != c.transform:
+      raise DataError(canopy, f"grid differs from {label_path}")
+    label, trees, profile = read_band(a), read_band(c, masked=True).filled(0), a.profile
+  hidden = (label == 1) & (trees > 0)
+  label[hidden] = IGNORE
+  write_band(label_path, label, profile, overwrite=True)
+  return int(hidden.sum())

@@ -14,7 +14,8 @@ from typing import Mapping
 
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.errors import DataError
-from data_pipelines.labels import LabelLayer, labels_from_class_raster, mask_label_conflicts, rasterize_labels
+from data_pipelines.labels import (LabelLayer, hide_under_canopy, labels_from_class_raster, mask_label_conflicts,
+                                   rasterize_labels)
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.resample import resample_raster
 from data_pipelines.shared_data import shared_file
@@ -105,21 +106,14 @@ ALEXANDRIA_CELL = 2.0
 def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overwrite: bool = False) -> Path:
   """nDSM = max(DSM - DTM, 0) on the DSM's grid; NaN where either is nodata."""
   import numpy as np
-  import rasterio
-  from data_pipelines.atomic import atomic_file
-  from data_pipelines.errors import DataError
-  from data_pipelines.raster_io import open_raster, read_band
+  from data_pipelines.raster_io import open_raster, read_band, write_band
   with open_raster(dsm) as a, open_raster(dtm) as b:
     if a.crs != b.crs or a.transform != b.transform or a.shape != b.shape:
       raise DataError(dtm, f"grid or CRS differs from {dsm}")
     top, ground = (read_band(r, masked=True).astype(np.float32) for r in (a, b))
     profile = a.profile
   ndsm = np.ma.maximum(top - ground, 0).filled(np.nan)
-  profile.update(dtype="float32", nodata=np.nan, count=1)
-  with atomic_file(out, overwrite) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(ndsm, 1)
-  return Path(out)
+  return write_band(out, ndsm, {**profile, "dtype": "float32", "nodata": np.nan}, overwrite)
 
 
 def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str | Path) -> Path:
@@ -127,10 +121,7 @@ def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str |
   where the canopy raster has vegetation. Without trees in the input a model never sees a raised
   object that is not a building (issue 12: tree crowns were the held-out areas' false positives)."""
   import numpy as np
-  import rasterio
-  from data_pipelines.atomic import atomic_file
-  from data_pipelines.errors import DataError
-  from data_pipelines.raster_io import open_raster, read_band
+  from data_pipelines.raster_io import open_raster, read_band, write_band
   with open_raster(dsm) as a, open_raster(dem) as b, open_raster(canopy) as c:
     for r, path in ((b, dem), (c, canopy)):
       if r.crs != a.crs or r.transform != a.transform or r.shape != a.shape:
@@ -139,34 +130,7 @@ def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str |
     profile = a.profile
   crowns = np.ma.where(trees > 0, ground + trees, -np.inf)
   out_dsm = np.ma.maximum(top, crowns).filled(np.nan)
-  profile.update(dtype="float32", nodata=np.nan, count=1)
-  with atomic_file(out, overwrite=False) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(out_dsm, 1)
-  return Path(out)
-
-
-def hide_under_canopy(label_path: str | Path, canopy: str | Path) -> int:
-  """Positive cells under a tree crown become unknown (255), in place: a DSM with its trees shows
-  the crown, not the street or roof below it (a label there would teach "crowns are streets").
-  Background under a crown stays background: a tree is background for every task. Returns how
-  many cells were hidden."""
-  import numpy as np
-  import rasterio
-  from data_pipelines.atomic import atomic_file
-  from data_pipelines.errors import DataError
-  from data_pipelines.labels import IGNORE
-  from data_pipelines.raster_io import open_raster, read_band
-  with open_raster(label_path) as a, open_raster(canopy) as c:
-    if a.shape != c.shape or a.transform != c.transform:
-      raise DataError(canopy, f"grid differs from {label_path}")
-    label, trees, profile = read_band(a), read_band(c, masked=True).filled(0), a.profile
-  hidden = (label == 1) & (trees > 0)
-  label[hidden] = IGNORE
-  with atomic_file(label_path, overwrite=True) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(label, 1)
-  return int(hidden.sum())
+  return write_band(out, out_dsm, {**profile, "dtype": "float32", "nodata": np.nan})
 
 
 def prepare_alexandria(out_dir: str | Path, task: str = "buildings", *, cell_size: float = 2.0,

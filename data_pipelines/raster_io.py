@@ -142,3 +142,16 @@ def cell_size_m(src: rasterio.DatasetReader, crs=None, given_m: float | None = N
     raise DataError(src.name, f"has non-square cells ({xres:g} x {yres:g}); resample it to square "
                     f"cells (gdalwarp -tr S S in.tif out.tif)")
   return float(xres * factor)
+
+
+def write_band(path: str | Path, array: np.ndarray, profile: dict, overwrite: bool = False,
+               **tags: str) -> Path:
+  """`array` as the single band of a GeoTIFF at `path` with `profile` (its dtype, nodata and
+  compression as the caller set them) and optional tags, written atomically."""
+  from data_pipelines.atomic import atomic_file
+  with atomic_file(path, overwrite) as tmp:
+    with rasterio.open(tmp, "w", **{**profile, "count": 1}) as sink:
+      sink.write(array, 1)
+      if tags:
+        sink.update_tags(**tags)
+  return Path(path)

@@ -17,9 +17,9 @@ import rasterio.transform
 import rasterio.warp
 from rasterio.enums import Resampling
 
-from data_pipelines.atomic import atomic_file
 from data_pipelines.errors import DataError
 from data_pipelines.labels import IGNORE
+from data_pipelines.raster_io import write_band
 
 KINDS = ("elevation", "label")
 
@@ -56,8 +56,5 @@ def resample_raster(src_path: str | Path, out_path: str | Path, cell_size: float
                  count=1, compress="deflate", tiled=False)
   for key in ("blockxsize", "blockysize"):
     profile.pop(key, None)
-  with atomic_file(out_path, overwrite) as tmp:
-    with rasterio.open(tmp, "w", **profile) as sink:
-      sink.write(out, 1)
-      sink.update_tags(resampled_from=Path(src_path).name, resampling=how.name, cell_size=str(cell_size))
-  return Path(out_path)
+  return write_band(out_path, out, profile, overwrite, resampled_from=Path(src_path).name,
+                    resampling=how.name, cell_size=str(cell_size))

@@ -57,8 +57,9 @@ def symmetries(data: ProbeData) -> ProbeData:
   return ProbeData(np.concatenate(views_i), np.concatenate(views_l))
 
 
-def tokens(model, images: np.ndarray, batch: int = 64, layer: int | None = None) -> np.ndarray:
-  """[N, L, D] patch tokens of block `layer` (default the last; no masking, cls dropped)."""
+def token_reader(model, layer: int | None = None, batch: int = 64):
+  """images [N, H, W, C] -> [N, L, D] patch tokens of block `layer` (default the last; no masking,
+  cls dropped); one compiled encoder per model, reused for every call."""
   from flax import nnx
   graphdef, state = nnx.split(model)
   layer = model.config.depth - 1 if layer is None else layer
@@ -67,8 +68,10 @@ def tokens(model, images: np.ndarray, batch: int = 64, layer: int | None = None)
   def encode(state, x):
     return nnx.merge(graphdef, state).encode(x, layers=(layer,))[0][:, 1:]
 
-  return np.concatenate([np.asarray(encode(state, jnp.asarray(images[i:i + batch])), np.float32)
-                         for i in range(0, len(images), batch)])
+  def read(images: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(encode(state, jnp.asarray(images[i:i + batch])), np.float32)
+                           for i in range(0, len(images), batch)])
+  return read
 
 
 def fit_and_score(train_tokens: np.ndarray, train: ProbeData, val_tokens: np.ndarray, val: ProbeData,
@@ -120,11 +123,12 @@ def probe_model(model, draws: Sequence[ProbeData], val: ProbeData, *, steps: int
                 seed: int = 0, layer: int | None = None) -> dict:
   """The probe on each few-label draw (its symmetries), scored on `val`: mean and per draw."""
   patch = model.config.patch_size
-  val_tokens = tokens(model, val.images, layer=layer)
+  tokens = token_reader(model, layer)
+  val_tokens = tokens(val.images)
   per_draw = []
   for i, draw in enumerate(draws):
     train = symmetries(draw)
-    per_draw.append(fit_and_score(tokens(model, train.images, layer=layer), train, val_tokens, val, patch,
+    per_draw.append(fit_and_score(tokens(train.images), train, val_tokens, val, patch,
                                   steps=steps, seed=seed + i))
   ious = [r["iou"] for r in per_draw]
   return {"iou": float(np.mean(ious)), "iou_std": float(np.std(ious)), "draws": per_draw}
@@ -135,7 +139,8 @@ def probe_run(workdir, draw_manifests: Sequence[str], val_manifest: str | None =
               layer: int | None = None, log=print) -> list[dict]:
   """The probe at each kept checkpoint `steps` of pretraining run `workdir` (None = the latest),
   and for the same architecture at random initialisation (step 0). Data are read with the run's
-  own input normalisation; `layer` is the block read (default the last); validation is `val_manifest`'s (default: the first draw's) val split."""
+  own input normalisation; `layer` is the block read (default the last); validation is
+  `val_manifest`'s (default: the first draw's) val split."""
   import json
   from pathlib import Path
 

@@ -354,22 +354,15 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
   from demmae_jax.train import finetune
   out = Path(out)
   manifests = {}
-  for area in LOAO_AREAS[task]:
+  for area in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]:
     if area == "amsterdam_ahn2":
-      continue  # Amsterdam once: AHN3 is the newer survey of the same place
+      continue  # Amsterdam once: AHN3 (a train-only area) is the newer survey of the same place
     folder = out / "data" / task / area
     if not (folder / "tiles" / "manifest.json").exists():
       log(f"data: preparing {area} {task} at {LOAO_CELL:g} m")
       prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
                    progress=False)
     manifests[area] = folder / "tiles" / "manifest.json"
-  if task == "buildings":
-    folder = out / "data" / task / "amsterdam_ahn3"
-    if not (folder / "tiles" / "manifest.json").exists():
-      log("data: preparing amsterdam_ahn3 buildings at 1 m")
-      prepare_area("amsterdam_ahn3", folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE,
-                   stride=LOAO_STRIDE, progress=False)
-    manifests["amsterdam_ahn3"] = folder / "tiles" / "manifest.json"
   pooled = out / "data" / task / "all"
   if not (pooled / "manifest.json").exists():
     combine_tile_sets(list(manifests.values()), pooled)

@@ -19,6 +19,7 @@ Outputs are written atomically; SIGTERM removes the temporaries and says what wa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -195,12 +196,11 @@ def main(argv):
       source = str(rasters["ndsm" if input_raster_name(spec) == "ndsm" else "dsm"])
       dtm = str(rasters["dtm"])  # building heights above the LiDAR's own ground
       band = None
-      opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
     elif input_raster_name(spec) == "ndsm" and dtm:  # an nDSM model reads DSM - DTM
       from data_pipelines.prepare import height_above_ground
       source = str(height_above_ground(source, dtm, scratch / "ndsm.tif"))
       band = None
-      opts = predict.PredictOptions(**{**opts.__dict__, "band": None})
+    opts = dataclasses.replace(opts, band=band)  # a raster made here has one band
     check_cell_size(source, spec, _OTHER_CELL.value, _CRS.value, _CELL_M.value)
     probs = _PROBS.value or (scratch / "probabilities.tif" if _UNCERTAINTY.value or _POLYGONS.value
                              else None)
