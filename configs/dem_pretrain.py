@@ -84,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: an MAE preset plus MAEConfig field overrides (any MAEConfig field may be added).
   c.model = ml_collections.ConfigDict(
-      {**dict(mask_ratio=0.75, norm_pix_loss=False, dtype="float32", remat=False), **p["model"]})
+      {**dict(mask_ratio=0.75, norm_pix_loss=False, norm_pix_eps=1.0e-6, dtype="float32", remat=False),
+         **p["model"]})
   # Initialisation: "" = from scratch, or a ported / exported MAE checkpoint path.
   c.init = ""
   c.channel_adapt = ""  # "sum" | "mean" | "repeat": RGB patch-embedding weights to 1 channel

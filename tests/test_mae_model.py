@@ -104,3 +104,22 @@ def test_remat_gives_the_same_gradients_with_less_compiled_memory_and_counts_the
   # Blocks under a rematerialised scan keep only their inputs; the forward runs twice.
   assert out[True][1] < 0.6 * out[False][1]
   assert 1.1 < out[True][2] / out[False][2] < 1.5
+
+
+def test_norm_pix_eps_keeps_flat_patches_from_becoming_unit_variance_noise():
+  # A flat DEM patch with centimetre noise (heights / 30 m): with the official eps the target is
+  # that noise scaled to unit variance; with eps = (0.5 m / 30 m)**2 it stays near zero.
+  images = 0.2 + 3e-4 * jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+  noise = jax.random.uniform(jax.random.key(1), (2, 64))
+  losses = {}
+  for eps in (1e-6, (0.5 / 30) ** 2):
+    model = mae.build("tiny", in_chans=1, norm_pix_loss=True, norm_pix_eps=eps)
+    _, pred, mask = model(images, noise=noise)
+    target = patchify(images, 4)
+    mean, var = target.mean(-1, keepdims=True), target.var(-1, keepdims=True, ddof=1)
+    normed = (target - mean) / jnp.sqrt(var + eps)
+    expected = ((((pred - normed) ** 2).mean(-1)) * mask).sum() / mask.sum()
+    losses[eps] = float(model(images, noise=noise)[0])
+    np.testing.assert_allclose(losses[eps], float(expected), rtol=1e-5)
+    spread = float(jnp.abs(normed).max())
+    assert spread > 1.0 if eps == 1e-6 else spread < 0.1

@@ -28,6 +28,11 @@ class MAEConfig:
   mlp_ratio: float = 4.0
   mask_ratio: float = 0.75
   norm_pix_loss: bool = False
+  # Added to each patch's variance before normalising the target (official MAE: 1e-6, for
+  # ImageNet-normalised pixels). Flat DEM patches have almost no variance, so 1e-6 turns their
+  # centimetre noise into unit-variance targets; on heights / scale_m, (0.5 m / scale_m)**2 keeps
+  # patches under ~0.5 m of relief from being amplified.
+  norm_pix_eps: float = 1.0e-6
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: bool = False  # rematerialise each block in the backward pass
 
@@ -160,7 +165,7 @@ class MaskedAutoencoder(nnx.Module):
     if self.config.norm_pix_loss:
       mean = target.mean(axis=-1, keepdims=True)
       var = target.var(axis=-1, keepdims=True, ddof=1)  # torch's unbiased .var(), as official
-      target = (target - mean) / (var + 1.0e-6)**0.5
+      target = (target - mean) / (var + self.config.norm_pix_eps)**0.5
     loss = ((pred.astype(jnp.float32) - target)**2).mean(axis=-1)
     return (loss * mask).sum() / mask.sum()
 
