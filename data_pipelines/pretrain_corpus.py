@@ -99,6 +99,9 @@ class Source:
   place: str  # build_corpus(exclude=...) leaves a place out (leave-one-area-out pretraining)
   role: str = "train"  # "eval": held-out pretraining evaluation, never trained on
   bounds: Callable[[], tuple[float, float, float, float]] | None = None
+  # raster sources: a canopy-height raster whose trees go back into a vegetation-free DSM
+  # (prepare.with_canopy), so pretraining sees the trees the labelled sets' input has
+  canopy: str | None = None
 
 
 def _amsterdam_bounds():
@@ -120,7 +123,8 @@ SOURCES = (
     Source("delft", "lidar", ("delft/ahn3_cropped_1.laz", "delft/ahn3_cropped_2.laz"), "EPSG:28992", 0.5,
            ("delft",), "Delft, AHN3, ~14.6 points/m2", "delft"),
     Source("gothenburg", "raster", ("gothenburg/DSM_KRbig.tif", "gothenburg/DEM_KRbig.tif"), None, 1.0,
-           ("gothenburg",), "Gothenburg centre, UMEP DSM (vegetation removed) / DEM, 1 m", "gothenburg"),
+           ("gothenburg",), "Gothenburg centre, UMEP DSM with its trees put back (CDSM) / DEM, 1 m",
+           "gothenburg", canopy="gothenburg/CDSM_KRbig.tif"),
     Source("alexandria", "raster", ("alexandria/dsm.tif", "alexandria/dtm.tif"), None, 2.0,
            ("alexandria",), "Alexandria VA, LiDAR DSM / DTM, 2 m", "alexandria"),
     Source("ign_brittany", "lidar", _ign("2023_0299_6802_LA93", "2023_0300_6802_LA93"), None, 2.0, (),
@@ -209,6 +213,9 @@ def _source_rasters(src: Source, cell: float, scratch: Path) -> tuple[np.ndarray
     from data_pipelines.prepare import height_above_ground
     from data_pipelines.resample import resample_raster
     dsm_path, dtm_path = (shared_file(f) for f in src.files)
+    if src.canopy:
+      from data_pipelines.prepare import with_canopy
+      dsm_path = with_canopy(dsm_path, dtm_path, shared_file(src.canopy), scratch / "dsm_canopy.tif")
     with rasterio.open(dsm_path) as s:
       native = s.res[0]
     if abs(native - cell) > 1e-9:
@@ -223,11 +230,11 @@ def _source_rasters(src: Source, cell: float, scratch: Path) -> tuple[np.ndarray
 
 
 def _write(path: Path, array: np.ndarray, profile: dict, transform) -> None:
-  p = dict(driver="GTiff", width=array.shape[1], height=array.shape[0], count=1, dtype="float32",
-           nodata=np.nan, crs=profile["crs"], transform=transform, tiled=True, blockxsize=256,
-           blockysize=256, compress="deflate")
-  with rasterio.open(path, "w", **p) as sink:
-    sink.write(array.astype(np.float32), 1)
+  from data_pipelines.raster_io import write_band
+  write_band(path, array.astype(np.float32),
+             dict(driver="GTiff", width=array.shape[1], height=array.shape[0], dtype="float32",
+                  nodata=np.nan, crs=profile["crs"], transform=transform, tiled=True,
+                  blockxsize=256, blockysize=256, compress="deflate"))
 
 
 def build_source(src: Source, out_dir: Path, cell_size: float, splits: list[dict], progress: bool) -> dict:

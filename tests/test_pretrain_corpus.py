@@ -226,6 +226,17 @@ def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
   manifest = json.loads((corpus / pc.CORPUS_JSON).read_text())
   assert [s["name"] for s in manifest["sources"]] == ["gothenburg", "ign_larochelle"]
   assert manifest["excluded_places"] and manifest["km2"]["train"]["masked"] > 0
+  # Gothenburg's vegetation-free DSM gets its trees back, as the labelled sets' input has them:
+  # its nDSM is at least the canopy height wherever the canopy raster has a crown
+  from data_pipelines.prepare import GOTHENBURG_CANOPY
+  from data_pipelines.shared_data import shared_file
+  with rasterio.open(corpus / "gothenburg" / "ndsm.tif") as g:
+    ndsm, bounds = g.read(1), g.bounds
+  with rasterio.open(shared_file(GOTHENBURG_CANOPY)) as c:
+    trees = c.read(1, window=c.window(*bounds)).astype(np.float32)
+  crowns = np.isfinite(ndsm) & (trees > 2)
+  assert ndsm.shape == trees.shape and crowns.sum() > 100
+  assert (ndsm[crowns] >= trees[crowns] - 0.01).all()
   wd = tmp_path / "run"
   cfg = str(ROOT / "configs" / "dem_pretrain.py")
   out = run("scripts/pretrain.py", f"--config={cfg}:tiny", f"--workdir={wd}", f"--config.data.corpus={corpus}",
