@@ -33,6 +33,9 @@ class Area:
   labels: str
   # measured split blocks for (cell size, tile size) where 2 x tile size fails the area
   block_px: Mapping[tuple[float, int], int] = dataclasses.field(default_factory=dict)
+  # what the building labels outline: "wall" (cadastral footprints) or "roof" (roof edges with
+  # their eaves, e.g. land cover derived from a DSM): demmae_jax/inference/outline.py
+  outline: str = "wall"
 
 
 AREAS = {a.name: a for a in (
@@ -49,7 +52,7 @@ AREAS = {a.name: a for a in (
          "EPSG:28992", "BAG pand footprints over all 16 units (AHN2 has no building class)"),
     Area("gothenburg", "gothenburg", prepare_gothenburg, ("buildings", "roads"), 1.0, "EPSG:3007",
          "land cover: class 2 buildings; class 1 paved (streets, pavements, squares) as road; "
-         "the whole raster is labelled"),
+         "the whole raster is labelled", outline="roof"),
 )}
 
 

@@ -48,6 +48,10 @@ _UNCERTAINTY = flags.DEFINE_string("uncertainty", None, "Also write the per-pixe
 _STAC = flags.DEFINE_string("stac", None, "Also write a STAC Item (JSON) describing the outputs, "
                             "the model and the source (demmae_jax/gis/stac.py).")
 _PNG = flags.DEFINE_string("png", None, "Also write a preview PNG (DEM | classes), decimated.")
+_OUTLINE = flags.DEFINE_enum("outline", "wall", ["wall", "roof"], "Building outlines as the training "
+                              "labels draw them (wall: cadastral footprints) or as roof edges with "
+                              "their eaves (roof: grown by --eave_m; demmae_jax/inference/outline.py).")
+_EAVE = flags.DEFINE_float("eave_m", 1.0, "Eave width for --outline roof (m; 1 m measured on AHN3).")
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
 _CRS = flags.DEFINE_string("crs", None, "CRS of an input without one, e.g. EPSG:28992.")
@@ -171,6 +175,9 @@ def main(argv):
   if not Path(_INPUT.value).exists():
     raise FileNotFoundError(2, "No such file or directory", _INPUT.value)
   spec = read_spec(workdir)
+  if _OUTLINE.value == "roof" and spec["class_names"][1] != "building":
+    raise ValueError(f"{workdir}: --outline roof is for building models, this one maps "
+                     f"{spec['class_names'][1]!r}")
   if Path(_INPUT.value).suffix.lower() not in (".las", ".laz"):  # the raster checked before the model loads
     src, _ = predict.open_elevation(_INPUT.value, _BAND.value, _CRS.value)
     src.close()
@@ -209,6 +216,11 @@ def main(argv):
         input_normalise(spec), opts,
         probabilities_path=probs, crs=_CRS.value,
         overwrite=_OVERWRITE.value)
+    if _OUTLINE.value == "roof":
+      from demmae_jax.inference.outline import convert_raster
+      counts = convert_raster(_OUTPUT.value, _OUTPUT.value, _EAVE.value)
+      summary["pixels_per_class"] = {n: int(counts[i]) for i, n in enumerate(spec["class_names"])}
+      summary["outline"] = f"roof (walls grown by {_EAVE.value:g} m)"
     if _UNCERTAINTY.value:
       from demmae_jax.gis.uncertainty import write_uncertainty
       summary["uncertainty"] = str(write_uncertainty(probs, _UNCERTAINTY.value, _OVERWRITE.value))

@@ -30,7 +30,8 @@ def main(argv=None) -> int:
                  "(default runs/dem_mae_hr: scripts/pretrain.py --config configs/dem_pretrain.py:cpu_hr, "
                  "then scripts/export_encoder.py)")
   p.add_argument("--rescore", action="store_true", help="recompute area scores of finished runs "
-                 "from their kept maps (no training)")
+                 "from their kept maps, and on areas whose labels outline roofs also as roof "
+                 "outlines (no training)")
   p.add_argument("--doc", default=None, help="also write the tables into this Markdown file, "
                  "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)")
   p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     return 2
   if a.encoder:
     study.DEM_ENCODER = a.encoder
-  if not a.report_only:
+  if not (a.report_only or a.rescore):  # rescoring never trains
     for group in a.groups.split(","):
       if group == "delft":
         study.delft_runs(out, seeds=a.seeds, tasks=tasks, arms=arms or ("unet_minmax", "unet_ndsm"))
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
         return 2
   if a.rescore:
     study.rescore(out)
+    study.outline_scores(out)
   text = study.report(out)
   print(text)
   if a.doc:

@@ -47,3 +47,39 @@ def test_every_arm_builds_a_valid_finetuning_config(arm, tmp_path):
   assert c.data.manifest == str(tmp_path / "m.json")
   if arm == "hybrid_dem":
     assert c.init == study.DEM_ENCODER
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_path):
+  """Gothenburg's labels outline roofs: a map one cell inside them (what a model trained on wall
+  lines draws) scores higher once grown by the eave; a wall-line area is left alone."""
+  import numpy as np
+  import rasterio
+  import scipy.ndimage as ndi
+  from data_pipelines.areas import prepare_area
+  from data_pipelines.reader import read_manifest
+  from demmae_jax import area_eval
+  manifest = prepare_area("gothenburg", tmp_path / "g", "buildings", cell_size=1.0, holdout=True,
+                          progress=False)
+  with rasterio.open(tmp_path / "g" / "labels" / "buildings.tif") as src:
+    label, profile = src.read(1), src.profile
+  walls = ndi.binary_erosion(label == 1, structure=ndi.generate_binary_structure(2, 1))
+  pred = walls.astype(np.uint8)
+  run_id = "loao/buildings/gothenburg/unet_ndsm/s0"
+  kept = tmp_path / "out" / "workdirs" / run_id / "test_area_classes.tif"
+  kept.parent.mkdir(parents=True)
+  with rasterio.open(kept, "w", **{**profile, "dtype": "uint8", "nodata": 255}) as dst:
+    dst.write(pred, 1)
+  area = area_eval.score_area(pred, read_manifest(str(manifest)), "test", ("background", "building"))
+  for rid in (run_id, "loao/buildings/delft/unet_ndsm/s0"):
+    path = tmp_path / "out" / "results" / f"{rid}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"id": rid, "arm": "unet_ndsm", "task": "buildings", "tile_iou": None,
+                                "area_manifest": str(manifest), "area": area, "area_iou": area["iou"]}))
+  assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 1
+  rec = json.loads((tmp_path / "out" / "results" / f"{run_id}.json").read_text())
+  assert rec["area_outline"]["iou"] > max(0.9, area["iou"] + 0.1), (area["iou"], rec["area_outline"]["iou"])
+  delft = json.loads((tmp_path / "out" / "results" / "loao/buildings/delft/unet_ndsm/s0.json").read_text())
+  assert "area_outline" not in delft
+  assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 0  # already scored
