@@ -64,11 +64,13 @@ def get_area(name: str) -> Area:
 
 def prepare_area(name: str, out_dir: str | Path, task: str = "buildings", cell_size: float | None = None,
                  tile_size: int = 64, stride: int | None = 32, *, block_px: int | None = None,
-                 holdout: bool = False, **kwargs) -> Path:
+                 holdout: bool = False, wall_lines: bool = False, **kwargs) -> Path:
   """Prepare area `name` for `task` into `out_dir`; returns the manifest. `cell_size` None = the
   area's native one; `holdout=True` puts every tile in test (the held-out area of
   leave-one-area-out); other keywords (dtype, min_valid, min_labelled, seed, overwrite,
-  progress) go to the area's prepare function."""
+  progress) go to the area's prepare function. `wall_lines=True` trains beside wall-line
+  footprints: on an area whose building labels outline roofs, the eave band becomes unknown
+  (`labels.unknown_eaves`)."""
   area = get_area(name)
   if task not in area.tasks:
     raise ValueError(f"area {name!r} has no {task!r} labels; its tasks: {', '.join(area.tasks)}")
@@ -76,6 +78,9 @@ def prepare_area(name: str, out_dir: str | Path, task: str = "buildings", cell_s
   block_px = block_px or area.block_px.get((cell_size, tile_size))
   if holdout:
     kwargs["fractions"] = HOLDOUT
+  if wall_lines and area.outline == "roof" and task == "buildings":
+    from data_pipelines.labels import EAVE_M
+    kwargs["eave_m"] = EAVE_M
   return area.prepare(out_dir, task, cell_size=cell_size, tile_size=tile_size, stride=stride,
                       block_px=block_px, **kwargs)
 

@@ -26,6 +26,9 @@ from data_pipelines.errors import DataError
 from data_pipelines.raster_io import check_georeferenced, open_raster, read_band, write_band
 
 IGNORE = 255
+# Width of the eaves that roof outlines add to wall-line footprints, measured on the training
+# areas (BGT / BAG footprints against AHN3's building class: demmae_jax/inference/outline.py).
+EAVE_M = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,3 +217,25 @@ def hide_under_canopy(label_path: str | Path, canopy: str | Path) -> int:
   label[hidden] = IGNORE
   write_band(label_path, label, profile, overwrite=True)
   return int(hidden.sum())
+
+
+def unknown_eaves(label_path: str | Path, eave_m: float = EAVE_M, positive: int = 1) -> int:
+  """Roof-outline labels made compatible with wall-line footprints, in place: the band of each
+  labelled building within `eave_m` of its outline (where the eaves would overhang the wall)
+  becomes unknown (255), so training on areas of both conventions does not teach a blend of
+  them. Returns how many cells became unknown."""
+  import scipy.ndimage as ndi
+  with open_raster(label_path) as src:
+    label, profile, cell = read_band(src), src.profile, abs(src.transform.a)
+  r = int(round(eave_m / cell))
+  if r == 0:
+    return 0
+  y, x = np.mgrid[-r:r + 1, -r:r + 1]
+  building = label == positive
+  # outside the raster counts as building, so the raster's edge is not taken for an outline
+  core = ndi.binary_erosion(building, structure=x * x + y * y <= r * r, border_value=1)
+  band = building & ~core
+  label[band] = IGNORE
+  write_band(label_path, label, profile, overwrite=True)
+  return int(band.sum())
+

@@ -15,7 +15,7 @@ from typing import Mapping
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.errors import DataError
 from data_pipelines.labels import (LabelLayer, hide_under_canopy, labels_from_class_raster, mask_label_conflicts,
-                                   rasterize_labels)
+                                   rasterize_labels, unknown_eaves)
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.resample import resample_raster
 from data_pipelines.shared_data import shared_file
@@ -177,14 +177,16 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
                        tile_size: int = 64, stride: int | None = 32, block_px: int | None = None,
                        dtype: str = "float16", min_valid: float = 0.9, min_labelled: float = 0.25,
                        seed: int = 0, overwrite: bool = False, progress: bool = True,
-                       fractions: Mapping[str, float] | None = None) -> Path:
+                       fractions: Mapping[str, float] | None = None, eave_m: float = 0.0) -> Path:
   """Gothenburg DSM/DEM (1 m, EPSG:3007) + land cover -> tiles of buildings (class 2) or of
   paved surfaces (class 1, the road-like class: task "roads"); returns the manifest. The land
   cover labels the whole raster; other classes are background. The raster is 234 x 223 px:
   the default 128 px blocks are only 4 (train gets 2, val and test 1 each), but 64 px blocks
   lose more tiles to straddling (18 / 2 / 3 tiles instead of 18 / 9 / 6). Another `cell_size`
   resamples DSM/DEM (bilinear or average) and the labels (nearest or mode). The DSM gets its
-  trees back from the canopy raster (`with_canopy`), as a LiDAR DSM has them.
+  trees back from the canopy raster (`with_canopy`), as a LiDAR DSM has them. The building
+  labels outline roofs; `eave_m` > 0 makes the band of each building within that width of its
+  outline unknown (`labels.unknown_eaves`), for training beside wall-line footprints.
   """
   if task not in GOTHENBURG_CLASSES:
     raise ValueError(f"task must be one of {tuple(GOTHENBURG_CLASSES)}, got {task!r}")
@@ -196,6 +198,7 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
     label_tif = tmp / "labels" / f"{task}.tif"
     labels_from_class_raster(shared_file(GOTHENBURG_COVER), label_tif, classes=(GOTHENBURG_CLASSES[task],))
     hidden = hide_under_canopy(label_tif, shared_file(GOTHENBURG_CANOPY))
+    eaves = unknown_eaves(label_tif, eave_m) if eave_m > 0 and task == "buildings" else 0
     if cell_size != GOTHENBURG_CELL:
       dsm = resample_raster(dsm, tmp / "rasters" / "dsm.tif", cell_size)
       dem = resample_raster(dem, tmp / "rasters" / "dtm.tif", cell_size)
@@ -211,5 +214,8 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
                                            "labels": f"{GOTHENBURG_COVER} class {GOTHENBURG_CLASSES[task]}",
                                            "dsm": f"max({GOTHENBURG_DSM}, DEM + {GOTHENBURG_CANOPY})",
                                            "hidden_under_canopy": hidden,
+                                           "outline": ("roof, eaves unknown" if eaves else "roof")
+                                           if task == "buildings" else None,
+                                           "eaves_unknown": {"eave_m": eave_m, "cells": eaves},
                                            "labelled_area": "the whole raster"}})
   return out_dir / "tiles" / MANIFEST

@@ -95,6 +95,10 @@ LOAO_AREAS = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg
 # on AHN2 (the whole block); AHN3 is the newer, denser survey of it, with trees in its DSM
 LOAO_TRAIN_ONLY = {"buildings": ("amsterdam_ahn3",), "roads": ()}
 LOAO_CELL, LOAO_TILE, LOAO_STRIDE = 1.0, 64, 32
+# Training areas whose building labels outline roofs (Gothenburg) lose their eave band to
+# "unknown", so the models learn one convention, the cadastres' wall lines (areas.prepare_area
+# wall_lines). Held-out areas keep their labels. runs/study_v2 (docs) was prepared without.
+WALL_LINES = True
 
 
 def finetune_config(arm: str, task: str, manifest: str | Path, seed: int, **overrides):
@@ -235,7 +239,7 @@ def loao_data(out: Path, task: str, held_out: str, log=print) -> tuple[Path, Pat
     if not m.exists():
       log(f"data: preparing {area} {task} at {LOAO_CELL:g} m{' (all test)' if holdout else ''}")
       prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
-                   holdout=holdout, progress=False)
+                   holdout=holdout, wall_lines=WALL_LINES and not holdout, progress=False)
     manifests[area] = m
   combined = root / task / f"loao_{held_out}"
   if not (combined / "manifest.json").exists():
@@ -405,7 +409,7 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
     if not (folder / "tiles" / "manifest.json").exists():
       log(f"data: preparing {area} {task} at {LOAO_CELL:g} m")
       prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
-                   progress=False)
+                   wall_lines=WALL_LINES, progress=False)
     manifests[area] = folder / "tiles" / "manifest.json"
   pooled = out / "data" / task / "all"
   if not (pooled / "manifest.json").exists():

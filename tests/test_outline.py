@@ -64,3 +64,35 @@ def test_eave_agreement_finds_the_width_that_matches_roofs():
   assert got["outside_share"] == 1.0
   flush = outline.eave_agreement(walls, walls == 1, 1.0)
   assert flush["iou"][0.0] == 1.0 and flush["outside_share"] == 0.0
+
+
+def test_unknown_eaves_hides_the_band_inside_each_outline_but_not_at_the_raster_edge(tmp_path):
+  from data_pipelines.labels import unknown_eaves
+  label = _house()
+  label[0:8, 0:10] = 1  # a building cut by the raster's edge
+  path = tmp_path / "labels.tif"
+  with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8",
+                     nodata=255, crs="EPSG:3007", transform=from_origin(0, 40, 1, 1)) as dst:
+    dst.write(label, 1)
+  assert unknown_eaves(path, 1.0) == 2 * 20 + 2 * 18 + 8 + 10 - 1
+  with rasterio.open(path) as src:
+    got = src.read(1)
+  assert (got[10, 15:35] == 255).all() and (got[11:29, 16:34] == 1).all()  # band, then core
+  assert (got[0, 0:9] == 1).all() and (got[0:7, 0] == 1).all()  # the raster edge is no outline
+  assert (got[label == 0] == 0).all()  # background untouched
+
+
+@pytest.mark.realdata
+def test_gothenburg_trained_beside_wall_lines_loses_its_eave_band(tmp_path):
+  from data_pipelines.areas import prepare_area
+  from data_pipelines.reader import read_manifest
+  plain = read_manifest(str(prepare_area("gothenburg", tmp_path / "roof", "buildings", progress=False)))
+  walls = read_manifest(str(prepare_area("gothenburg", tmp_path / "wall", "buildings", wall_lines=True,
+                                         progress=False)))
+  assert plain["preset"]["eaves_unknown"]["cells"] == 0 and plain["preset"]["outline"] == "roof"
+  cells = walls["preset"]["eaves_unknown"]["cells"]
+  with rasterio.open(tmp_path / "roof" / "labels" / "buildings.tif") as a, \
+       rasterio.open(tmp_path / "wall" / "labels" / "buildings.tif") as b:
+    roof, wall = a.read(1), b.read(1)
+  assert cells == ((wall == 255) & (roof == 1)).sum() > 1000
+  assert ((wall != roof) <= (roof == 1)).all()  # only building cells changed

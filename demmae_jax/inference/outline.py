@@ -19,7 +19,8 @@ import rasterio
 import scipy.ndimage as ndi
 from rasterio.windows import Window
 
-EAVE_M = 1.0
+from data_pipelines.labels import EAVE_M  # noqa: E402  (one constant for labels and maps)
+
 NODATA = 255
 
 
