@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.errorbar(xs, [r["iou"] for r in results], yerr=[r["iou_std"] for r in results], marker="o", capsize=3)
     ax.set_xlabel("pretraining step (0 = random initialisation)")
-    ax.set_ylabel("probe IoU, buildings")
+    task = json.loads(Path(a.draws[0]).read_text()).get("preset", {}).get("task", "positive class")
+    ax.set_ylabel(f"probe IoU, {task}")
     ax.set_title(f"linear probe on {len(a.draws)} draws: {Path(a.workdir).name}", fontsize=9)
     fig.tight_layout()
     with atomic_file(Path(a.png), overwrite=False) as tmp:
