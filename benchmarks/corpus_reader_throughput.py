@@ -21,8 +21,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def _sorted_percentile(x, valid, q):
+  """relative's percentile as it was before the top_k selection (a full sort of the subgrid): the
+  reference of mode "relative_sort" only."""
+  import numpy as np
+  import tensorflow as tf
+  h, w = x.shape[1], x.shape[2]
+  s = max(1, int(np.ceil(np.sqrt(h * w / 4096))))
+  x, valid = x[:, ::s, ::s], valid[:, ::s, ::s]
+  flat = tf.reshape(tf.where(valid, x, np.inf), [tf.shape(x)[0], -1])
+  n_valid = tf.reduce_sum(tf.cast(tf.reshape(valid, tf.shape(flat)), tf.int32), axis=1)
+  k = tf.cast(tf.floor(q / 100.0 * tf.cast(tf.maximum(n_valid - 1, 0), tf.float32)), tf.int32)
+  return tf.gather(tf.sort(flat, axis=1), k[:, None], batch_dims=1)[:, 0]
+
+
 def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augment: bool, streams: int,
             repeat: int) -> dict:
+  from data_pipelines import normalisation
+  if mode == "relative_sort":  # the previous percentile, as a same-process reference
+    kept, normalisation._masked_percentile = normalisation._masked_percentile, _sorted_percentile
+    try:
+      return {**measure(corpus, "relative", batch, tiles, threads, augment, streams, repeat), "mode": mode}
+    finally:
+      normalisation._masked_percentile = kept
   import tensorflow as tf
   from data_pipelines.corpus_reader import CorpusTiles
   src = CorpusTiles([corpus] * repeat, batch, normalisation=mode, augment=augment, streams=streams)
@@ -50,7 +71,8 @@ def main() -> int:
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--tiles", type=int, default=8192)
   p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-  p.add_argument("--modes", nargs="+", default=["minmax", "relative", "ndsm"])
+  p.add_argument("--modes", nargs="+", default=["minmax", "relative", "ndsm"],
+                 help='normalisation modes; "relative_sort": relative with the previous, sorting percentile')
   p.add_argument("--streams", type=int, default=8, help="the reader's streams (config.data.streams)")
   p.add_argument("--repeat", type=int, default=1, help="list the corpus this many times: epochs as long as a "
                  "corpus this many times larger (a small corpus restarts its epochs every few batches)")
