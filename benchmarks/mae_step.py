@@ -287,12 +287,18 @@ def main():
   parser.add_argument("--profile", action="store_true",
                       help="also profile both steps per op: time in matmuls (and their FLOP/s) "
                            "against the rest")
+  parser.add_argument("--cores", type=int, default=None,
+                      help="pin the process to this many cores (both sides' thread pools then size "
+                           "to them); on a loaded machine --cores 1 avoids oversubscribed threads")
   args = parser.parse_args()
+  if args.cores:  # before the first JAX computation creates the CPU client and its thread pool
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
 
   import torch
-  torch.set_num_threads(os.cpu_count())
+  cores = len(os.sched_getaffinity(0))
+  torch.set_num_threads(cores)
   jax_rate, torch_rate = matmul_rates()
-  print(f"cpu cores: {os.cpu_count()}  jax {jax.__version__}  torch {torch.__version__}")
+  print(f"cpu cores: {cores} of {os.cpu_count()}  jax {jax.__version__}  torch {torch.__version__}")
   print(f"float32 matmul 4096^3: JAX {jax_rate / 1e9:.1f} GFLOP/s, PyTorch "
         f"{torch_rate / 1e9:.1f} GFLOP/s (ratio {jax_rate / torch_rate:.2f})")
   roofline = max(jax_rate, torch_rate)
