@@ -1,10 +1,15 @@
-"""MAE pretraining step: this project's jitted JAX step against the PyTorch reference, side by side.
+"""MAE pretraining step: the Trainer's step users run against the PyTorch reference, side by side.
 
-Prints, from one run on the same machine: images/s of each step and their ratio, the float32
-matmul rate of this CPU in JAX and in PyTorch (the practical roofline), XLA's FLOP count of the
-step against the analytic count, and each step's fraction of the roofline.
+The JAX side is `loop.Trainer(MAEPretrain(config), ...)`'s compiled step, the function
+scripts/pretrain.py runs (masks, the config's AdamW and schedule, gradient norm, NaN guard, donated
+state) for `configs/dem_pretrain.py:<preset>` in float32; the PyTorch side is
+`transformers.ViTMAEForPreTraining` of the same shapes with `torch.optim.AdamW`. Prints, from one
+run on the same machine: images/s of each step and their ratio, the float32 matmul rate of this CPU
+in JAX and in PyTorch (the practical roofline), the FLOPs of the step (jaxpr count, XLA's cost
+analysis, analytic) and each step's fraction of the roofline. The steps take turns (`--rounds`),
+so that a change of load on a shared machine hits both; the best step of each is compared.
 
-  python benchmarks/mae_step.py --preset base --batch 8 --channels 3 --steps 5
+  python benchmarks/mae_step.py --preset base --batch 8 --channels 3 --steps 3 --rounds 3
 """
 from __future__ import annotations
 
@@ -12,14 +17,17 @@ import argparse
 import math
 import os
 import re
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from demmae_jax.models import mae
@@ -63,43 +71,50 @@ def matmul_rates(n: int = 4096) -> tuple[float, float]:
   return flops / t_jax, flops / t_torch
 
 
-def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray,
-             breakdown: bool = False):
-  model = mae.build(config)
-  tx = optax.adamw(1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  opt_state = tx.init(params)
-
-  def train_step(params, opt_state, images, noise):
-    def loss_fn(p):
-      return nnx.merge(graphdef, p, rest)(images, noise=noise)[0]
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  step = jax.jit(train_step, donate_argnums=(0, 1))
-  images, noise = jnp.asarray(images), jnp.asarray(noise)
+def jax_step(preset: str, channels: int, batch: int, breakdown: bool = False):
+  """The Trainer's step of `configs/dem_pretrain.py:<preset>` (what scripts/pretrain.py runs:
+  per-example masks from the step's rng, the config's AdamW and lr schedule, the gradient norm and
+  the NaN guard, donated state), in float32 with `channels` input channels at global batch
+  `batch` on one device. Returns (run one step, XLA's FLOPs, the jaxpr's FLOPs, MAEConfig)."""
+  from demmae_jax import sharding as shd
+  from demmae_jax.train import loop, pretrain
+  from demmae_jax.train.metrics import jaxpr_flops
+  from train_steps import load_config
+  config = load_config("dem_pretrain", preset)
+  config.global_batch = batch
+  config.model.update(in_chans=channels, dtype="float32")  # as PyTorch's float32 step
+  config.lock()
+  mesh = shd.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
+  trainer = loop.Trainer(pretrain.MAEPretrain(config), config, mesh)
+  m = trainer.task.mae_config
+  images = np.random.default_rng(0).standard_normal((batch, m.img_size, m.img_size, channels),
+                                                    dtype=np.float32)
+  traced = trainer.trace({"image": images})
+  compiled = traced.lower().compile()
+  state = [trainer.init_state()]
+  on_device = shd.global_batch({"image": images}, mesh, batch)
   if breakdown:
-    loss_fn = lambda p: nnx.merge(graphdef, p, rest)(images, noise=noise)[0]
+    params, rest = state[0]["params"], state[0]["rest"]
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(trainer.rng, jnp.arange(batch))
+    loss_fn = lambda p: trainer.task.loss_fn(nnx.merge(trainer.graphdef, p, rest), on_device, keys)[0]
     grads = jax.jit(jax.grad(loss_fn))(params)
+    opt_state = state[0]["opt_state"]
     parts = {
         "forward": (jax.jit(loss_fn), (params,)),
         "forward+backward": (jax.jit(jax.value_and_grad(loss_fn)), (params,)),
-        "AdamW update": (jax.jit(lambda g, s, p: tx.update(g, s, p)[0]), (grads, opt_state, params)),
+        "AdamW update": (jax.jit(lambda g, s, p: trainer.tx.update(g, s, p)[0]), (grads, opt_state, params)),
     }
     for name, (fn, args) in parts.items():
       print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")
-  compiled = step.lower(params, opt_state, images, noise).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  state = [params, opt_state]
 
   def run():
-    state[0], state[1], loss = compiled(state[0], state[1], images, noise)
-    loss.block_until_ready()
+    state[0], metrics = compiled(state[0], on_device, trainer.rng)
+    metrics["loss"].block_until_ready()
 
   run.hlo_text = compiled.as_text()
-  return run, float(cost.get("flops", float("nan")))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return run, float(cost.get("flops", float("nan"))), jaxpr_flops(traced.jaxpr), m
 
 
 # ------------------------------------------------------------------------------ profiles
@@ -265,41 +280,53 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--channels", type=int, nargs="+", default=[3, 1])
   parser.add_argument("--steps", type=int, default=5, help="timed steps (best of) per side")
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="the two steps take turns this many times (best step of all rounds)")
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the JAX forward, forward+backward and AdamW update apart")
   parser.add_argument("--profile", action="store_true",
                       help="also profile both steps per op: time in matmuls (and their FLOP/s) "
                            "against the rest")
+  parser.add_argument("--cores", type=int, default=None,
+                      help="pin the process to this many cores (both sides' thread pools then size "
+                           "to them); on a loaded machine --cores 1 avoids oversubscribed threads")
   args = parser.parse_args()
+  if args.cores:  # before the first JAX computation creates the CPU client and its thread pool
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
 
   import torch
-  torch.set_num_threads(os.cpu_count())
+  cores = len(os.sched_getaffinity(0))
+  torch.set_num_threads(cores)
   jax_rate, torch_rate = matmul_rates()
-  print(f"cpu cores: {os.cpu_count()}  jax {jax.__version__}  torch {torch.__version__}")
+  print(f"cpu cores: {cores} of {os.cpu_count()}  jax {jax.__version__}  torch {torch.__version__}")
   print(f"float32 matmul 4096^3: JAX {jax_rate / 1e9:.1f} GFLOP/s, PyTorch "
         f"{torch_rate / 1e9:.1f} GFLOP/s (ratio {jax_rate / torch_rate:.2f})")
   roofline = max(jax_rate, torch_rate)
+  print(f"load average {os.getloadavg()[0]:.1f} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
   for channels in args.channels:
-    config = mae.preset(args.preset, in_chans=channels)
+    run_jax, xla_flops, counted, config = jax_step(args.preset, channels, args.batch, args.breakdown)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, config.img_size, config.img_size, channels),
                                  dtype=np.float32)
     noise = rng.random((args.batch, config.num_patches), dtype=np.float32)
-    run_jax, xla_flops = jax_step(config, images, noise, args.breakdown)
-    t_jax = timeit(run_jax, args.steps)
     run_torch = torch_step(config, images, noise)
-    t_torch = timeit(run_torch, args.steps)
+    t_jax = t_torch = float("inf")
+    for r in range(args.rounds):  # taking turns: a change of load hits both sides
+      t_jax = min(t_jax, timeit(run_jax, args.steps))
+      t_torch = min(t_torch, timeit(run_torch, args.steps))
+      print(f"  round {r + 1}: best JAX {t_jax:.3f} s, PyTorch {t_torch:.3f} s, load average "
+            f"{os.getloadavg()[0]:.1f}", flush=True)
     analytic = analytic_train_flops(config) * args.batch
     ideal = analytic / roofline
     print(f"\n{args.preset} {config.img_size}x{config.img_size}x{channels}, batch {args.batch}, "
-          f"AdamW, float32")
-    print(f"  FLOPs/image: analytic {analytic / args.batch / 1e9:.1f} G, "
-          f"XLA cost analysis {xla_flops / args.batch / 1e9:.1f} G")
+          f"AdamW, float32; JAX: the Trainer's step (loop.Trainer + MAEPretrain)")
+    print(f"  FLOPs/image: analytic {analytic / args.batch / 1e9:.1f} G, jaxpr count "
+          f"{counted / args.batch / 1e9:.1f} G, XLA cost analysis {xla_flops / args.batch / 1e9:.1f} G")
     print(f"  JAX     {args.batch / t_jax:6.2f} img/s ({t_jax:.3f} s/step), "
           f"{ideal / t_jax:.0%} of matmul roofline")
     print(f"  PyTorch {args.batch / t_torch:6.2f} img/s ({t_torch:.3f} s/step), "
           f"{ideal / t_torch:.0%} of matmul roofline")
-    print(f"  speed ratio JAX / PyTorch: {t_torch / t_jax:.2f}x")
+    print(f"  speed ratio JAX / PyTorch: {t_torch / t_jax:.2f}x", flush=True)
     if args.profile:
       print_profile("JAX", profile_jax(run_jax, run_jax.hlo_text, args.steps))
       print_profile("PyTorch", profile_torch(run_torch, args.steps))

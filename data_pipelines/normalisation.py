@@ -38,19 +38,28 @@ def mode_channels(mode: str, channels: int = 1) -> int:
   return channels if len(parts) == 1 else len(parts)
 
 
-PERCENTILE_SAMPLE = 4096  # pixels per tile the percentile is taken over (sorting is the cost)
+PERCENTILE_SAMPLE = 4096  # pixels per tile the percentile is taken over
 
 
 def _masked_percentile(x: tf.Tensor, valid: tf.Tensor, q: float) -> tf.Tensor:
   """Per-tile q-th percentile ("lower", no interpolation) over the valid pixels of a regular
-  subgrid of at most PERCENTILE_SAMPLE pixels (every s-th row and column): [B,H,W] -> [B]."""
+  subgrid of at most PERCENTILE_SAMPLE pixels (every s-th row and column): [B,H,W] -> [B].
+
+  Exact selection, not a sort: the rank k = floor(q/100 (n_valid - 1)) is below
+  k_max = floor(q/100 (n - 1)) + 1 for n subgrid pixels, so the value is the k-th of the k_max
+  smallest, which `top_k` of the negated values finds (63 of 3,136 at 224 px and q = 2: ~7x less
+  CPU than sorting all of them). Invalid pixels are +inf, last in either order; the result equals
+  the sort's for every input without NaN (tests/test_data_normalisation.py)."""
   h, w = x.shape[1], x.shape[2]
   s = max(1, int(np.ceil(np.sqrt(h * w / PERCENTILE_SAMPLE))))
   x, valid = x[:, ::s, ::s], valid[:, ::s, ::s]
-  flat = tf.reshape(tf.where(valid, x, np.inf), [tf.shape(x)[0], -1])
+  n = int(np.ceil(h / s)) * int(np.ceil(w / s))
+  flat = tf.reshape(tf.where(valid, x, np.inf), [tf.shape(x)[0], n])
   n_valid = tf.reduce_sum(tf.cast(tf.reshape(valid, tf.shape(flat)), tf.int32), axis=1)
   k = tf.cast(tf.floor(q / 100.0 * tf.cast(tf.maximum(n_valid - 1, 0), tf.float32)), tf.int32)
-  return tf.gather(tf.sort(flat, axis=1), k[:, None], batch_dims=1)[:, 0]
+  k_max = min(n, int(np.floor(np.float32(q / 100.0) * np.float32(n - 1))) + 1)
+  smallest = -tf.math.top_k(-flat, k_max, sorted=True).values  # ascending
+  return tf.gather(smallest, tf.minimum(k, k_max - 1)[:, None], batch_dims=1)[:, 0]
 
 
 def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = None, ndsm=None,

@@ -1,8 +1,10 @@
 """The generic loop with a small regression task (a frozen "backbone" and a "head" predicting the
 mean height of 4 x 4 crops of the real Jacksboro DEM): frozen variables, gradient accumulation,
 NaN handling, keep-best, SIGTERM and workdir identity."""
+import json
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +151,35 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
   with c.unlocked():
     c.log.every_steps = 5
   assert loop.train(MeanHeight(), c, tmp_path, _source()).history == []
+
+
+def test_input_wait_is_reported_and_matches_a_known_delay(tmp_path):
+  """An input that takes 60 ms a batch: the loop reports ~60 ms of input wait per step and a wait
+  fraction of wait over the measured step time; with an instant input the wait is ~0."""
+  delay = 0.06
+
+  def slow(start):
+    for i, b in enumerate(_source()(start)):
+      if i:  # the first batch is fetched before the memory plan, outside any interval
+        time.sleep(delay)
+      yield b
+
+  config = _config(9, checkpoint={**_config().checkpoint.to_dict(), "every_steps": 100})
+  with config.unlocked():
+    config.log.every_steps = 4
+  rows = {}
+  for name, source in (("slow", slow), ("fast", _source())):
+    loop.train(MeanHeight(), config, tmp_path / name, source)
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    rows[name] = [r for r in map(json.loads, lines) if r["step"] > 1]
+  assert [r["step"] for r in rows["slow"]] == [4, 8, 9]
+  for r in rows["slow"] + rows["fast"]:
+    assert {"input_wait_ms", "input_wait_fraction", "step_ms"} <= set(r)
+    assert 0 <= r["input_wait_fraction"] <= 1
+    np.testing.assert_allclose(r["input_wait_fraction"], r["input_wait_ms"] / r["step_ms"], rtol=1e-6)
+  for slow_row, fast_row in zip(rows["slow"], rows["fast"]):
+    assert 1e3 * delay <= slow_row["input_wait_ms"] < 1e3 * delay + 30
+    assert slow_row["input_wait_ms"] <= slow_row["step_ms"]
+    assert fast_row["input_wait_ms"] < 15  # 8 crops of 4 x 4 px from memory
+  # the slow input dominates the tiny step: its share is the delay over the step time
+  assert min(r["input_wait_fraction"] for r in rows["slow"]) > 0.5

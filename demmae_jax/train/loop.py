@@ -335,11 +335,15 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   eval_every = int(config.get("eval_every_steps", 0) or 0)
   pending: list[tuple[int, dict]] = []
   progress = _progress(total, start, is_main and config.log.get("progress", True))
-  t_last, steps_since = time.perf_counter(), 0
+  # Input wait: host seconds blocked in `next(source)` since the last flush. The interval's wall
+  # time ends in a sync (flush fetches every pending step), so wait / interval is the share of
+  # the step time the loop spent waiting on input, with no per-step sync. An upper bound on the
+  # device's idle time: a wait shorter than the steps still in flight (<= 2) hides behind them.
+  t_last, steps_since, waited = time.perf_counter(), 0, 0.0
 
   def flush(step: int, extra: dict | None = None) -> dict:
     """Fetch pending step metrics (a sync), stop on non-finite loss, log the interval mean."""
-    nonlocal t_last, steps_since, pending
+    nonlocal t_last, steps_since, pending, waited
     fetched = jax.device_get([m for _, m in pending])
     steps = [s for s, _ in pending]
     pending = []
@@ -361,6 +365,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       row["flops_per_s"] = steps_since * flops_per_step / dt
       row["mfu"] = row["flops_per_s"] / peak_total
       row["peak_memory_gib"] = memory.measured_peak() / 2**30  # against the plan's prediction
+      row["step_ms"] = 1e3 * dt / steps_since
+      row["input_wait_ms"] = 1e3 * waited / steps_since
+      row["input_wait_fraction"] = waited / dt
     row.update(extra or {})
     if row:
       writer.write(step, row)
@@ -368,7 +375,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       if progress is not None and "loss" in row:
         progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
                              img_s=f"{row.get('images_per_s', 0):.1f}")
-    t_last, steps_since = now, 0
+    t_last, steps_since, waited = now, 0, 0.0
     return row
 
   def save(step: int, metrics: dict | None = None) -> None:
@@ -413,7 +420,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
         break
       if done_here or step >= total:
         break
+      t_wait = time.perf_counter()
       batch_local = next(source)
+      waited += time.perf_counter() - t_wait
       _check_local_batch(batch_local, rows)
   finally:
     if progress is not None:
