@@ -18,7 +18,7 @@ against the analytic count of benchmarks/mae_step.py, split encoder / decoder.
 
 Beside XLA's numbers, `jax.ad_checkpoint`'s saved residuals give the activations the backward
 needs per image whatever the backend (--residuals-only). `--time-steps` instead runs the compiled
-step for achieved FLOP/s and MFU against `metrics.peak_flops_per_device`.
+step for achieved FLOP/s and MFU against `reporting.peak_flops_per_device`.
 
 The analysis is XLA:CPU's buffer assignment. A TPU or GPU compiler fuses and lays out differently,
 so these are estimates on paper for those devices, not measurements on them.
@@ -43,12 +43,12 @@ FSDP = 8
 
 def measure(trainer, batch) -> dict:
   """The library's analysis (what the trainer's memory plan reads), plus FLOPs and compile time."""
-  from demmae_jax.train import memory, metrics
+  from demmae_jax.train import memory, reporting
   t0 = time.perf_counter()
   mem, traced, compiled = memory.measure(trainer, batch)
   row = dict(argument=mem.argument, output=mem.output, alias=mem.alias, temp=mem.temp,
              state=memory.state_bytes(trainer.abstract_state), params=mem.params, peak=mem.peak,
-             flops=metrics.compiled_flops(compiled), counted_flops=metrics.jaxpr_flops(traced.jaxpr),
+             flops=reporting.compiled_flops(compiled), counted_flops=reporting.jaxpr_flops(traced.jaxpr),
              compile_s=time.perf_counter() - t0)
   return row, compiled
 
@@ -239,7 +239,7 @@ def flops_table(presets: list[str], channels: int, results: dict) -> None:
     dec = total - analytic_train_flops(c.replace(decoder_depth=0))
     r = results[p]
     # XLA's cost analysis counts a loop body once, so under remat (blocks in a scan) only the
-    # jaxpr count (matmuls and convolutions, metrics.jaxpr_flops) holds.
+    # jaxpr count (matmuls and convolutions, reporting.jaxpr_flops) holds.
     xla = r["float32/remat=False"]["flops"][0]
     counted, remat = (r[f"float32/remat={m}"]["counted_flops"][0] for m in (False, True))
     print(f"| {p} | {total / 1e9:.1f} | {enc / 1e9:.1f} ({enc / total:.0%}) | {dec / 1e9:.1f} "
@@ -252,10 +252,10 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
   """Run the compiled float32 and bfloat16 steps: achieved FLOP/s against the host's CPU peak."""
   import jax
   import numpy as np
-  from demmae_jax.train import metrics
+  from demmae_jax.train import reporting
   from train_steps import pretrain
   from mae_step import matmul_rates
-  peak, note = metrics.peak_flops_per_device()
+  peak, note = reporting.peak_flops_per_device()
   print(f"\n## achieved FLOP/s, {preset} batch {batch}, best of {steps} steps; peak {note}; "
         f"load average {os.getloadavg()[0]:.1f}")
   jax_mm, torch_mm = matmul_rates()
@@ -264,7 +264,7 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
   for dtype in ("float32", "bfloat16"):
     trainer, spec = pretrain(preset, batch, in_chans=channels, dtype=dtype)
     step = trainer.compile(spec)
-    flops = metrics.compiled_flops(step)
+    flops = reporting.compiled_flops(step)
     state = trainer.init_state()
     images = {"image": np.random.default_rng(0).random(spec["image"].shape, np.float32)}
     best = float("inf")

@@ -32,6 +32,7 @@ from demmae_jax.models.mae import MAEConfig, MaskedAutoencoder, PRESETS, preset
 log = logging.getLogger(__name__)
 
 FORMAT = "demmae_jax.mae/1"  # written into our config.json; how a directory is recognised
+# (a file-format name, kept when the facade module became demmae_jax/api.py)
 STATE_DIR = "state"
 CHANNEL_ADAPT = ("sum", "mean", "repeat")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")

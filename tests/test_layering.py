@@ -9,7 +9,7 @@ PACKAGES = ("demmae_jax", "data_pipelines")
 APPS = ("demmae_jax.experiments", "demmae_jax.study", "demmae_jax.area_eval",
         "demmae_jax.baselines", "demmae_jax.probe", "demmae_jax.cli", "demmae_jax.gis.change",
         "demmae_jax.gis.evaluate")
-CORE = ("demmae_jax.sharding", "demmae_jax.metrics", "demmae_jax.checkpoints", "demmae_jax.mae",
+CORE = ("demmae_jax.sharding", "demmae_jax.metrics", "demmae_jax.checkpoints", "demmae_jax.api",
         "demmae_jax.workdirs", "demmae_jax.config_files")
 # (modules, the imports they must not make, why)
 RULES = [
@@ -65,12 +65,12 @@ def test_a_forbidden_import_is_detected(tmp_path):
   bad.mkdir()
   (bad / "__init__.py").write_text("")
   (bad / "restore.py").write_text("import jax\n\ndef f():\n  from demmae_jax.train import loop\n")
-  (tmp_path / "data_pipelines" / "reader.py").write_text("from demmae_jax import mae\n")
+  (tmp_path / "data_pipelines" / "reader.py").write_text("from demmae_jax import api\n")
   (tmp_path / "demmae_jax" / "study.py").write_text("from demmae_jax.train import finetune\n")
   assert violations(tmp_path) == [
       "data_pipelines/reader.py:1: data_pipelines.reader imports demmae_jax (the data pipelines "
       "know no model)",
-      "data_pipelines/reader.py:1: data_pipelines.reader imports demmae_jax.mae (the data "
+      "data_pipelines/reader.py:1: data_pipelines.reader imports demmae_jax.api (the data "
       "pipelines know no model)",
       "demmae_jax/inference/restore.py:4: demmae_jax.inference.restore imports demmae_jax.train "
       "(using a trained model needs no training code)",

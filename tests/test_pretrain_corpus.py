@@ -210,7 +210,7 @@ def test_build_resumes_skipping_finished_sources(corpus, tmp_path, monkeypatch):
 def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
   import subprocess
   import sys
-  from demmae_jax.train.metrics import read_jsonl
+  from demmae_jax.train.reporting import read_jsonl
   from test_train_support import ROOT, child_env
 
   def run(*args):

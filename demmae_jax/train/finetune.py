@@ -171,8 +171,8 @@ def _backbone(config: ml_collections.ConfigDict, tile: int, channels: int):
   if config.model.kind not in ("upernet", "hybrid"):
     return None, None
   if config.init:
-    from demmae_jax import mae  # the checkpoint reader: our exports, official and HF files
-    model = mae.from_pretrained(config.init, encoder_only=True, img_size=tile, in_chans=channels,
+    from demmae_jax import api  # the checkpoint reader: our exports, official and HF files
+    model = api.from_pretrained(config.init, encoder_only=True, img_size=tile, in_chans=channels,
                                 channel_adapt=config.channel_adapt or None, seed=int(config.seed))
     return model.config, nnx.state(model)
   from demmae_jax.train.pretrain import model_config
