@@ -80,7 +80,7 @@ def run_child(step: str, cache: str, via_env: bool) -> dict:
   row = json.loads(out.stdout.strip().splitlines()[-1])
   files = [p for p in Path(cache).rglob("*") if p.is_file()]
   row.update(process_s=wall, cache_files=len(files), cache_mib=sum(p.stat().st_size for p in files) / 2**20,
-             explain=[l for l in out.stderr.splitlines() if "cache miss" in l.lower()][:5])
+             explain=[line for line in out.stderr.splitlines() if "cache miss" in line.lower()][:5])
   return row
 
 

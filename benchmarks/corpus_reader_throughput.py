@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augment: bool, streams: int,
             repeat: int) -> dict:
   import tensorflow as tf
+
   from data_pipelines.corpus_reader import CorpusTiles
   src = CorpusTiles([corpus] * repeat, batch, normalisation=mode, augment=augment, streams=streams)
   options = tf.data.Options()

@@ -36,10 +36,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import train_steps  # noqa: E402
 from demmae_jax import sharding as shd  # noqa: E402
 from demmae_jax.train import feature_cache, finetune as ft  # noqa: E402
 from demmae_jax.train.loop import Trainer  # noqa: E402
-import train_steps  # noqa: E402
 
 VARIANTS = ("frozen", "unfrozen", "cached")
 

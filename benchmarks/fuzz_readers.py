@@ -49,6 +49,7 @@ def corrupt(raw: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
 def small_real_laz(folder: Path) -> Path:
   """The first 30,000 points of delft/ahn3_cropped_2.laz as a LAZ of their own."""
   import laspy
+
   from data_pipelines.shared_data import shared_file
   out = Path(folder) / "delft_30k.laz"
   with laspy.open(shared_file("delft/ahn3_cropped_2.laz")) as reader:
@@ -65,6 +66,7 @@ def real_tiles(folder: Path) -> Path:
   """Tile shards (16 tiles each) of a 256 x 256 crop of the real Alexandria DSM."""
   import rasterio
   from rasterio.windows import Window
+
   from data_pipelines.shared_data import shared_file
   from data_pipelines.tile_writer import write_tiles
   folder = Path(folder)

@@ -343,8 +343,9 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| command | signal | trials | aimed at the write | interrupted | exit codes | outputs intact | said so (SIGTERM) | "
-          "temporaries right after | next run ok | temporaries after next run | next run = uninterrupted run |",
+  rows = ["| command | signal | trials | aimed at the write | interrupted | exit codes | "
+          "outputs intact | said so (SIGTERM) | temporaries right after | next run ok | "
+          "temporaries after next run | next run = uninterrupted run |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({(r["command"], r["signal"]) for r in results})
   for command, sig in keys:

@@ -88,7 +88,7 @@ def jax_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray,
         "AdamW update": (jax.jit(lambda g, s, p: tx.update(g, s, p)[0]), (grads, opt_state, params)),
     }
     for name, (fn, args) in parts.items():
-      print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")
+      print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")  # noqa: B023
   compiled = step.lower(params, opt_state, images, noise).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -119,6 +119,7 @@ def pretrain_table(preset: str, batches: list[int], channels: int, results: dict
 def fsdp_check(preset: str, batches: list[int], channels: int, results: dict) -> None:
   """Compile the preset's own dtype/remat on an fsdp=8 mesh; compare with the 1/8 estimate."""
   import jax
+
   from demmae_jax import sharding as shd
   from train_steps import pretrain
   if jax.device_count() < FSDP:
@@ -171,6 +172,7 @@ def residual_bytes(preset: str, channels: int, dtype: str, remat: bool, batch: i
   import numpy as np
   from flax import nnx
   from jax._src.ad_checkpoint import saved_residuals
+
   from train_steps import pretrain
   trainer, spec = pretrain(preset, batch, in_chans=channels, dtype=dtype, remat=remat)
   state = trainer.abstract_state
@@ -221,7 +223,7 @@ def remat_probe() -> None:
   x = jax.ShapeDtypeStruct((4096, 256), jnp.float32)  # 4 MiB; each hidden 16 MiB
   print("\nXLA:CPU temporaries of grad of 12 blocks (MiB), remat off / on:")
   for scan in (False, True):
-    temps = [jax.jit(jax.grad(lambda w, h: net(w, h, r, scan))).lower(ws, x).compile()
+    temps = [jax.jit(jax.grad(lambda w, h: net(w, h, r, scan))).lower(ws, x).compile()  # noqa: B023
              .memory_analysis().temp_size_in_bytes / 2**20 for r in (False, True)]
     print(f"  {'lax.scan' if scan else 'unrolled'}: {temps[0]:.0f} / {temps[1]:.0f}", flush=True)
 
@@ -252,9 +254,10 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
   """Run the compiled float32 and bfloat16 steps: achieved FLOP/s against the host's CPU peak."""
   import jax
   import numpy as np
+
   from demmae_jax.train import reporting
-  from train_steps import pretrain
   from mae_step import matmul_rates
+  from train_steps import pretrain
   peak, note = reporting.peak_flops_per_device()
   print(f"\n## achieved FLOP/s, {preset} batch {batch}, best of {steps} steps; peak {note}; "
         f"load average {os.getloadavg()[0]:.1f}")
@@ -296,7 +299,8 @@ def main() -> int:
   ap.add_argument("--json", help="write the measured numbers here")
   args = ap.parse_args()
   # (not when timing: the CPU peak per device is divided among forced devices)
-  if args.fsdp and not args.time_steps and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  if (args.fsdp and not args.time_steps
+      and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={FSDP}")
   import jax

@@ -74,6 +74,7 @@ def task_of(manifest: dict) -> str:
 def run(a: argparse.Namespace, log=print) -> tuple[dict, dict, dict]:
   """(the result JSON, the evaluated tiles, the first seed's prediction on them per mode)."""
   import numpy as np
+
   from data_pipelines.reader import read_manifest
   from demmae_jax import baselines, metrics
 

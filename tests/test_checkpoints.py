@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 import torch  # test-only dependency (requirements-test.txt): writes the .pth files read here
+from flax import nnx
 
 from demmae_jax import api, checkpoints
 

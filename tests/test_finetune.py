@@ -174,6 +174,7 @@ def test_predict_script_keeps_crs_transform_and_agrees_with_labels(trained, delf
 def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
   """delft/ahn3_cropped_2.laz (no CRS in its header) straight into scripts/predict.py."""
   import rasterio
+
   from data_pipelines.shared_data import shared_file
   workdir, _, _ = trained
   laz = shared_file("delft/ahn3_cropped_2.laz")

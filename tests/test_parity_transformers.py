@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 import torch  # test-only dependencies (requirements-test.txt)
 import transformers
+from flax import nnx
 
 from demmae_jax import api
 
@@ -257,6 +257,7 @@ if __name__ == "__main__":
 
 def test_gelu_matches_torch_exact_gelu_and_its_gradient():
   import jax
+
   from demmae_jax.models import vit
   x = np.random.default_rng(0).normal(scale=4.0, size=20000).astype(np.float32)
   xt = torch.tensor(x, requires_grad=True)

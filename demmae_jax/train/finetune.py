@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +31,13 @@ from flax import nnx
 
 from demmae_jax import metrics, workdirs
 from demmae_jax.inference.evaluate import confusion
-from demmae_jax.inference.segmenter import (SPEC_FILE, build_from_spec, check_spec_against_data,
-                                          reader_options)
-from demmae_jax.models import hybrid as hybrid_model
-from demmae_jax.models import mae as mae_model
-from demmae_jax.models import upernet
+from demmae_jax.inference.segmenter import (
+  SPEC_FILE,
+  build_from_spec,
+  check_spec_against_data,
+  reader_options,
+)
+from demmae_jax.models import hybrid as hybrid_model, mae as mae_model, upernet
 from demmae_jax.train import feature_cache
 from demmae_jax.train.loop import Task
 

@@ -19,8 +19,9 @@ import copy
 import dataclasses
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ class Task:
   remat: bool | None = None  # whether the model's blocks are rematerialised (None: no switch)
   remat_flag: str | None = None  # the config key of that switch, for messages
 
-  def with_remat(self, on: bool) -> "Task | None":
+  def with_remat(self, on: bool) -> Task | None:
     """This task with rematerialisation switched `on` or off: the same numbers, less memory, more
     compute. None when the model has no such switch."""
     return None
@@ -140,7 +141,7 @@ class Trainer:
                        f"({par}) x grad_accum_steps ({accum})")
     return accum
 
-  def with_accum(self, accum: int) -> "Trainer":
+  def with_accum(self, accum: int) -> Trainer:
     """This trainer (same task, placement and optimiser) with another number of micro-batches."""
     other = copy.copy(self)
     other.accum, other._pictures = other._check_accum(accum), None

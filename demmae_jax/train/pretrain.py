@@ -51,7 +51,7 @@ class MAEPretrain(Task):
   def remat(self) -> bool:
     return bool(self.mae_config.remat)
 
-  def with_remat(self, on: bool) -> "MAEPretrain":
+  def with_remat(self, on: bool) -> MAEPretrain:
     config = self.config.copy_and_resolve_references()
     with config.unlocked():
       config.model.remat = bool(on)
@@ -165,6 +165,7 @@ def lidar_dsm(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
   if not config.data.lidar_files:
     return []
   from jax.experimental import multihost_utils
+
   from data_pipelines.lidar import las_to_rasters
   from data_pipelines.shared_data import shared_file
   out = workdir / "lidar_dsm"
@@ -179,6 +180,7 @@ def corpus_files(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list
   """(training, evaluation) rasters of `config.data.corpus` for the normalisation mode; "auto"
   builds the corpus into WORKDIR/corpus first (process 0; an unfinished one is completed)."""
   from jax.experimental import multihost_utils
+
   from data_pipelines.pretrain_corpus import CORPUS_JSON, build_corpus, corpus_rasters
   auto = config.data.corpus == "auto"
   path = workdir / "corpus" if auto else Path(config.data.corpus)
