@@ -13,10 +13,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augment: bool, streams: int,

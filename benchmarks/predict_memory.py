@@ -25,7 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CELL_M = 0.5  # the Delft DSM's cells
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def delft_dsm(folder: Path) -> Path:

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SPLITS = ("train", "val", "test")
 LOAO = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"), "roads": ("delft", "gothenburg")}
