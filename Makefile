@@ -11,7 +11,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-.PHONY: venv test test-fast demo model
+.PHONY: venv test test-fast test-unit lint demo model
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -19,6 +19,15 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The tests that need neither ../shared/data nor torch/transformers (markers put on by
+# tests/conftest.py).
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not realdata and not torch" tests
+
+# ruff as configured in pyproject.toml (also run by tests/test_lint.py and pre-commit).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check demmae_jax data_pipelines scripts configs benchmarks tests
 
 demo: $(VENV)/.installed
 	PY=$(PY) bash scripts/demo.sh $(DEMO_ARGS)

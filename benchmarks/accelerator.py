@@ -71,9 +71,10 @@ def measure(preset: str, *, batch: int | None = None, steps: int = 5, dtype: str
   """One preset's run; the fields of FIELDS."""
   import jax
   import numpy as np
+
   from demmae_jax import sharding
   from demmae_jax.train import loop, pretrain
-  from demmae_jax.train.metrics import peak_flops_per_device
+  from demmae_jax.train.reporting import peak_flops_per_device
   config = _config(preset, batch, steps, dtype, corpus)
   mesh = sharding.make_mesh(**config.mesh)
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -124,7 +125,8 @@ def main() -> int:
   a = p.parse_args()
   import jax
   print(f"# {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
-        f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         flush=True)
   for preset in a.presets:
     out = measure(preset, batch=a.batch, steps=a.steps, dtype=a.dtype, corpus=a.corpus, workdir=a.workdir)

@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_STEPS = ["pretrain:cpu", "finetune:cpu_buildings", "pretrain:base", "finetune:buildings"]
 
 
@@ -41,7 +40,6 @@ def child(step: str, cache: str, via_env: bool) -> None:
   events: dict[str, int] = {}
   jax.monitoring.register_event_listener(
       lambda name, **_: events.__setitem__(name, events.get(name, 0) + 1))
-  sys.path.insert(0, str(HERE))
   import train_steps
   kind, preset = step.split(":")
   t0 = time.perf_counter()
@@ -61,7 +59,6 @@ def child(step: str, cache: str, via_env: bool) -> None:
 
 
 def _preset_batch(preset: str) -> int:
-  sys.path.insert(0, str(HERE))
   from train_steps import load_config
   return int(load_config("dem_pretrain", preset).global_batch)
 
@@ -80,7 +77,7 @@ def run_child(step: str, cache: str, via_env: bool) -> dict:
   row = json.loads(out.stdout.strip().splitlines()[-1])
   files = [p for p in Path(cache).rglob("*") if p.is_file()]
   row.update(process_s=wall, cache_files=len(files), cache_mib=sum(p.stat().st_size for p in files) / 2**20,
-             explain=[l for l in out.stderr.splitlines() if "cache miss" in l.lower()][:5])
+             explain=[line for line in out.stderr.splitlines() if "cache miss" in line.lower()][:5])
   return row
 
 

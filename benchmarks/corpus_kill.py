@@ -83,7 +83,8 @@ def main() -> int:
                     "differing": sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[:5]})
     print(json.dumps(results[-1]), flush=True)
   ok = all(r["identical_after_rerun"] for r in results)
-  print(f"{sum(r['identical_after_rerun'] for r in results)}/{len(results)} trials identical to the uninterrupted build")
+  print(f"{sum(r['identical_after_rerun'] for r in results)}/{len(results)} trials identical to "
+        "the uninterrupted build")
   return 0 if ok else 1
 
 

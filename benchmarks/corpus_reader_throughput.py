@@ -15,10 +15,8 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _sorted_percentile(x, valid, q):
@@ -45,6 +43,7 @@ def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augmen
     finally:
       normalisation._masked_percentile = kept
   import tensorflow as tf
+
   from data_pipelines.corpus_reader import CorpusTiles
   src = CorpusTiles([corpus] * repeat, batch, normalisation=mode, augment=augment, streams=streams)
   options = tf.data.Options()

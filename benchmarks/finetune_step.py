@@ -22,24 +22,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import train_steps  # noqa: E402
 from demmae_jax import sharding as shd  # noqa: E402
 from demmae_jax.train import feature_cache, finetune as ft  # noqa: E402
 from demmae_jax.train.loop import Trainer  # noqa: E402
-import train_steps  # noqa: E402
 
 VARIANTS = ("frozen", "unfrozen", "cached")
 

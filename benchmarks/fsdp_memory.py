@@ -31,7 +31,7 @@ def main() -> int:
   import numpy as np
 
   from demmae_jax import config_files, sharding as shd
-  from demmae_jax.train import loop, memory, metrics as metrics_lib, pretrain
+  from demmae_jax.train import loop, memory, pretrain, reporting
 
   if jax.device_count() < args.devices:
     print(f"only {jax.device_count()} devices: run in a fresh process", file=sys.stderr)
@@ -51,7 +51,7 @@ def main() -> int:
     mesh = shd.make_mesh(**mesh_kw, devices=devices)
     trainer = loop.Trainer(task, config, mesh)
     mem, _, compiled = memory.measure(trainer, batch)
-    flops = metrics_lib.compiled_flops(compiled)
+    flops = reporting.compiled_flops(compiled)
     state_bytes = memory.state_bytes(trainer.abstract_state)
     arg = mem.argument - batch_bytes // len(devices)
     rows.append((name, arg, state_bytes, mem.temp))

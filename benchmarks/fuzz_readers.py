@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 KINDS = ("bytes", "header", "chunk", "truncated")
 
@@ -49,6 +46,7 @@ def corrupt(raw: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
 def small_real_laz(folder: Path) -> Path:
   """The first 30,000 points of delft/ahn3_cropped_2.laz as a LAZ of their own."""
   import laspy
+
   from data_pipelines.shared_data import shared_file
   out = Path(folder) / "delft_30k.laz"
   with laspy.open(shared_file("delft/ahn3_cropped_2.laz")) as reader:
@@ -65,6 +63,7 @@ def real_tiles(folder: Path) -> Path:
   """Tile shards (16 tiles each) of a 256 x 256 crop of the real Alexandria DSM."""
   import rasterio
   from rasterio.windows import Window
+
   from data_pipelines.shared_data import shared_file
   from data_pipelines.tile_writer import write_tiles
   folder = Path(folder)

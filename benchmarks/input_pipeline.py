@@ -20,16 +20,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
 
 def prepare(work: Path, dtype: str) -> Path:
   """Delft DSM -> 224 px tiles (stride 8, every tile kept, one split); reused when present."""
+  from data_pipelines.lidar import las_to_rasters
   from data_pipelines.prepare import DELFT_CRS, DELFT_LAZ
   from data_pipelines.shared_data import shared_file
-  from data_pipelines.lidar import las_to_rasters
   from data_pipelines.tile_writer import write_tiles
   rasters = work / "rasters"
   if not (rasters / "dsm.tif").exists():

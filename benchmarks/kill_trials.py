@@ -36,7 +36,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 PY = sys.executable
 TEMP_MARKS = (".tmp", "orbax-checkpoint-tmp")
 
@@ -343,8 +342,9 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| command | signal | trials | aimed at the write | interrupted | exit codes | outputs intact | said so (SIGTERM) | "
-          "temporaries right after | next run ok | temporaries after next run | next run = uninterrupted run |",
+  rows = ["| command | signal | trials | aimed at the write | interrupted | exit codes | "
+          "outputs intact | said so (SIGTERM) | temporaries right after | next run ok | "
+          "temporaries after next run | next run = uninterrupted run |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   keys = sorted({(r["command"], r["signal"]) for r in results})
   for command, sig in keys:

@@ -78,7 +78,7 @@ def jax_step(preset: str, channels: int, batch: int, breakdown: bool = False):
   `batch` on one device. Returns (run one step, XLA's FLOPs, the jaxpr's FLOPs, MAEConfig)."""
   from demmae_jax import sharding as shd
   from demmae_jax.train import loop, pretrain
-  from demmae_jax.train.metrics import jaxpr_flops
+  from demmae_jax.train.reporting import jaxpr_flops
   from train_steps import load_config
   config = load_config("dem_pretrain", preset)
   config.global_batch = batch
@@ -105,7 +105,7 @@ def jax_step(preset: str, channels: int, batch: int, breakdown: bool = False):
         "AdamW update": (jax.jit(lambda g, s, p: trainer.tx.update(g, s, p)[0]), (grads, opt_state, params)),
     }
     for name, (fn, args) in parts.items():
-      print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")
+      print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")  # noqa: B023
 
   def run():
     state[0], metrics = compiled(state[0], on_device, trainer.rng)

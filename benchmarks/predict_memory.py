@@ -25,7 +25,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CELL_M = 0.5  # the Delft DSM's cells
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def delft_dsm(folder: Path) -> Path:
@@ -64,10 +63,11 @@ def child(raster: str, tile: int, overlap: int, block: int, batch: int, model_ki
   """Runs in a fresh process; prints one JSON line."""
   import numpy as np
   from flax import nnx
+
   from data_pipelines.normalisation import normalise_numpy
   from demmae_jax.inference import raster as predict
-  from demmae_jax.models import mae, unet, upernet
   from demmae_jax.inference.apply import probabilities_fn
+  from demmae_jax.models import mae, unet, upernet
   if model_kind == "unet":
     model = unet.UNet(unet.UNetConfig(width=width, depth=depth), rngs=nnx.Rngs(0))
   else:
@@ -133,7 +133,8 @@ def main():
           f"peak RSS ratio {r['peak_mb'] / base['peak_mb']:.3f}, growth beyond warm-up "
           f"{r['peak_mb'] - r['warm_mb']:.0f} MB vs {base['peak_mb'] - base['warm_mb']:.0f} MB, "
           f"throughput ratio {(r['windows'] / r['seconds']) / (base['windows'] / base['seconds']):.2f} "
-          f"(model {a.model}{f' width {a.width} depth {a.depth}' if a.model == 'unet' else ''}, tile {a.tile}, overlap {a.overlap}, block {a.block}, batch {a.batch})")
+          f"(model {a.model}{f' width {a.width} depth {a.depth}' if a.model == 'unet' else ''}, "
+          f"tile {a.tile}, overlap {a.overlap}, block {a.block}, batch {a.batch})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ against the analytic count of benchmarks/mae_step.py, split encoder / decoder.
 
 Beside XLA's numbers, `jax.ad_checkpoint`'s saved residuals give the activations the backward
 needs per image whatever the backend (--residuals-only). `--time-steps` instead runs the compiled
-step for achieved FLOP/s and MFU against `metrics.peak_flops_per_device`.
+step for achieved FLOP/s and MFU against `reporting.peak_flops_per_device`.
 
 The analysis is XLA:CPU's buffer assignment. A TPU or GPU compiler fuses and lays out differently,
 so these are estimates on paper for those devices, not measurements on them.
@@ -30,9 +30,7 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout, not an installed copy
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -43,12 +41,12 @@ FSDP = 8
 
 def measure(trainer, batch) -> dict:
   """The library's analysis (what the trainer's memory plan reads), plus FLOPs and compile time."""
-  from demmae_jax.train import memory, metrics
+  from demmae_jax.train import memory, reporting
   t0 = time.perf_counter()
   mem, traced, compiled = memory.measure(trainer, batch)
   row = dict(argument=mem.argument, output=mem.output, alias=mem.alias, temp=mem.temp,
              state=memory.state_bytes(trainer.abstract_state), params=mem.params, peak=mem.peak,
-             flops=metrics.compiled_flops(compiled), counted_flops=metrics.jaxpr_flops(traced.jaxpr),
+             flops=reporting.compiled_flops(compiled), counted_flops=reporting.jaxpr_flops(traced.jaxpr),
              compile_s=time.perf_counter() - t0)
   return row, compiled
 
@@ -119,6 +117,7 @@ def pretrain_table(preset: str, batches: list[int], channels: int, results: dict
 def fsdp_check(preset: str, batches: list[int], channels: int, results: dict) -> None:
   """Compile the preset's own dtype/remat on an fsdp=8 mesh; compare with the 1/8 estimate."""
   import jax
+
   from demmae_jax import sharding as shd
   from train_steps import pretrain
   if jax.device_count() < FSDP:
@@ -171,6 +170,7 @@ def residual_bytes(preset: str, channels: int, dtype: str, remat: bool, batch: i
   import numpy as np
   from flax import nnx
   from jax._src.ad_checkpoint import saved_residuals
+
   from train_steps import pretrain
   trainer, spec = pretrain(preset, batch, in_chans=channels, dtype=dtype, remat=remat)
   state = trainer.abstract_state
@@ -221,7 +221,7 @@ def remat_probe() -> None:
   x = jax.ShapeDtypeStruct((4096, 256), jnp.float32)  # 4 MiB; each hidden 16 MiB
   print("\nXLA:CPU temporaries of grad of 12 blocks (MiB), remat off / on:")
   for scan in (False, True):
-    temps = [jax.jit(jax.grad(lambda w, h: net(w, h, r, scan))).lower(ws, x).compile()
+    temps = [jax.jit(jax.grad(lambda w, h: net(w, h, r, scan))).lower(ws, x).compile()  # noqa: B023
              .memory_analysis().temp_size_in_bytes / 2**20 for r in (False, True)]
     print(f"  {'lax.scan' if scan else 'unrolled'}: {temps[0]:.0f} / {temps[1]:.0f}", flush=True)
 
@@ -239,7 +239,7 @@ def flops_table(presets: list[str], channels: int, results: dict) -> None:
     dec = total - analytic_train_flops(c.replace(decoder_depth=0))
     r = results[p]
     # XLA's cost analysis counts a loop body once, so under remat (blocks in a scan) only the
-    # jaxpr count (matmuls and convolutions, metrics.jaxpr_flops) holds.
+    # jaxpr count (matmuls and convolutions, reporting.jaxpr_flops) holds.
     xla = r["float32/remat=False"]["flops"][0]
     counted, remat = (r[f"float32/remat={m}"]["counted_flops"][0] for m in (False, True))
     print(f"| {p} | {total / 1e9:.1f} | {enc / 1e9:.1f} ({enc / total:.0%}) | {dec / 1e9:.1f} "
@@ -252,10 +252,11 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
   """Run the compiled float32 and bfloat16 steps: achieved FLOP/s against the host's CPU peak."""
   import jax
   import numpy as np
-  from demmae_jax.train import metrics
-  from train_steps import pretrain
+
+  from demmae_jax.train import reporting
   from mae_step import matmul_rates
-  peak, note = metrics.peak_flops_per_device()
+  from train_steps import pretrain
+  peak, note = reporting.peak_flops_per_device()
   print(f"\n## achieved FLOP/s, {preset} batch {batch}, best of {steps} steps; peak {note}; "
         f"load average {os.getloadavg()[0]:.1f}")
   jax_mm, torch_mm = matmul_rates()
@@ -264,7 +265,7 @@ def time_steps(preset: str, batch: int, channels: int, steps: int) -> None:
   for dtype in ("float32", "bfloat16"):
     trainer, spec = pretrain(preset, batch, in_chans=channels, dtype=dtype)
     step = trainer.compile(spec)
-    flops = metrics.compiled_flops(step)
+    flops = reporting.compiled_flops(step)
     state = trainer.init_state()
     images = {"image": np.random.default_rng(0).random(spec["image"].shape, np.float32)}
     best = float("inf")
@@ -296,7 +297,8 @@ def main() -> int:
   ap.add_argument("--json", help="write the measured numbers here")
   args = ap.parse_args()
   # (not when timing: the CPU peak per device is divided among forced devices)
-  if args.fsdp and not args.time_steps and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  if (args.fsdp and not args.time_steps
+      and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={FSDP}")
   import jax

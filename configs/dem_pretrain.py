@@ -19,14 +19,9 @@ Override anything with --config.key=value (e.g. --config.total_steps=100); unkno
 error. Initialise from a ported MAE checkpoint with --config.init=PATH (RGB weights are adapted
 to one channel with --config.channel_adapt=sum).
 """
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("_configs_common", Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # Real unlabelled elevation, relative to the shared data folder. Delft is held out (evaluation).
 PRETRAIN_FILES = ("pretrain/N46E008.tif", "pretrain/N49W123.tif", "alexandria/dsm.tif")

@@ -14,14 +14,9 @@ Presets (the data is a tile set from `scripts/prepare_data.py`: --config.data.ma
 Unfreeze the encoder with --config.freeze_backbone=False (layer-wise lr decay 0.65 then applies).
 Override anything with --config.key=value; unknown keys are an error.
 """
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("_configs_common", Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 VIT_B = dict(preset="base", patch_size=16)
 CPU_VIT = dict(preset="tiny", patch_size=8, embed_dim=192, depth=6, num_heads=3,

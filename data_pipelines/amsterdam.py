@@ -10,8 +10,8 @@ drawn first, so AHN3 gets its 70 / 15 / 15 shares, then the rest for AHN2.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import rasterio
@@ -20,7 +20,12 @@ import rasterio.features
 import shapely
 
 from data_pipelines.atomic import atomic_dir
-from data_pipelines.labels import LabelLayer, mask_label_conflicts, read_geometries, rasterize_labels
+from data_pipelines.labels import (
+  LabelLayer,
+  mask_label_conflicts,
+  rasterize_labels,
+  read_geometries,
+)
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.prepare import named_target
 from data_pipelines.shared_data import shared_file

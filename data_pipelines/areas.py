@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from data_pipelines.amsterdam import prepare_amsterdam
 from data_pipelines.combine import combine_tile_sets

@@ -18,8 +18,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from data_pipelines.errors import DataError
 

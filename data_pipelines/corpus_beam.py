@@ -36,8 +36,8 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -210,6 +210,7 @@ class _Channels:
   def __init__(self, files: dict[str, str], src: SourceFile):
     import rasterio
     import rasterio.crs
+
     from data_pipelines.errors import DataError
     from data_pipelines.raster_io import check_elevation_range, elevation_band, open_raster
     self._check_range = check_elevation_range
@@ -254,6 +255,7 @@ def _cut_tiles(src: SourceFile, files: dict[str, str], cell: float | None, opts:
   """Tile one source's channels into folder/tiles-NNNNN.tfrecord; returns its record."""
   import rasterio.windows
   import tensorflow as tf
+
   from data_pipelines.pretrain_corpus import rect_mask
   from data_pipelines.raster_io import metres_per_unit
   from data_pipelines.tile_records import encode_tile
@@ -349,7 +351,7 @@ def build_source(src: SourceFile, opts: BuildOptions) -> dict:
       from data_pipelines.atomic import atomic_dir, scratch_dir
       with scratch_dir(final) as scratch, atomic_dir(final) as folder:
         record = _build_in(src, opts, Path(folder), Path(scratch))
-  except Exception as e:  # noqa: BLE001: any failure of one source is that source's, not the build's
+  except Exception as e:  # noqa: BLE001 (any failure of one source is that source's, not the build's)
     reason = str(e) if isinstance(e, ValueError) else f"{e.__class__.__name__}: {e}"
     record = {"id": src.id, "path": src.path, "kind": src.kind, "status": "quarantined",
               "reason": " ".join(reason.split())[:1000]}

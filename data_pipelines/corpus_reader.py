@@ -29,7 +29,7 @@ from __future__ import annotations
 import glob
 import json
 import posixpath
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -215,6 +215,7 @@ def pretrain_sources(config, workdir):
   if spec == "auto":
     import jax
     from jax.experimental import multihost_utils
+
     from data_pipelines import corpus_beam as cb
     out = Path(workdir) / "corpus_tiles"
     if jax.process_index() == 0 and not (out / cb.MANIFEST).exists():

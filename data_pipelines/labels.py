@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyogrio
@@ -150,7 +150,7 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
   profile.update(dtype="uint8", nodata=None, count=1, compress="deflate")
   write_band(out_path, label, profile, overwrite,
              labelled_area="given" if area else "convex hull of coverage layers",
-             sources=";".join(str(Path(l.path).name) for l in layers))
+             sources=";".join(str(Path(layer.path).name) for layer in layers))
   values, counts = np.unique(label, return_counts=True)
   return {int(v): int(c) for v, c in zip(values, counts)}
 

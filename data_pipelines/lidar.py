@@ -16,8 +16,8 @@ import contextlib
 import dataclasses
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import laspy
 import numpy as np

@@ -18,7 +18,13 @@ import rasterio
 from data_pipelines.labels import IGNORE, LabelLayer, rasterize_labels
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.normalisation import normalise_numpy
-from data_pipelines.prepare import DELFT_BUILDINGS, DELFT_CRS, DELFT_LAZ, DELFT_ROAD_FUNCTIONS, DELFT_ROADS
+from data_pipelines.prepare import (
+  DELFT_BUILDINGS,
+  DELFT_CRS,
+  DELFT_LAZ,
+  DELFT_ROAD_FUNCTIONS,
+  DELFT_ROADS,
+)
 from data_pipelines.shared_data import shared_file
 from data_pipelines.tiles import tile_windows
 

@@ -9,13 +9,19 @@ atomically.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from data_pipelines.atomic import atomic_dir
 from data_pipelines.errors import DataError
-from data_pipelines.labels import (LabelLayer, hide_under_canopy, labels_from_class_raster, mask_label_conflicts,
-                                   rasterize_labels, unknown_eaves)
+from data_pipelines.labels import (
+  LabelLayer,
+  hide_under_canopy,
+  labels_from_class_raster,
+  mask_label_conflicts,
+  rasterize_labels,
+  unknown_eaves,
+)
 from data_pipelines.lidar import las_to_rasters
 from data_pipelines.resample import resample_raster
 from data_pipelines.shared_data import shared_file
@@ -93,7 +99,8 @@ def _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype,
                     "name": "delft", "place": "delft", "task": task, "label_source": label_source,
                     "laz": list(DELFT_LAZ), "crs": DELFT_CRS, "label_conflicts_ignored": conflicts,
                     "road_functions": list(DELFT_ROAD_FUNCTIONS) if task == "roads" else None,
-                    "labelled_area": "convex hull of bgt_pand + bgt_wegdeel" if label_source == "bgt" else "LiDAR returns"}})
+                    "labelled_area": ("convex hull of bgt_pand + bgt_wegdeel"
+                                      if label_source == "bgt" else "LiDAR returns")}})
   return out_dir / "tiles" / MANIFEST
 
 
@@ -106,6 +113,7 @@ ALEXANDRIA_CELL = 2.0
 def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overwrite: bool = False) -> Path:
   """nDSM = max(DSM - DTM, 0) on the DSM's grid; NaN where either is nodata."""
   import numpy as np
+
   from data_pipelines.raster_io import open_raster, read_band, write_band
   with open_raster(dsm) as a, open_raster(dtm) as b:
     if a.crs != b.crs or a.transform != b.transform or a.shape != b.shape:
@@ -121,6 +129,7 @@ def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str |
   where the canopy raster has vegetation. Without trees in the input a model never sees a raised
   object that is not a building (issue 12: tree crowns were the held-out areas' false positives)."""
   import numpy as np
+
   from data_pipelines.raster_io import open_raster, read_band, write_band
   with open_raster(dsm) as a, open_raster(dem) as b, open_raster(canopy) as c:
     for r, path in ((b, dem), (c, canopy)):

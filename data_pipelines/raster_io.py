@@ -21,7 +21,6 @@ import rasterio.errors
 
 from data_pipelines.errors import DataError
 
-
 # The Dead Sea shore (-430 m, -1,411 ft) to above Everest (8,849 m; 29,032 ft is still below).
 PLAUSIBLE_ELEVATION = (-1500.0, 10000.0)
 

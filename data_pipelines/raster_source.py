@@ -12,8 +12,8 @@ metres below `min_relief`) are redrawn in every mode, since they carry no shape 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

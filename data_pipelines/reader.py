@@ -16,15 +16,21 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines.augment import random_coarsening, random_symmetries
 from data_pipelines.errors import DataError
 from data_pipelines.normalisation import normalise, parse_mode
-from data_pipelines.augment import random_coarsening, random_symmetries
-from data_pipelines.tile_records import FLOAT_DTYPES, decode_mask, decode_raw_channel, parse_spec, to_metres
+from data_pipelines.tile_records import (
+  FLOAT_DTYPES,
+  decode_mask,
+  decode_raw_channel,
+  parse_spec,
+  to_metres,
+)
 from data_pipelines.tile_writer import FORMAT
 
 

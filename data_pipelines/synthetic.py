@@ -55,9 +55,10 @@ def write_scene_geotiffs(scene: SyntheticScene, folder, crs: str = "EPSG:32631",
                          cell_size: float = 1.0, label_value: int | None = None) -> dict:
   """The scene as GeoTIFFs (dsm, dtm, ndsm, label) on one grid; `label_value` keeps one class as
   a binary label (e.g. 1 buildings). Returns {name: path}."""
+  from pathlib import Path
+
   import rasterio
   import rasterio.transform
-  from pathlib import Path
 
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import rasterio
@@ -17,12 +17,25 @@ from tqdm import tqdm
 from data_pipelines.atomic import atomic_dir, refuse_existing
 from data_pipelines.errors import DataError
 from data_pipelines.labels import IGNORE
-from data_pipelines.raster_io import cell_size_m as metric_cell_size
-from data_pipelines.raster_io import (check_elevation_range, check_georeferenced, elevation_band, open_raster,
-                                     read_band, single_band)
+from data_pipelines.raster_io import (
+  cell_size_m as metric_cell_size,
+  check_elevation_range,
+  check_georeferenced,
+  elevation_band,
+  open_raster,
+  read_band,
+  single_band,
+)
 from data_pipelines.tile_records import FLOAT_DTYPES, encode_tile
 from data_pipelines.tile_stats import ValueStats, class_summary
-from data_pipelines.tiles import SPLITS, TileWindow, assign_blocks, few_label_subsets, tile_split, tile_windows
+from data_pipelines.tiles import (
+  SPLITS,
+  TileWindow,
+  assign_blocks,
+  few_label_subsets,
+  tile_split,
+  tile_windows,
+)
 
 FORMAT = "demmae-tiles/1"
 MANIFEST = "manifest.json"

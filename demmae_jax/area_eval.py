@@ -25,8 +25,12 @@ from demmae_jax import metrics
 from demmae_jax.inference import raster as predictor
 from demmae_jax.inference.apply import probabilities_fn
 from demmae_jax.inference.restore import load_trained
-from demmae_jax.inference.segmenter import (check_spec_against_data, check_window, input_normalise,
-                                          input_raster_name)
+from demmae_jax.inference.segmenter import (
+  check_spec_against_data,
+  check_window,
+  input_normalise,
+  input_raster_name,
+)
 
 
 def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, window: int | None = None,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -271,6 +271,7 @@ def load_tiles(manifest_path: str, split: str, ndsm: bool = False) -> dict[str, 
   """A split's tiles in file order (the order the experiment harness draws from), as stored:
   {dsm [N, H, W] m, valid, label, window [N, 4], tile_id [N]} (+ ndsm)."""
   import tensorflow as tf
+
   from data_pipelines.reader import read_manifest, split_files
   from data_pipelines.tile_records import decode_tile_numpy
   m = read_manifest(manifest_path)
@@ -293,8 +294,9 @@ def raster_scene(manifest_path: str, ndsm: bool = False) -> Scene:
   """The whole raster the tile set was cut from ([1, H, W]), valid where the DSM (the nDSM too
   when used) has data and the validity raster, if any, says so."""
   import os
-  from data_pipelines.reader import read_manifest
+
   from data_pipelines.raster_source import read_elevation
+  from data_pipelines.reader import read_manifest
   m = read_manifest(manifest_path)
 
   def path(name):

@@ -18,8 +18,8 @@ import math
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +27,12 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines.atomic import atomic_dir
-from demmae_jax.models.mae import MAEConfig, MaskedAutoencoder, PRESETS, preset
+from demmae_jax.models.mae import PRESETS, MAEConfig, MaskedAutoencoder, preset
 
 log = logging.getLogger(__name__)
 
 FORMAT = "demmae_jax.mae/1"  # written into our config.json; how a directory is recognised
+# (a file-format name, kept when the facade module became demmae_jax/api.py)
 STATE_DIR = "state"
 CHANNEL_ADAPT = ("sum", "mean", "repeat")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -137,9 +138,9 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
 def _unpickling_reason(e: Exception) -> str:
   # torch wraps the one useful line ("Trying to load unsupported GLOBAL posix.system ...") in
   # paragraphs of advice that suggest weights_only=False, which we never do.
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  useful = [l for l in lines if not l.startswith(("Weights only load failed", "Check the doc",
-                                                  "Please file an issue"))]
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  useful = [line for line in lines if not line.startswith(
+      ("Weights only load failed", "Check the doc", "Please file an issue"))]
   return (useful[0] if useful else lines[0] if lines else type(e).__name__).rstrip(".")
 
 

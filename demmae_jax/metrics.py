@@ -107,7 +107,7 @@ class BoundaryIoU:
     self.intersection = self.union = 0
 
   @classmethod
-  def in_metres(cls, cell_size: float, width_m: float = DEFAULT_BAND_M, **kwargs) -> "BoundaryIoU":
+  def in_metres(cls, cell_size: float, width_m: float = DEFAULT_BAND_M, **kwargs) -> BoundaryIoU:
     """The band `width_m` metres wide (`band_px`) on cells of `cell_size` metres."""
     return cls(band_px(width_m, cell_size), cell_size=float(cell_size), **kwargs)
 

@@ -13,7 +13,7 @@ is the probe's floor: what a linear map reads off random projections of the patc
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ Changing the parallelism is a config edit (mesh shape and rules), never a code e
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -93,7 +94,7 @@ def _fsdp_spec(shape, mesh: Mesh, min_size: int) -> P:
 
 def spec_for(path: str, shape, mesh: Mesh, rules=DEFAULT_RULES,
              min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> P:
-  for pattern, tactic in rules:
+  for pattern, tactic in rules:  # noqa: B007 (tactic is the matching rule's, read below)
     if re.search(pattern, path):
       break
   else:

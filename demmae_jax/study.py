@@ -207,8 +207,8 @@ def rule_runs(out: Path, *, seeds: int = 3, tasks=("buildings", "roads"), groups
 
 
 # ------------------------------------------------------------------------------ groups
-def delft_runs(out: Path, *, sizes=(10,), seeds: int = 3, arms=("unet_minmax", "unet_ndsm"), tasks=("buildings", "roads"),
-               log=print) -> list[dict]:
+def delft_runs(out: Path, *, sizes=(10,), seeds: int = 3, arms=("unet_minmax", "unet_ndsm"),
+               tasks=("buildings", "roads"), log=print) -> list[dict]:
   """N labelled Delft tiles: the cpu protocol's draws (docs/results.md), validation and test."""
   from demmae_jax.experiments import draws, plan
   cfg = config_files.get_config("experiments", "cpu")
@@ -264,6 +264,7 @@ def rescore(out: Path, log=print) -> int:
   """Recompute the area scores of finished runs from their kept test-area maps (after the
   metrics gained boundary IoU): no training, the same pixels; returns how many were updated."""
   import rasterio
+
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval
   n = 0
@@ -289,6 +290,7 @@ def outline_scores(out: Path, log=print) -> int:
   after converting its wall-line map to roof outlines (inference.outline, the eave measured on
   training data): `area_outline`. No training; returns how many were added."""
   import rasterio
+
   from data_pipelines.areas import get_area
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval, baselines
@@ -442,6 +444,7 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import rasterio
+
   from data_pipelines.reader import read_manifest
   from demmae_jax.area_eval import _source
   fig, axes = plt.subplots(len(runs), 2, figsize=(12, 6 * len(runs)), squeeze=False)

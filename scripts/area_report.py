@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SPLITS = ("train", "val", "test")
 LOAO = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"), "roads": ("delft", "gothenburg")}
@@ -23,6 +22,7 @@ LOAO = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"), "r
 
 def _windows(manifest: Path, split: str) -> list[tuple]:
   import tensorflow as tf
+
   from data_pipelines.reader import read_manifest, split_files
   m = read_manifest(str(manifest))
   return [tuple(tf.train.Example.FromString(r).features.feature["window"].int64_list.value)
@@ -51,8 +51,8 @@ def main(argv=None) -> int:
   root = Path(a.work_dir)
   kw = dict(root=root, cell=a.cell_size, tile=a.tile_size, stride=a.stride)
   rows, loao = [], []
-  print(f"| area | task | train / val / test tiles | independent train / val / test | positive share "
-        f"train / val / test | holdout tiles (independent) | skipped: low valid / low labelled / straddling |")
+  print("| area | task | train / val / test tiles | independent train / val / test | positive share "
+        "train / val / test | holdout tiles (independent) | skipped: low valid / low labelled / straddling |")
   print("|---|---|---|---|---|---|---|")
   for name, area in AREAS.items():
     for task in area.tasks:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
       print(f"| {name} | {task} | {' / '.join(map(str, row['tiles'].values()))} | "
             f"{' / '.join(map(str, row['independent'].values()))} | {share} | {row['holdout']} "
             f"({row['holdout_independent']}) | {' / '.join(map(str, m['skipped'].values()))} |")
-  print(f"\n| task | held out | trained on | train / val tiles | test tiles (all of the held-out area) |")
+  print("\n| task | held out | trained on | train / val tiles | test tiles (all of the held-out area) |")
   print("|---|---|---|---|---|")
   for task, names in LOAO.items():
     for held in names:

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +73,7 @@ def task_of(manifest: dict) -> str:
 def run(a: argparse.Namespace, log=print) -> tuple[dict, dict, dict]:
   """(the result JSON, the evaluated tiles, the first seed's prediction on them per mode)."""
   import numpy as np
+
   from data_pipelines.reader import read_manifest
   from demmae_jax import baselines, metrics
 

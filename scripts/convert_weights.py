@@ -6,12 +6,12 @@
   python scripts/convert_weights.py mae_pretrain_vit_base.pth ckpt/enc --encoder-only
   python scripts/convert_weights.py hf_vit_mae_dir/ ckpt/hf --img-size 256
 
-The output directory (orbax state/ + config.json) loads with `mae.from_pretrained(DST)`.
+The output directory (orbax state/ + config.json) loads with `api.from_pretrained(DST)`.
 """
 import argparse
 import logging
 
-from demmae_jax import checkpoints, mae
+from demmae_jax import api, checkpoints
 from demmae_jax.models.mae import PRESETS
 
 
@@ -57,10 +57,10 @@ def main(argv=None) -> int:
 
   def convert():
     check_outputs([args.dst], [args.src])  # dst is replaced as a whole: never the source
-    model = mae.from_pretrained(args.src, config=args.preset, encoder_only=args.encoder_only,
+    model = api.from_pretrained(args.src, config=args.preset, encoder_only=args.encoder_only,
                                 channel_adapt=args.channel_adapt, drop_head=args.drop_head,
                                 seed=args.seed, **overrides)
-    dst = mae.save_model(model, args.dst, overwrite=args.overwrite)
+    dst = api.save_model(model, args.dst, overwrite=args.overwrite)
     print(f"wrote {dst} ({model.config})")
 
   return cli.guarded("convert_weights", convert, debug=args.debug)

@@ -1,4 +1,4 @@
-"""Export a pretraining run's MAE as a checkpoint that `mae.from_pretrained` (and so
+"""Export a pretraining run's MAE as a checkpoint that `api.from_pretrained` (and so
 `scripts/finetune.py`) loads: orbax `state/` + `config.json`, written atomically.
 
   python scripts/export_encoder.py --workdir runs/pretrain_tiny --out runs/dem_mae_tiny
@@ -29,7 +29,7 @@ def main(argv):
   workdir = Path(_WORKDIR.value)
   dst, step = pretrain.export(workdir, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
   print(f"export_encoder: step {step} of {workdir} -> {dst} "
-        f"(load with demmae_jax.mae.from_pretrained('{dst}'))")
+        f"(load with demmae_jax.api.from_pretrained('{dst}'))")
   return 0
 
 

@@ -34,8 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
-  from demmae_jax import sharding
-  from demmae_jax import workdirs
+  from demmae_jax import sharding, workdirs
   from demmae_jax.train import finetune, loop
 
   d = config.distributed

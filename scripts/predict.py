@@ -92,6 +92,7 @@ def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: b
   import matplotlib.pyplot as plt
   import rasterio
   from matplotlib.colors import ListedColormap
+
   from data_pipelines.atomic import atomic_file
   with rasterio.open(dem_path) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
@@ -158,8 +159,12 @@ def main(argv):
   from demmae_jax.inference import raster as predict
   from demmae_jax.inference.apply import make_apply
   from demmae_jax.inference.restore import load_trained
-  from demmae_jax.inference.segmenter import (check_window, input_normalise, input_raster_name,
-                                            read_spec)
+  from demmae_jax.inference.segmenter import (
+    check_window,
+    input_normalise,
+    input_raster_name,
+    read_spec,
+  )
 
   outputs = _outputs()
   workdir = Path(_WORKDIR.value)

@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _tiling_flags(p: argparse.ArgumentParser, tile_size: int, stride: int | None, dtype: str,

@@ -4,13 +4,12 @@ and the test-area mask is the tile set's test blocks."""
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from demmae_jax.models import unet
 from demmae_jax.inference import apply, segmenter
+from demmae_jax.models import unet
 
 
 def test_tta_probabilities_are_equivariant_to_the_square_symmetries():
@@ -43,6 +42,7 @@ def test_prediction_windows_larger_than_the_tile_only_for_fully_convolutional_mo
 @pytest.mark.slow
 def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
   import rasterio
+
   from data_pipelines.prepare import prepare_delft
   from data_pipelines.reader import make_tf_dataset, read_manifest
   from demmae_jax import area_eval, config_files
@@ -90,6 +90,7 @@ def _predict_script_reads_height_above_ground(tmp_path, workdir, rasters):
   before the model loads."""
   import subprocess
   import sys
+
   import rasterio
   root = Path(__file__).resolve().parent.parent
   with rasterio.open(rasters / "dsm.tif") as src:

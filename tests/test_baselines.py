@@ -10,8 +10,7 @@ import pytest
 
 from data_pipelines.synthetic import synthetic_scene, write_scene_geotiffs
 from data_pipelines.tile_writer import write_tiles
-from demmae_jax import baselines as B
-from demmae_jax import metrics
+from demmae_jax import baselines as B, metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 

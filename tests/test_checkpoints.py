@@ -1,7 +1,7 @@
 """Loading and saving weights: our orbax format, the official/timm layout, strictness, safety.
 
 Parity with PyTorch (Hugging Face ViTMAE) is in test_parity_transformers.py; here the reference
-is the model's own tensors, exported with `mae.to_official` and written the way the official
+is the model's own tensors, exported with `api.to_official` and written the way the official
 repo, timm and our converter write them.
 """
 import json
@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 import torch  # test-only dependency (requirements-test.txt): writes the .pth files read here
+from flax import nnx
 
-from demmae_jax import checkpoints, mae
+from demmae_jax import api, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
-CFG = mae.preset("tiny")
+CFG = api.preset("tiny")
 
 
 def random_sd(config=CFG, seed=0):
@@ -44,7 +44,7 @@ def to_torch(sd):
 
 
 def assert_holds(model, sd):
-  got = mae.to_official(model)
+  got = api.to_official(model)
   assert got.keys() == sd.keys()
   for k in sd:
     np.testing.assert_array_equal(got[k], np.asarray(sd[k]), err_msg=k)
@@ -78,17 +78,17 @@ def rgb_pth(sd, tmp_path):
 def tiny(sd, tmp_path_factory):
   path = tmp_path_factory.mktemp("tiny") / "a.pth"
   torch.save({"model": to_torch(sd)}, path)
-  return mae.from_pretrained(path)
+  return api.from_pretrained(path)
 
 
 # ------------------------------------------------------------------ our orbax format
 
 
 def test_save_model_then_from_pretrained_is_bit_identical(tiny, sd, tmp_path):
-  dst = mae.save_model(tiny, tmp_path / "ckpt")
+  dst = api.save_model(tiny, tmp_path / "ckpt")
   assert sorted(p.name for p in dst.iterdir()) == ["config.json", "state"]
   assert json.loads((dst / "config.json").read_text())["config"]["embed_dim"] == 64
-  back = mae.from_pretrained(dst)
+  back = api.from_pretrained(dst)
   assert back.config == tiny.config
   assert_holds(back, sd)
   images, noise = images_and_noise(tiny.config)
@@ -97,32 +97,32 @@ def test_save_model_then_from_pretrained_is_bit_identical(tiny, sd, tmp_path):
 
 
 def test_save_model_refuses_existing_dst_and_overwrite_replaces_it(tiny, sd, tmp_path):
-  dst = mae.save_model(tiny, tmp_path / "ckpt")
+  dst = api.save_model(tiny, tmp_path / "ckpt")
   other_sd = random_sd(seed=7)
   torch.save(to_torch(other_sd), tmp_path / "other.pth")
-  other = mae.from_pretrained(tmp_path / "other.pth")
+  other = api.from_pretrained(tmp_path / "other.pth")
   with pytest.raises(FileExistsError, match="overwrite=True"):
-    mae.save_model(other, dst)
-  assert_holds(mae.from_pretrained(dst), sd)  # untouched
-  mae.save_model(other, dst, overwrite=True)
-  assert_holds(mae.from_pretrained(dst), other_sd)
+    api.save_model(other, dst)
+  assert_holds(api.from_pretrained(dst), sd)  # untouched
+  api.save_model(other, dst, overwrite=True)
+  assert_holds(api.from_pretrained(dst), other_sd)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other.pth"]  # no temp dirs
 
 
 def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, sd, tmp_path,
                                                                          monkeypatch):
-  dst = mae.save_model(tiny, tmp_path / "ckpt")
+  dst = api.save_model(tiny, tmp_path / "ckpt")
 
   def broken(*args, **kwargs):
     raise OSError("disk full")
   monkeypatch.setattr(checkpoints, "_write_config", broken)  # fails after the state is written
   with pytest.raises(OSError, match="disk full"):
-    mae.save_model(tiny, dst, overwrite=True)
+    api.save_model(tiny, dst, overwrite=True)
   with pytest.raises(OSError, match="disk full"):
-    mae.save_model(tiny, tmp_path / "new")
+    api.save_model(tiny, tmp_path / "new")
   monkeypatch.undo()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-  assert_holds(mae.from_pretrained(dst), sd)
+  assert_holds(api.from_pretrained(dst), sd)
   # The last step of an overwrite (new into place) failing puts the earlier one back.
   rename = os.replace
 
@@ -132,28 +132,28 @@ def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, s
     return rename(src, target)
   monkeypatch.setattr(os, "replace", failing_swap)
   with pytest.raises(OSError, match="rename failed"):
-    mae.save_model(tiny, dst, overwrite=True)
+    api.save_model(tiny, dst, overwrite=True)
   monkeypatch.undo()
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-  assert_holds(mae.from_pretrained(dst), sd)
+  assert_holds(api.from_pretrained(dst), sd)
 
 
 def test_own_checkpoint_with_bad_config_names_the_file(tiny, tmp_path):
-  dst = mae.save_model(tiny, tmp_path / "ckpt")
+  dst = api.save_model(tiny, tmp_path / "ckpt")
   meta = json.loads((dst / "config.json").read_text())
   meta["config"]["embed_dims"] = 64  # a typo'd field
   (dst / "config.json").write_text(json.dumps(meta))
-  with pytest.raises(mae.CheckpointError, match=r"ckpt/config.json.*embed_dims"):
-    mae.from_pretrained(dst)
+  with pytest.raises(api.CheckpointError, match=r"ckpt/config.json.*embed_dims"):
+    api.from_pretrained(dst)
 
 
 def test_damaged_own_checkpoint_names_the_state_dir(tiny, tmp_path):
-  dst = mae.save_model(tiny, tmp_path / "ckpt")
+  dst = api.save_model(tiny, tmp_path / "ckpt")
   for f in (dst / "state").rglob("*"):
     if f.is_file() and f.name != "_CHECKPOINT_METADATA":
       f.write_bytes(b"")
-  with pytest.raises(mae.CheckpointError, match=r"ckpt/state: cannot restore"):
-    mae.from_pretrained(dst)
+  with pytest.raises(api.CheckpointError, match=r"ckpt/state: cannot restore"):
+    api.from_pretrained(dst)
 
 
 # ------------------------------------------------------------------ official and timm layouts
@@ -162,7 +162,7 @@ def test_damaged_own_checkpoint_names_the_state_dir(tiny, tmp_path):
 def test_official_wrapped_and_timm_bare_state_dicts_load_bit_identically(sd, rgb_pth, tmp_path):
   torch.save(to_torch(sd), tmp_path / "timm.bin")
   for path in (rgb_pth, tmp_path / "timm.bin"):
-    back = mae.from_pretrained(path)
+    back = api.from_pretrained(path)
     assert back.config == CFG  # architecture read off the shapes (heads from the preset)
     assert_holds(back, sd)
 
@@ -176,24 +176,24 @@ def test_sharded_safetensors_directory_loads_and_shards_stay_beside_the_index(sd
     save_file({k: sd[k] for k in keys}, tmp_path / shard)
   index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-  assert_holds(mae.from_pretrained(tmp_path), sd)
+  assert_holds(api.from_pretrained(tmp_path), sd)
   index["weight_map"][names[0]] = "../elsewhere.safetensors"
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-  with pytest.raises(mae.CheckpointError, match="index.json: shard names must be plain"):
-    mae.from_pretrained(tmp_path)
+  with pytest.raises(api.CheckpointError, match="index.json: shard names must be plain"):
+    api.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_files_load_as_float32(sd, tmp_path, dtype):
   half = {k: v.to(dtype) for k, v in to_torch(sd).items()}
   torch.save({"model": half}, tmp_path / "half.pth")
-  model = mae.from_pretrained(tmp_path / "half.pth")
+  model = api.from_pretrained(tmp_path / "half.pth")
   assert model.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32
   assert_holds(model, {k: v.float().numpy() for k, v in half.items()})
 
 
 def test_official_names_and_torch_layouts(tiny):
-  sd = mae.to_official(tiny)
+  sd = api.to_official(tiny)
   assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
           "blocks.3.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "norm.weight", "mask_token",
           "decoder_pos_embed", "decoder_embed.weight", "decoder_blocks.1.norm2.bias",
@@ -214,8 +214,8 @@ def test_missing_unexpected_and_misshaped_keys_are_one_error_naming_the_file(sd,
   bad["decoder_pred.bias"] = torch.zeros(47)
   path = tmp_path / "broken.pth"
   torch.save({"model": bad}, path)
-  with pytest.raises(mae.CheckpointError) as e:
-    mae.from_pretrained(path, config="tiny")
+  with pytest.raises(api.CheckpointError) as e:
+    api.from_pretrained(path, config="tiny")
   msg = str(e.value)
   assert str(path) in msg
   assert "missing (1): blocks.1.mlp.fc2.bias" in msg
@@ -225,53 +225,53 @@ def test_missing_unexpected_and_misshaped_keys_are_one_error_naming_the_file(sd,
 
 def test_wider_or_deeper_checkpoint_is_refused_by_a_smaller_model(tmp_path):
   torch.save(to_torch(random_sd(CFG.replace(embed_dim=128))), tmp_path / "wide.pth")
-  with pytest.raises(mae.CheckpointError) as e:
-    mae.from_pretrained(tmp_path / "wide.pth", config="tiny")
+  with pytest.raises(api.CheckpointError) as e:
+    api.from_pretrained(tmp_path / "wide.pth", config="tiny")
   assert "blocks.{0..3}.attn.qkv.weight: file (384, 128) vs model (192, 64)" in str(e.value)
   torch.save(to_torch(random_sd(CFG.replace(depth=6))), tmp_path / "deep.pth")
-  with pytest.raises(mae.CheckpointError, match=r"unexpected \(24\): blocks\.\{4\.\.5\}\.attn"):
-    mae.from_pretrained(tmp_path / "deep.pth", config="tiny")
+  with pytest.raises(api.CheckpointError, match=r"unexpected \(24\): blocks\.\{4\.\.5\}\.attn"):
+    api.from_pretrained(tmp_path / "deep.pth", config="tiny")
 
 
 def test_finetuned_head_is_unexpected_unless_dropped(sd, tmp_path):
   ft = to_torch(sd)
   ft["head.weight"], ft["head.bias"] = torch.zeros(10, 64), torch.zeros(10)
   torch.save({"model": ft}, tmp_path / "ft.pth")
-  with pytest.raises(mae.CheckpointError, match=r"(?s)unexpected \(2\): head.bias, head.weight.*"
+  with pytest.raises(api.CheckpointError, match=r"(?s)unexpected \(2\): head.bias, head.weight.*"
                                                 r"drop_head=True"):
-    mae.from_pretrained(tmp_path / "ft.pth")
-  assert_holds(mae.from_pretrained(tmp_path / "ft.pth", drop_head=True), sd)
+    api.from_pretrained(tmp_path / "ft.pth")
+  assert_holds(api.from_pretrained(tmp_path / "ft.pth", drop_head=True), sd)
 
 
 @pytest.mark.slow  # builds (initialises) real models
 def test_encoder_only_file_needs_the_flag_and_then_initialises_the_decoder(sd, tmp_path, caplog):
   enc = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}
   torch.save({"model": to_torch(enc)}, tmp_path / "mae_pretrain_vit_tiny.pth")
-  with pytest.raises(mae.CheckpointError, match="(?s)missing.*decoder_pred.*encoder_only=True"):
-    mae.from_pretrained(tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny")
+  with pytest.raises(api.CheckpointError, match="(?s)missing.*decoder_pred.*encoder_only=True"):
+    api.from_pretrained(tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny")
   with caplog.at_level(logging.WARNING):
-    model = mae.from_pretrained(tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny",
+    model = api.from_pretrained(tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny",
                                 encoder_only=True, seed=5)
   assert "decoder is freshly initialised" in caplog.text
-  fresh = mae.to_official(mae.build("tiny", seed=5))
+  fresh = api.to_official(api.build("tiny", seed=5))
   assert_holds(model, {k: enc.get(k, fresh[k]) for k in fresh})
 
 
 def test_heads_that_shapes_cannot_show_must_be_given(tmp_path):
   torch.save(to_torch(random_sd(CFG.replace(embed_dim=80, num_heads=5))), tmp_path / "w80.pth")
-  with pytest.raises(mae.CheckpointError, match="w80.pth: cannot tell .* embed_dim=80.* pass "
+  with pytest.raises(api.CheckpointError, match="w80.pth: cannot tell .* embed_dim=80.* pass "
                                                 "num_heads="):
-    mae.from_pretrained(tmp_path / "w80.pth")
+    api.from_pretrained(tmp_path / "w80.pth")
 
 
 def test_unknown_layout_and_unknown_file_type_are_clear_errors(tmp_path):
   from safetensors.numpy import save_file
   save_file({"foo.weight": np.zeros(3, np.float32)}, tmp_path / "x.safetensors")
-  with pytest.raises(mae.CheckpointError, match=r"x\.safetensors: neither official"):
-    mae.from_pretrained(tmp_path / "x.safetensors")
+  with pytest.raises(api.CheckpointError, match=r"x\.safetensors: neither official"):
+    api.from_pretrained(tmp_path / "x.safetensors")
   (tmp_path / "w.npz").write_bytes(b"")
-  with pytest.raises(mae.CheckpointError, match=r"w\.npz: unknown checkpoint type"):
-    mae.from_pretrained(tmp_path / "w.npz")
+  with pytest.raises(api.CheckpointError, match=r"w\.npz: unknown checkpoint type"):
+    api.from_pretrained(tmp_path / "w.npz")
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -284,8 +284,8 @@ def test_truncated_file_is_a_clear_error(sd, tmp_path, suffix):
     save_file(sd, path)
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 2])
-  with pytest.raises(mae.CheckpointError, match=rf"cut\{suffix}: cannot read .*truncated"):
-    mae.from_pretrained(path)
+  with pytest.raises(api.CheckpointError, match=rf"cut\{suffix}: cannot read .*truncated"):
+    api.from_pretrained(path)
 
 
 # ------------------------------------------------------------------ safety
@@ -310,16 +310,16 @@ def test_pickle_that_would_run_code_is_refused_and_runs_nothing(sd, tmp_path, ho
     torch.save(payload, path)
   else:
     path.write_bytes(pickle.dumps(payload, protocol=2))
-  with pytest.raises(mae.CheckpointError, match=r"evil\.pth: refused: .*(system|GLOBAL)"):
-    mae.from_pretrained(path)
+  with pytest.raises(api.CheckpointError, match=r"evil\.pth: refused: .*(system|GLOBAL)"):
+    api.from_pretrained(path)
   assert not target.exists()
 
 
 def test_reading_pth_without_torch_says_what_to_install(rgb_pth, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-  with pytest.raises(mae.CheckpointError, match=r"vit_tiny\.pth: reading a PyTorch file needs "
+  with pytest.raises(api.CheckpointError, match=r"vit_tiny\.pth: reading a PyTorch file needs "
                                                 r"torch"):
-    mae.from_pretrained(rgb_pth)
+    api.from_pretrained(rgb_pth)
 
 
 # ------------------------------------------------------------------ DEM adaptation
@@ -327,8 +327,8 @@ def test_reading_pth_without_torch_says_what_to_install(rgb_pth, monkeypatch):
 
 @pytest.mark.slow  # compiles forward passes of three models
 def test_channel_sum_equals_feeding_the_dem_repeated_to_rgb(tiny, rgb_pth):
-  dem_model = mae.from_pretrained(rgb_pth, in_chans=1, channel_adapt="sum")
-  mean_model = mae.from_pretrained(rgb_pth, in_chans=1, channel_adapt="mean")
+  dem_model = api.from_pretrained(rgb_pth, in_chans=1, channel_adapt="sum")
+  mean_model = api.from_pretrained(rgb_pth, in_chans=1, channel_adapt="mean")
   dem = jax.random.normal(jax.random.key(3), (2, 32, 32, 1))
   rgb = jnp.repeat(dem, 3, axis=-1)
   for a, b in zip(encode(dem_model, dem, (0, 3)), encode(tiny, rgb, (0, 3))):
@@ -344,12 +344,12 @@ def test_channel_sum_equals_feeding_the_dem_repeated_to_rgb(tiny, rgb_pth):
 
 
 def test_channel_mismatch_without_adaptation_or_with_repeat_is_refused(rgb_pth):
-  with pytest.raises(mae.CheckpointError, match="(?s)patch_embed.proj.weight: file .64, 3, 4, 4. "
+  with pytest.raises(api.CheckpointError, match="(?s)patch_embed.proj.weight: file .64, 3, 4, 4. "
                                                 "vs model .64, 1, 4, 4.*channel_adapt='sum'"):
-    mae.from_pretrained(rgb_pth, in_chans=1)
-  with pytest.raises(mae.CheckpointError, match="repeat.*keeps the checkpoint's 3"):
-    mae.from_pretrained(rgb_pth, in_chans=1, channel_adapt="repeat")
-  assert mae.from_pretrained(rgb_pth, channel_adapt="repeat").config.in_chans == 3
+    api.from_pretrained(rgb_pth, in_chans=1)
+  with pytest.raises(api.CheckpointError, match="repeat.*keeps the checkpoint's 3"):
+    api.from_pretrained(rgb_pth, in_chans=1, channel_adapt="repeat")
+  assert api.from_pretrained(rgb_pth, channel_adapt="repeat").config.in_chans == 3
 
 
 def test_position_tables_are_interpolated_bicubically_on_the_patch_grid(sd, tmp_path):
@@ -359,7 +359,7 @@ def test_position_tables_are_interpolated_bicubically_on_the_patch_grid(sd, tmp_
   table[0, 0] = 5.0
   table[0, 1:, 0], table[0, 1:, 1] = h.reshape(-1), w.reshape(-1)
   torch.save({"model": to_torch({**sd, "pos_embed": table})}, tmp_path / "a.pth")
-  model = mae.from_pretrained(tmp_path / "a.pth", img_size=64)  # 8x8 -> 16x16 patches
+  model = api.from_pretrained(tmp_path / "a.pth", img_size=64)  # 8x8 -> 16x16 patches
   got = np.asarray(model.pos_embed[...])
   assert got.shape == (1, 257, 64) and model.decoder_pos_embed[...].shape == (1, 257, 32)
   np.testing.assert_array_equal(got[0, 0], table[0, 0])  # cls row kept
@@ -382,13 +382,13 @@ def test_convert_weights_output_loads_back_bit_identically(rgb_pth, tmp_path):
     sys.path.pop(0)
   args = ["--in-chans", "1", "--channel-adapt", "mean", "--img-size", "48"]
   assert convert_weights.main([str(rgb_pth), str(tmp_path / "out")] + args) == 0
-  direct = mae.from_pretrained(rgb_pth, in_chans=1, channel_adapt="mean", img_size=48)
-  converted = mae.from_pretrained(tmp_path / "out")
+  direct = api.from_pretrained(rgb_pth, in_chans=1, channel_adapt="mean", img_size=48)
+  converted = api.from_pretrained(tmp_path / "out")
   assert converted.config == direct.config and converted.config.img_size == 48
-  assert_holds(converted, mae.to_official(direct))
+  assert_holds(converted, api.to_official(direct))
   # A second run does not destroy the first output.
   assert convert_weights.main([str(rgb_pth), str(tmp_path / "out")]) == 2
-  assert_holds(mae.from_pretrained(tmp_path / "out"), mae.to_official(direct))
+  assert_holds(api.from_pretrained(tmp_path / "out"), api.to_official(direct))
 
 
 def test_convert_weights_help_describes_the_flags():

@@ -123,7 +123,8 @@ def test_pretrain_script_trains_from_a_corpus_with_held_out_loss(corpus, tmp_pat
   out = subprocess.run(
       [sys.executable, "scripts/pretrain.py", "--config=configs/dem_pretrain.py:tiny", f"--workdir={wd}",
        f"--config.data.corpus_tiles={corpus}", "--config.data.normalisation.mode=relative",
-       "--config.total_steps=4", "--config.optim.warmup_steps=2", "--config.checkpoint.every_steps=2", "--config.log.every_steps=1",
+       "--config.total_steps=4", "--config.optim.warmup_steps=2", "--config.checkpoint.every_steps=2",
+       "--config.log.every_steps=1",
        "--config.log.picture_every_steps=0", "--config.log.progress=False", "--config.eval_every_steps=2"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -135,6 +136,7 @@ def test_pretrain_script_trains_from_a_corpus_with_held_out_loss(corpus, tmp_pat
 
 def test_tfds_load_serves_the_corpus_tiles_by_role(corpus, tmp_path):
   import tensorflow_datasets as tfds
+
   import data_pipelines.tfds_builder  # noqa: F401  (registers dem_corpus)
   m = json.loads((corpus / cb.MANIFEST).read_text())
   for role in ("train", "eval"):

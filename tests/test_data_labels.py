@@ -58,7 +58,8 @@ def test_labelled_area_can_be_some_features_of_a_layer(tmp_path, dem):
 
 def test_labels_in_another_crs_are_reprojected(tmp_path, dem):
   box = shapely.box(X0 + 8, Y0 - 40, X0 + 40, Y0 - 8)
-  lonlat = shapely.geometry.shape(rasterio.warp.transform_geom("EPSG:32631", "EPSG:4326", shapely.geometry.mapping(box)))
+  lonlat = shapely.geometry.shape(
+      rasterio.warp.transform_geom("EPSG:32631", "EPSG:4326", shapely.geometry.mapping(box)))
   _write_vector(tmp_path / "b4326.geojson", [lonlat], "EPSG:4326")
   _write_vector(tmp_path / "b.geojson", [box], "EPSG:32631")
   rasterize_labels(dem, [LabelLayer(tmp_path / "b4326.geojson")], tmp_path / "l1.tif", area=tmp_path / "b.geojson")

@@ -21,8 +21,10 @@ def _cloud(seed=0, size=20, hole=(5, 5)):
       x, y = X0 + c + 0.5, Y0 + size - r - 0.5
       roof = 10 <= r < 14 and 10 <= c < 14
       if not roof:
-        pts.append([x, y, 1.0 + 0.01 * c]); cls.append(2)
-      pts.append([x + 0.1, y - 0.1, (9.0 if roof else 1.5) + rng.uniform(0, 0.1)]); cls.append(6 if roof else 1)
+        pts.append([x, y, 1.0 + 0.01 * c])
+        cls.append(2)
+      pts.append([x + 0.1, y - 0.1, (9.0 if roof else 1.5) + rng.uniform(0, 0.1)])
+      cls.append(6 if roof else 1)
   return np.array(pts), np.array(cls)
 
 
@@ -33,7 +35,8 @@ def _read(outputs):
 def test_highest_return_ground_mean_and_filled_holes(tmp_path):
   xyz, cls = _cloud()
   write_las(tmp_path / "a.laz", xyz, cls, crs="EPSG:32631")
-  out = las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False, dsm_fill_px=2, dtm_fill_px=10)
+  out = las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False,
+                       dsm_fill_px=2, dtm_fill_px=10)
   r = _read(out)
   with rasterio.open(out["dsm"]) as d:
     assert d.crs.to_epsg() == 32631 and d.transform.a == 1.0

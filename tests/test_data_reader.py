@@ -123,6 +123,7 @@ def test_truncated_shard_is_an_error_naming_the_file(manifest, tmp_path):
 
 def test_the_eight_symmetries_are_the_dihedral_group():
   import tensorflow as tf
+
   from data_pipelines.augment import SYMMETRIES
   x = np.arange(3 * 5 * 5).reshape(3, 5, 5)
   got = [f(tf.constant(x)).numpy() for f in SYMMETRIES]
@@ -136,11 +137,13 @@ def test_reader_normalisation_skipping_masks_matches_the_masked_definition(manif
   """The reader's unmasked shortcut (filled=True) relies on the writer filling invalid pixels with
   the tile's lowest valid value; check it on tiles with invalid pixels."""
   import tensorflow as tf
+
   from data_pipelines.normalisation import normalise
   from data_pipelines.tile_records import decode_tile_numpy
   m = json.load(open(manifest))
   files = [str(__import__("pathlib").Path(manifest).parent / f) for f in m["splits"]["train"]["files"]]
-  tiles = [decode_tile_numpy(r, ["elevation"], m["dtype"], 32) for r in tf.data.TFRecordDataset(files).as_numpy_iterator()]
+  tiles = [decode_tile_numpy(r, ["elevation"], m["dtype"], 32)
+           for r in tf.data.TFRecordDataset(files).as_numpy_iterator()]
   x = np.stack([t["elevation"] for t in tiles])
   v = np.stack([t["valid"] for t in tiles]).astype(bool)
   v[:, :3, :3] = False  # knock out pixels as nodata would
@@ -163,8 +166,10 @@ def test_larger_batches_hold_distinct_tiles_and_resume_alike(manifest):
 
 def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifest):
   """What the trainer sees equals what the predictor computes on the same pixels."""
-  import tensorflow as tf
   from pathlib import Path
+
+  import tensorflow as tf
+
   from data_pipelines.normalisation import normalise_numpy
   from data_pipelines.tile_records import decode_tile_numpy
   m = json.load(open(manifest))
@@ -194,7 +199,7 @@ def test_coarsening_shows_a_share_of_tiles_as_a_2x_coarser_source(manifest):
         continue
       coarsened += 1
       h, w, c = x.shape  # block means, bilinearly back: the 2 x 2 means of y are those of x
-      means = lambda t: t.reshape(h // 2, 2, w // 2, 2, c).mean((1, 3))  # noqa: E731
+      means = lambda t: t.reshape(h // 2, 2, w // 2, 2, c).mean((1, 3))  # noqa: B023 (used here)
       assert np.abs(means(y) - means(x)).max() < 0.35 * np.abs(x).max()
       assert np.abs(np.diff(y, axis=0)).mean() < np.abs(np.diff(x, axis=0)).mean()  # smoother
   assert 8 <= coarsened <= 24  # about half of 32 tiles

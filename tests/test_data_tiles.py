@@ -10,7 +10,12 @@ from data_pipelines.errors import DataError
 from data_pipelines.synthetic import synthetic_scene, write_scene_geotiffs
 from data_pipelines.tile_records import decode_tile_numpy
 from data_pipelines.tile_writer import write_tiles
-from data_pipelines.tiles import assign_blocks, assign_blocks_nested, few_label_subsets, tile_windows
+from data_pipelines.tiles import (
+  assign_blocks,
+  assign_blocks_nested,
+  few_label_subsets,
+  tile_windows,
+)
 
 
 def _records(manifest_path, split):
@@ -77,7 +82,8 @@ def test_records_round_trip_the_raster_windows_exactly(tmp_path, scene_tifs):
       np.testing.assert_array_equal(r["elevation"], scene.dsm[row:row + h, col:col + w])
       np.testing.assert_array_equal(r["label"], (scene.label[row:row + h, col:col + w] == 1))
       np.testing.assert_allclose(r["ndsm"], (scene.dsm - scene.dtm)[row:row + h, col:col + w], atol=1e-5)
-      assert tuple(r["transform"]) == tuple(rasterio.windows.transform(rasterio.windows.Window(col, row, w, h), src.transform))[:6]
+      window = rasterio.windows.Window(col, row, w, h)
+      assert tuple(r["transform"]) == tuple(rasterio.windows.transform(window, src.transform))[:6]
       assert rasterio.crs.CRS.from_wkt(r["crs_wkt"]) == src.crs and r["source"] == "dsm.tif"
   # manifest statistics are those of the training tiles' pixels
   train = np.concatenate([r["elevation"].ravel() for r in recs])
@@ -214,7 +220,8 @@ def test_a_set_drawn_wholly_for_evaluation_keeps_every_tile_in_test(tmp_path, sc
   """A held-out area (leave-one-area-out): no split boundary, so no tile is lost to straddling."""
   _, tifs = scene_tifs
   kw = dict(label=tifs["label"], tile_size=32, stride=16, block_px=64, min_labelled=0, progress=False)
-  m = json.loads(write_tiles(tifs["dsm"], tmp_path / "t", fractions={"train": 0, "val": 0, "test": 1}, **kw).read_text())
+  m = json.loads(write_tiles(tifs["dsm"], tmp_path / "t", fractions={"train": 0, "val": 0, "test": 1},
+                             **kw).read_text())
   assert m["splits"]["train"]["count"] == m["splits"]["val"]["count"] == 0 and not m["subsets"]
   assert m["splits"]["test"]["count"] == m["candidates"] == len(tile_windows(200, 180, 32, 16))
   assert m["stats"]["elevation"] == {"count": 0}

@@ -12,7 +12,6 @@ from demmae_jax import config_files
 from demmae_jax.experiments import draws, plan, report, runner
 
 
-
 def protocol(name="tiny", **overrides):
   return config_files.get_config("experiments", name, **overrides)
 
@@ -102,7 +101,7 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
   results = {r["arm"]: r for r in report.load_results(out)}
   assert set(results) == {"random_frozen"}
   base = json.loads((out / "data" / "delft_buildings" / "prepared" / "tiles" / "manifest.json").read_text())
-  for arm, r in results.items():
+  for r in results.values():
     assert 0.0 <= r["test_iou"] <= 1.0 and r["steps"] == 1 and r["best_step"] == 1
     assert r["preset"] == "tiny" and r["init"] == ""
     assert r["draw"]["drawn"] == 10 and set(r["draw"]["tile_ids"]) <= set(base["splits"]["train"]["tile_ids"])
@@ -139,7 +138,8 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
   assert "*55.5*" in text and "*27.9*" in text  # the paper's Table 1 beside ours
   assert "1 of the 2 runs this command plans have results" in text
   assert "delft_buildings/minmax/imagenet_mae (n10_s0)" in text and "--imagenet PATH" in text
-  assert "(c) same, random frozen encoder (control) | " + f"{100 * results['random_frozen']['test_iou']:.1f} (1)" in text
+  assert ("(c) same, random frozen encoder (control) | "
+          f"{100 * results['random_frozen']['test_iou']:.1f} (1)") in text
   r = results["random_frozen"]
   assert f"| {r['id']} | {100 * r['test_iou']:.1f} | {100 * r['test_boundary_iou']:.1f} |" in text
   assert (tmp_path / "results_iou_vs_tiles.png").stat().st_size > 10_000

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from demmae_jax import mae
+from demmae_jax import api
 from demmae_jax.inference import segmenter
 from demmae_jax.inference.restore import load_trained
 from demmae_jax.sharding import path_str
@@ -40,8 +40,8 @@ def delft_tiles(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   """A tiny 1-channel MAE saved as our checkpoint format (stands in for a pretraining export)."""
-  model = mae.build("tiny", in_chans=1, img_size=32, seed=7)
-  return mae.save_model(model, tmp_path_factory.mktemp("mae") / "tiny_mae"), model
+  model = api.build("tiny", in_chans=1, img_size=32, seed=7)
+  return api.save_model(model, tmp_path_factory.mktemp("mae") / "tiny_mae"), model
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,7 @@ def test_predict_script_keeps_crs_transform_and_agrees_with_labels(trained, delf
 def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
   """delft/ahn3_cropped_2.laz (no CRS in its header) straight into scripts/predict.py."""
   import rasterio
+
   from data_pipelines.shared_data import shared_file
   workdir, _, _ = trained
   laz = shared_file("delft/ahn3_cropped_2.laz")

@@ -20,7 +20,6 @@ from demmae_jax.train import feature_cache, finetune
 from demmae_jax.train.pretrain import model_config
 
 
-
 def get_config(preset="tiny", **overrides):
   return config_files.get_config("finetune", preset, **{"log.progress": False,
                                                         "log.tensorboard": False, **overrides})

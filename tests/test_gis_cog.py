@@ -6,8 +6,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from demmae_jax.inference import raster as predict
 from demmae_jax.gis import cog
+from demmae_jax.inference import raster as predict
 
 CRS = "EPSG:28992"
 TRANSFORM = from_origin(84800.0, 447650.0, 1.0, 1.0)

@@ -88,17 +88,18 @@ def test_unknown_config_field_is_an_error():
 
 def test_remat_gives_the_same_gradients_with_less_compiled_memory_and_counts_the_recompute():
   from flax import nnx
-  from demmae_jax.train import metrics
+
+  from demmae_jax.train import reporting
   images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(1), (16, 64))
   out = {}
   for remat in (False, True):
     graphdef, state = nnx.split(mae.build("tiny", depth=6, decoder_depth=4, remat=remat))
-    grad = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(images, noise=noise)[0]))
+    grad = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(images, noise=noise)[0]))  # noqa: B023
     traced = grad.trace(state)
     compiled = traced.lower().compile()
     out[remat] = (compiled(state), compiled.memory_analysis().temp_size_in_bytes,
-                  metrics.jaxpr_flops(traced.jaxpr))
+                  reporting.jaxpr_flops(traced.jaxpr))
   for a, b in zip(jax.tree.leaves(out[False][0]), jax.tree.leaves(out[True][0])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
   # Blocks under a rematerialised scan keep only their inputs; the forward runs twice.

@@ -2,7 +2,7 @@
 
 One random HF model is written in each layout the loader reads (save_pretrained safetensors, the
 Hub's key names in pytorch_model.bin, transformers-5 in-memory names, the official MAE
-{'model': state_dict} .pth with and without decoder), loaded with `mae.from_pretrained`, and run
+{'model': state_dict} .pth with and without decoder), loaded with `api.from_pretrained`, and run
 on the same images and masking noise. Block outputs, encoder output, decoder prediction, loss,
 mask and every parameter gradient must agree to 1e-4 (float32).
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 import torch  # test-only dependencies (requirements-test.txt)
 import transformers
+from flax import nnx
 
-from demmae_jax import mae
+from demmae_jax import api
 
 ATOL = 1e-4
 LAYERS = (0, 1, 2, 3)
@@ -125,7 +125,7 @@ def forward_errors(layout: str, in_chans: int, norm_pix_loss: bool, root: Path) 
   hf = hf_model(in_chans, norm_pix_loss)
   path = write(hf, layout, root)
   # Files without a config.json do not say which loss they were trained with.
-  model = mae.from_pretrained(path, **({} if layout.startswith("hf_") and layout != "hf_v5_bin"
+  model = api.from_pretrained(path, **({} if layout.startswith("hf_") and layout != "hf_v5_bin"
                                        else {"norm_pix_loss": norm_pix_loss}))
   assert model.config.norm_pix_loss == norm_pix_loss and model.config.in_chans == in_chans
   images, noise, x, n = inputs(in_chans)
@@ -140,7 +140,7 @@ def forward_errors(layout: str, in_chans: int, norm_pix_loss: bool, root: Path) 
 
 def encode_errors(layout: str, in_chans: int, root: Path) -> dict:
   hf = hf_model(in_chans, False)
-  model = mae.from_pretrained(write(hf, layout, root, encoder_only=True), encoder_only=True)
+  model = api.from_pretrained(write(hf, layout, root, encoder_only=True), encoder_only=True)
   images, _, x, _ = inputs(in_chans)
   hf.config.mask_ratio = 0.0  # keep every patch, in order: HF's blocks then see what encode sees
   with torch.no_grad():
@@ -153,14 +153,14 @@ def encode_errors(layout: str, in_chans: int, root: Path) -> dict:
 
 def gradient_errors(in_chans: int, norm_pix_loss: bool, root: Path) -> dict:
   hf = hf_model(in_chans, norm_pix_loss)
-  model = mae.from_pretrained(write(hf, "official_pth", root), norm_pix_loss=norm_pix_loss)
+  model = api.from_pretrained(write(hf, "official_pth", root), norm_pix_loss=norm_pix_loss)
   images, noise, x, n = inputs(in_chans)
   loss, grads = loss_and_grads(model, images, noise)
   hf(pixel_values=x, noise=n).loss.backward()
   # Gradients in official layout: the same transposes as the weights.
   holder = nnx.clone(model)
   nnx.update(holder, grads)
-  ours = mae.to_official(holder)
+  ours = api.to_official(holder)
   theirs = official_from_hf(hf, get=lambda p: p.grad)
   fixed = {"pos_embed", "decoder_pos_embed"}  # sin-cos tables, not trained on either side
   assert all(theirs[k] is None for k in fixed)
@@ -200,7 +200,7 @@ def test_every_parameter_gradient_matches_torch_autograd(in_chans, norm_pix_loss
 def test_hf_directory_config_supplies_heads_and_loss(tmp_path):
   hf = hf_model(1, True)
   hf.config.num_attention_heads = 2  # shapes cannot show this; config.json must
-  model = mae.from_pretrained(write(hf, "hf_safetensors", tmp_path))
+  model = api.from_pretrained(write(hf, "hf_safetensors", tmp_path))
   assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_attention_heads"] == 2
   assert (model.config.num_heads, model.config.norm_pix_loss, model.config.in_chans) == (2, True, 1)
 
@@ -209,12 +209,12 @@ def test_hf_config_that_the_model_cannot_honour_is_refused_or_warned(tmp_path, c
   hf = hf_model(3, False)
   hf.config.layer_norm_eps = 1e-12  # the HF default; the official MAE uses 1e-6
   with caplog.at_level("WARNING"):
-    mae.from_pretrained(write(hf, "hf_safetensors", tmp_path))
+    api.from_pretrained(write(hf, "hf_safetensors", tmp_path))
   assert "layer_norm_eps=1e-12" in caplog.text
   config = json.loads((tmp_path / "hf" / "config.json").read_text())
   (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
-  with pytest.raises(mae.CheckpointError, match="hf: config.json asks for hidden_act='relu'"):
-    mae.from_pretrained(tmp_path / "hf")
+  with pytest.raises(api.CheckpointError, match="hf: config.json asks for hidden_act='relu'"):
+    api.from_pretrained(tmp_path / "hf")
 
 
 def test_hf_file_with_a_missing_or_unknown_tensor_is_refused_in_its_own_names(tmp_path):
@@ -222,8 +222,8 @@ def test_hf_file_with_a_missing_or_unknown_tensor_is_refused_in_its_own_names(tm
   del sd["vit.layers.1.attention.k_proj.bias"]
   sd["vit.layers.0.attention.rotary.weight"] = torch.zeros(3)
   torch.save(sd, tmp_path / "pytorch_model.bin")
-  with pytest.raises(mae.CheckpointError) as e:
-    mae.from_pretrained(tmp_path / "pytorch_model.bin")
+  with pytest.raises(api.CheckpointError) as e:
+    api.from_pretrained(tmp_path / "pytorch_model.bin")
   msg = str(e.value)
   assert "pytorch_model.bin" in msg and "missing (1): blocks.1.attn.qkv.bias" in msg
   assert ("unexpected (3): vit.layers.0.attention.rotary.weight, "
@@ -257,6 +257,7 @@ if __name__ == "__main__":
 
 def test_gelu_matches_torch_exact_gelu_and_its_gradient():
   import jax
+
   from demmae_jax.models import vit
   x = np.random.default_rng(0).normal(scale=4.0, size=20000).astype(np.float32)
   xt = torch.tensor(x, requires_grad=True)

@@ -40,7 +40,8 @@ def test_cpu_hr_is_the_cpu_model_on_the_corpus_normalised_as_finetuning_and_othe
   assert hr.data.corpus == "auto" and hr.data.normalisation.mode == "ndsm"
   # the same metres-to-input scale as finetuning reads nDSM tiles with (configs/finetune.py)
   from demmae_jax import config_files
-  assert hr.data.normalisation.scale_m == config_files.get_config("finetune", "cpu_unet_buildings").data.normalisation.scale_m == 30.0
+  unet = config_files.get_config("finetune", "cpu_unet_buildings")
+  assert hr.data.normalisation.scale_m == unet.data.normalisation.scale_m == 30.0
   assert not hr.data.files and not hr.data.lidar_files and not hr.data.eval_files  # the corpus's
   for preset in ("tiny", "cpu", "base", "large"):
     c = dem_pretrain_config(preset)

@@ -97,6 +97,7 @@ def _held_out_cells(split, transform, shape):
 
 def _tile_rects(manifest_path, splits=("val", "test")):
   import tensorflow as tf
+
   from data_pipelines.reader import read_manifest, split_files
   from data_pipelines.tile_records import decode_tile_numpy
   m = read_manifest(str(manifest_path))
@@ -210,7 +211,8 @@ def test_build_resumes_skipping_finished_sources(corpus, tmp_path, monkeypatch):
 def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
   import subprocess
   import sys
-  from demmae_jax.train.metrics import read_jsonl
+
+  from demmae_jax.train.reporting import read_jsonl
   from test_train_support import ROOT, child_env
 
   def run(*args):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from demmae_jax import mae, sharding
+from demmae_jax import api, sharding
 from demmae_jax.sharding import path_str
 from demmae_jax.train import loop, pretrain
 from test_train_support import tiny_config
@@ -17,8 +17,8 @@ def _flat(tree):
 
 @pytest.mark.slow
 def test_init_from_rgb_checkpoint_sums_the_patch_kernel_and_keeps_every_other_weight(tmp_path):
-  rgb = mae.build("tiny", seed=7, in_chans=3)
-  mae.save_model(rgb, tmp_path / "rgb")
+  rgb = api.build("tiny", seed=7, in_chans=3)
+  api.save_model(rgb, tmp_path / "rgb")
   config = tiny_config(4)
   with config.unlocked():
     config.init, config.channel_adapt = str(tmp_path / "rgb"), "sum"
@@ -37,9 +37,9 @@ def test_init_from_rgb_checkpoint_sums_the_patch_kernel_and_keeps_every_other_we
 
 
 def test_init_from_a_checkpoint_of_another_architecture_is_refused(tmp_path):
-  mae.save_model(mae.build("tiny", in_chans=1, embed_dim=32, decoder_embed_dim=16), tmp_path / "x")
+  api.save_model(api.build("tiny", in_chans=1, embed_dim=32, decoder_embed_dim=16), tmp_path / "x")
   config = tiny_config(4)
   with config.unlocked():
     config.init = str(tmp_path / "x")
-  with pytest.raises(mae.CheckpointError):
+  with pytest.raises(api.CheckpointError):
     pretrain.MAEPretrain(config).build_model()

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from demmae_jax.sharding import path_str
-from demmae_jax.train.metrics import read_jsonl
+from demmae_jax.train.reporting import read_jsonl
 from test_train_support import ROOT, child_env
 
 CONFIG = str(ROOT / "configs" / "dem_pretrain.py")
@@ -67,11 +67,11 @@ def test_pretrain_on_real_elevation_then_export_loads_in_from_pretrained(tmp_pat
   out = _run("scripts/export_encoder.py", f"--workdir={wd}", f"--out={export}")
   assert out.returncode == 2 and "exists" in out.stderr
 
-  from demmae_jax import mae
+  from demmae_jax import api
   from demmae_jax.inference.restore import restore
   from demmae_jax.train import pretrain
   from test_train_support import dem_pretrain_config
-  model = mae.from_pretrained(export)
+  model = api.from_pretrained(export)
   assert model.config.in_chans == 1 and model.config.img_size == 32
   config = dem_pretrain_config("tiny")
   restored, step = restore(nnx.eval_shape(pretrain.MAEPretrain(config).build_model), wd)

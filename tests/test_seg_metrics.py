@@ -2,8 +2,8 @@
 import json
 
 import jax
-import pytest
 import numpy as np
+import pytest
 
 from demmae_jax import metrics
 
@@ -153,8 +153,8 @@ def test_boundary_iou_accumulates_counts_over_tiles_not_a_mean_of_ratios():
   whole = metrics.BoundaryIoU(2)
   whole.update(np.stack([a_pred, b_pred]), np.stack([a_label, b_label]))
   parts = metrics.BoundaryIoU(2)
-  for p, l in ((a_pred, a_label), (b_pred, b_label)):
-    parts.update(p, l)
+  for pred, label in ((a_pred, a_label), (b_pred, b_label)):
+    parts.update(pred, label)
   assert (parts.intersection, parts.union) == (whole.intersection, whole.union)
   # width 2 on the 30 px square shifted by 2: strips 2*2*28 = 112 shared, 0 on the sides
   assert whole.intersection == 108 + 112 and whole.union == 180 + (2 * 224 - 112)

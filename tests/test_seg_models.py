@@ -133,6 +133,7 @@ def alexandria_crops(size=32, n=8, seed=0):
   import rasterio.features
   import rasterio.warp
   import shapely
+
   from data_pipelines.shared_data import shared_file
   with rasterio.open(shared_file("alexandria/dsm.tif")) as dsm, \
       rasterio.open(shared_file("alexandria/dtm.tif")) as dtm:

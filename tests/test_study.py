@@ -57,6 +57,7 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
   import numpy as np
   import rasterio
   import scipy.ndimage as ndi
+
   from data_pipelines.areas import prepare_area
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval

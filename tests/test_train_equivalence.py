@@ -110,6 +110,6 @@ def test_resume_after_sigkill_is_bit_exact(reference, tmp_path):
   for k in ref_params:
     np.testing.assert_array_equal(params[k], ref_params[k], err_msg=k)
   # The metrics file holds each step once, the killed run's later steps replaced.
-  from demmae_jax.train.metrics import read_jsonl
+  from demmae_jax.train.reporting import read_jsonl
   steps = [r["step"] for r in read_jsonl(wd / "metrics.jsonl") if "loss" in r]
   assert steps == list(range(1, STEPS + 1))

@@ -22,7 +22,7 @@ def _cfg(**kw):
   return c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params():
   return nnx.state(mae.build("tiny", in_chans=1), nnx.Param)
 

@@ -54,6 +54,7 @@ def crops(seed: int = 0):
 def flat_params(state) -> dict[str, np.ndarray]:
   import jax
   from jax.experimental import multihost_utils
+
   from demmae_jax.sharding import path_str
   leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
   out = {}
@@ -106,6 +107,7 @@ def child(args: dict) -> None:
 
 def _leaves_with_paths(tree):
   import jax
+
   from demmae_jax.sharding import path_str
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 

@@ -18,6 +18,7 @@ def _tiles(manifest: dict, split: str):
   """(tile_id, window, label, raw record) of a split's tiles in file order, decoded by the tile
   format's own reader."""
   import tensorflow as tf
+
   from data_pipelines.reader import split_files
   from data_pipelines.tile_records import decode_tile_numpy
   form = (manifest["channels"], manifest["dtype"], int(manifest["tile_size"]))

@@ -145,7 +145,8 @@ def pictures(out: Path, results: list[dict], path: Path, dataset: str, size, nor
   from matplotlib.colors import ListedColormap
   rs = {r["arm"]: r for r in results if r["dataset"] == dataset and r["size"] == size
         and r["norm"] == norm and r["seed"] == 0}
-  arms = [a for a in ARMS if a in rs and result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz").exists()]
+  arms = [a for a in ARMS if a in rs
+          and result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz").exists()]
   if not arms:
     return None
   arrays = {a: np.load(result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz")) for a in arms}

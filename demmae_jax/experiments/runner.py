@@ -63,6 +63,7 @@ def result_path(out: Path, run: Run) -> Path:
 def execute(cfg, run: Run, out: Path, data: Data, encoder: str) -> dict:
   """Train, evaluate on the test split with the best validation checkpoint, write the result."""
   import jax
+
   from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune

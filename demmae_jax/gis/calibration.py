@@ -26,7 +26,7 @@ class Reliability:
   correct: np.ndarray  # [bins] correct pixels
 
   @classmethod
-  def empty(cls, bins: int, low: float = 0.0) -> "Reliability":
+  def empty(cls, bins: int, low: float = 0.0) -> Reliability:
     return cls(np.linspace(low, 1.0, bins + 1), np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins))
 
   def add(self, probs: np.ndarray, labels: np.ndarray, ignore: int = 255) -> None:
@@ -119,6 +119,7 @@ def plot_reliability(curves: dict[str, Reliability], out: str | Path, overwrite:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   from demmae_jax.gis.figures import save_png
   fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]},
                                  sharex=True)

@@ -7,10 +7,10 @@
 2. Per cell, from the two predicted class rasters (1 = building) and the corrected difference dh:
    new (building later only, dh > +`dh_m`), demolished (earlier only, dh < -`dh_m`), raised
    (building in both, dh > +`dh_m`), lowered (both, dh < -`dh_m`): a change of class must also be
-   a change of height, else it is the model disagreeing with itself. With `edge_m`, cells that close to where either survey has no
-   data (its edge, the raster's border, canals) are not compared: the predictor filled those
-   windows. Each change mask is opened with a 3 x 3 square (a one-cell
-   misregistration along every wall would otherwise show up as slivers). Cells not valid in both
+   a change of height, else it is the model disagreeing with itself. With `edge_m`, cells that
+   close to where either survey has no data (its edge, the raster's border, canals) are not
+   compared: the predictor filled those windows. Each change mask is opened with a 3 x 3 square
+   (a one-cell misregistration along every wall would otherwise show up as slivers). Cells not valid in both
    surveys are nodata. Written block by block (with a halo for the opening) into a change COG
    (uint8 codes, colour table) and a dh COG (float32, m).
 3. Polygons per change class (gis/polygons.py) of at least `min_area_m2`, with the median and max
@@ -246,6 +246,7 @@ def footprint_check(change_gpkg: str | Path, footprints: str | Path, crs, *, lay
   surveys) are covered >= `min_cover` by new or raised change polygons, against the same share
   among older footprints (false alarms). `area`: only footprints inside it (both surveys valid)."""
   import shapely
+
   from demmae_jax.gis.vector_io import read_polygons
   polys, attrs = read_polygons(change_gpkg, crs, None, ["change"])
   fp, fa = read_polygons(footprints, crs, layer, [year_field])
@@ -275,6 +276,7 @@ def footprint_check(change_gpkg: str | Path, footprints: str | Path, crs, *, lay
 def valid_area(change_tif: str | Path, block: int = 1024):
   """The cells valid in both surveys, as one (multi)polygon."""
   import shapely
+
   from demmae_jax.gis import polygons
   parts = []
   for code in (NONE, *NAMES):
@@ -291,6 +293,7 @@ def plot_change(change_tif: str | Path, change_gpkg: str | Path, out: str | Path
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
   from matplotlib.patches import Patch
+
   from demmae_jax.gis.figures import save_png
   from demmae_jax.gis.vector_io import read_polygons
   with open_raster(change_tif) as src:
@@ -358,6 +361,7 @@ def _run(args, argv) -> int:
   """The change command's work (main: arguments and the error contract)."""
   import json
   import sys
+
   from data_pipelines.atomic import atomic_file
   a, b = Survey(*args.earlier), Survey(*args.later)
   opts = ChangeOptions(dh_m=args.dh_m, min_area_m2=args.min_area_m2,

@@ -131,6 +131,7 @@ def run_split_labels(args) -> dict:
   """The tile set's label raster with every pixel outside its `split` blocks set to 255, so that
   calibration and object scores count only the blocks held out from training."""
   import rasterio
+
   from data_pipelines.atomic import atomic_file
   from data_pipelines.reader import read_manifest
   from demmae_jax.area_eval import _source, test_area_mask
@@ -149,8 +150,8 @@ def _heights_at_footprints(args, ref, ref_attr) -> dict:
   """Height estimation apart from outlines: for every footprint with at least half its cells
   predicted building, the median height of those cells (nDSM, and DSM alone with --dsm) against
   the reference height."""
-  from demmae_jax.gis.polygons import _window_mask
   from data_pipelines.raster_io import open_raster
+  from demmae_jax.gis.polygons import _window_mask
   if args.reference_height:
     ref_h = np.asarray(ref_attr[args.reference_height], np.float64) * args.reference_scale
   else:

@@ -8,6 +8,7 @@ def save_png(fig, out: str | Path, overwrite: bool = False, dpi: int = 110) -> P
   """`fig` to the PNG `out` (data_pipelines.atomic: refused if it exists unless `overwrite`),
   then closed."""
   import matplotlib.pyplot as plt
+
   from data_pipelines.atomic import atomic_file
   fig.tight_layout()
   with atomic_file(out, overwrite) as tmp:
@@ -25,6 +26,7 @@ def plot_outlines(raster: str | Path, layers, out: str | Path, title: str = "",
   import matplotlib.pyplot as plt
   import numpy as np
   from matplotlib.lines import Line2D
+
   from data_pipelines.raster_io import open_raster
   with open_raster(raster) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))

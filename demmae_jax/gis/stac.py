@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import rasterio
 import rasterio.warp
@@ -52,7 +52,7 @@ def prediction_item(item_path: str | Path, assets: Mapping[str, str | Path | Non
     crs, transform, shape, bounds = src.crs, src.transform, src.shape, src.bounds
   box = shapely.box(*bounds)
   geometry = rasterio.warp.transform_geom(crs, "EPSG:4326", shapely.geometry.mapping(box))
-  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+  now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
   code = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else None
   props = {"datetime": now, "created": now, "proj:code": code, "proj:shape": list(shape),
            "proj:transform": list(transform)[:6], "proj:bbox": list(bounds),

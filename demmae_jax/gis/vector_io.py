@@ -4,8 +4,8 @@ existing file is refused unless `overwrite`."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import shapely
@@ -55,6 +55,7 @@ def read_polygons(path: str | Path, target_crs, layer=None, fields: Sequence[str
   import pyogrio
   import rasterio.crs
   import rasterio.warp
+
   from data_pipelines.errors import DataError
   path = Path(path)
   if not path.exists():

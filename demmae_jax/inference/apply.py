@@ -2,7 +2,7 @@
 the 8 square symmetries (test-time augmentation), optionally fed over all devices."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,7 @@
 (IoU, precision, recall, boundary IoU) and the first tiles with their predictions."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from flax import nnx

@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import rasterio
@@ -31,8 +31,13 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from data_pipelines.errors import DataError
-from data_pipelines.raster_io import (check_elevation_range, elevation_band, open_raster, read_band,
-                                     read_masks)
+from data_pipelines.raster_io import (
+  check_elevation_range,
+  elevation_band,
+  open_raster,
+  read_band,
+  read_masks,
+)
 from demmae_jax.gis import cog, vector_io
 
 CLASS_NODATA = 255

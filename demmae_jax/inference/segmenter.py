@@ -12,10 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from demmae_jax.models import hybrid as hybrid_model
-from demmae_jax.models import mae as mae_model
-from demmae_jax.models import unet as unet_model
-from demmae_jax.models import upernet
+from demmae_jax.models import hybrid as hybrid_model, mae as mae_model, unet as unet_model, upernet
 
 SPEC_FILE = "segmenter.json"
 

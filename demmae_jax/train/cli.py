@@ -23,8 +23,8 @@ import re
 import signal
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from absl import app, flags, logging
 

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import os
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -69,6 +69,7 @@ def build(model: nnx.Module, tiles: Iterator[dict[str, np.ndarray]], batch_size:
   {image, label, valid} (the whole training split). Refuses a cache larger than
   `max_ram_fraction` of the machine's memory."""
   import tensorflow as tf
+
   from data_pipelines.augment import symmetry
   t0 = time.perf_counter()
   batches = list(tiles)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +31,13 @@ from flax import nnx
 
 from demmae_jax import metrics, workdirs
 from demmae_jax.inference.evaluate import confusion
-from demmae_jax.inference.segmenter import (SPEC_FILE, build_from_spec, check_spec_against_data,
-                                          reader_options)
-from demmae_jax.models import hybrid as hybrid_model
-from demmae_jax.models import mae as mae_model
-from demmae_jax.models import upernet
+from demmae_jax.inference.segmenter import (
+  SPEC_FILE,
+  build_from_spec,
+  check_spec_against_data,
+  reader_options,
+)
+from demmae_jax.models import hybrid as hybrid_model, mae as mae_model, upernet
 from demmae_jax.train import feature_cache
 from demmae_jax.train.loop import Task
 
@@ -171,8 +173,8 @@ def _backbone(config: ml_collections.ConfigDict, tile: int, channels: int):
   if config.model.kind not in ("upernet", "hybrid"):
     return None, None
   if config.init:
-    from demmae_jax import mae  # the checkpoint reader: our exports, official and HF files
-    model = mae.from_pretrained(config.init, encoder_only=True, img_size=tile, in_chans=channels,
+    from demmae_jax import api  # the checkpoint reader: our exports, official and HF files
+    model = api.from_pretrained(config.init, encoder_only=True, img_size=tile, in_chans=channels,
                                 channel_adapt=config.channel_adapt or None, seed=int(config.seed))
     return model.config, nnx.state(model)
   from demmae_jax.train.pretrain import model_config

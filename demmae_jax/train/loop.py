@@ -19,8 +19,9 @@ import copy
 import dataclasses
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines.atomic import atomic_write_text
 from demmae_jax import sharding as shd, workdirs
-from demmae_jax.train import memory, metrics as metrics_lib, optim
+from demmae_jax.train import memory, optim, reporting
 from demmae_jax.train.memory import DoesNotFit  # noqa: F401  (raised by train, with NonFiniteLoss)
 
 Batch = dict[str, np.ndarray]
@@ -55,7 +56,7 @@ class Task:
   remat: bool | None = None  # whether the model's blocks are rematerialised (None: no switch)
   remat_flag: str | None = None  # the config key of that switch, for messages
 
-  def with_remat(self, on: bool) -> "Task | None":
+  def with_remat(self, on: bool) -> Task | None:
     """This task with rematerialisation switched `on` or off: the same numbers, less memory, more
     compute. None when the model has no such switch."""
     return None
@@ -140,7 +141,7 @@ class Trainer:
                        f"({par}) x grad_accum_steps ({accum})")
     return accum
 
-  def with_accum(self, accum: int) -> "Trainer":
+  def with_accum(self, accum: int) -> Trainer:
     """This trainer (same task, placement and optimiser) with another number of micro-batches."""
     other = copy.copy(self)
     other.accum, other._pictures = other._check_accum(accum), None
@@ -291,8 +292,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     return Result(state, start, [])
   # The writer first: its imports (tensorboardX, ~150 MiB of RSS) are then in the host memory
   # the plan sees as taken.
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start or 0,
-                                    tensorboard=bool(config.log.get("tensorboard", True)))
+  writer = reporting.MetricWriter(workdir, resume_step=start or 0,
+                                  tensorboard=bool(config.log.get("tensorboard", True)))
   try:
     source = iter(batches(start or 0))
     first = next(source)
@@ -321,8 +322,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   except ValueError:  # not the main thread: no handler
     pass
 
-  flops_per_step = metrics_lib.jaxpr_flops(traced.jaxpr)  # global: the jaxpr is the whole batch
-  peak, peak_note = metrics_lib.peak_flops_per_device()
+  flops_per_step = reporting.jaxpr_flops(traced.jaxpr)  # global: the jaxpr is the whole batch
+  peak, peak_note = reporting.peak_flops_per_device()
   peak_total = peak * jax.device_count()
   if is_main:
     print(f"train: {total} steps of {trainer.global_batch} on mesh {dict(mesh.shape)}, "
@@ -406,7 +407,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
         flush(step)
       if pic_every and step % pic_every == 0:
         for name, fig in trainer.pictures(state, batch, step).items():
-          metrics_lib.save_figure(fig, workdir / "pictures" / f"{name}_step{step:07d}.png")
+          reporting.save_figure(fig, workdir / "pictures" / f"{name}_step{step:07d}.png")
       done_here = stop_after is not None and step - start >= stop_after
       if stop["signal"] is not None or step % ckpt_every == 0 or step == total or done_here:
         if pending:
@@ -431,7 +432,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     writer.close()
     if is_main and pic_every and history:
       keys = ["loss"] + sorted({k for h in history for k in h if k.startswith("eval_") and "loss" in k})
-      metrics_lib.plot_history(writer.path, workdir / "pictures" / "loss.png", tuple(keys))
+      reporting.plot_history(writer.path, workdir / "pictures" / "loss.png", tuple(keys))
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   return Result(state, step, history, preempted)

@@ -51,7 +51,7 @@ class MAEPretrain(Task):
   def remat(self) -> bool:
     return bool(self.mae_config.remat)
 
-  def with_remat(self, on: bool) -> "MAEPretrain":
+  def with_remat(self, on: bool) -> MAEPretrain:
     config = self.config.copy_and_resolve_references()
     with config.unlocked():
       config.model.remat = bool(on)
@@ -62,9 +62,9 @@ class MAEPretrain(Task):
     if not init:
       return mae_model.MaskedAutoencoder(self.mae_config,
                                          rngs=nnx.Rngs(params=int(self.config.seed)))
-    from demmae_jax import mae  # the ported-checkpoint reader (another module's I/O)
+    from demmae_jax import api  # the ported-checkpoint reader (another module's I/O)
     # The architecture is the config's: a checkpoint of another one is refused by shape.
-    return mae.from_pretrained(init, config=self.mae_config, seed=int(self.config.seed),
+    return api.from_pretrained(init, config=self.mae_config, seed=int(self.config.seed),
                                channel_adapt=self.config.get("channel_adapt") or None,
                                encoder_only=bool(self.config.get("init_encoder_only", False)))
 
@@ -165,6 +165,7 @@ def lidar_dsm(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
   if not config.data.lidar_files:
     return []
   from jax.experimental import multihost_utils
+
   from data_pipelines.lidar import las_to_rasters
   from data_pipelines.shared_data import shared_file
   out = workdir / "lidar_dsm"
@@ -179,6 +180,7 @@ def corpus_files(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list
   """(training, evaluation) rasters of `config.data.corpus` for the normalisation mode; "auto"
   builds the corpus into WORKDIR/corpus first (process 0; an unfinished one is completed)."""
   from jax.experimental import multihost_utils
+
   from data_pipelines.pretrain_corpus import CORPUS_JSON, build_corpus, corpus_rasters
   auto = config.data.corpus == "auto"
   path = workdir / "corpus" if auto else Path(config.data.corpus)
@@ -230,15 +232,15 @@ def export(workdir: str | Path, out: str | Path, *, step: int | None = None,
            overwrite: bool = False) -> tuple[Path, int]:
   """(directory, step): the MAE of pretraining run `workdir` at `step` (default: the latest),
   written whole (the decoder is small; finetuning reads the encoder only) as a checkpoint that
-  `mae.from_pretrained` loads: orbax `state/` + `config.json`, atomically."""
+  `api.from_pretrained` loads: orbax `state/` + `config.json`, atomically."""
   from data_pipelines.atomic import check_outputs
-  from demmae_jax import mae
+  from demmae_jax import api
   workdir, out = Path(workdir), Path(out)
   check_outputs([out], [workdir])  # `out` replaced as a whole must not be or hold the workdir
   if out.exists() and not overwrite:
     raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
   model, step = restore_mae(workdir, step)
-  return mae.save_model(model, out, overwrite=overwrite), step
+  return api.save_model(model, out, overwrite=overwrite), step
 
 
 def restore_mae(workdir: str | Path, step: int | None = None
