@@ -53,6 +53,26 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+# Config keys added after workdirs existed, with the value that reproduces the behaviour from
+# before the key: a stored config without the key holds that value, so older runs still resume.
+ADDED_KEYS = {"model.norm_pix_eps": 1.0e-6, "data.coarsen": 0.0}
+
+
+def _with_added_keys(old: dict, new: dict) -> dict:
+  old = json.loads(json.dumps(old))
+  for dotted, value in ADDED_KEYS.items():
+    *parents, leaf = dotted.split(".")
+    o, n = old, new
+    for p in parents:
+      o, n = o.get(p), n.get(p) if isinstance(n, dict) else None
+      if not isinstance(o, dict) or not isinstance(n, dict):
+        break
+    else:
+      if leaf not in o and leaf in n:
+        o[leaf] = value
+  return old
+
+
 def check_config(workdir: Path, config: ml_collections.ConfigDict,
                  ignore: tuple[str, ...] = ("log", "distributed", "memory")) -> bool:
   """Refuse a workdir that holds a run of a different config (keys in `ignore`, e.g. logging
@@ -63,7 +83,7 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict,
   if not path.exists():
     return False
   new = json.loads(config_to_json(config))
-  old = json.loads(path.read_text())
+  old = _with_added_keys(json.loads(path.read_text()), new)
   diff = _diff({k: v for k, v in old.items() if k not in ignore},
                {k: v for k, v in new.items() if k not in ignore})
   if diff:

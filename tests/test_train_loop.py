@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -151,6 +152,21 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
   with c.unlocked():
     c.log.every_steps = 5
   assert loop.train(MeanHeight(), c, tmp_path, _source()).history == []
+
+
+def test_a_key_added_later_with_its_old_behaviour_does_not_block_resume(tmp_path):
+  """A workdir whose stored config predates `model.norm_pix_eps` (workdirs.ADDED_KEYS) resumes
+  when the new key holds the value that reproduces the old behaviour, and is refused otherwise."""
+  stored = {"model": {"mask_ratio": 0.75}, "seed": 0}
+  (tmp_path / workdirs.CONFIG_FILE).write_text(json.dumps(stored))
+  same = ml_collections.ConfigDict({"model": {"mask_ratio": 0.75, "norm_pix_eps": 1e-6}, "seed": 0})
+  assert workdirs.check_config(tmp_path, same)
+  other = ml_collections.ConfigDict({"model": {"mask_ratio": 0.75, "norm_pix_eps": 1e-3}, "seed": 0})
+  with pytest.raises(workdirs.WorkdirConfigMismatch, match="norm_pix_eps"):
+    workdirs.check_config(tmp_path, other)
+  unknown = ml_collections.ConfigDict({"model": {"mask_ratio": 0.75, "depth_new": 1}, "seed": 0})
+  with pytest.raises(workdirs.WorkdirConfigMismatch, match="depth_new"):
+    workdirs.check_config(tmp_path, unknown)
 
 
 def test_input_wait_is_reported_and_matches_a_known_delay(tmp_path):
