@@ -75,7 +75,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
   noise = jax.random.uniform(jax.random.key(1), (2, 64))
   m32 = mae.build("tiny", seed=3)
   m16 = mae.build("tiny", seed=3, dtype="bfloat16")
-  assert m16.blocks[0].attn.qkv.kernel.value.dtype == jnp.float32
+  assert m16.blocks.attn.qkv.kernel.value.dtype == jnp.float32
   l32, _, _ = m32(images, noise=noise)
   l16, _, _ = m16(images, noise=noise)
   np.testing.assert_allclose(float(l16), float(l32), rtol=5e-2)

@@ -1,7 +1,9 @@
 """ViT building blocks with the official MAE (timm) parameter names.
 
-Attribute names follow the official checkpoint keys (`patch_embed.proj`, `blocks.N.attn.qkv`, ...)
-so the weight port in `demmae_jax.checkpoints` is a transpose per tensor, nothing cleverer.
+Attribute names follow the official checkpoint keys (`patch_embed.proj`, `blocks.attn.qkv`, ...).
+Transformer blocks are stored stacked, one Block whose arrays have a leading layer axis
+(`blocks.attn.qkv.kernel[i]` is official `blocks.i.attn.qkv.weight`, transposed): the weight port
+in `demmae_jax.checkpoints` stacks on load and unstacks on export, a transpose per tensor besides.
 Arrays are NHWC / [batch, tokens, width]; parameters are float32, compute in `dtype`.
 """
 from __future__ import annotations
@@ -145,29 +147,42 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
-def run_blocks(blocks: Sequence[Block], x: jax.Array, *, remat: bool = False,
-               keep: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
-  """Apply `blocks` in order; return the final tokens and the outputs of blocks in `keep`."""
-  if remat and len(blocks) > 1 and not keep:
-    return _scan_remat(blocks, x), {}
-  kept = {}
-  for i, block in enumerate(blocks):
-    x = nnx.remat(lambda blk, h: blk(h))(block, x) if remat else block(x)
-    if i in keep:
-      kept[i] = x
-  return x, kept
-
-
-def _scan_remat(blocks: Sequence[Block], x: jax.Array) -> jax.Array:
-  """Rematerialised blocks as one `lax.scan` over their stacked weights. XLA:CPU schedules the
-  recomputation of straight-line remat where it saves nothing (docs/performance.md); inside a
-  scan only the carry of each step is kept. The parameters stay one module per block (the
-  checkpoint layout); stacking them is a copy of the blocks' weights per step."""
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+  """One Block whose every array carries a leading layer axis: `blocks[i]`'s weights at index i.
+  Built from per-layer Blocks (so a seed initialises the same weights as one module per block);
+  the stacked arrays are what the model stores, scans over and saves."""
   graphdef, *_ = nnx.split(blocks[0])
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks))
+  return nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks)))
 
-  @jax.checkpoint
-  def body(h, state):
-    return nnx.merge(graphdef, state)(h), None
 
-  return jax.lax.scan(body, x, stacked)[0]
+def num_layers(blocks: Block) -> int:
+  """The length of the leading layer axis of stacked `blocks`."""
+  return int(jax.tree.leaves(nnx.state(blocks))[0].shape[0])
+
+
+def run_blocks(blocks: Block, x: jax.Array, *, remat: bool = False,
+               keep: Sequence[int] = (), unroll: bool | None = None
+               ) -> tuple[jax.Array, dict[int, jax.Array]]:
+  """Apply stacked `blocks` in order as one `lax.scan` over their layer axis; return the final
+  tokens and the outputs of the blocks in `keep` (only the blocks up to the last of `keep` run
+  then). With `remat` each step is rematerialised (`jax.checkpoint` of the scan body): the
+  backward pass keeps only each block's input and recomputes the rest. XLA:CPU schedules the
+  recomputation of straight-line remat where it saves nothing (docs/performance.md); inside a
+  scan only the carry of each step is kept. Without remat the scan is unrolled (`unroll=None`
+  means `not remat`): straight-line code, which XLA:CPU ran faster than a rolled loop
+  (docs/performance.md). The weights are read where they are stored: no copy per step."""
+  graphdef, state = nnx.split(blocks)
+  depth = num_layers(blocks)
+  length = max(keep) + 1 if keep else depth
+  if length < depth:  # the blocks after the last one asked for are not run
+    state = jax.tree.map(lambda a: a[:length], state)
+
+  def body(h, layer_state):
+    h = nnx.merge(graphdef, layer_state)(h)
+    return h, (h if keep else None)
+
+  if remat:
+    body = jax.checkpoint(body)
+  unroll = not remat if unroll is None else unroll
+  x, outs = jax.lax.scan(body, x, state, unroll=length if unroll else 1)
+  return x, ({i: outs[i] for i in keep} if keep else {})

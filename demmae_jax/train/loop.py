@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines.atomic import atomic_write_text
-from demmae_jax import sharding as shd, workdirs
+from demmae_jax import checkpoints, sharding as shd, workdirs
 from demmae_jax.train import memory, metrics as metrics_lib, optim
 from demmae_jax.train.memory import DoesNotFit  # noqa: F401  (raised by train, with NonFiniteLoss)
 
@@ -284,6 +284,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   # Planned before the state exists: on CPU the available host memory is then what the step
   # itself may take. The plan compiles the step that runs (memory.py).
   start = ckpt.latest_step()
+  if start is not None:
+    _check_stacked_layout(ckpt, start, workdir)
   if start is not None and start >= total:
     trainer._eager_model = None
     state, _ = ckpt.restore(start, trainer.abstract_state)
@@ -426,6 +428,19 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   return Result(state, step, history, preempted)
+
+
+def _check_stacked_layout(ckpt: workdirs.Checkpointer, step: int, workdir: Path) -> None:
+  """A run saved before the transformer blocks were stacked (one array per block) cannot be
+  resumed: its optimiser state is per block too. Its weights still load (export, evaluation,
+  prediction stack them), so the message says how to continue from them."""
+  old = sorted({p for p in ckpt.variable_shapes(step) if checkpoints.is_per_layer(p)})
+  if old:
+    raise ValueError(
+        f"{workdir}: checkpoint step {step} stores the transformer blocks one array per block "
+        f"(e.g. {old[0]}), as runs did before the blocks were stacked; it cannot be resumed. "
+        f"Its weights load as they are: export them (demmae export --workdir {workdir} --out DIR) "
+        f"and start a new run from DIR (--config.init=DIR), or evaluate / predict with it")
 
 
 def _check_local_batch(batch: Batch, rows: tuple[int, int]) -> None:
