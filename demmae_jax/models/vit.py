@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from demmae_jax.models.partitioning import constrain
+
 LN_EPS = 1e-6
 SQRT_HALF = 0.7071067811865476  # a Python float: weakly typed, so bfloat16 stays bfloat16
 
@@ -110,13 +112,16 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     head_dim = d // self.num_heads
-    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    # Heads over the mesh's 'model' axis when there is one (partitioning.py); else no-ops.
+    qkv = constrain(self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim),
+                    "batch", None, None, "heads", None).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # [B, heads, T, head_dim]
     # Written out rather than jax.nn.dot_product_attention: on XLA:CPU this head-major layout
     # makes the MAE-B training step ~15 % faster (benchmarks/mae_step.py, docs/performance.md).
-    weights = jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1)
-    out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
-    return self.proj(out)
+    weights = constrain(jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1),
+                        "batch", "heads", None, None)
+    out = constrain(weights @ v, "batch", "heads", None, None).transpose(0, 2, 1, 3)
+    return constrain(self.proj(out.reshape(b, t, d)), "batch", None, None)
 
 
 class Mlp(nnx.Module):
@@ -126,7 +131,8 @@ class Mlp(nnx.Module):
     self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(gelu(self.fc1(x)))
+    hidden = constrain(gelu(self.fc1(x)), "batch", None, "mlp")
+    return constrain(self.fc2(hidden), "batch", None, None)
 
 
 def _layer_norm(dim, *, dtype, rngs):

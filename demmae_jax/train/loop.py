@@ -149,7 +149,10 @@ class Trainer:
   # ------------------------------------------------------------------ state
   def init_state(self) -> dict:
     """A fresh state, placed by the sharding rules. Built inside one jitted program (each device
-    makes only its shards) unless the task reads weights from files (`jit_init = False`)."""
+    makes only its shards) unless the task reads weights from files (`jit_init = False`): the
+    weights read are then placed by the rules, and the optimiser state is made by a jitted
+    `tx.init` whose outputs are placed likewise (each device makes only its shards of it, never
+    the whole state on one device)."""
     def init(model):
       _, params, rest = nnx.split(model, self.task.trainable, ...)
       return {"params": params, "rest": rest, "opt_state": self.tx.init(params),
@@ -157,7 +160,13 @@ class Trainer:
     if self.task.jit_init:
       return jax.jit(lambda: init(self.task.build_model()), out_shardings=self.state_shardings)()
     model, self._eager_model = self._eager_model or self.task.build_model(), None
-    return jax.device_put(init(model), self.state_shardings)
+    _, params, rest = nnx.split(model, self.task.trainable, ...)
+    del model
+    sh = self.state_shardings
+    params, rest = jax.device_put(params, sh["params"]), jax.device_put(rest, sh["rest"])
+    return {"params": params, "rest": rest,
+            "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
 
   def model(self, state: dict) -> nnx.Module:
     return nnx.merge(self.graphdef, state["params"], state["rest"])
@@ -231,7 +240,13 @@ class Trainer:
 
   def jitted_step(self, batch_example: dict):
     batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch_example.items()}
-    return jax.jit(self.train_step,
+
+    def step(state, batch, rng):
+      # The mesh in context while tracing: the model's activation constraints for the 'model'
+      # axis read it (demmae_jax/models/partitioning.py).
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return self.train_step(state, batch, rng)
+    return jax.jit(step,
                    in_shardings=(self.state_shardings, batch_shardings, shd.replicated(self.mesh)),
                    out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
                    donate_argnums=(0,))
