@@ -104,3 +104,30 @@ def test_remat_gives_the_same_gradients_with_less_compiled_memory_and_counts_the
   # Blocks under a rematerialised scan keep only their inputs; the forward runs twice.
   assert out[True][1] < 0.6 * out[False][1]
   assert 1.1 < out[True][2] / out[False][2] < 1.5
+
+
+def test_attention_paths_agree_in_forward_and_gradient():
+  """The written-out attention (CPU's default) and jax.nn.dot_product_attention (XLA's, the
+  accelerators' default; cuDNN's needs a GPU) give the same loss, encoder features and gradients."""
+  from flax import nnx
+  from demmae_jax.models import vit
+  assert vit.attention_kind("auto", jnp.float32) == ("explicit" if jax.default_backend() == "cpu"
+                                                     else vit.attention_kind("auto", jnp.float32))
+  with pytest.raises(ValueError, match="attention must be one of"):
+    mae.build("tiny", attention="flash")
+  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (4, 64))
+  out = {}
+  for kind in ("explicit", "xla"):
+    graphdef, state = nnx.split(mae.build("tiny", seed=2, attention=kind))
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda s: nnx.merge(graphdef, s)(images, noise=noise)[0]))(state)
+    feats = jax.jit(lambda s: nnx.merge(graphdef, s).encode(images, (1, 3)))(state)
+    out[kind] = (loss, feats, grads)
+  (l0, f0, g0), (l1, f1, g1) = out["explicit"], out["xla"]
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(f0, f1):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(g0) == jax.tree.structure(g1)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

@@ -30,6 +30,9 @@ class MAEConfig:
   norm_pix_loss: bool = False
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: bool = False  # rematerialise each block in the backward pass
+  # "auto" (the written-out attention on CPU, jax.nn.dot_product_attention elsewhere: cuDNN on
+  # GPU in bfloat16/float16, XLA otherwise), or force "explicit", "xla" or "cudnn" (vit.py)
+  attention: str = "auto"
 
   @property
   def grid_size(self) -> int:
@@ -78,7 +81,7 @@ class MaskedAutoencoder(nnx.Module):
     self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(c.embed_dim, c.grid_size))[None])
     # Blocks are stored stacked: every array has a leading layer axis of length depth.
     self.blocks = stack_blocks([Block(c.embed_dim, c.num_heads, c.mlp_ratio, dtype=dtype,
-                                      rngs=rngs) for _ in range(c.depth)])
+                                      rngs=rngs, attention=c.attention) for _ in range(c.depth)])
     self.norm = _layer_norm(c.embed_dim, dtype=dtype, rngs=rngs)
     # --- decoder
     self.decoder_embed = _linear(c.embed_dim, c.decoder_embed_dim, dtype=dtype, rngs=rngs)
@@ -86,8 +89,8 @@ class MaskedAutoencoder(nnx.Module):
     self.decoder_pos_embed = FixedEmbedding(
         jnp.asarray(sincos_2d(c.decoder_embed_dim, c.grid_size))[None])
     self.decoder_blocks = stack_blocks([
-        Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs)
-        for _ in range(c.decoder_depth)])
+        Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs,
+              attention=c.attention) for _ in range(c.decoder_depth)])
     self.decoder_norm = _layer_norm(c.decoder_embed_dim, dtype=dtype, rngs=rngs)
     self.decoder_pred = _linear(c.decoder_embed_dim, c.patch_size**2 * c.in_chans, dtype=dtype,
                                 rngs=rngs)

@@ -102,10 +102,33 @@ def _linear(din, dout, *, dtype, rngs):
                     bias_init=nnx.initializers.zeros_init())
 
 
+ATTENTION = ("auto", "explicit", "xla", "cudnn")
+
+
+def attention_kind(choice: str, dtype) -> str:
+  """The attention computation `choice` stands for on this backend. 'auto': the written-out
+  softmax(q k^T) v on CPU, where its head-major layout makes the MAE-B training step ~15 %
+  faster than jax.nn.dot_product_attention (docs/performance.md); elsewhere
+  `jax.nn.dot_product_attention`, with cuDNN's fused (flash) attention on GPU in 16-bit dtypes
+  (cuDNN has no float32 kernel) and XLA's otherwise (TPU, float32 GPU). 'explicit', 'xla' or
+  'cudnn' force one."""
+  if choice not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {choice!r}")
+  if choice != "auto":
+    return choice
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "explicit"
+  if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
 class Attention(nnx.Module):
 
-  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
-    self.num_heads = num_heads
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
+    attention_kind(attention, dtype)  # a bad name fails at build
+    self.num_heads, self.attention, self.dtype = num_heads, attention, dtype
     self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
 
@@ -114,13 +137,17 @@ class Attention(nnx.Module):
     head_dim = d // self.num_heads
     # Heads over the mesh's 'model' axis when there is one (partitioning.py); else no-ops.
     qkv = constrain(self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim),
-                    "batch", None, None, "heads", None).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # [B, heads, T, head_dim]
-    # Written out rather than jax.nn.dot_product_attention: on XLA:CPU this head-major layout
-    # makes the MAE-B training step ~15 % faster (benchmarks/mae_step.py, docs/performance.md).
-    weights = constrain(jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1),
-                        "batch", "heads", None, None)
-    out = constrain(weights @ v, "batch", "heads", None, None).transpose(0, 2, 1, 3)
+                    "batch", None, None, "heads", None)
+    if attention_kind(self.attention, self.dtype) == "explicit":
+      qkv = qkv.transpose(2, 0, 3, 1, 4)
+      q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # [B, heads, T, head_dim]
+      weights = constrain(jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1),
+                          "batch", "heads", None, None)
+      out = constrain(weights @ v, "batch", "heads", None, None).transpose(0, 2, 1, 3)
+    else:  # [B, T, heads, head_dim], the layout jax.nn.dot_product_attention takes
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         implementation=attention_kind(self.attention, self.dtype))
+      out = constrain(out, "batch", None, "heads", None)
     return constrain(self.proj(out.reshape(b, t, d)), "batch", None, None)
 
 
@@ -142,9 +169,10 @@ def _layer_norm(dim, *, dtype, rngs):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs,
+               attention: str = "auto"):
     self.norm1 = _layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, attention=attention)
     self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
