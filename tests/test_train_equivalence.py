@@ -37,8 +37,9 @@ def _assert_close(params, ref_params, lr_sum):
     a, b = params[k], ref_params[k]
     if k.endswith("attn/qkv/bias"):
       d = a.shape[-1] // 3
-      assert np.abs(a[d:2 * d]).max() <= lr_sum and np.abs(b[d:2 * d]).max() <= lr_sum
-      a, b = np.delete(a, np.s_[d:2 * d]), np.delete(b, np.s_[d:2 * d])
+      # [depth, 3d] (blocks stacked): the key part is the last axis's middle third
+      assert np.abs(a[..., d:2 * d]).max() <= lr_sum and np.abs(b[..., d:2 * d]).max() <= lr_sum
+      a, b = np.delete(a, np.s_[d:2 * d], -1), np.delete(b, np.s_[d:2 * d], -1)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
