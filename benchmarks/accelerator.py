@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FIELDS = ("preset", "platform", "device_kind", "devices", "dtype", "global_batch", "grad_accum_steps",
           "steps_timed", "images_per_s", "step_ms", "gflop_per_image", "mfu", "peak_flops_note",

@@ -238,8 +238,9 @@ def hf_to_official(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   official: str  # e.g. 'blocks.3.attn.qkv.weight'
-  flax: str  # path in nnx.to_pure_dict(nnx.state(model)), '/'-joined: 'blocks/3/attn/qkv/kernel'
+  flax: str  # path in nnx.to_pure_dict(nnx.state(model)), '/'-joined: 'blocks/attn/qkv/kernel'
   kind: str  # 'linear' ([out, in] ↔ [in, out]), 'conv' (OIHW ↔ HWIO) or 'same'
+  layer: int | None = None  # index along the stacked blocks' leading layer axis (3 above)
 
   def to_flax(self, x: np.ndarray) -> np.ndarray:
     return {"linear": lambda: x.T, "conv": lambda: x.transpose(2, 3, 1, 0),
@@ -250,14 +251,14 @@ class _Entry:
             "same": lambda: x}[self.kind]()
 
 
-def _block_entries(official: str, flax: str) -> list[_Entry]:
+def _block_entries(official: str, flax: str, layer: int) -> list[_Entry]:
+  """Block `layer`: official `{official}.{layer}.*`, the stacked Flax arrays `{flax}/*`[layer]."""
   e = []
   for norm in ("norm1", "norm2"):
-    e += [_Entry(f"{official}.{norm}.weight", f"{flax}/{norm}/scale", "same"),
-          _Entry(f"{official}.{norm}.bias", f"{flax}/{norm}/bias", "same")]
+    e += _norm_entries(f"{official}.{layer}.{norm}", f"{flax}/{norm}")
   for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-    e += _linear_entries(f"{official}.{lin}", f"{flax}/{lin.replace('.', '/')}")
-  return e
+    e += _linear_entries(f"{official}.{layer}.{lin}", f"{flax}/{lin.replace('.', '/')}")
+  return [dataclasses.replace(x, layer=layer) for x in e]
 
 
 def _linear_entries(official: str, flax: str) -> list[_Entry]:
@@ -276,13 +277,13 @@ def param_table(config: MAEConfig) -> list[_Entry]:
        _Entry("patch_embed.proj.weight", "patch_embed/proj/kernel", "conv"),
        _Entry("patch_embed.proj.bias", "patch_embed/proj/bias", "same")]
   for i in range(config.depth):
-    t += _block_entries(f"blocks.{i}", f"blocks/{i}")
+    t += _block_entries("blocks", "blocks", i)
   t += _norm_entries("norm", "norm")
   t += _linear_entries("decoder_embed", "decoder_embed")
   t += [_Entry("mask_token", "mask_token", "same"),
         _Entry("decoder_pos_embed", "decoder_pos_embed", "same")]
   for i in range(config.decoder_depth):
-    t += _block_entries(f"decoder_blocks.{i}", f"decoder_blocks/{i}")
+    t += _block_entries("decoder_blocks", "decoder_blocks", i)
   t += _norm_entries("decoder_norm", "decoder_norm")
   t += _linear_entries("decoder_pred", "decoder_pred")
   return t
@@ -307,14 +308,70 @@ def to_official(model: MaskedAutoencoder) -> dict[str, np.ndarray]:
 
 
 def _pure_to_official(pure, config: MAEConfig, source: str) -> dict[str, np.ndarray]:
-  flat = _flatten(pure)
+  # Checkpoints written before the blocks were stacked hold one array per block.
+  flat = stack_layers(_flatten(pure), source)
   table = param_table(config)
-  missing = sorted(e.flax for e in table if e.flax not in flat)
-  extra = sorted(set(flat) - {e.flax for e in table})
-  if missing or extra:
-    raise CheckpointError(f"{source}: state does not match its config.json: missing "
-                          f"{_compact(missing)}, unexpected {_compact(extra)}")
-  return {e.official: e.to_official(np.asarray(flat[e.flax])) for e in table}
+  diff = compare_shapes({k: np.shape(v) for k, v in flat.items()}, expected_flax_shapes(config))
+  if diff:
+    raise CheckpointError("\n".join([f"{source}: state does not match its config.json; "
+                                      f"variable paths:"] + diff.lines("state")))
+  return {e.official: e.to_official(_layer(np.asarray(flat[e.flax]), e)) for e in table}
+
+
+def _layer(x: np.ndarray, e: _Entry) -> np.ndarray:
+  return x if e.layer is None else x[e.layer]
+
+
+# Per-layer paths of blocks as our checkpoints held them before the blocks were stacked:
+# '[prefix/]blocks/3/attn/qkv/kernel' (or decoder_blocks), stacked as '[prefix/]blocks/attn/...'.
+_PER_LAYER = re.compile(r"^((?:.*/)?(?:decoder_)?blocks)/(\d+)/(.+)$")
+
+
+def is_per_layer(path: str) -> bool:
+  """Whether `path` names one block's array in the layout before the blocks were stacked."""
+  return bool(_PER_LAYER.match(path))
+
+
+def layer_groups(paths, source: str = "checkpoint") -> dict[str, list[str]]:
+  """{stacked path: [its per-layer paths in layer order]} for the per-layer block paths among
+  `paths` (other paths are left out); a group whose layers are not 0..n-1 is a CheckpointError."""
+  found: dict[str, dict[int, str]] = {}
+  for p in paths:
+    m = _PER_LAYER.match(p)
+    if m:
+      found.setdefault(f"{m[1]}/{m[3]}", {})[int(m[2])] = p
+  groups = {}
+  for stacked, layers in sorted(found.items()):
+    if sorted(layers) != list(range(len(layers))):
+      raise CheckpointError(f"{source}: {stacked}: per-layer arrays of layers {sorted(layers)}; expected "
+                            f"every layer 0..{max(layers)}")
+    groups[stacked] = [layers[i] for i in range(len(layers))]
+  return groups
+
+
+def stacked_shapes(shapes: Mapping[str, tuple], source: str = "checkpoint") -> dict[str, tuple]:
+  """Array shapes by path with per-layer block paths replaced by their stacked path and shape
+  ([n_layers, *shape]); layers of one array that differ in shape are a CheckpointError."""
+  groups = layer_groups(shapes, source)
+  out = {k: tuple(v) for k, v in shapes.items() if not _PER_LAYER.match(k)}
+  for stacked, paths in groups.items():
+    kinds = {tuple(shapes[p]) for p in paths}
+    if len(kinds) != 1:
+      raise CheckpointError(f"{source}: {stacked}: the layers have different shapes "
+                            f"{sorted(kinds)}; cannot stack them")
+    out[stacked] = (len(paths),) + kinds.pop()
+  return out
+
+
+def stack_layers(flat: Mapping[str, object], source: str = "checkpoint") -> dict[str, object]:
+  """Per-layer block arrays ('blocks/3/attn/qkv/kernel') stacked along a leading layer axis into
+  the layout the model stores ('blocks/attn/qkv/kernel'); other arrays unchanged."""
+  groups = layer_groups(flat, source)
+  stacked_shapes({k: np.shape(v) for k, v in flat.items()}, source)  # same shape per layer
+  out = {k: v for k, v in flat.items() if not _PER_LAYER.match(k)}
+  for stacked, paths in groups.items():
+    out[stacked] = np.stack([np.asarray(flat[p]) for p in paths])
+  return out
 
 
 # ====================================================================== architecture
@@ -446,11 +503,16 @@ def resize_pos_embed(table: np.ndarray, grid: int, name: str, source: str) -> np
 # ====================================================================== strict load
 
 
+def expected_flax_shapes(config: MAEConfig) -> dict[str, tuple]:
+  """Flax path → shape of every array of the model for `config` (blocks stacked)."""
+  abstract = nnx.eval_shape(lambda: MaskedAutoencoder(config, rngs=nnx.Rngs(params=0)))
+  return {k: tuple(v.shape) for k, v in _flatten(nnx.to_pure_dict(nnx.state(abstract))).items()}
+
+
 def expected_shapes(config: MAEConfig, encoder_only: bool = False) -> dict[str, tuple]:
   """Official name → PyTorch-layout shape of every tensor the model for `config` loads."""
-  abstract = nnx.eval_shape(lambda: MaskedAutoencoder(config, rngs=nnx.Rngs(params=0)))
-  flat = _flatten(nnx.to_pure_dict(nnx.state(abstract)))
-  return {e.official: e.to_official(np.empty(flat[e.flax].shape, np.bool_)).shape
+  flat = expected_flax_shapes(config)
+  return {e.official: e.to_official(_layer(np.empty(flat[e.flax], np.bool_), e)).shape
           for e in param_table(config) if not (encoder_only and _is_decoder(e.official))}
 
 
@@ -468,8 +530,16 @@ def load_official(model: MaskedAutoencoder, sd: Mapping[str, np.ndarray], *,
   """Copies official-named tensors into `model` after `check_official`. With `encoder_only` the
   decoder keeps its initialisation (and `sd` must hold no decoder tensors)."""
   check_official(sd, model.config, source=source, encoder_only=encoder_only)
-  values = {e.flax: jnp.asarray(e.to_flax(np.asarray(sd[e.official], np.float32)))
-            for e in param_table(model.config) if e.official in sd}
+  values, layers = {}, {}
+  for e in param_table(model.config):
+    if e.official in sd:
+      x = e.to_flax(np.asarray(sd[e.official], np.float32))
+      if e.layer is None:
+        values[e.flax] = jnp.asarray(x)
+      else:  # stacked on load: layer i of the Flax array is official block i
+        layers.setdefault(e.flax, {})[e.layer] = x
+  values.update({k: jnp.asarray(np.stack([v[i] for i in range(len(v))]))
+                 for k, v in layers.items()})
   state = nnx.state(model)
   pure = nnx.to_pure_dict(state)
   # An abstract model (from_pretrained skips initialisation) must get every tensor.

@@ -14,6 +14,11 @@ parameter path, so one table serves both):
 
 The first rule whose regex `re.search`es the path wins; an array no rule matches is an error.
 Changing the parallelism is a config edit (mesh shape and rules), never a code edit.
+
+Transformer blocks are stored stacked (`blocks/attn/qkv/kernel` is [depth, in, out]): rules are
+written for one layer's array, and the leading layer axis is never sharded (each scan step reads
+one layer whole), so the spec of a stacked array is `(None, *spec of one layer)`. An explicit
+tuple may also name all its axes, the layer axis included.
 """
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
 
 
 def path_str(path) -> str:
-  """'blocks/0/attn/qkv/kernel' from a jax key path (the trailing Variable '.value' dropped)."""
+  """'blocks/attn/qkv/kernel' from a jax key path (the trailing Variable '.value' dropped)."""
   parts = []
   for k in path:
     if isinstance(k, jax.tree_util.DictKey):
@@ -92,8 +97,27 @@ def _fsdp_spec(shape, mesh: Mesh, min_size: int) -> P:
   return P(*spec)
 
 
+# A stacked blocks array: '.../blocks/<name>' or '.../decoder_blocks/<name>', no layer number.
+STACKED_LAYERS = re.compile(r"(^|/)(decoder_)?blocks/(?!\d+(/|$))")
+
+
+def is_stacked(path: str) -> bool:
+  """Whether the array at `path` carries a leading layer axis (stacked transformer blocks)."""
+  return bool(STACKED_LAYERS.search(path))
+
+
 def spec_for(path: str, shape, mesh: Mesh, rules=DEFAULT_RULES,
              min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> P:
+  shape = tuple(shape)
+  if is_stacked(path) and shape:
+    inner = _spec_for(path, shape[1:], mesh, rules, min_fsdp_size, full=shape)
+    return P(None, *inner) if any(a is not None for a in inner) else P()
+  return _spec_for(path, shape, mesh, rules, min_fsdp_size)
+
+
+def _spec_for(path: str, shape, mesh: Mesh, rules, min_fsdp_size: int, full=None) -> P:
+  """The spec of one layer's array; `full` is the stacked shape (an explicit tuple may name the
+  layer axis too)."""
   for pattern, tactic in rules:  # noqa: B007 (tactic is the matching rule's, read below)
     if re.search(pattern, path):
       break
@@ -105,6 +129,11 @@ def spec_for(path: str, shape, mesh: Mesh, rules=DEFAULT_RULES,
   if tactic == "fsdp":
     return _fsdp_spec(shape, mesh, min_fsdp_size)
   if isinstance(tactic, (tuple, list)):
+    if full is not None and len(tactic) == len(full):  # the layer axis named as well
+      if tactic[0] is not None:
+        raise ValueError(f"rule {pattern!r} shards the layer axis of stacked {path!r}; the "
+                         f"blocks are scanned over that axis: give None (or one layer's axes)")
+      tactic = tactic[1:]
     if len(tactic) != len(shape):
       raise ValueError(f"rule {pattern!r} gives {len(tactic)} axes for {path!r} of shape {shape}")
     for axis, d in zip(tactic, shape):

@@ -138,6 +138,57 @@ def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, s
   assert_holds(api.from_pretrained(dst), sd)
 
 
+def _write_per_layer(model, dst: Path, edit=None) -> Path:
+  """`model` saved as checkpoints were before the blocks were stacked: one array per block
+  ('blocks/3/attn/qkv/kernel'), orbax state/ + config.json."""
+  flat = {}
+  for k, v in checkpoints._flatten(nnx.to_pure_dict(nnx.state(model))).items():
+    head, _, tail = k.partition("/")
+    if head in ("blocks", "decoder_blocks"):
+      flat.update({f"{head}/{i}/{tail}": np.asarray(v[i]) for i in range(v.shape[0])})
+    else:
+      flat[k] = np.asarray(v)
+  if edit:
+    edit(flat)
+  pure = {}
+  for k, v in flat.items():
+    *parents, leaf = k.split("/")
+    node = pure
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  dst.mkdir()
+  with checkpoints._checkpointer() as ckptr:
+    ckptr.save(dst.absolute() / "state", pure)
+  checkpoints._write_config(dst / "config.json", model.config)
+  return dst
+
+
+def test_checkpoint_saved_with_one_array_per_block_loads_stacked(tiny, sd, tmp_path):
+  old = _write_per_layer(tiny, tmp_path / "old")
+  back = api.from_pretrained(old)
+  assert back.blocks.attn.qkv.kernel[...].shape == (4, 64, 192)
+  assert_holds(back, sd)
+  images, noise = images_and_noise(tiny.config)
+  for a, b in zip(forward(tiny, images, noise), forward(back, images, noise)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda f: f.update({"blocks/2/mlp/fc1/kernel": np.zeros((64, 32), np.float32)}),
+     r"old: blocks/mlp/fc1/kernel: the layers have different shapes \[\(64, 32\), \(64, 256\)\]"),
+    (lambda f: f.pop("blocks/1/norm1/scale"),
+     r"old: blocks/norm1/scale: per-layer arrays of layers \[0, 2, 3\]; expected every layer 0..3"),
+    (lambda f: f.update({k: np.zeros((64, 384), np.float32)
+                         for k in list(f) if k.endswith("attn/qkv/kernel")}),
+     r"(?s)old: state does not match its config.json.*blocks/attn/qkv/kernel: state "
+     r"\(4, 64, 384\) vs model \(4, 64, 192\)")])
+def test_per_layer_checkpoint_with_wrong_shapes_is_a_clear_error(tiny, tmp_path, edit, match):
+  old = _write_per_layer(tiny, tmp_path / "old", edit)
+  with pytest.raises(api.CheckpointError, match=match):
+    api.from_pretrained(old)
+
+
 def test_own_checkpoint_with_bad_config_names_the_file(tiny, tmp_path):
   dst = api.save_model(tiny, tmp_path / "ckpt")
   meta = json.loads((dst / "config.json").read_text())
@@ -188,7 +239,7 @@ def test_half_precision_files_load_as_float32(sd, tmp_path, dtype):
   half = {k: v.to(dtype) for k, v in to_torch(sd).items()}
   torch.save({"model": half}, tmp_path / "half.pth")
   model = api.from_pretrained(tmp_path / "half.pth")
-  assert model.blocks[0].attn.qkv.kernel[...].dtype == jnp.float32
+  assert model.blocks.attn.qkv.kernel[...].dtype == jnp.float32
   assert_holds(model, {k: v.float().numpy() for k, v in half.items()})
 
 
@@ -201,8 +252,12 @@ def test_official_names_and_torch_layouts(tiny):
   assert len(sd) == 4 + 4 * 12 + 2 + 4 + 2 * 12 + 2 + 2
   assert sd["blocks.0.attn.qkv.weight"].shape == (192, 64)  # Linear [out, in]
   assert sd["patch_embed.proj.weight"].shape == (64, 3, 4, 4)  # conv OIHW
-  np.testing.assert_array_equal(sd["blocks.0.attn.qkv.weight"].T,
-                                np.asarray(tiny.blocks[0].attn.qkv.kernel[...]))
+  assert tiny.blocks.attn.qkv.kernel[...].shape == (4, 64, 192)  # stacked: [layer, in, out]
+  for i in (0, 3):
+    np.testing.assert_array_equal(sd[f"blocks.{i}.attn.qkv.weight"].T,
+                                  np.asarray(tiny.blocks.attn.qkv.kernel[...][i]))
+  np.testing.assert_array_equal(sd["decoder_blocks.1.mlp.fc1.weight"].T,
+                                np.asarray(tiny.decoder_blocks.mlp.fc1.kernel[...][1]))
   np.testing.assert_array_equal(sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
                                 np.asarray(tiny.patch_embed.proj.kernel[...]))
 

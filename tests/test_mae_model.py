@@ -75,7 +75,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
   noise = jax.random.uniform(jax.random.key(1), (2, 64))
   m32 = mae.build("tiny", seed=3)
   m16 = mae.build("tiny", seed=3, dtype="bfloat16")
-  assert m16.blocks[0].attn.qkv.kernel.value.dtype == jnp.float32
+  assert m16.blocks.attn.qkv.kernel.value.dtype == jnp.float32
   l32, _, _ = m32(images, noise=noise)
   l16, _, _ = m16(images, noise=noise)
   np.testing.assert_allclose(float(l16), float(l32), rtol=5e-2)
@@ -124,3 +124,31 @@ def test_norm_pix_eps_keeps_flat_patches_from_becoming_unit_variance_noise():
     np.testing.assert_allclose(losses[eps], float(expected), rtol=1e-5)
     spread = float(jnp.abs(normed).max())
     assert spread > 1.0 if eps == 1e-6 else spread < 0.1
+
+
+def test_attention_paths_agree_in_forward_and_gradient():
+  """The written-out attention (CPU's default) and jax.nn.dot_product_attention (XLA's, the
+  accelerators' default; cuDNN's needs a GPU) give the same loss, encoder features and gradients."""
+  from flax import nnx
+
+  from demmae_jax.models import vit
+  assert vit.attention_kind("auto", jnp.float32) == ("explicit" if jax.default_backend() == "cpu"
+                                                     else vit.attention_kind("auto", jnp.float32))
+  with pytest.raises(ValueError, match="attention must be one of"):
+    mae.build("tiny", attention="flash")
+  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(1), (4, 64))
+  out = {}
+  for kind in ("explicit", "xla"):
+    graphdef, state = nnx.split(mae.build("tiny", seed=2, attention=kind))
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda s, g=graphdef: nnx.merge(g, s)(images, noise=noise)[0]))(state)
+    feats = jax.jit(lambda s, g=graphdef: nnx.merge(g, s).encode(images, (1, 3)))(state)
+    out[kind] = (loss, feats, grads)
+  (l0, f0, g0), (l1, f1, g1) = out["explicit"], out["xla"]
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(f0, f1):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(g0) == jax.tree.structure(g1)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

@@ -2,16 +2,19 @@
 checkpoints (export, evaluation, prediction). Only the model's variables are read (the train
 state's `params` and `rest`), never the optimiser state, and they are checked by name and shape
 against the model first, so a checkpoint of another model is an error naming every difference.
+Checkpoints made before the transformer blocks were stacked (one array per block,
+`backbone/blocks/3/attn/qkv/kernel`) are read per block and stacked as the model stores them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from demmae_jax import sharding, workdirs
-from demmae_jax.checkpoints import compare_shapes
+from demmae_jax.checkpoints import compare_shapes, layer_groups, stacked_shapes
 from demmae_jax.inference.segmenter import SPEC_FILE, build_from_spec, read_spec
 
 Step = int | str  # a step number, "latest", or "best"
@@ -48,15 +51,20 @@ def restore(model: nnx.Module, workdir: str | Path, step: Step = "latest", *,
     for key, shape in ckpt.variable_shapes(step).items():
       name, path = key.split("/", 1)
       group[path], saved[path] = name, shape
-    diff = compare_shapes(saved, {k: x.shape for k, x in want.items()})
+    # Blocks saved one array per layer: compared, and later stacked, as the model holds them.
+    per_layer = {k: v for k, v in layer_groups(saved, str(workdir)).items() if k in want}
+    diff = compare_shapes(stacked_shapes(saved, str(workdir)),
+                          {k: x.shape for k, x in want.items()})
     if diff:
       raise ValueError("\n".join([f"{workdir}: checkpoint step {step} does not fit {what}; "
                                   f"variable paths:"] + diff.lines("checkpoint")))
     replicated = sharding.replicated(sharding.make_mesh(data=-1))
     target: dict = {"params": {}, "rest": {}}
     for path, x in want.items():
-      _put(target[group[path]], path.split("/") + ["value"],
-           jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
+      for p in per_layer.get(path, [path]):
+        _put(target[group[p]], p.split("/") + ["value"],
+             jax.ShapeDtypeStruct(saved[p] if p != path else x.shape, x.dtype,
+                                  sharding=replicated))
     restored = ckpt.restore_variables(step, target)
   finally:
     ckpt.close()
@@ -64,6 +72,8 @@ def restore(model: nnx.Module, workdir: str | Path, step: Step = "latest", *,
   for name in ("params", "rest"):
     values.update({sharding.path_str(p).removesuffix("/value"): x
                    for p, x in jax.tree_util.tree_flatten_with_path(restored[name])[0]})
+  for path, layers in per_layer.items():
+    values[path] = jnp.stack([values.pop(p) for p in layers])
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(
       treedef, [values[sharding.path_str(p)] for p, _ in leaves]))
   return nnx.merge(graphdef, state), int(step)

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from demmae_jax.models.vit import (Block, FixedEmbedding, PatchEmbed, _layer_norm, _linear,
-                                   patchify, run_blocks, sincos_2d)
+                                   patchify, run_blocks, sincos_2d, stack_blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,9 @@ class MAEConfig:
   norm_pix_eps: float = 1.0e-6
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: bool = False  # rematerialise each block in the backward pass
+  # "auto" (the written-out attention on CPU, jax.nn.dot_product_attention elsewhere: cuDNN on
+  # GPU in bfloat16/float16, XLA otherwise), or force "explicit", "xla" or "cudnn" (vit.py)
+  attention: str = "auto"
 
   @property
   def grid_size(self) -> int:
@@ -81,17 +84,18 @@ class MaskedAutoencoder(nnx.Module):
     self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim, dtype=dtype, rngs=rngs)
     self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, c.embed_dim)))
     self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(c.embed_dim, c.grid_size))[None])
-    self.blocks = nnx.List([Block(c.embed_dim, c.num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs)
-                            for _ in range(c.depth)])
+    # Blocks are stored stacked: every array has a leading layer axis of length depth.
+    self.blocks = stack_blocks([Block(c.embed_dim, c.num_heads, c.mlp_ratio, dtype=dtype,
+                                      rngs=rngs, attention=c.attention) for _ in range(c.depth)])
     self.norm = _layer_norm(c.embed_dim, dtype=dtype, rngs=rngs)
     # --- decoder
     self.decoder_embed = _linear(c.embed_dim, c.decoder_embed_dim, dtype=dtype, rngs=rngs)
     self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, c.decoder_embed_dim)))
     self.decoder_pos_embed = FixedEmbedding(
         jnp.asarray(sincos_2d(c.decoder_embed_dim, c.grid_size))[None])
-    self.decoder_blocks = nnx.List([
-        Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs)
-        for _ in range(c.decoder_depth)])
+    self.decoder_blocks = stack_blocks([
+        Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs,
+              attention=c.attention) for _ in range(c.decoder_depth)])
     self.decoder_norm = _layer_norm(c.decoder_embed_dim, dtype=dtype, rngs=rngs)
     self.decoder_pred = _linear(c.decoder_embed_dim, c.patch_size**2 * c.in_chans, dtype=dtype,
                                 rngs=rngs)
@@ -143,8 +147,7 @@ class MaskedAutoencoder(nnx.Module):
     if bad:
       raise ValueError(f"layers {bad} out of range for a {self.config.depth}-block encoder")
     x = self._with_cls(self._embed(images))
-    _, kept = run_blocks(self.blocks[:max(layers) + 1], x, remat=self.config.remat,
-                         keep=tuple(layers))
+    _, kept = run_blocks(self.blocks, x, remat=self.config.remat, keep=tuple(layers))
     return [kept[i] for i in layers]
 
   # ------------------------------------------------------------------ decoder

@@ -1,7 +1,9 @@
 """ViT building blocks with the official MAE (timm) parameter names.
 
-Attribute names follow the official checkpoint keys (`patch_embed.proj`, `blocks.N.attn.qkv`, ...)
-so the weight port in `demmae_jax.checkpoints` is a transpose per tensor, nothing cleverer.
+Attribute names follow the official checkpoint keys (`patch_embed.proj`, `blocks.attn.qkv`, ...).
+Transformer blocks are stored stacked, one Block whose arrays have a leading layer axis
+(`blocks.attn.qkv.kernel[i]` is official `blocks.i.attn.qkv.weight`, transposed): the weight port
+in `demmae_jax.checkpoints` stacks on load and unstacks on export, a transpose per tensor besides.
 Arrays are NHWC / [batch, tokens, width]; parameters are float32, compute in `dtype`.
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from demmae_jax.models.partitioning import constrain
 
 LN_EPS = 1e-6
 SQRT_HALF = 0.7071067811865476  # a Python float: weakly typed, so bfloat16 stays bfloat16
@@ -98,23 +102,53 @@ def _linear(din, dout, *, dtype, rngs):
                     bias_init=nnx.initializers.zeros_init())
 
 
+ATTENTION = ("auto", "explicit", "xla", "cudnn")
+
+
+def attention_kind(choice: str, dtype) -> str:
+  """The attention computation `choice` stands for on this backend. 'auto': the written-out
+  softmax(q k^T) v on CPU, where its head-major layout makes the MAE-B training step ~15 %
+  faster than jax.nn.dot_product_attention (docs/performance.md); elsewhere
+  `jax.nn.dot_product_attention`, with cuDNN's fused (flash) attention on GPU in 16-bit dtypes
+  (cuDNN has no float32 kernel) and XLA's otherwise (TPU, float32 GPU). 'explicit', 'xla' or
+  'cudnn' force one."""
+  if choice not in ATTENTION:
+    raise ValueError(f"attention must be one of {ATTENTION}, got {choice!r}")
+  if choice != "auto":
+    return choice
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "explicit"
+  if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
 class Attention(nnx.Module):
 
-  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
-    self.num_heads = num_heads
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
+    attention_kind(attention, dtype)  # a bad name fails at build
+    self.num_heads, self.attention, self.dtype = num_heads, attention, dtype
     self.qkv = _linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
     self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, t, d = x.shape
     head_dim = d // self.num_heads
-    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # [B, heads, T, head_dim]
-    # Written out rather than jax.nn.dot_product_attention: on XLA:CPU this head-major layout
-    # makes the MAE-B training step ~15 % faster (benchmarks/mae_step.py, docs/performance.md).
-    weights = jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1)
-    out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
-    return self.proj(out)
+    # Heads over the mesh's 'model' axis when there is one (partitioning.py); else no-ops.
+    qkv = constrain(self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim),
+                    "batch", None, None, "heads", None)
+    if attention_kind(self.attention, self.dtype) == "explicit":
+      qkv = qkv.transpose(2, 0, 3, 1, 4)
+      q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # [B, heads, T, head_dim]
+      weights = constrain(jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1),
+                          "batch", "heads", None, None)
+      out = constrain(weights @ v, "batch", "heads", None, None).transpose(0, 2, 1, 3)
+    else:  # [B, T, heads, head_dim], the layout jax.nn.dot_product_attention takes
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         implementation=attention_kind(self.attention, self.dtype))
+      out = constrain(out, "batch", None, "heads", None)
+    return constrain(self.proj(out.reshape(b, t, d)), "batch", None, None)
 
 
 class Mlp(nnx.Module):
@@ -124,7 +158,8 @@ class Mlp(nnx.Module):
     self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(gelu(self.fc1(x)))
+    hidden = constrain(gelu(self.fc1(x)), "batch", None, "mlp")
+    return constrain(self.fc2(hidden), "batch", None, None)
 
 
 def _layer_norm(dim, *, dtype, rngs):
@@ -134,9 +169,10 @@ def _layer_norm(dim, *, dtype, rngs):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs,
+               attention: str = "auto"):
     self.norm1 = _layer_norm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, attention=attention)
     self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -145,29 +181,42 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
-def run_blocks(blocks: Sequence[Block], x: jax.Array, *, remat: bool = False,
-               keep: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
-  """Apply `blocks` in order; return the final tokens and the outputs of blocks in `keep`."""
-  if remat and len(blocks) > 1 and not keep:
-    return _scan_remat(blocks, x), {}
-  kept = {}
-  for i, block in enumerate(blocks):
-    x = nnx.remat(lambda blk, h: blk(h))(block, x) if remat else block(x)
-    if i in keep:
-      kept[i] = x
-  return x, kept
-
-
-def _scan_remat(blocks: Sequence[Block], x: jax.Array) -> jax.Array:
-  """Rematerialised blocks as one `lax.scan` over their stacked weights. XLA:CPU schedules the
-  recomputation of straight-line remat where it saves nothing (docs/performance.md); inside a
-  scan only the carry of each step is kept. The parameters stay one module per block (the
-  checkpoint layout); stacking them is a copy of the blocks' weights per step."""
+def stack_blocks(blocks: Sequence[Block]) -> Block:
+  """One Block whose every array carries a leading layer axis: `blocks[i]`'s weights at index i.
+  Built from per-layer Blocks (so a seed initialises the same weights as one module per block);
+  the stacked arrays are what the model stores, scans over and saves."""
   graphdef, *_ = nnx.split(blocks[0])
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks))
+  return nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(b) for b in blocks)))
 
-  @jax.checkpoint
-  def body(h, state):
-    return nnx.merge(graphdef, state)(h), None
 
-  return jax.lax.scan(body, x, stacked)[0]
+def num_layers(blocks: Block) -> int:
+  """The length of the leading layer axis of stacked `blocks`."""
+  return int(jax.tree.leaves(nnx.state(blocks))[0].shape[0])
+
+
+def run_blocks(blocks: Block, x: jax.Array, *, remat: bool = False,
+               keep: Sequence[int] = (), unroll: bool | None = None
+               ) -> tuple[jax.Array, dict[int, jax.Array]]:
+  """Apply stacked `blocks` in order as one `lax.scan` over their layer axis; return the final
+  tokens and the outputs of the blocks in `keep` (only the blocks up to the last of `keep` run
+  then). With `remat` each step is rematerialised (`jax.checkpoint` of the scan body): the
+  backward pass keeps only each block's input and recomputes the rest. XLA:CPU schedules the
+  recomputation of straight-line remat where it saves nothing (docs/performance.md); inside a
+  scan only the carry of each step is kept. Without remat the scan is unrolled (`unroll=None`
+  means `not remat`): straight-line code, which XLA:CPU ran faster than a rolled loop
+  (docs/performance.md). The weights are read where they are stored: no copy per step."""
+  graphdef, state = nnx.split(blocks)
+  depth = num_layers(blocks)
+  length = max(keep) + 1 if keep else depth
+  if length < depth:  # the blocks after the last one asked for are not run
+    state = jax.tree.map(lambda a: a[:length], state)
+
+  def body(h, layer_state):
+    h = nnx.merge(graphdef, layer_state)(h)
+    return h, (h if keep else None)
+
+  if remat:
+    body = jax.checkpoint(body)
+  unroll = not remat if unroll is None else unroll
+  x, outs = jax.lax.scan(body, x, state, unroll=length if unroll else 1)
+  return x, ({i: outs[i] for i in keep} if keep else {})

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines.atomic import atomic_write_text
-from demmae_jax import sharding as shd, workdirs
+from demmae_jax import checkpoints, sharding as shd, workdirs
 from demmae_jax.train import memory, optim, reporting
 from demmae_jax.train.memory import DoesNotFit  # noqa: F401  (raised by train, with NonFiniteLoss)
 
@@ -150,7 +150,10 @@ class Trainer:
   # ------------------------------------------------------------------ state
   def init_state(self) -> dict:
     """A fresh state, placed by the sharding rules. Built inside one jitted program (each device
-    makes only its shards) unless the task reads weights from files (`jit_init = False`)."""
+    makes only its shards) unless the task reads weights from files (`jit_init = False`): the
+    weights read are then placed by the rules, and the optimiser state is made by a jitted
+    `tx.init` whose outputs are placed likewise (each device makes only its shards of it, never
+    the whole state on one device)."""
     def init(model):
       _, params, rest = nnx.split(model, self.task.trainable, ...)
       return {"params": params, "rest": rest, "opt_state": self.tx.init(params),
@@ -158,7 +161,13 @@ class Trainer:
     if self.task.jit_init:
       return jax.jit(lambda: init(self.task.build_model()), out_shardings=self.state_shardings)()
     model, self._eager_model = self._eager_model or self.task.build_model(), None
-    return jax.device_put(init(model), self.state_shardings)
+    _, params, rest = nnx.split(model, self.task.trainable, ...)
+    del model
+    sh = self.state_shardings
+    params, rest = jax.device_put(params, sh["params"]), jax.device_put(rest, sh["rest"])
+    return {"params": params, "rest": rest,
+            "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+            "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
 
   def model(self, state: dict) -> nnx.Module:
     return nnx.merge(self.graphdef, state["params"], state["rest"])
@@ -232,7 +241,13 @@ class Trainer:
 
   def jitted_step(self, batch_example: dict):
     batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch_example.items()}
-    return jax.jit(self.train_step,
+
+    def step(state, batch, rng):
+      # The mesh in context while tracing: the model's activation constraints for the 'model'
+      # axis read it (demmae_jax/models/partitioning.py).
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+        return self.train_step(state, batch, rng)
+    return jax.jit(step,
                    in_shardings=(self.state_shardings, batch_shardings, shd.replicated(self.mesh)),
                    out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
                    donate_argnums=(0,))
@@ -285,6 +300,8 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   # Planned before the state exists: on CPU the available host memory is then what the step
   # itself may take. The plan compiles the step that runs (memory.py).
   start = ckpt.latest_step()
+  if start is not None:
+    _check_stacked_layout(ckpt, start, workdir)
   if start is not None and start >= total:
     trainer._eager_model = None
     state, _ = ckpt.restore(start, trainer.abstract_state)
@@ -436,6 +453,19 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   return Result(state, step, history, preempted)
+
+
+def _check_stacked_layout(ckpt: workdirs.Checkpointer, step: int, workdir: Path) -> None:
+  """A run saved before the transformer blocks were stacked (one array per block) cannot be
+  resumed: its optimiser state is per block too. Its weights still load (export, evaluation,
+  prediction stack them), so the message says how to continue from them."""
+  old = sorted({p for p in ckpt.variable_shapes(step) if checkpoints.is_per_layer(p)})
+  if old:
+    raise ValueError(
+        f"{workdir}: checkpoint step {step} stores the transformer blocks one array per block "
+        f"(e.g. {old[0]}), as runs did before the blocks were stacked; it cannot be resumed. "
+        f"Its weights load as they are: export them (demmae export --workdir {workdir} --out DIR) "
+        f"and start a new run from DIR (--config.init=DIR), or evaluate / predict with it")
 
 
 def _check_local_batch(batch: Batch, rows: tuple[int, int]) -> None:

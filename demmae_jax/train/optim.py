@@ -7,7 +7,8 @@ Weight decay skips biases, norms (1-D parameters) and the special tokens (`cls_t
 the optimiser at all. The learning rate is `base_lr x global_batch / 256` (the MAE scaling rule)
 unless `lr` is given. Layer-wise lr decay (BEiT, for finetuning an unfrozen ViT) scales block i's
 update by decay^(depth - i); it multiplies the whole update, weight decay included, as the
-reference code does with per-group `lr_scale`.
+reference code does with per-group `lr_scale`. The blocks are stored stacked, so a block array's
+scale is a vector along its leading layer axis (one rate per block).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import re
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from demmae_jax.sharding import path_str
+from demmae_jax.sharding import is_stacked, path_str
 
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "dist_token")
 
@@ -50,15 +52,17 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int, global_batch: int
 
 
 def decay_mask(params):
-  """True where weight decay applies: arrays of rank >= 2 that are not special tokens."""
+  """True where weight decay applies: arrays of rank >= 2 that are not special tokens (the rank
+  of one layer for the stacked blocks: their biases and norms do not decay)."""
   def one(path, x):
-    name = path_str(path).rsplit("/", 1)[-1]
-    return x.ndim >= 2 and name not in NO_DECAY_NAMES
+    p = path_str(path)
+    return x.ndim - is_stacked(p) >= 2 and p.rsplit("/", 1)[-1] not in NO_DECAY_NAMES
   return jax.tree_util.tree_map_with_path(one, params)
 
 
 def vit_layer_id(path: str, depth: int) -> int:
-  """BEiT's layer ids: embeddings 0, encoder block i -> i + 1, everything after -> depth + 1."""
+  """BEiT's layer ids: embeddings 0, encoder block i -> i + 1, everything after -> depth + 1
+  (for one block's array, 'blocks/i/...'; stacked block arrays: `layer_scales`)."""
   if re.search(r"(^|/)(patch_embed|cls_token|pos_embed|mask_token)(/|$)", path):
     return 0
   m = re.search(r"(^|/)blocks/(\d+)(/|$)", path)
@@ -68,8 +72,14 @@ def vit_layer_id(path: str, depth: int) -> int:
 
 
 def layer_scales(params, decay: float, depth: int):
+  """decay^(depth + 1 - layer id) per array; for the stacked encoder blocks ('blocks/...', [n,
+  ...]) a float32 array [n, 1, ...]: block i's rate at index i."""
   def one(path, x):
-    return decay**(depth + 1 - vit_layer_id(path_str(path), depth))
+    p = path_str(path)
+    if is_stacked(p) and re.search(r"(^|/)blocks/", p):  # the encoder's (not the decoder's)
+      ids = np.arange(1, x.shape[0] + 1)
+      return (decay**(depth + 1 - ids)).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return decay**(depth + 1 - vit_layer_id(p, depth))
   return jax.tree_util.tree_map_with_path(one, params)
 
 
