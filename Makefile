@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

@@ -155,7 +155,7 @@ def _check_exact(out: dict, global_batch: int) -> None:
     b = auto["params"][k]
     if k.endswith("attn/qkv/bias"):  # key biases: zero gradient up to rounding, which Adam scales
       d = a.shape[-1] // 3
-      a, b = np.delete(a, np.s_[d:2 * d]), np.delete(b, np.s_[d:2 * d])
+      a, b = np.delete(a, np.s_[d:2 * d], axis=-1), np.delete(b, np.s_[d:2 * d], axis=-1)
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
