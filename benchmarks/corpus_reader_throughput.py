@@ -19,25 +19,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _sorted_percentile(x, valid, q):
-  """relative's percentile as it was before the top_k selection (a full sort of the subgrid): the
-  reference of mode "relative_sort" only."""
-  import numpy as np
-  import tensorflow as tf
-  h, w = x.shape[1], x.shape[2]
-  s = max(1, int(np.ceil(np.sqrt(h * w / 4096))))
-  x, valid = x[:, ::s, ::s], valid[:, ::s, ::s]
-  flat = tf.reshape(tf.where(valid, x, np.inf), [tf.shape(x)[0], -1])
-  n_valid = tf.reduce_sum(tf.cast(tf.reshape(valid, tf.shape(flat)), tf.int32), axis=1)
-  k = tf.cast(tf.floor(q / 100.0 * tf.cast(tf.maximum(n_valid - 1, 0), tf.float32)), tf.int32)
-  return tf.gather(tf.sort(flat, axis=1), k[:, None], batch_dims=1)[:, 0]
-
-
 def measure(corpus: str, mode: str, batch: int, tiles: int, threads: int, augment: bool, streams: int,
             repeat: int) -> dict:
   from data_pipelines import normalisation
   if mode == "relative_sort":  # the previous percentile, as a same-process reference
-    kept, normalisation._masked_percentile = normalisation._masked_percentile, _sorted_percentile
+    kept = normalisation._masked_percentile
+    normalisation._masked_percentile = normalisation.sorted_percentile
     try:
       return {**measure(corpus, "relative", batch, tiles, threads, augment, streams, repeat), "mode": mode}
     finally:

@@ -50,6 +50,15 @@ def _masked_percentile(x: tf.Tensor, valid: tf.Tensor, q: float) -> tf.Tensor:
   smallest, which `top_k` of the negated values finds (63 of 3,136 at 224 px and q = 2: ~7x less
   CPU than sorting all of them). Invalid pixels are +inf, last in either order; the result equals
   the sort's for every input without NaN (tests/test_data_normalisation.py)."""
+  flat, k, n = _subgrid_ranks(x, valid, q)
+  k_max = min(n, int(np.floor(np.float32(q / 100.0) * np.float32(n - 1))) + 1)
+  smallest = -tf.math.top_k(-flat, k_max, sorted=True).values  # ascending
+  return tf.gather(smallest, tf.minimum(k, k_max - 1)[:, None], batch_dims=1)[:, 0]
+
+
+def _subgrid_ranks(x: tf.Tensor, valid: tf.Tensor, q: float) -> tuple[tf.Tensor, tf.Tensor, int]:
+  """(the subgrid's values with invalid pixels +inf [B, n], the percentile's rank per tile [B],
+  n) for `_masked_percentile` and its sorting reference."""
   h, w = x.shape[1], x.shape[2]
   s = max(1, int(np.ceil(np.sqrt(h * w / PERCENTILE_SAMPLE))))
   x, valid = x[:, ::s, ::s], valid[:, ::s, ::s]
@@ -57,9 +66,15 @@ def _masked_percentile(x: tf.Tensor, valid: tf.Tensor, q: float) -> tf.Tensor:
   flat = tf.reshape(tf.where(valid, x, np.inf), [tf.shape(x)[0], n])
   n_valid = tf.reduce_sum(tf.cast(tf.reshape(valid, tf.shape(flat)), tf.int32), axis=1)
   k = tf.cast(tf.floor(q / 100.0 * tf.cast(tf.maximum(n_valid - 1, 0), tf.float32)), tf.int32)
-  k_max = min(n, int(np.floor(np.float32(q / 100.0) * np.float32(n - 1))) + 1)
-  smallest = -tf.math.top_k(-flat, k_max, sorted=True).values  # ascending
-  return tf.gather(smallest, tf.minimum(k, k_max - 1)[:, None], batch_dims=1)[:, 0]
+  return flat, k, n
+
+
+def sorted_percentile(x: tf.Tensor, valid: tf.Tensor, q: float) -> tf.Tensor:
+  """`_masked_percentile` by a full sort of the subgrid, as it was taken before the top_k
+  selection: the reference the selection is tested (tests/test_data_normalisation.py) and
+  benchmarked (benchmarks/corpus_reader_throughput.py, mode relative_sort) against."""
+  flat, k, _ = _subgrid_ranks(x, valid, q)
+  return tf.gather(tf.sort(flat, axis=1), k[:, None], batch_dims=1)[:, 0]
 
 
 def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = None, ndsm=None,

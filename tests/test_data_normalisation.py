@@ -45,28 +45,17 @@ def test_relative_height_is_above_the_low_percentile_in_fixed_metres(tiles):
     np.testing.assert_allclose(out[i][valid[i]], np.clip((x[i][valid[i]] - p2) / 20, 0, 1), atol=1e-6)
 
 
-def _sorted_percentile(x, valid, q):
-  """The percentile as it was taken before the top_k selection: a full sort of the subgrid."""
-  h, w = x.shape[1], x.shape[2]
-  s = max(1, int(np.ceil(np.sqrt(h * w / 4096))))
-  x, valid = x[:, ::s, ::s], valid[:, ::s, ::s]
-  flat = tf.reshape(tf.where(valid, x, np.inf), [tf.shape(x)[0], -1])
-  n_valid = tf.reduce_sum(tf.cast(tf.reshape(valid, tf.shape(flat)), tf.int32), axis=1)
-  k = tf.cast(tf.floor(q / 100.0 * tf.cast(tf.maximum(n_valid - 1, 0), tf.float32)), tf.int32)
-  return tf.gather(tf.sort(flat, axis=1), k[:, None], batch_dims=1)[:, 0]
-
-
 @pytest.mark.parametrize("shape", [(224, 224), (64, 64), (96, 96), (17, 33), (1, 1)])
 @pytest.mark.parametrize("q", [0.0, 2.0, 10.0, 50.0, 98.0, 100.0])
 def test_percentile_selection_equals_the_full_sort(shape, q):
-  from data_pipelines.normalisation import _masked_percentile
+  from data_pipelines.normalisation import _masked_percentile, sorted_percentile
   rng = np.random.default_rng(int(q) * 1000 + shape[0])
   b = 6
   x = (rng.normal(size=(b, *shape)) * 5 + 50).astype(np.float16).astype(np.float32)
   x[1] = np.round(x[1])  # many ties
   valid = rng.random((b, *shape)) > np.array([0, 0.1, 0.5, 0.99, 1.0, 0.0])[:, None, None]
   x[2][valid[2]] = -x[2][valid[2]]  # negative heights
-  want = _sorted_percentile(tf.constant(x), tf.constant(valid), q).numpy()
+  want = sorted_percentile(tf.constant(x), tf.constant(valid), q).numpy()
   got = _masked_percentile(tf.constant(x), tf.constant(valid), q).numpy()
   np.testing.assert_array_equal(got, want)  # bit for bit, the empty tile (inf) included
   out = normalise(tf.constant(x), tf.constant(valid), "relative", low_percentile=q).numpy()
