@@ -21,6 +21,7 @@ import torch  # test-only dependency (requirements-test.txt): writes the .pth fi
 from flax import nnx
 
 from demmae_jax import api, checkpoints
+from test_train_support import per_layer_tree
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = api.preset("tiny")
@@ -141,22 +142,7 @@ def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, s
 def _write_per_layer(model, dst: Path, edit=None) -> Path:
   """`model` saved as checkpoints were before the blocks were stacked: one array per block
   ('blocks/3/attn/qkv/kernel'), orbax state/ + config.json."""
-  flat = {}
-  for k, v in checkpoints._flatten(nnx.to_pure_dict(nnx.state(model))).items():
-    head, _, tail = k.partition("/")
-    if head in ("blocks", "decoder_blocks"):
-      flat.update({f"{head}/{i}/{tail}": np.asarray(v[i]) for i in range(v.shape[0])})
-    else:
-      flat[k] = np.asarray(v)
-  if edit:
-    edit(flat)
-  pure = {}
-  for k, v in flat.items():
-    *parents, leaf = k.split("/")
-    node = pure
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
+  pure = per_layer_tree(nnx.to_pure_dict(nnx.state(model)), edit)
   dst.mkdir()
   with checkpoints._checkpointer() as ckptr:
     ckptr.save(dst.absolute() / "state", pure)

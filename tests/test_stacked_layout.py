@@ -1,42 +1,20 @@
 """Workdirs saved before the transformer blocks were stacked (one array per block): their weights
 are read and stacked; resuming their training is refused with a message saying what to do."""
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from demmae_jax import api, checkpoints, workdirs
 from demmae_jax.inference import restore
-from demmae_jax.sharding import path_str
 from demmae_jax.train import loop
-
-
-def _per_layer_tree(state, edit=None):
-  """An nnx State as a nested dict with one array per block ('blocks/3/attn/...'), leaves under
-  'value' as the train state's variables are saved."""
-  flat = {}
-  for p, x in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]:
-    k = path_str(p)
-    head, _, tail = k.partition("/")
-    if head in ("blocks", "decoder_blocks"):
-      flat.update({f"{head}/{i}/{tail}": np.asarray(x[i]) for i in range(x.shape[0])})
-    else:
-      flat[k] = np.asarray(x)
-  if edit:
-    edit(flat)
-  tree = {}
-  for k, v in flat.items():
-    node = tree
-    for part in k.split("/"):
-      node = node.setdefault(part, {})
-    node["value"] = v
-  return tree
+from test_train_support import per_layer_tree
 
 
 def _old_workdir(model, workdir, edit=None):
   _, params, rest = nnx.split(model, nnx.Param, ...)
   ckpt = workdirs.Checkpointer(workdir / "checkpoints", async_save=False)
-  ckpt.save(3, {"params": _per_layer_tree(params, edit), "rest": _per_layer_tree(rest),
+  ckpt.save(3, {"params": per_layer_tree(nnx.to_pure_dict(params), edit, leaf="value"),
+                "rest": per_layer_tree(nnx.to_pure_dict(rest), leaf="value"),
                 "opt_state": {}, "step": np.int32(3)}, {"step": 3, "global_batch": 8})
   ckpt.close()
 

@@ -133,3 +133,30 @@ def read_child(out: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 if __name__ == "__main__":
   child(json.loads(sys.argv[1]))
+
+
+def per_layer_tree(pure: dict, edit=None, leaf: str | None = None) -> dict:
+  """A pure-dict state with stacked blocks as checkpoints held it before the blocks were stacked:
+  one array per block ('blocks/3/attn/qkv/kernel'). `edit(flat)` may change the flat
+  {path: array} first; `leaf` puts every array under that key (the train state's 'value')."""
+  import jax
+
+  from demmae_jax.sharding import path_str
+  flat = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(pure)[0]:
+    k = path_str(p)
+    head, _, tail = k.partition("/")
+    if head in ("blocks", "decoder_blocks"):
+      flat.update({f"{head}/{i}/{tail}": np.asarray(x[i]) for i in range(x.shape[0])})
+    else:
+      flat[k] = np.asarray(x)
+  if edit:
+    edit(flat)
+  tree = {}
+  for k, v in flat.items():
+    *parents, last = k.split("/") + ([leaf] if leaf else [])
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = v
+  return tree
