@@ -219,6 +219,19 @@ def hide_under_canopy(label_path: str | Path, canopy: str | Path) -> int:
   return int(hidden.sum())
 
 
+def eave_cells(cell_m: float, eave_m: float = EAVE_M) -> int:
+  """The eave width in whole cells (0: narrower than half a cell, nothing to do)."""
+  if cell_m <= 0 or eave_m < 0:
+    raise ValueError(f"cell size {cell_m} m and eave {eave_m} m must be positive")
+  return int(round(eave_m / cell_m))
+
+
+def disk(radius: int) -> np.ndarray:
+  """A disk of `radius` cells as a boolean structuring element."""
+  y, x = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+  return x * x + y * y <= radius * radius
+
+
 def unknown_eaves(label_path: str | Path, eave_m: float = EAVE_M, positive: int = 1) -> int:
   """Roof-outline labels made compatible with wall-line footprints, in place: the band of each
   labelled building within `eave_m` of its outline (where the eaves would overhang the wall)
@@ -227,13 +240,12 @@ def unknown_eaves(label_path: str | Path, eave_m: float = EAVE_M, positive: int 
   import scipy.ndimage as ndi
   with open_raster(label_path) as src:
     label, profile, cell = read_band(src), src.profile, abs(src.transform.a)
-  r = int(round(eave_m / cell))
+  r = eave_cells(cell, eave_m)
   if r == 0:
     return 0
-  y, x = np.mgrid[-r:r + 1, -r:r + 1]
   building = label == positive
   # outside the raster counts as building, so the raster's edge is not taken for an outline
-  core = ndi.binary_erosion(building, structure=x * x + y * y <= r * r, border_value=1)
+  core = ndi.binary_erosion(building, structure=disk(r), border_value=1)
   band = building & ~core
   label[band] = IGNORE
   write_band(label_path, label, profile, overwrite=True)

@@ -19,21 +19,9 @@ import rasterio
 import scipy.ndimage as ndi
 from rasterio.windows import Window
 
-from data_pipelines.labels import EAVE_M  # noqa: E402  (one constant for labels and maps)
+from data_pipelines.labels import EAVE_M, disk, eave_cells  # one eave for labels and maps
 
 NODATA = 255
-
-
-def _disk(radius: int) -> np.ndarray:
-  y, x = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-  return x * x + y * y <= radius * radius
-
-
-def eave_cells(cell_m: float, eave_m: float = EAVE_M) -> int:
-  """The eave width in whole cells (0: narrower than half a cell, nothing to grow)."""
-  if cell_m <= 0 or eave_m < 0:
-    raise ValueError(f"cell size {cell_m} m and eave {eave_m} m must be positive")
-  return int(round(eave_m / cell_m))
 
 
 def to_roof_outline(classes: np.ndarray, cell_m: float, eave_m: float = EAVE_M, positive: int = 1,
@@ -43,7 +31,7 @@ def to_roof_outline(classes: np.ndarray, cell_m: float, eave_m: float = EAVE_M, 
   r = eave_cells(cell_m, eave_m)
   if r == 0:
     return classes.copy()
-  grown = ndi.binary_dilation(classes == positive, structure=_disk(r))
+  grown = ndi.binary_dilation(classes == positive, structure=disk(r))
   return np.where(grown & (classes != nodata), positive, classes).astype(classes.dtype)
 
 
