@@ -14,16 +14,21 @@ $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 .PHONY: venv test test-fast test-unit lint demo model
 venv: $(VENV)/.installed
 
+# Two workers, one test file each at a time (-n 2 --dist loadfile): the suite is compile-bound and
+# XLA compiles on one thread, so two cores run two files. tests/conftest.py shares one XLA
+# compilation cache across them and their subprocesses.
+TEST_WORKERS ?= -n 2 --dist loadfile
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=25 tests
+	$(PY) -m pytest -q -ra $(TEST_WORKERS) --durations=25 tests
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(TEST_WORKERS) -m "not slow" tests
 
 # The tests that need neither ../shared/data nor torch/transformers (markers put on by
 # tests/conftest.py).
 test-unit: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not realdata and not torch" tests
+	$(PY) -m pytest -q $(TEST_WORKERS) -m "not realdata and not torch" tests
 
 # ruff as configured in pyproject.toml (also run by tests/test_lint.py and pre-commit).
 lint: $(VENV)/.installed

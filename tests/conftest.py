@@ -11,16 +11,29 @@ remembering to mark a new test:
 "Uses" is followed statically through the source of fixtures and of the module's and the test
 helpers' functions named in the test's source, as deep as they go.
 """
+import atexit
 import functools
 import inspect
 import os
 import re
+import shutil
+import tempfile
 import types
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation cache for the run and every script it starts as a subprocess: the suite
+# builds the same small models in many tests and processes, and compiling them again is most of
+# its time. It starts empty (each run compiles every program once, as CI's clean clone does) and
+# is removed at exit. A cached executable is the one XLA compiled (same memory and cost analysis).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="demmae-test-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 TORCH = re.compile(r"^\s*(import|from)\s+(torch|transformers)\b|importorskip\(\s*[\"'](torch|transformers)",
                    re.M)

@@ -189,11 +189,13 @@ def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
     assert p.crs == rasterio.crs.CRS.from_epsg(28992) and p.res == (0.5, 0.5)
     classes = p.read(1)
   assert set(np.unique(classes)) <= {0, 1, 255} and (classes == 1).mean() > 0.05
-  # --outline roof: the same map with every building grown by the 1 m eave (two 0.5 m cells)
+  # The library stage the script wraps, in process, with outline="roof": the same map with every
+  # building grown by the 1 m eave (two 0.5 m cells)
+  from demmae_jax import predict
   from demmae_jax.inference.outline import to_roof_outline
-  roof = subprocess.run(cmd[:-1] + [f"--output={tmp_path / 'roof.tif'}", "--crs=EPSG:28992",
-                                    "--outline=roof"], capture_output=True, text=True, cwd=ROOT)
-  assert roof.returncode == 0, roof.stderr[-3000:]
+  summary = predict.predict(workdir, laz, predict.Outputs(classes=str(tmp_path / "roof.tif")),
+                            predict.Options(crs="EPSG:28992", outline="roof"))
+  assert summary["outline"].startswith("roof") and summary["input"] == str(laz)
   with rasterio.open(tmp_path / "roof.tif") as p:
     np.testing.assert_array_equal(p.read(1), to_roof_outline(classes, 0.5, 1.0))
     assert "roof" in p.tags()["outline"]
