@@ -30,9 +30,12 @@ test-fast: $(VENV)/.installed
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q $(TEST_WORKERS) -m "not realdata and not torch" tests
 
-# ruff as configured in pyproject.toml (also run by tests/test_lint.py and pre-commit).
+# ruff as configured in pyproject.toml (also run by tests/test_lint.py and pre-commit): lint, and
+# check the formatting (`$(VENV)/bin/ruff format <paths>` applies it).
+LINT_PATHS := demmae_jax data_pipelines scripts configs benchmarks tests
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check demmae_jax data_pipelines scripts configs benchmarks tests
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 demo: $(VENV)/.installed
 	PY=$(PY) bash scripts/demo.sh $(DEMO_ARGS)

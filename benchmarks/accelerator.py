@@ -25,6 +25,7 @@ normalised as the config says) by `pretrain.run`, as `scripts/pretrain.py` does.
   python benchmarks/accelerator.py --presets tiny --steps 3  # seconds on CPU (tests run this)
   python benchmarks/accelerator.py --presets base --corpus data/corpus_224  # with the real reader
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,32 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-FIELDS = ("preset", "platform", "device_kind", "devices", "dtype", "global_batch", "grad_accum_steps",
-          "steps_timed", "images_per_s", "step_ms", "gflop_per_image", "mfu", "peak_flops_note",
-          "peak_memory_gib", "memory_source", "input", "input_wait_ms", "input_wait_fraction", "loss")
+FIELDS = (
+  "preset",
+  "platform",
+  "device_kind",
+  "devices",
+  "dtype",
+  "global_batch",
+  "grad_accum_steps",
+  "steps_timed",
+  "images_per_s",
+  "step_ms",
+  "gflop_per_image",
+  "mfu",
+  "peak_flops_note",
+  "peak_memory_gib",
+  "memory_source",
+  "input",
+  "input_wait_ms",
+  "input_wait_fraction",
+  "loss",
+)
 
 
 def _config(preset: str, batch: int | None, steps: int, dtype: str | None, corpus: str | None):
   from demmae_jax import config_files
+
   config = config_files.get_config("dem_pretrain", preset)
   config.unlock()
   if batch:
@@ -65,8 +85,15 @@ def _config(preset: str, batch: int | None, steps: int, dtype: str | None, corpu
   return config
 
 
-def measure(preset: str, *, batch: int | None = None, steps: int = 5, dtype: str | None = "bfloat16",
-            corpus: str | None = None, workdir: str | None = None) -> dict:
+def measure(
+  preset: str,
+  *,
+  batch: int | None = None,
+  steps: int = 5,
+  dtype: str | None = "bfloat16",
+  corpus: str | None = None,
+  workdir: str | None = None,
+) -> dict:
   """One preset's run; the fields of FIELDS."""
   import jax
   import numpy as np
@@ -74,6 +101,7 @@ def measure(preset: str, *, batch: int | None = None, steps: int = 5, dtype: str
   from demmae_jax import sharding
   from demmae_jax.train import loop, pretrain
   from demmae_jax.train.reporting import peak_flops_per_device
+
   config = _config(preset, batch, steps, dtype, corpus)
   mesh = sharding.make_mesh(**config.mesh)
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -84,51 +112,80 @@ def measure(preset: str, *, batch: int | None = None, steps: int = 5, dtype: str
       m = task.mae_config
       a, b = sharding.process_batch_rows(mesh, int(config.global_batch))
       images = np.random.default_rng(0).standard_normal(
-          (b - a, m.img_size, m.img_size, m.in_chans), dtype=np.float32)
+        (b - a, m.img_size, m.img_size, m.in_chans), dtype=np.float32
+      )
 
       def batches(start):
         while True:
           yield {"image": images}
+
       result = loop.train(task, config, tmp, batches, mesh=mesh, stop_after=1 + steps)
-    plan = json.loads((Path(tmp) / "memory_plan.json").read_text()) if (Path(tmp) / "memory_plan.json").exists() else {}
+    plan = (
+      json.loads((Path(tmp) / "memory_plan.json").read_text())
+      if (Path(tmp) / "memory_plan.json").exists()
+      else {}
+    )
   row = [h for h in result.history if "images_per_s" in h][-1]
   if row["step"] != 1 + steps:
     raise RuntimeError(f"the run ended at step {row['step']}, not {1 + steps}")
   device = jax.devices()[0]
   stats = device.memory_stats() if device.platform != "cpu" else None
   return {
-      "preset": preset, "platform": device.platform, "device_kind": device.device_kind,
-      "devices": jax.device_count(), "dtype": str(config.model.get("dtype", "float32")),
-      "global_batch": int(config.global_batch), "grad_accum_steps": plan.get("grad_accum_steps"),
-      "steps_timed": steps,
-      "images_per_s": round(row["images_per_s"], 3), "step_ms": round(row["step_ms"], 2),
-      "gflop_per_image": round(row["flops_per_s"] / row["images_per_s"] / 1e9, 3),
-      "mfu": round(row["mfu"], 4), "peak_flops_note": peak_flops_per_device()[1],
-      "peak_memory_gib": round(row["peak_memory_gib"], 3),
-      "memory_source": "device peak_bytes_in_use" if stats and stats.get("peak_bytes_in_use")
-                       else "process peak RSS",
-      "input": f"corpus {corpus} (tf.data reader)" if corpus else "random heights in host memory",
-      "input_wait_ms": round(row["input_wait_ms"], 3),
-      "input_wait_fraction": round(row["input_wait_fraction"], 5), "loss": row["loss"],
+    "preset": preset,
+    "platform": device.platform,
+    "device_kind": device.device_kind,
+    "devices": jax.device_count(),
+    "dtype": str(config.model.get("dtype", "float32")),
+    "global_batch": int(config.global_batch),
+    "grad_accum_steps": plan.get("grad_accum_steps"),
+    "steps_timed": steps,
+    "images_per_s": round(row["images_per_s"], 3),
+    "step_ms": round(row["step_ms"], 2),
+    "gflop_per_image": round(row["flops_per_s"] / row["images_per_s"] / 1e9, 3),
+    "mfu": round(row["mfu"], 4),
+    "peak_flops_note": peak_flops_per_device()[1],
+    "peak_memory_gib": round(row["peak_memory_gib"], 3),
+    "memory_source": "device peak_bytes_in_use"
+    if stats and stats.get("peak_bytes_in_use")
+    else "process peak RSS",
+    "input": f"corpus {corpus} (tf.data reader)" if corpus else "random heights in host memory",
+    "input_wait_ms": round(row["input_wait_ms"], 3),
+    "input_wait_fraction": round(row["input_wait_fraction"], 5),
+    "loss": row["loss"],
   }
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--presets", nargs="+", default=["base", "large"], help="configs/dem_pretrain.py presets")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--presets", nargs="+", default=["base", "large"], help="configs/dem_pretrain.py presets"
+  )
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the preset's)")
   p.add_argument("--steps", type=int, default=5, help="timed steps, after one untimed first step")
-  p.add_argument("--dtype", default="bfloat16", help="model compute dtype (the base/large presets' is bfloat16)")
-  p.add_argument("--corpus", default=None, help="stream this corpus (data.corpus_tiles) through pretrain.run")
-  p.add_argument("--workdir", default=None, help="where the runs' temporary workdirs go (default: $TMPDIR)")
+  p.add_argument(
+    "--dtype", default="bfloat16", help="model compute dtype (the base/large presets' is bfloat16)"
+  )
+  p.add_argument(
+    "--corpus", default=None, help="stream this corpus (data.corpus_tiles) through pretrain.run"
+  )
+  p.add_argument(
+    "--workdir", default=None, help="where the runs' temporary workdirs go (default: $TMPDIR)"
+  )
   a = p.parse_args()
   import jax
-  print(f"# {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
-        f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        flush=True)
+
+  print(
+    f"# {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
+    f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, "
+    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    flush=True,
+  )
   for preset in a.presets:
-    out = measure(preset, batch=a.batch, steps=a.steps, dtype=a.dtype, corpus=a.corpus, workdir=a.workdir)
+    out = measure(
+      preset, batch=a.batch, steps=a.steps, dtype=a.dtype, corpus=a.corpus, workdir=a.workdir
+    )
     print(json.dumps(out), flush=True)
   return 0
 

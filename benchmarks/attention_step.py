@@ -7,6 +7,7 @@ Presets: `cpu` (configs/dem_pretrain.py:cpu's model: 64 px, patch 8, width 192, 
 `tiny`, or an MAE preset name (`base`: ViT-B/16 at 224 px). Prints ms per step and the compiled
 temporaries for attention explicit / xla, with remat off and on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,17 @@ from flax import nnx
 
 from demmae_jax.models import mae
 
-CPU = dict(img_size=64, patch_size=8, in_chans=1, embed_dim=192, depth=6, num_heads=3,
-           decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+CPU = dict(
+  img_size=64,
+  patch_size=8,
+  in_chans=1,
+  embed_dim=192,
+  depth=6,
+  num_heads=3,
+  decoder_embed_dim=128,
+  decoder_depth=2,
+  decoder_num_heads=4,
+)
 
 
 def build_step(preset: str, batch: int, attention: str, remat: bool):
@@ -41,8 +51,9 @@ def build_step(preset: str, batch: int, attention: str, remat: bool):
     u, o = tx.update(g, o, p)
     return optax.apply_updates(p, u), o, loss
 
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, images,
-                                                        jax.random.key(1)).compile()
+  compiled = (
+    jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, images, jax.random.key(1)).compile()
+  )
   state = [params, opt]
 
   def once(i: int) -> float:
@@ -63,14 +74,17 @@ def main():
   ap.add_argument("--remat", choices=["off", "on", "both"], default="both")
   args = ap.parse_args()
   remats = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
-  variants = {(a, r): build_step(args.preset, args.batch, a, r)
-              for r in remats for a in ("explicit", "xla")}
+  variants = {
+    (a, r): build_step(args.preset, args.batch, a, r) for r in remats for a in ("explicit", "xla")
+  }
   best = {k: float("inf") for k in variants}
   for i in range(1, args.steps + 1):
     for k, (once, _) in variants.items():
       best[k] = min(best[k], once(i))
-  print(f"preset {args.preset}, batch {args.batch}, best of {args.steps} steps, backend "
-        f"{jax.default_backend()}, load average {os.getloadavg()[0]:.1f}")
+  print(
+    f"preset {args.preset}, batch {args.batch}, best of {args.steps} steps, backend "
+    f"{jax.default_backend()}, load average {os.getloadavg()[0]:.1f}"
+  )
   print("| attention | remat | ms / step | compiled temporaries (MiB) |\n|---|---|---|---|")
   for (a, r), t in best.items():
     print(f"| {a} | {'on' if r else 'off'} | {t * 1e3:.1f} | {variants[(a, r)][1] / 2**20:.1f} |")

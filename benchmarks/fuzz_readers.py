@@ -12,6 +12,7 @@ bytes at a random place, or truncation at a random length. Readers: data_pipelin
 las_to_rasters; data_pipelines.tile_writer.write_tiles; `prepare_data.py check`'s check_tile_set
 and the training reader make_dataset (which must never read what check passed as bad).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,9 @@ def corrupt(raw: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
       b[i] = int(rng.integers(256))
   elif kind == "chunk":
     i = int(rng.integers(0, len(b) - 64))
-    b[i:i + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+    b[i : i + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
   else:
-    b = b[:int(rng.integers(1, len(b)))]
+    b = b[: int(rng.integers(1, len(b)))]
   return bytes(b), kind
 
 
@@ -48,6 +49,7 @@ def small_real_laz(folder: Path) -> Path:
   import laspy
 
   from data_pipelines.shared_data import shared_file
+
   out = Path(folder) / "delft_30k.laz"
   with laspy.open(shared_file("delft/ahn3_cropped_2.laz")) as reader:
     points = next(reader.chunk_iterator(30_000))
@@ -66,6 +68,7 @@ def real_tiles(folder: Path) -> Path:
 
   from data_pipelines.shared_data import shared_file
   from data_pipelines.tile_writer import write_tiles
+
   folder = Path(folder)
   with rasterio.open(shared_file("alexandria/dsm.tif")) as src:
     win = Window(0, 0, 256, 256)
@@ -73,8 +76,15 @@ def real_tiles(folder: Path) -> Path:
     data = src.read(1, window=win)
   with rasterio.open(folder / "crop.tif", "w", **profile) as dst:
     dst.write(data, 1)
-  return write_tiles(folder / "crop.tif", folder / "t", tile_size=32, min_valid=0.5, progress=False,
-                     tiles_per_shard=16, dtype="float16")
+  return write_tiles(
+    folder / "crop.tif",
+    folder / "t",
+    tile_size=32,
+    min_valid=0.5,
+    progress=False,
+    tiles_per_shard=16,
+    dtype="float16",
+  )
 
 
 def _refused(e, path: Path, folder: Path, allowed: set[str]) -> str:
@@ -88,6 +98,7 @@ def fuzz_laz(seed: int, laz: Path, folder: Path) -> tuple[str, str]:
   """('read' | 'refused', damage kind) for one seeded corruption of `laz` through las_to_rasters."""
   from data_pipelines.errors import DataError
   from data_pipelines.lidar import las_to_rasters
+
   folder.mkdir(parents=True, exist_ok=True)
   data, kind = corrupt(laz.read_bytes(), np.random.default_rng(seed))
   bad = folder / "fuzzed.laz"
@@ -103,6 +114,7 @@ def fuzz_geotiff(seed: int, tif: Path, folder: Path) -> tuple[str, str]:
   """One seeded corruption of `tif` through write_tiles; what is tiled must be terrain."""
   from data_pipelines.errors import DataError
   from data_pipelines.tile_writer import write_tiles
+
   folder.mkdir(parents=True, exist_ok=True)
   data, kind = corrupt(Path(tif).read_bytes(), np.random.default_rng(seed))
   bad = folder / "fuzzed.tif"
@@ -121,6 +133,7 @@ def fuzz_tfrecord(seed: int, manifest: Path, folder: Path) -> tuple[str, str]:
   make_dataset: check must never pass what the reader then fails on."""
   from data_pipelines.errors import DataError
   from data_pipelines.reader import check_tile_set, make_dataset
+
   shutil.copytree(Path(manifest).parent, folder / "t")
   manifest = folder / "t" / "manifest.json"
   m = json.loads(manifest.read_text())
@@ -131,9 +144,20 @@ def fuzz_tfrecord(seed: int, manifest: Path, folder: Path) -> tuple[str, str]:
   shard.write_bytes(data)
   split = next(s for s, v in m["splits"].items() if shard.name in v["files"])
   outcomes = []
-  for read in (lambda: check_tile_set(str(manifest)),
-               lambda: list(make_dataset(str(manifest), split, global_batch_size=4, process_index=0,
-                                         process_count=1, repeat=False, drop_remainder=False))):
+  for read in (
+    lambda: check_tile_set(str(manifest)),
+    lambda: list(
+      make_dataset(
+        str(manifest),
+        split,
+        global_batch_size=4,
+        process_index=0,
+        process_count=1,
+        repeat=False,
+        drop_remainder=False,
+      )
+    ),
+  ):
     try:
       read()
       outcomes.append("read")
@@ -145,18 +169,25 @@ def fuzz_tfrecord(seed: int, manifest: Path, folder: Path) -> tuple[str, str]:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--seeds", type=int, default=200)
   a = p.parse_args()
   from data_pipelines.shared_data import shared_file
+
   base = Path(tempfile.mkdtemp(prefix="fuzz_readers_"))
   laz, manifest = small_real_laz(base), real_tiles(base)
   tif = shared_file("alexandria/dsm.tif")
-  runs = {"LAZ (delft, 30k points)": lambda s, f: fuzz_laz(s, laz, f),
-          "GeoTIFF (alexandria dsm)": lambda s, f: fuzz_geotiff(s, tif, f),
-          "TFRecord (tile shard)": lambda s, f: fuzz_tfrecord(s, manifest, f)}
-  rows = ["| file | seeds | read | refused (DataError naming it) | other (bugs) | by damage: read / refused |",
-          "|---|---|---|---|---|---|"]
+  runs = {
+    "LAZ (delft, 30k points)": lambda s, f: fuzz_laz(s, laz, f),
+    "GeoTIFF (alexandria dsm)": lambda s, f: fuzz_geotiff(s, tif, f),
+    "TFRecord (tile shard)": lambda s, f: fuzz_tfrecord(s, manifest, f),
+  }
+  rows = [
+    "| file | seeds | read | refused (DataError naming it) | other (bugs) | by damage: read / refused |",
+    "|---|---|---|---|---|---|",
+  ]
   for name, fn in runs.items():
     tally, bugs, t0 = {}, [], time.time()
     for seed in range(a.seeds):
@@ -169,7 +200,9 @@ def main() -> None:
       shutil.rmtree(folder, ignore_errors=True)
     read = sum(v for (o, _), v in tally.items() if o == "read")
     refused = sum(v for (o, _), v in tally.items() if o == "refused")
-    by_kind = ", ".join(f"{k} {tally.get(('read', k), 0)} / {tally.get(('refused', k), 0)}" for k in KINDS)
+    by_kind = ", ".join(
+      f"{k} {tally.get(('read', k), 0)} / {tally.get(('refused', k), 0)}" for k in KINDS
+    )
     rows.append(f"| {name} | {a.seeds} | {read} | {refused} | {len(bugs)} | {by_kind} |")
     print(f"{name}: {time.time() - t0:.0f} s; " + ("; ".join(bugs) or "no bug"), flush=True)
   shutil.rmtree(base, ignore_errors=True)

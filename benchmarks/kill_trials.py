@@ -21,6 +21,7 @@ points, on real data (the Delft AHN3 DSM and its BGT building tiles). Each trial
 prints a Markdown table (per command and signal: trials, signal before the end / after, outcomes)
 and writes OUT/results.json. docs/bad_inputs.md holds the recorded run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ def content(path: Path) -> str:
   `sources`, which are relative to where the folder is)."""
   if path.name.endswith(".tfrecord"):
     import tensorflow as tf
+
     h = hashlib.sha1()
     for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
       h.update(tf.train.Example.FromString(record).SerializeToString(deterministic=True))
@@ -71,14 +73,17 @@ def tree(folder: Path) -> dict[str, str]:
 
 
 def temporaries(folder: Path) -> list[str]:
-  return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                if any(m in p.name for m in TEMP_MARKS))
+  return sorted(
+    str(p.relative_to(folder)) for p in folder.rglob("*") if any(m in p.name for m in TEMP_MARKS)
+  )
 
 
 def run(cmd, log: Path, timeout=3600) -> tuple[int, float]:
   t0 = time.time()
   with open(log, "w") as f:
-    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env(), timeout=timeout).returncode
+    rc = subprocess.run(
+      cmd, stdout=f, stderr=subprocess.STDOUT, env=env(), timeout=timeout
+    ).returncode
   return rc, time.time() - t0
 
 
@@ -96,7 +101,9 @@ def watch(cmd, log: Path, folder: Path, marker, timeout=3600) -> tuple[int, floa
   return proc.returncode, time.time() - t0, first or 0.0, last or 0.0
 
 
-def interrupt(cmd, delay: float, sig: int, log: Path, folder: Path, marker=None) -> tuple[int, bool]:
+def interrupt(
+  cmd, delay: float, sig: int, log: Path, folder: Path, marker=None
+) -> tuple[int, bool]:
   """(exit code, whether the signal was sent before the process ended). With `marker`, `delay`
   counts from the first temporary matching it."""
   with open(log, "w") as f:
@@ -120,9 +127,24 @@ class Tiles:
     self.dsm, self.label = dsm, label
 
   def command(self, folder: Path):
-    return [PY, str(ROOT / "scripts" / "prepare_data.py"), "tiles", "--dem", str(self.dsm),
-            "--label", str(self.label), "--tile-size", "32", "--stride", "16", "--min-labelled", "0.25",
-            "--out", str(folder / "t"), "--overwrite"]
+    return [
+      PY,
+      str(ROOT / "scripts" / "prepare_data.py"),
+      "tiles",
+      "--dem",
+      str(self.dsm),
+      "--label",
+      str(self.label),
+      "--tile-size",
+      "32",
+      "--stride",
+      "16",
+      "--min-labelled",
+      "0.25",
+      "--out",
+      str(folder / "t"),
+      "--overwrite",
+    ]
 
   def earlier(self, folder: Path, reference: Path):
     """An earlier tile set of other settings, which the command replaces (--overwrite)."""
@@ -143,9 +165,16 @@ class Predict:
     self.dsm, self.workdir = dsm, workdir
 
   def command(self, folder: Path):
-    return [PY, str(ROOT / "scripts" / "predict.py"), f"--workdir={self.workdir}", f"--input={self.dsm}",
-            f"--output={folder / 'o.tif'}", f"--probabilities={folder / 'p.tif'}", "--overwrite",
-            "--block=128"]
+    return [
+      PY,
+      str(ROOT / "scripts" / "predict.py"),
+      f"--workdir={self.workdir}",
+      f"--input={self.dsm}",
+      f"--output={folder / 'o.tif'}",
+      f"--probabilities={folder / 'p.tif'}",
+      "--overwrite",
+      "--block=128",
+    ]
 
   def earlier(self, folder: Path, reference: Path):
     for name in ("o.tif", "p.tif"):
@@ -166,11 +195,19 @@ class Finetune:
     self.manifest = manifest
 
   def command(self, folder: Path):
-    return [PY, str(ROOT / "scripts" / "finetune.py"), f"--config={ROOT / 'configs' / 'finetune.py'}:tiny",
-            f"--workdir={folder / 'w'}", f"--config.data.manifest={self.manifest}",
-            "--config.total_steps=8", "--config.optim.warmup_steps=2", "--config.eval_every_steps=0",
-            "--config.checkpoint.every_steps=2", "--config.log.progress=False",
-            "--config.log.tensorboard=False"]
+    return [
+      PY,
+      str(ROOT / "scripts" / "finetune.py"),
+      f"--config={ROOT / 'configs' / 'finetune.py'}:tiny",
+      f"--workdir={folder / 'w'}",
+      f"--config.data.manifest={self.manifest}",
+      "--config.total_steps=8",
+      "--config.optim.warmup_steps=2",
+      "--config.eval_every_steps=0",
+      "--config.checkpoint.every_steps=2",
+      "--config.log.progress=False",
+      "--config.log.tensorboard=False",
+    ]
 
   def earlier(self, folder: Path, reference: Path):
     shutil.copytree(reference / "earlier_w", folder / "w")  # a run stopped at step 2
@@ -179,9 +216,12 @@ class Finetune:
     """The latest checkpoint's parameters (any step: a resumed run moves on) and the workdir's
     identity files (never rewritten)."""
     w = folder / "w"
-    return {"params": params_digest(w),
-            "identity": {n: digest(w / n) if (w / n).exists() else None
-                         for n in ("config.json", "segmenter.json")}}
+    return {
+      "params": params_digest(w),
+      "identity": {
+        n: digest(w / n) if (w / n).exists() else None for n in ("config.json", "segmenter.json")
+      },
+    }
 
   @staticmethod
   def writing(name: str) -> bool:  # a checkpoint being saved
@@ -190,13 +230,15 @@ class Finetune:
 
 def params_digest(workdir: Path) -> str | None:
   """Digest of the latest checkpoint's parameters (None: it does not restore)."""
-  code = ("import sys, hashlib, numpy as np, jax\n"
-          "from demmae_jax.inference.restore import load_trained\n"
-          "from flax import nnx\n"
-          "m, _, s = load_trained(sys.argv[1], 'latest')\n"
-          "h = hashlib.sha1()\n"
-          "for leaf in jax.tree.leaves(nnx.state(m, nnx.Param)): h.update(np.asarray(leaf).tobytes())\n"
-          "print(s, h.hexdigest())\n")
+  code = (
+    "import sys, hashlib, numpy as np, jax\n"
+    "from demmae_jax.inference.restore import load_trained\n"
+    "from flax import nnx\n"
+    "m, _, s = load_trained(sys.argv[1], 'latest')\n"
+    "h = hashlib.sha1()\n"
+    "for leaf in jax.tree.leaves(nnx.state(m, nnx.Param)): h.update(np.asarray(leaf).tobytes())\n"
+    "print(s, h.hexdigest())\n"
+  )
   done = subprocess.run([PY, "-c", code, str(workdir)], capture_output=True, text=True, env=env())
   return done.stdout.strip().splitlines()[-1] if done.returncode == 0 else None
 
@@ -206,6 +248,7 @@ def setup(base: Path) -> dict:
   """Real inputs and reference outputs, made once: Delft rasters and building tiles, a
   finetuned workdir, and each command's uninterrupted result and duration."""
   from data_pipelines.prepare import prepare_delft
+
   base.mkdir(parents=True, exist_ok=True)
   ref = base / "reference"
   if not (ref / "done.json").exists():
@@ -213,11 +256,26 @@ def setup(base: Path) -> dict:
     ref.mkdir()
     manifest = prepare_delft(ref / "delft", "buildings", tile_size=32, stride=16, progress=False)
     delft = manifest.parent.parent
-    info = {"manifest": str(manifest), "dsm": str(delft / "rasters" / "dsm.tif"),
-            "label": str(delft / "labels" / "buildings.tif")}
+    info = {
+      "manifest": str(manifest),
+      "dsm": str(delft / "rasters" / "dsm.tif"),
+      "label": str(delft / "labels" / "buildings.tif"),
+    }
     # earlier outputs the trials' commands replace
-    rc, _ = run([PY, str(ROOT / "scripts" / "prepare_data.py"), "tiles", "--dem", info["dsm"], "--tile-size",
-                 "64", "--out", str(ref / "earlier_t")], ref / "earlier_t.log")
+    rc, _ = run(
+      [
+        PY,
+        str(ROOT / "scripts" / "prepare_data.py"),
+        "tiles",
+        "--dem",
+        info["dsm"],
+        "--tile-size",
+        "64",
+        "--out",
+        str(ref / "earlier_t"),
+      ],
+      ref / "earlier_t.log",
+    )
     assert rc == 0, (ref / "earlier_t.log").read_text()[-2000:]
     ft = Finetune(ref, manifest)
     rc, _ = run(ft.command(ref), ref / "w.log")  # the model the predict trials use
@@ -229,13 +287,19 @@ def setup(base: Path) -> dict:
     rc, _ = run(pr.command(ref / "earlier_predict") + ["--overlap=0"], ref / "earlier_predict.log")
     assert rc == 0, (ref / "earlier_predict.log").read_text()[-2000:]
     # the finetune trials start from a run stopped after its first checkpoint (step 2)
-    code = ("import sys\nfrom demmae_jax import config_files\nfrom demmae_jax.train import finetune\n"
-            "c = config_files.get_config('finetune', 'tiny', **{'data.manifest': sys.argv[1], 'total_steps': 8, "
-            "'optim.warmup_steps': 2, 'eval_every_steps': 0, 'checkpoint.every_steps': 2, "
-            "'log.progress': False, 'log.tensorboard': False})\n"
-            "finetune.run(c, sys.argv[2], stop_after=2)\n")
-    done = subprocess.run([PY, "-c", code, str(manifest), str(ref / "earlier_w")], capture_output=True,
-                          text=True, env=env())
+    code = (
+      "import sys\nfrom demmae_jax import config_files\nfrom demmae_jax.train import finetune\n"
+      "c = config_files.get_config('finetune', 'tiny', **{'data.manifest': sys.argv[1], 'total_steps': 8, "
+      "'optim.warmup_steps': 2, 'eval_every_steps': 0, 'checkpoint.every_steps': 2, "
+      "'log.progress': False, 'log.tensorboard': False})\n"
+      "finetune.run(c, sys.argv[2], stop_after=2)\n"
+    )
+    done = subprocess.run(
+      [PY, "-c", code, str(manifest), str(ref / "earlier_w")],
+      capture_output=True,
+      text=True,
+      env=env(),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     (ref / "done.json").write_text(json.dumps(info))
   info = json.loads((ref / "done.json").read_text())
@@ -262,14 +326,21 @@ def reference_outputs(cmd, base: Path) -> tuple[dict, float, float]:
 
 
 # ------------------------------------------------------------------------------ a trial
-def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dict, index: int,
-          aimed: bool) -> dict:
+def trial(
+  cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dict, index: int, aimed: bool
+) -> dict:
   folder = base / "trials" / f"{cmd.__class__.__name__}_{signal.Signals(sig).name}_{index:02d}"
   shutil.rmtree(folder, ignore_errors=True)
   folder.mkdir(parents=True)
   cmd.earlier(folder, base / "reference")
-  rc, in_time = interrupt(cmd.command(folder), delay, sig, folder / "interrupted.log", folder,
-                          cmd.writing if aimed else None)
+  rc, in_time = interrupt(
+    cmd.command(folder),
+    delay,
+    sig,
+    folder / "interrupted.log",
+    folder,
+    cmd.writing if aimed else None,
+  )
   after = cmd.outputs(folder)
   if isinstance(cmd, Finetune):  # the latest checkpoint restores; config and spec unchanged
     intact = after["params"] is not None and after["identity"] == earlier["identity"]
@@ -279,16 +350,28 @@ def trial(cmd, base: Path, sig: int, delay: float, earlier: dict, reference: dic
   rc2, next_seconds = run(cmd.command(folder), folder / "next.log")
   final = cmd.outputs(folder)
   result = {
-      "command": cmd.name, "signal": signal.Signals(sig).name, "delay_s": round(delay, 2),
-      "aimed_at_write": aimed,
-      "signal_before_end": in_time, "rc": rc, "outputs_intact": bool(intact),
-      "temporaries_after_signal": left, "next_rc": rc2, "next_seconds": round(next_seconds, 1),
-      "temporaries_after_next": temporaries(folder), "next_equals_reference": final == reference,
+    "command": cmd.name,
+    "signal": signal.Signals(sig).name,
+    "delay_s": round(delay, 2),
+    "aimed_at_write": aimed,
+    "signal_before_end": in_time,
+    "rc": rc,
+    "outputs_intact": bool(intact),
+    "temporaries_after_signal": left,
+    "next_rc": rc2,
+    "next_seconds": round(next_seconds, 1),
+    "temporaries_after_next": temporaries(folder),
+    "next_equals_reference": final == reference,
   }
   log = (folder / "interrupted.log").read_text(errors="replace")
   result["said_sigterm"] = "stopped by SIGTERM" in log or "signal 15 received" in log
-  result["ok"] = (intact and rc2 == 0 and not result["temporaries_after_next"]
-                  and result["next_equals_reference"] and (sig != signal.SIGTERM or not left))
+  result["ok"] = (
+    intact
+    and rc2 == 0
+    and not result["temporaries_after_next"]
+    and result["next_equals_reference"]
+    and (sig != signal.SIGTERM or not left)
+  )
   if result["ok"]:
     shutil.rmtree(folder)  # keep the folders of failed trials to look at
   return result
@@ -298,17 +381,22 @@ def main() -> None:
   if sys.argv[1:2] == ["--table"]:  # the table of a results.json
     print(table(json.loads(Path(sys.argv[2]).read_text())))
     return
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--out", type=Path, required=True, help="working folder (reused between runs)")
   p.add_argument("--trials", type=int, default=20, help="trials per command and signal")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--commands", nargs="+", default=["tiles", "predict", "finetune"])
   a = p.parse_args()
   import numpy as np
+
   info = setup(a.out)
-  commands = {"tiles": Tiles(a.out, Path(info["dsm"]), Path(info["label"])),
-              "predict": Predict(a.out, Path(info["dsm"]), Path(info["workdir"])),
-              "finetune": Finetune(a.out, Path(info["manifest"]))}
+  commands = {
+    "tiles": Tiles(a.out, Path(info["dsm"]), Path(info["label"])),
+    "predict": Predict(a.out, Path(info["dsm"]), Path(info["workdir"])),
+    "finetune": Finetune(a.out, Path(info["manifest"])),
+  }
   results_path = a.out / "results.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else []
   done = {(r["command"], r["signal"], r["index"]) for r in results}
@@ -321,8 +409,11 @@ def main() -> None:
     cmd.earlier(probe, a.out / "reference")
     earlier = cmd.outputs(probe)
     shutil.rmtree(probe)
-    print(f"{cmd.name}: an uninterrupted run takes {seconds:.1f} s, its outputs are being written "
-          f"for {write:.1f} s", flush=True)
+    print(
+      f"{cmd.name}: an uninterrupted run takes {seconds:.1f} s, its outputs are being written "
+      f"for {write:.1f} s",
+      flush=True,
+    )
     for sig in (signal.SIGTERM, signal.SIGKILL):
       rng = np.random.default_rng([a.seed, sig, list(commands).index(name)])
       fractions = rng.uniform(0.05, 1.0, a.trials)
@@ -342,10 +433,12 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| command | signal | trials | aimed at the write | interrupted | exit codes | "
-          "outputs intact | said so (SIGTERM) | temporaries right after | next run ok | "
-          "temporaries after next run | next run = uninterrupted run |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  rows = [
+    "| command | signal | trials | aimed at the write | interrupted | exit codes | "
+    "outputs intact | said so (SIGTERM) | temporaries right after | next run ok | "
+    "temporaries after next run | next run = uninterrupted run |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   keys = sorted({(r["command"], r["signal"]) for r in results})
   for command, sig in keys:
     rs = [r for r in results if (r["command"], r["signal"]) == (command, sig)]
@@ -356,15 +449,16 @@ def table(results: list[dict]) -> str:
     for r in rs:
       codes[r["rc"]] = codes.get(r["rc"], 0) + 1
     rows.append(
-        f"| {command} | {sig} | {len(rs)} | {sum(r.get('aimed_at_write', False) for r in rs)} | "
-        f"{len(during)} | "
-        + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + " | "
-        f"{sum(r['outputs_intact'] for r in rs)}/{len(rs)} | "
-        + (f"{sum(r['said_sigterm'] for r in during)}/{len(during)}" if sig == "SIGTERM" else "n/a") + " | "
-        f"{sum(bool(r['temporaries_after_signal']) for r in rs)} trials | "
-        f"{sum(r['next_rc'] == 0 for r in rs)}/{len(rs)} | "
-        f"{sum(bool(r['temporaries_after_next']) for r in rs)} trials | "
-        f"{sum(r['next_equals_reference'] for r in rs)}/{len(rs)} |")
+      f"| {command} | {sig} | {len(rs)} | {sum(r.get('aimed_at_write', False) for r in rs)} | "
+      f"{len(during)} | " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + " | "
+      f"{sum(r['outputs_intact'] for r in rs)}/{len(rs)} | "
+      + (f"{sum(r['said_sigterm'] for r in during)}/{len(during)}" if sig == "SIGTERM" else "n/a")
+      + " | "
+      f"{sum(bool(r['temporaries_after_signal']) for r in rs)} trials | "
+      f"{sum(r['next_rc'] == 0 for r in rs)}/{len(rs)} | "
+      f"{sum(bool(r['temporaries_after_next']) for r in rs)} trials | "
+      f"{sum(r['next_equals_reference'] for r in rs)}/{len(rs)} |"
+    )
   return "\n".join(rows)
 
 

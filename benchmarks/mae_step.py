@@ -11,6 +11,7 @@ so that a change of load on a shared machine hits both; the best step of each is
 
   python benchmarks/mae_step.py --preset base --batch 8 --channels 3 --steps 3 --rounds 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,13 @@ def analytic_train_flops(c: mae.MAEConfig) -> float:
     return depth * per_block
 
   pix = c.patch_size**2 * c.in_chans
-  fwd = (2 * length * pix * c.embed_dim + blocks(keep, c.embed_dim, c.depth)
-         + 2 * keep * c.embed_dim * c.decoder_embed_dim
-         + blocks(length + 1, c.decoder_embed_dim, c.decoder_depth)
-         + 2 * (length + 1) * c.decoder_embed_dim * pix)
+  fwd = (
+    2 * length * pix * c.embed_dim
+    + blocks(keep, c.embed_dim, c.depth)
+    + 2 * keep * c.embed_dim * c.decoder_embed_dim
+    + blocks(length + 1, c.decoder_embed_dim, c.decoder_depth)
+    + 2 * (length + 1) * c.decoder_embed_dim * pix
+  )
   return 3.0 * fwd
 
 
@@ -58,6 +62,7 @@ def timeit(fn, steps: int) -> float:
 
 def matmul_rates(n: int = 4096) -> tuple[float, float]:
   import torch
+
   a = jnp.asarray(np.random.rand(n, n).astype(np.float32))
   mm = jax.jit(lambda x: x @ x)
   t_jax = timeit(lambda: mm(a).block_until_ready(), 3)
@@ -76,6 +81,7 @@ def jax_step(preset: str, channels: int, batch: int, breakdown: bool = False):
   from demmae_jax.train import loop, pretrain
   from demmae_jax.train.reporting import jaxpr_flops
   from train_steps import load_config
+
   config = load_config("dem_pretrain", preset)
   config.global_batch = batch
   config.model.update(in_chans=channels, dtype="float32")  # as PyTorch's float32 step
@@ -83,8 +89,9 @@ def jax_step(preset: str, channels: int, batch: int, breakdown: bool = False):
   mesh = shd.make_mesh(data=1, fsdp=1, model=1, devices=jax.devices()[:1])
   trainer = loop.Trainer(pretrain.MAEPretrain(config), config, mesh)
   m = trainer.task.mae_config
-  images = np.random.default_rng(0).standard_normal((batch, m.img_size, m.img_size, channels),
-                                                    dtype=np.float32)
+  images = np.random.default_rng(0).standard_normal(
+    (batch, m.img_size, m.img_size, channels), dtype=np.float32
+  )
   traced = trainer.trace({"image": images})
   compiled = traced.lower().compile()
   state = [trainer.init_state()]
@@ -92,13 +99,18 @@ def jax_step(preset: str, channels: int, batch: int, breakdown: bool = False):
   if breakdown:
     params, rest = state[0]["params"], state[0]["rest"]
     keys = jax.vmap(jax.random.fold_in, (None, 0))(trainer.rng, jnp.arange(batch))
-    loss_fn = lambda p: trainer.task.loss_fn(nnx.merge(trainer.graphdef, p, rest), on_device, keys)[0]
+    loss_fn = lambda p: trainer.task.loss_fn(nnx.merge(trainer.graphdef, p, rest), on_device, keys)[
+      0
+    ]
     grads = jax.jit(jax.grad(loss_fn))(params)
     opt_state = state[0]["opt_state"]
     parts = {
-        "forward": (jax.jit(loss_fn), (params,)),
-        "forward+backward": (jax.jit(jax.value_and_grad(loss_fn)), (params,)),
-        "AdamW update": (jax.jit(lambda g, s, p: trainer.tx.update(g, s, p)[0]), (grads, opt_state, params)),
+      "forward": (jax.jit(loss_fn), (params,)),
+      "forward+backward": (jax.jit(jax.value_and_grad(loss_fn)), (params,)),
+      "AdamW update": (
+        jax.jit(lambda g, s, p: trainer.tx.update(g, s, p)[0]),
+        (grads, opt_state, params),
+      ),
     }
     for name, (fn, args) in parts.items():
       print(f"  JAX {name}: {timeit(lambda: jax.block_until_ready(fn(*args)), 3):.3f} s")  # noqa: B023
@@ -169,8 +181,12 @@ def hlo_matmul_flops(hlo_text: str) -> dict[str, float]:
 def _kind(op: str, flops: float) -> str:
   if flops:
     return "matmul (dot / YNNPACK fusions)"
-  for key, kind in (("scatter", "scatter / gather"), ("gather", "scatter / gather"),
-                    ("copy", "copy / transpose"), ("transpose", "copy / transpose")):
+  for key, kind in (
+    ("scatter", "scatter / gather"),
+    ("gather", "scatter / gather"),
+    ("copy", "copy / transpose"),
+    ("transpose", "copy / transpose"),
+  ):
     if key in op:
       return kind
   return "other fusions (norms, softmax, GELU, loss, AdamW)"
@@ -183,6 +199,7 @@ def profile_jax(fn, hlo_text: str, steps: int) -> dict:
   import gzip
   import json
   import tempfile
+
   flops = hlo_matmul_flops(hlo_text)
   fn()
   with tempfile.TemporaryDirectory() as d:
@@ -211,6 +228,7 @@ def profile_jax(fn, hlo_text: str, steps: int) -> dict:
 def profile_torch(run, steps: int) -> dict:
   """Self time per aten op of the PyTorch step, grouped as profile_jax groups XLA's ops."""
   from torch.profiler import ProfilerActivity, profile
+
   run()
   with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
     t0 = time.perf_counter()
@@ -222,10 +240,15 @@ def profile_torch(run, steps: int) -> dict:
   for ev in prof.key_averages():
     if ev.key.startswith("aten::"):
       is_mm = ev.key.startswith(matmuls)
-      kind = ("matmul (mm / bmm / SDPA)" if is_mm else
-              "copy / transpose" if ev.key in ("aten::copy_", "aten::clone", "aten::contiguous") else
-              "scatter / gather" if "gather" in ev.key or "scatter" in ev.key else
-              "other ops (norms, softmax, GELU, loss, AdamW)")
+      kind = (
+        "matmul (mm / bmm / SDPA)"
+        if is_mm
+        else "copy / transpose"
+        if ev.key in ("aten::copy_", "aten::clone", "aten::contiguous")
+        else "scatter / gather"
+        if "gather" in ev.key or "scatter" in ev.key
+        else "other ops (norms, softmax, GELU, loss, AdamW)"
+      )
       k = kinds.setdefault(kind, [0.0, 0.0])
       k[0] += ev.self_cpu_time_total * 1e-6 / steps
       k[1] += (ev.flops or 0) / steps if is_mm else 0.0
@@ -234,7 +257,9 @@ def profile_torch(run, steps: int) -> dict:
 
 def print_profile(name: str, prof: dict) -> None:
   total = sum(t for t, _ in prof["kinds"].values())
-  print(f"  {name}: {prof['wall']:.3f} s/step under the profiler; per-op time sums to {total:.3f} s")
+  print(
+    f"  {name}: {prof['wall']:.3f} s/step under the profiler; per-op time sums to {total:.3f} s"
+  )
   for kind, (t, f) in sorted(prof["kinds"].items(), key=lambda kv: -kv[1][0]):
     rate = f" at {f / t / 1e9:.0f} GFLOP/s ({f / 1e9:.0f} GFLOP)" if f and t else ""
     print(f"    {kind:52s} {t:6.3f} s {t / total:4.0%}{rate}")
@@ -245,16 +270,22 @@ def print_profile(name: str, prof: dict) -> None:
 def torch_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
   import torch
   from transformers import ViTMAEConfig, ViTMAEForPreTraining
-  hf = ViTMAEConfig(hidden_size=config.embed_dim, num_hidden_layers=config.depth,
-                    num_attention_heads=config.num_heads,
-                    intermediate_size=int(config.embed_dim * config.mlp_ratio),
-                    decoder_hidden_size=config.decoder_embed_dim,
-                    decoder_num_hidden_layers=config.decoder_depth,
-                    decoder_num_attention_heads=config.decoder_num_heads,
-                    decoder_intermediate_size=int(config.decoder_embed_dim * config.mlp_ratio),
-                    image_size=config.img_size, patch_size=config.patch_size,
-                    num_channels=config.in_chans, mask_ratio=config.mask_ratio,
-                    layer_norm_eps=1e-6)
+
+  hf = ViTMAEConfig(
+    hidden_size=config.embed_dim,
+    num_hidden_layers=config.depth,
+    num_attention_heads=config.num_heads,
+    intermediate_size=int(config.embed_dim * config.mlp_ratio),
+    decoder_hidden_size=config.decoder_embed_dim,
+    decoder_num_hidden_layers=config.decoder_depth,
+    decoder_num_attention_heads=config.decoder_num_heads,
+    decoder_intermediate_size=int(config.decoder_embed_dim * config.mlp_ratio),
+    image_size=config.img_size,
+    patch_size=config.patch_size,
+    num_channels=config.in_chans,
+    mask_ratio=config.mask_ratio,
+    layer_norm_eps=1e-6,
+  )
   model = ViTMAEForPreTraining(hf).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
   pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
@@ -270,58 +301,91 @@ def torch_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--preset", default="base")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--channels", type=int, nargs="+", default=[3, 1])
   parser.add_argument("--steps", type=int, default=5, help="timed steps (best of) per side")
-  parser.add_argument("--rounds", type=int, default=2,
-                      help="the two steps take turns this many times (best step of all rounds)")
-  parser.add_argument("--breakdown", action="store_true",
-                      help="also time the JAX forward, forward+backward and AdamW update apart")
-  parser.add_argument("--profile", action="store_true",
-                      help="also profile both steps per op: time in matmuls (and their FLOP/s) "
-                           "against the rest")
-  parser.add_argument("--cores", type=int, default=None,
-                      help="pin the process to this many cores (both sides' thread pools then size "
-                           "to them); on a loaded machine --cores 1 avoids oversubscribed threads")
+  parser.add_argument(
+    "--rounds",
+    type=int,
+    default=2,
+    help="the two steps take turns this many times (best step of all rounds)",
+  )
+  parser.add_argument(
+    "--breakdown",
+    action="store_true",
+    help="also time the JAX forward, forward+backward and AdamW update apart",
+  )
+  parser.add_argument(
+    "--profile",
+    action="store_true",
+    help="also profile both steps per op: time in matmuls (and their FLOP/s) against the rest",
+  )
+  parser.add_argument(
+    "--cores",
+    type=int,
+    default=None,
+    help="pin the process to this many cores (both sides' thread pools then size "
+    "to them); on a loaded machine --cores 1 avoids oversubscribed threads",
+  )
   args = parser.parse_args()
   if args.cores:  # before the first JAX computation creates the CPU client and its thread pool
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
 
   import torch
+
   cores = len(os.sched_getaffinity(0))
   torch.set_num_threads(cores)
   jax_rate, torch_rate = matmul_rates()
   print(f"cpu cores: {cores} of {os.cpu_count()}  jax {jax.__version__}  torch {torch.__version__}")
-  print(f"float32 matmul 4096^3: JAX {jax_rate / 1e9:.1f} GFLOP/s, PyTorch "
-        f"{torch_rate / 1e9:.1f} GFLOP/s (ratio {jax_rate / torch_rate:.2f})")
+  print(
+    f"float32 matmul 4096^3: JAX {jax_rate / 1e9:.1f} GFLOP/s, PyTorch "
+    f"{torch_rate / 1e9:.1f} GFLOP/s (ratio {jax_rate / torch_rate:.2f})"
+  )
   roofline = max(jax_rate, torch_rate)
-  print(f"load average {os.getloadavg()[0]:.1f} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+  print(
+    f"load average {os.getloadavg()[0]:.1f} at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+  )
   for channels in args.channels:
-    run_jax, xla_flops, counted, config = jax_step(args.preset, channels, args.batch, args.breakdown)
+    run_jax, xla_flops, counted, config = jax_step(
+      args.preset, channels, args.batch, args.breakdown
+    )
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((args.batch, config.img_size, config.img_size, channels),
-                                 dtype=np.float32)
+    images = rng.standard_normal(
+      (args.batch, config.img_size, config.img_size, channels), dtype=np.float32
+    )
     noise = rng.random((args.batch, config.num_patches), dtype=np.float32)
     run_torch = torch_step(config, images, noise)
     t_jax = t_torch = float("inf")
     for r in range(args.rounds):  # taking turns: a change of load hits both sides
       t_jax = min(t_jax, timeit(run_jax, args.steps))
       t_torch = min(t_torch, timeit(run_torch, args.steps))
-      print(f"  round {r + 1}: best JAX {t_jax:.3f} s, PyTorch {t_torch:.3f} s, load average "
-            f"{os.getloadavg()[0]:.1f}", flush=True)
+      print(
+        f"  round {r + 1}: best JAX {t_jax:.3f} s, PyTorch {t_torch:.3f} s, load average "
+        f"{os.getloadavg()[0]:.1f}",
+        flush=True,
+      )
     analytic = analytic_train_flops(config) * args.batch
     ideal = analytic / roofline
-    print(f"\n{args.preset} {config.img_size}x{config.img_size}x{channels}, batch {args.batch}, "
-          f"AdamW, float32; JAX: the Trainer's step (loop.Trainer + MAEPretrain)")
-    print(f"  FLOPs/image: analytic {analytic / args.batch / 1e9:.1f} G, jaxpr count "
-          f"{counted / args.batch / 1e9:.1f} G, XLA cost analysis {xla_flops / args.batch / 1e9:.1f} G")
-    print(f"  JAX     {args.batch / t_jax:6.2f} img/s ({t_jax:.3f} s/step), "
-          f"{ideal / t_jax:.0%} of matmul roofline")
-    print(f"  PyTorch {args.batch / t_torch:6.2f} img/s ({t_torch:.3f} s/step), "
-          f"{ideal / t_torch:.0%} of matmul roofline")
+    print(
+      f"\n{args.preset} {config.img_size}x{config.img_size}x{channels}, batch {args.batch}, "
+      f"AdamW, float32; JAX: the Trainer's step (loop.Trainer + MAEPretrain)"
+    )
+    print(
+      f"  FLOPs/image: analytic {analytic / args.batch / 1e9:.1f} G, jaxpr count "
+      f"{counted / args.batch / 1e9:.1f} G, XLA cost analysis {xla_flops / args.batch / 1e9:.1f} G"
+    )
+    print(
+      f"  JAX     {args.batch / t_jax:6.2f} img/s ({t_jax:.3f} s/step), "
+      f"{ideal / t_jax:.0%} of matmul roofline"
+    )
+    print(
+      f"  PyTorch {args.batch / t_torch:6.2f} img/s ({t_torch:.3f} s/step), "
+      f"{ideal / t_torch:.0%} of matmul roofline"
+    )
     print(f"  speed ratio JAX / PyTorch: {t_torch / t_jax:.2f}x", flush=True)
     if args.profile:
       print_profile("JAX", profile_jax(run_jax, run_jax.hlo_text, args.steps))

@@ -12,6 +12,7 @@ step). On one CPU device, the measured cost of training is peak RSS - RSS at the
 predicts it as its per-device peak (train state + batch + activations + temporaries).
 Extra arguments after `--` go to every run (e.g. `-- --config.memory.limit=10GiB`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,20 @@ GiB, MiB = 2**30, 2**20
 
 
 def run(preset: str, steps: int, workdir: Path, extra: list[str]) -> None:
-  cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"),
-         f"--config={ROOT / 'configs' / 'dem_pretrain.py'}:{preset}", f"--workdir={workdir}",
-         f"--config.total_steps={steps}", "--config.optim.warmup_steps=1",
-         "--config.log.every_steps=1", "--config.log.progress=False",
-         "--config.log.picture_every_steps=0", "--config.eval_every_steps=0",
-         "--config.checkpoint.every_steps=1000000", *extra]
+  cmd = [
+    sys.executable,
+    str(ROOT / "scripts" / "pretrain.py"),
+    f"--config={ROOT / 'configs' / 'dem_pretrain.py'}:{preset}",
+    f"--workdir={workdir}",
+    f"--config.total_steps={steps}",
+    "--config.optim.warmup_steps=1",
+    "--config.log.every_steps=1",
+    "--config.log.progress=False",
+    "--config.log.picture_every_steps=0",
+    "--config.eval_every_steps=0",
+    "--config.checkpoint.every_steps=1000000",
+    *extra,
+  ]
   env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
   subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
 
@@ -46,11 +55,20 @@ def summarise(name: str, workdir: Path) -> dict:
   predicted, before = plan["predicted_peak_bytes"], plan["host_rss_at_plan_bytes"]
   measured = max(peaks) - before
   m = plan["memory"]
-  return dict(name=name, plan=f"{plan['grad_accum_steps']} x {plan['micro_batch_per_device']}"
-              + (", remat" if plan.get("remat") else ""), global_batch=plan["global_batch"],
-              state=m["params"] + m["opt_state"] + m["rest"], temp=m["temp"],
-              predicted=predicted, before=before, peak=max(peaks), measured=measured,
-              ratio=measured / predicted, steps=len(peaks))
+  return dict(
+    name=name,
+    plan=f"{plan['grad_accum_steps']} x {plan['micro_batch_per_device']}"
+    + (", remat" if plan.get("remat") else ""),
+    global_batch=plan["global_batch"],
+    state=m["params"] + m["opt_state"] + m["rest"],
+    temp=m["temp"],
+    predicted=predicted,
+    before=before,
+    peak=max(peaks),
+    measured=measured,
+    ratio=measured / predicted,
+    steps=len(peaks),
+  )
 
 
 def main() -> int:
@@ -69,13 +87,17 @@ def main() -> int:
       print(f"{p}: done", file=sys.stderr, flush=True)
   rows += [summarise(Path(w).name, Path(w)) for w in args.workdirs]
   mib = lambda x: f"{x / MiB:,.0f}"
-  print("| run | global batch | plan (micro-batches x rows) | state | temporaries | predicted "
-        "peak | RSS at plan | peak RSS | measured (peak - at plan) | measured / predicted |")
+  print(
+    "| run | global batch | plan (micro-batches x rows) | state | temporaries | predicted "
+    "peak | RSS at plan | peak RSS | measured (peak - at plan) | measured / predicted |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['name']} | {r['global_batch']} | {r['plan']} | {mib(r['state'])} | "
-          f"{mib(r['temp'])} | **{mib(r['predicted'])}** | {mib(r['before'])} | {mib(r['peak'])} | "
-          f"**{mib(r['measured'])}** | {r['ratio']:.2f} |")
+    print(
+      f"| {r['name']} | {r['global_batch']} | {r['plan']} | {mib(r['state'])} | "
+      f"{mib(r['temp'])} | **{mib(r['predicted'])}** | {mib(r['before'])} | {mib(r['peak'])} | "
+      f"**{mib(r['measured'])}** | {r['ratio']:.2f} |"
+    )
   print("(MiB; one CPU device; peak RSS over the logged steps)")
   return 0
 

@@ -11,6 +11,7 @@ after warm-up (imports, model, one compiled batch) and after the whole predictio
 figures, the prediction's own growth, the time, the throughput (windows/s and km^2/s at the
 raster's 0.5 m cells), the ratio of peaks between sizes (1.0 = flat), and the load average.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ def delft_dsm(folder: Path) -> Path:
   from data_pipelines.lidar import las_to_rasters
   from data_pipelines.prepare import DELFT_CRS, DELFT_LAZ
   from data_pipelines.shared_data import shared_file
-  return las_to_rasters([shared_file(p) for p in DELFT_LAZ], folder / "delft", cell_size=CELL_M,
-                        crs=DELFT_CRS, progress=False)["dsm"]
+
+  return las_to_rasters(
+    [shared_file(p) for p in DELFT_LAZ],
+    folder / "delft",
+    cell_size=CELL_M,
+    crs=DELFT_CRS,
+    progress=False,
+  )["dsm"]
 
 
 def mirrored_raster(src_path: Path, size: int, out: Path, rows_per_write: int = 512) -> Path:
@@ -40,11 +47,19 @@ def mirrored_raster(src_path: Path, size: int, out: Path, rows_per_write: int = 
   import numpy as np
   import rasterio
   from rasterio.windows import Window
+
   with rasterio.open(src_path) as src:
     dem, profile = src.read(1), src.profile
   h, w = dem.shape
-  profile.update(width=size, height=size, tiled=True, blockxsize=256, blockysize=256,
-                 compress="deflate", BIGTIFF="IF_SAFER")
+  profile.update(
+    width=size,
+    height=size,
+    tiled=True,
+    blockxsize=256,
+    blockysize=256,
+    compress="deflate",
+    BIGTIFF="IF_SAFER",
+  )
 
   def index(n, period):  # 0..p-1, p-1..0, 0..p-1, ...
     i = np.arange(n) % (2 * period)
@@ -58,8 +73,16 @@ def mirrored_raster(src_path: Path, size: int, out: Path, rows_per_write: int = 
   return out
 
 
-def child(raster: str, tile: int, overlap: int, block: int, batch: int, model_kind: str,
-          width: int, depth: int) -> None:
+def child(
+  raster: str,
+  tile: int,
+  overlap: int,
+  block: int,
+  batch: int,
+  model_kind: str,
+  width: int,
+  depth: int,
+) -> None:
   """Runs in a fresh process; prints one JSON line."""
   import numpy as np
   from flax import nnx
@@ -68,36 +91,56 @@ def child(raster: str, tile: int, overlap: int, block: int, batch: int, model_ki
   from demmae_jax.inference import raster as predict
   from demmae_jax.inference.apply import probabilities_fn
   from demmae_jax.models import mae, unet, upernet
+
   if model_kind == "unet":
     model = unet.UNet(unet.UNetConfig(width=width, depth=depth), rngs=nnx.Rngs(0))
   else:
-    model = upernet.Segmenter(mae.build("tiny", in_chans=1, img_size=tile, patch_size=tile // 8),
-                              upernet.HeadConfig(layers=(0, 1, 2, 3), channels=32, aux_channels=0),
-                              rngs=nnx.Rngs(0))
+    model = upernet.Segmenter(
+      mae.build("tiny", in_chans=1, img_size=tile, patch_size=tile // 8),
+      upernet.HeadConfig(layers=(0, 1, 2, 3), channels=32, aux_channels=0),
+      rngs=nnx.Rngs(0),
+    )
   probs = probabilities_fn(model)
   normalise = lambda dem, valid: normalise_numpy(dem, valid, "minmax")
-  np.asarray(probs(normalise(np.zeros((batch, tile, tile), np.float32), np.ones((batch, tile, tile), bool))))
+  np.asarray(
+    probs(normalise(np.zeros((batch, tile, tile), np.float32), np.ones((batch, tile, tile), bool)))
+  )
   warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   opts = predict.PredictOptions(tile=tile, overlap=overlap, batch_size=batch, block=block)
   out = Path(raster).with_suffix(".pred.tif")
   t0 = time.perf_counter()
-  summary = predict.predict_raster(raster, out, probs, normalise, opts, overwrite=True, progress=False)
+  summary = predict.predict_raster(
+    raster, out, probs, normalise, opts, overwrite=True, progress=False
+  )
   seconds = time.perf_counter() - t0
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out.unlink()
-  print(json.dumps({"warm_mb": warm, "peak_mb": peak, "seconds": seconds,
-                    "windows": summary["windows"], "load": os.getloadavg()[0]}))
+  print(
+    json.dumps(
+      {
+        "warm_mb": warm,
+        "peak_mb": peak,
+        "seconds": seconds,
+        "windows": summary["windows"],
+        "load": os.getloadavg()[0],
+      }
+    )
+  )
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--sizes", type=int, nargs="+", default=[5000, 10000])
   p.add_argument("--tile", type=int, default=128)
   p.add_argument("--overlap", type=int, default=32)
   p.add_argument("--block", type=int, default=1024)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--model", choices=["unet", "upernet"], default="unet")
-  p.add_argument("--width", type=int, default=4, help="UNet width (a tiny network: memory, not speed)")
+  p.add_argument(
+    "--width", type=int, default=4, help="UNet width (a tiny network: memory, not speed)"
+  )
   p.add_argument("--depth", type=int, default=2, help="UNet depth")
   p.add_argument("--tmp", default=None, help="scratch folder for the rasters (deleted after)")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -111,9 +154,26 @@ def main():
     dsm = delft_dsm(scratch)
     for size in a.sizes:
       raster = mirrored_raster(dsm, size, scratch / f"dem_{size}.tif")
-      cmd = [sys.executable, __file__, "--child", str(raster), "--tile", str(a.tile),
-             "--overlap", str(a.overlap), "--block", str(a.block), "--batch", str(a.batch),
-             "--model", a.model, "--width", str(a.width), "--depth", str(a.depth)]
+      cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(raster),
+        "--tile",
+        str(a.tile),
+        "--overlap",
+        str(a.overlap),
+        "--block",
+        str(a.block),
+        "--batch",
+        str(a.batch),
+        "--model",
+        a.model,
+        "--width",
+        str(a.width),
+        "--depth",
+        str(a.depth),
+      ]
       done = subprocess.run(cmd, capture_output=True, text=True)
       if done.returncode:
         sys.exit(f"child failed for {size}:\n{done.stderr[-3000:]}")
@@ -121,20 +181,24 @@ def main():
       r.update(size=size, megapixels=size * size / 1e6, input_mb=raster.stat().st_size / 2**20)
       rows.append(r)
       raster.unlink()
-      print(f"{size:>6} x {size:<6} ({r['megapixels']:.0f} Mpx, file {r['input_mb']:.0f} MB): "
-            f"peak RSS {r['peak_mb']:.0f} MB (after warm-up {r['warm_mb']:.0f} MB, prediction adds "
-            f"{r['peak_mb'] - r['warm_mb']:.0f} MB); {r['windows']} windows in {r['seconds']:.0f} s "
-            f"({r['megapixels'] / r['seconds']:.2f} Mpx/s, {r['windows'] / r['seconds']:.0f} windows/s, "
-            f"{r['megapixels'] * CELL_M**2 / r['seconds']:.3f} km^2/s); load average {r['load']:.1f}",
-            flush=True)
+      print(
+        f"{size:>6} x {size:<6} ({r['megapixels']:.0f} Mpx, file {r['input_mb']:.0f} MB): "
+        f"peak RSS {r['peak_mb']:.0f} MB (after warm-up {r['warm_mb']:.0f} MB, prediction adds "
+        f"{r['peak_mb'] - r['warm_mb']:.0f} MB); {r['windows']} windows in {r['seconds']:.0f} s "
+        f"({r['megapixels'] / r['seconds']:.2f} Mpx/s, {r['windows'] / r['seconds']:.0f} windows/s, "
+        f"{r['megapixels'] * CELL_M**2 / r['seconds']:.3f} km^2/s); load average {r['load']:.1f}",
+        flush=True,
+      )
   base = rows[0]
   for r in rows[1:]:
-    print(f"{r['size']} vs {base['size']}: {r['megapixels'] / base['megapixels']:.1f}x the pixels, "
-          f"peak RSS ratio {r['peak_mb'] / base['peak_mb']:.3f}, growth beyond warm-up "
-          f"{r['peak_mb'] - r['warm_mb']:.0f} MB vs {base['peak_mb'] - base['warm_mb']:.0f} MB, "
-          f"throughput ratio {(r['windows'] / r['seconds']) / (base['windows'] / base['seconds']):.2f} "
-          f"(model {a.model}{f' width {a.width} depth {a.depth}' if a.model == 'unet' else ''}, "
-          f"tile {a.tile}, overlap {a.overlap}, block {a.block}, batch {a.batch})")
+    print(
+      f"{r['size']} vs {base['size']}: {r['megapixels'] / base['megapixels']:.1f}x the pixels, "
+      f"peak RSS ratio {r['peak_mb'] / base['peak_mb']:.3f}, growth beyond warm-up "
+      f"{r['peak_mb'] - r['warm_mb']:.0f} MB vs {base['peak_mb'] - base['warm_mb']:.0f} MB, "
+      f"throughput ratio {(r['windows'] / r['seconds']) / (base['windows'] / base['seconds']):.2f} "
+      f"(model {a.model}{f' width {a.width} depth {a.depth}' if a.model == 'unet' else ''}, "
+      f"tile {a.tile}, overlap {a.overlap}, block {a.block}, batch {a.batch})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Config sections every training run shares (pretraining and finetuning), so the loop, the mesh
 and the checkpoints read the same keys everywhere. A config file adds its task's sections."""
+
 from __future__ import annotations
 
 import ml_collections
@@ -35,21 +36,26 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Memory plan before the first step (demmae_jax/train/memory.py, docs/memory.md). It may change
   # between restarts of one workdir: the plan a run chose is kept in workdir/memory_plan.json.
-  c.memory = ml_collections.ConfigDict(dict(
+  c.memory = ml_collections.ConfigDict(
+    dict(
       fit="auto",  # auto: split the batch into micro-batches / remat until the step fits;
-                   # strict: stop instead, naming the flags that fit; off: only print the plan
+      # strict: stop instead, naming the flags that fit; off: only print the plan
       limit="",  # bytes per device to plan for, e.g. "16GiB"; "": $DEMMAE_MEMORY_LIMIT or the device's
       margin=0.1,  # fraction of it kept free for the runtime, input pipeline, checkpoint copies
       allow_remat=True,  # auto may switch the model's remat on (more compute, less memory)
-      min_micro_batch=8))  # auto: below this many rows per device per micro-batch, try remat
+      min_micro_batch=8,
+    )
+  )  # auto: below this many rows per device per micro-batch, try remat
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True))
   # Logging may change between restarts of one workdir; everything else must not.
-  c.log = ml_collections.ConfigDict(dict(every_steps=10, picture_every_steps=0, progress=True,
-                                         tensorboard=True))
+  c.log = ml_collections.ConfigDict(
+    dict(every_steps=10, picture_every_steps=0, progress=True, tensorboard=True)
+  )
   # Multi-host: coordinator "host:port" (or "auto" on Cloud TPU); empty: one process.
-  c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1,
-                                                 process_id=0))
+  c.distributed = ml_collections.ConfigDict(
+    dict(coordinator_address="", num_processes=1, process_id=0)
+  )
   return c
 
 

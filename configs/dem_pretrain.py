@@ -19,6 +19,7 @@ Override anything with --config.key=value (e.g. --config.total_steps=100); unkno
 error. Initialise from a ported MAE checkpoint with --config.init=PATH (RGB weights are adapted
 to one channel with --config.channel_adapt=sum).
 """
+
 import ml_collections
 
 from configs import common
@@ -28,39 +29,98 @@ PRETRAIN_FILES = ("pretrain/N46E008.tif", "pretrain/N49W123.tif", "alexandria/ds
 # Terrain never trained on, for the held-out masked loss (New Hampshire, SRTM .hgt).
 EVAL_FILES = ("pretrain/N44W072.hgt",)
 # IGN LiDAR HD point clouds (Brittany), rasterised to a DSM in the workdir before training.
-PRETRAIN_LIDAR = ("pretrain/test_semis_2023_0299_6802_LA93_IGN69.laz",
-                  "pretrain/test_semis_2023_0300_6802_LA93_IGN69.laz")
+PRETRAIN_LIDAR = (
+  "pretrain/test_semis_2023_0299_6802_LA93_IGN69.laz",
+  "pretrain/test_semis_2023_0300_6802_LA93_IGN69.laz",
+)
 
 PRESETS = {
-    "tiny": dict(model=dict(preset="tiny", img_size=32, patch_size=4, in_chans=1),
-                 total_steps=50, global_batch=8, warmup_steps=5, lr=1e-3, checkpoint_every=10,
-                 log_every=5, picture_every=25, eval_every=25),
-    "cpu": dict(model=dict(preset="tiny", img_size=64, patch_size=8, in_chans=1, embed_dim=192,
-                           depth=6, num_heads=3, decoder_embed_dim=128, decoder_depth=2,
-                           decoder_num_heads=4),
-                total_steps=1500, global_batch=32, warmup_steps=100, lr=1e-3, checkpoint_every=250,
-                log_every=25, picture_every=500, eval_every=100),
-    "base": dict(model=dict(preset="base", img_size=224, patch_size=16, in_chans=1,
-                            dtype="bfloat16"),
-                 total_steps=100_000, global_batch=256, warmup_steps=5_000, lr=None,
-                 checkpoint_every=1000, log_every=50, picture_every=2000, eval_every=2000),
-    "large": dict(model=dict(preset="large", img_size=224, patch_size=16, in_chans=1,
-                             dtype="bfloat16", remat=True),
-                  total_steps=100_000, global_batch=256, warmup_steps=5_000, lr=None,
-                  checkpoint_every=1000, log_every=50, picture_every=2000, eval_every=2000),
+  "tiny": dict(
+    model=dict(preset="tiny", img_size=32, patch_size=4, in_chans=1),
+    total_steps=50,
+    global_batch=8,
+    warmup_steps=5,
+    lr=1e-3,
+    checkpoint_every=10,
+    log_every=5,
+    picture_every=25,
+    eval_every=25,
+  ),
+  "cpu": dict(
+    model=dict(
+      preset="tiny",
+      img_size=64,
+      patch_size=8,
+      in_chans=1,
+      embed_dim=192,
+      depth=6,
+      num_heads=3,
+      decoder_embed_dim=128,
+      decoder_depth=2,
+      decoder_num_heads=4,
+    ),
+    total_steps=1500,
+    global_batch=32,
+    warmup_steps=100,
+    lr=1e-3,
+    checkpoint_every=250,
+    log_every=25,
+    picture_every=500,
+    eval_every=100,
+  ),
+  "base": dict(
+    model=dict(preset="base", img_size=224, patch_size=16, in_chans=1, dtype="bfloat16"),
+    total_steps=100_000,
+    global_batch=256,
+    warmup_steps=5_000,
+    lr=None,
+    checkpoint_every=1000,
+    log_every=50,
+    picture_every=2000,
+    eval_every=2000,
+  ),
+  "large": dict(
+    model=dict(
+      preset="large", img_size=224, patch_size=16, in_chans=1, dtype="bfloat16", remat=True
+    ),
+    total_steps=100_000,
+    global_batch=256,
+    warmup_steps=5_000,
+    lr=None,
+    checkpoint_every=1000,
+    log_every=50,
+    picture_every=2000,
+    eval_every=2000,
+  ),
 }
 # The cpu run on the high-resolution corpus; Delft at 0.5 m (the cpu experiments' tile cell),
 # the other sources at their own (Amsterdam, Gothenburg 1 m; Alexandria, IGN 2 m).
-PRESETS["cpu_hr"] = {**PRESETS["cpu"], "data": dict(
-    corpus="auto", corpus_cell_size=0.5, files=(), lidar_files=(), eval_files=(),
-    normalisation=dict(mode="ndsm", scale_m=30.0))}  # as the recommended finetuning input
+PRESETS["cpu_hr"] = {
+  **PRESETS["cpu"],
+  "data": dict(
+    corpus="auto",
+    corpus_cell_size=0.5,
+    files=(),
+    lidar_files=(),
+    eval_files=(),
+    normalisation=dict(mode="ndsm", scale_m=30.0),
+  ),
+}  # as the recommended finetuning input
 
 
 # The cpu run streamed from TFRecord tiles (data_pipelines/corpus_reader.py) instead of rasters
 # in memory; a built corpus folder can be named instead of "auto" (--config.data.corpus_tiles=DIR).
-PRESETS["cpu_tiles"] = {**PRESETS["cpu"], "data": dict(
-    corpus_tiles="auto", corpus_cell_size=0.5, files=(), lidar_files=(), eval_files=(),
-    normalisation=dict(mode="ndsm", scale_m=30.0))}
+PRESETS["cpu_tiles"] = {
+  **PRESETS["cpu"],
+  "data": dict(
+    corpus_tiles="auto",
+    corpus_cell_size=0.5,
+    files=(),
+    lidar_files=(),
+    eval_files=(),
+    normalisation=dict(mode="ndsm", scale_m=30.0),
+  ),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -79,8 +139,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Model: an MAE preset plus MAEConfig field overrides (any MAEConfig field may be added).
   c.model = ml_collections.ConfigDict(
-      {**dict(mask_ratio=0.75, norm_pix_loss=False, norm_pix_eps=1.0e-6, dtype="float32", remat=False),
-         **p["model"]})
+    {
+      **dict(
+        mask_ratio=0.75, norm_pix_loss=False, norm_pix_eps=1.0e-6, dtype="float32", remat=False
+      ),
+      **p["model"],
+    }
+  )
   # Initialisation: "" = from scratch, or a ported / exported MAE checkpoint path.
   c.init = ""
   c.channel_adapt = ""  # "sum" | "mean" | "repeat": RGB patch-embedding weights to 1 channel
@@ -119,7 +184,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "minmax" per crop (the paper's); "relative" (DSM height above the crop's low_percentile, /
   # scale_m, clipped) and "ndsm" (the corpus's nDSM rasters / scale_m, clipped) are the modes
   # finetuning can use, so an encoder pretrained with one is finetuned with the same.
-  c.data.normalisation = ml_collections.ConfigDict(dict(mode="minmax", scale_m=30.0, low_percentile=2.0))
+  c.data.normalisation = ml_collections.ConfigDict(
+    dict(mode="minmax", scale_m=30.0, low_percentile=2.0)
+  )
   for key, value in p.get("data", {}).items():
     if key == "normalisation":
       c.data.normalisation.update(value)

@@ -11,19 +11,56 @@ Protocols:
          3000 steps of batch 8, validation every 150 keeping the best IoU.
 Everything is overridable: --config.steps=150, --config.sizes=10,50, --config.seeds=1, ...
 """
+
 import ml_collections
 
 # configs/finetune.py presets per protocol and model kind; {task} is buildings or roads.
 PROTOCOLS = {
-    "cpu": dict(tile_size=64, stride=8, block_px=128, val_tiles=50, steps=300, eval_every=50,
-                warmup=30, batch=8, upernet="cpu_{task}", unet="cpu_unet_{task}",
-                encoder="runs/dem_mae_cpu", pretrain_preset="cpu", imagenet_layers=(3, 5, 7, 11)),
-    "tiny": dict(tile_size=32, stride=16, block_px=64, val_tiles=8, steps=4, eval_every=2,
-                 warmup=1, batch=8, upernet="tiny", unet="tiny_unet", encoder="",
-                 pretrain_preset="tiny", imagenet_layers=(3, 5, 7, 11)),
-    "paper": dict(tile_size=224, stride=32, block_px=224, val_tiles=50, steps=3000,
-                  eval_every=150, warmup=150, batch=8, upernet="{task}", unet="unet_{task}",
-                  encoder="", pretrain_preset="base", imagenet_layers=(3, 5, 7, 11)),
+  "cpu": dict(
+    tile_size=64,
+    stride=8,
+    block_px=128,
+    val_tiles=50,
+    steps=300,
+    eval_every=50,
+    warmup=30,
+    batch=8,
+    upernet="cpu_{task}",
+    unet="cpu_unet_{task}",
+    encoder="runs/dem_mae_cpu",
+    pretrain_preset="cpu",
+    imagenet_layers=(3, 5, 7, 11),
+  ),
+  "tiny": dict(
+    tile_size=32,
+    stride=16,
+    block_px=64,
+    val_tiles=8,
+    steps=4,
+    eval_every=2,
+    warmup=1,
+    batch=8,
+    upernet="tiny",
+    unet="tiny_unet",
+    encoder="",
+    pretrain_preset="tiny",
+    imagenet_layers=(3, 5, 7, 11),
+  ),
+  "paper": dict(
+    tile_size=224,
+    stride=32,
+    block_px=224,
+    val_tiles=50,
+    steps=3000,
+    eval_every=150,
+    warmup=150,
+    batch=8,
+    upernet="{task}",
+    unet="unet_{task}",
+    encoder="",
+    pretrain_preset="base",
+    imagenet_layers=(3, 5, 7, 11),
+  ),
 }
 
 

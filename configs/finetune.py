@@ -14,13 +14,22 @@ Presets (the data is a tile set from `scripts/prepare_data.py`: --config.data.ma
 Unfreeze the encoder with --config.freeze_backbone=False (layer-wise lr decay 0.65 then applies).
 Override anything with --config.key=value; unknown keys are an error.
 """
+
 import ml_collections
 
 from configs import common
 
 VIT_B = dict(preset="base", patch_size=16)
-CPU_VIT = dict(preset="tiny", patch_size=8, embed_dim=192, depth=6, num_heads=3,
-               decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)  # dem_pretrain.py:cpu
+CPU_VIT = dict(
+  preset="tiny",
+  patch_size=8,
+  embed_dim=192,
+  depth=6,
+  num_heads=3,
+  decoder_embed_dim=128,
+  decoder_depth=2,
+  decoder_num_heads=4,
+)  # dem_pretrain.py:cpu
 TINY_VIT = dict(preset="tiny", patch_size=4)
 
 PAPER = dict(total_steps=3000, global_batch=8, eval_every=150, warmup_steps=150)
@@ -28,27 +37,91 @@ CPU = dict(total_steps=300, global_batch=8, eval_every=50, warmup_steps=30)
 TINY = dict(total_steps=30, global_batch=8, eval_every=10, warmup_steps=3)
 
 PRESETS = {
-    "buildings": dict(kind="upernet", backbone=VIT_B, layers=(3, 5, 7, 11), channels=512,
-                      aux_channels=256, lr=1e-4, task="buildings", **PAPER),
-    "roads": dict(kind="upernet", backbone=VIT_B, layers=(3, 5, 7, 11), channels=512,
-                  aux_channels=256, lr=1e-4, task="roads", **PAPER),
-    "unet_buildings": dict(kind="unet", width=64, depth=4, lr=1e-3, task="buildings", **PAPER),
-    "unet_roads": dict(kind="unet", width=64, depth=4, lr=1e-3, task="roads", **PAPER),
-    "cpu_buildings": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=64,
-                          aux_channels=32, lr=1e-3, task="buildings", **CPU),
-    "cpu_roads": dict(kind="upernet", backbone=CPU_VIT, layers=(1, 2, 3, 5), channels=64,
-                      aux_channels=32, lr=1e-3, task="roads", **CPU),
-    "cpu_hybrid_buildings": dict(kind="hybrid", backbone=CPU_VIT, layers=(1, 2, 3, 5), width=16,
-                                 vit_channels=64, lr=1e-3, task="buildings", **CPU),
-    "cpu_hybrid_roads": dict(kind="hybrid", backbone=CPU_VIT, layers=(1, 2, 3, 5), width=16,
-                             vit_channels=64, lr=1e-3, task="roads", **CPU),
-    "cpu_unet_buildings": dict(kind="unet", width=16, depth=4, lr=1e-3, task="buildings", **CPU),
-    "cpu_unet_roads": dict(kind="unet", width=16, depth=4, lr=1e-3, task="roads", **CPU),
-    "tiny": dict(kind="upernet", backbone=TINY_VIT, layers=(0, 1, 2, 3), channels=32,
-                 aux_channels=16, lr=3e-3, task="buildings", **TINY),
-    "tiny_roads": dict(kind="upernet", backbone=TINY_VIT, layers=(0, 1, 2, 3), channels=32,
-                       aux_channels=16, lr=3e-3, task="roads", **TINY),
-    "tiny_unet": dict(kind="unet", width=8, depth=3, lr=3e-3, task="buildings", **TINY),
+  "buildings": dict(
+    kind="upernet",
+    backbone=VIT_B,
+    layers=(3, 5, 7, 11),
+    channels=512,
+    aux_channels=256,
+    lr=1e-4,
+    task="buildings",
+    **PAPER,
+  ),
+  "roads": dict(
+    kind="upernet",
+    backbone=VIT_B,
+    layers=(3, 5, 7, 11),
+    channels=512,
+    aux_channels=256,
+    lr=1e-4,
+    task="roads",
+    **PAPER,
+  ),
+  "unet_buildings": dict(kind="unet", width=64, depth=4, lr=1e-3, task="buildings", **PAPER),
+  "unet_roads": dict(kind="unet", width=64, depth=4, lr=1e-3, task="roads", **PAPER),
+  "cpu_buildings": dict(
+    kind="upernet",
+    backbone=CPU_VIT,
+    layers=(1, 2, 3, 5),
+    channels=64,
+    aux_channels=32,
+    lr=1e-3,
+    task="buildings",
+    **CPU,
+  ),
+  "cpu_roads": dict(
+    kind="upernet",
+    backbone=CPU_VIT,
+    layers=(1, 2, 3, 5),
+    channels=64,
+    aux_channels=32,
+    lr=1e-3,
+    task="roads",
+    **CPU,
+  ),
+  "cpu_hybrid_buildings": dict(
+    kind="hybrid",
+    backbone=CPU_VIT,
+    layers=(1, 2, 3, 5),
+    width=16,
+    vit_channels=64,
+    lr=1e-3,
+    task="buildings",
+    **CPU,
+  ),
+  "cpu_hybrid_roads": dict(
+    kind="hybrid",
+    backbone=CPU_VIT,
+    layers=(1, 2, 3, 5),
+    width=16,
+    vit_channels=64,
+    lr=1e-3,
+    task="roads",
+    **CPU,
+  ),
+  "cpu_unet_buildings": dict(kind="unet", width=16, depth=4, lr=1e-3, task="buildings", **CPU),
+  "cpu_unet_roads": dict(kind="unet", width=16, depth=4, lr=1e-3, task="roads", **CPU),
+  "tiny": dict(
+    kind="upernet",
+    backbone=TINY_VIT,
+    layers=(0, 1, 2, 3),
+    channels=32,
+    aux_channels=16,
+    lr=3e-3,
+    task="buildings",
+    **TINY,
+  ),
+  "tiny_roads": dict(
+    kind="upernet",
+    backbone=TINY_VIT,
+    layers=(0, 1, 2, 3),
+    channels=32,
+    aux_channels=16,
+    lr=3e-3,
+    task="roads",
+    **TINY,
+  ),
+  "tiny_unet": dict(kind="unet", width=8, depth=3, lr=3e-3, task="buildings", **TINY),
 }
 
 
@@ -93,16 +166,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Encoder architecture when not read off `init`: an MAE preset plus MAEConfig overrides; the
   # image size is the tile size and in_chans the normalisation's channels.
   c.model.backbone = ml_collections.ConfigDict(p.get("backbone", TINY_VIT))
-  c.model.head = ml_collections.ConfigDict(dict(
-      layers=p.get("layers", (0, 1, 2, 3)), channels=p.get("channels", 512),
-      pool_scales=(1, 2, 3, 6), dropout=0.1, aux_channels=p.get("aux_channels", 256),
-      aux_index=2, aux_weight=0.4))
+  c.model.head = ml_collections.ConfigDict(
+    dict(
+      layers=p.get("layers", (0, 1, 2, 3)),
+      channels=p.get("channels", 512),
+      pool_scales=(1, 2, 3, 6),
+      dropout=0.1,
+      aux_channels=p.get("aux_channels", 256),
+      aux_index=2,
+      aux_weight=0.4,
+    )
+  )
   c.model.unet = ml_collections.ConfigDict(dict(width=p.get("width", 64), depth=p.get("depth", 4)))
   # ViT-UNet (model.kind "hybrid"): a UNet stem of `width` with the ViT's `layers` joined at the
   # patch-grid level, projected to `vit_channels` (demmae_jax/models/hybrid.py).
-  c.model.hybrid = ml_collections.ConfigDict(dict(
-      layers=p.get("layers", (0, 1, 2, 3)), width=p.get("width", 16),
-      vit_channels=p.get("vit_channels", 64)))
+  c.model.hybrid = ml_collections.ConfigDict(
+    dict(
+      layers=p.get("layers", (0, 1, 2, 3)),
+      width=p.get("width", 16),
+      vit_channels=p.get("vit_channels", 64),
+    )
+  )
 
   c.data = ml_collections.ConfigDict()
   c.data.manifest = ""  # tile set's manifest.json (scripts/prepare_data.py); required
@@ -112,8 +196,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # share of training tiles shown 2x coarser (block means interpolated back): robustness to
   # sources coarser than the grid they are predicted on (Alexandria's 2 m DSM at 1 m)
   c.data.coarsen = 0.0
-  c.data.normalisation = ml_collections.ConfigDict(dict(
-      mode="minmax", channels=1, scale_m=30.0, low_percentile=2.0))
+  c.data.normalisation = ml_collections.ConfigDict(
+    dict(mode="minmax", channels=1, scale_m=30.0, low_percentile=2.0)
+  )
 
   c.lock()  # a typo in --config.key is an error
   return c

@@ -8,6 +8,7 @@ split of every block is a pure function of that grid, the unit polygons, `block_
 `fractions` (`amsterdam_block_split`), never of the LiDAR. Blocks touching the AHN3 units are
 drawn first, so AHN3 gets its 70 / 15 / 15 shares, then the rest for AHN2.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -50,8 +51,12 @@ def block_bounds() -> tuple[float, float, float, float]:
   return tuple(float(v) for v in shapely.total_bounds(units))
 
 
-def amsterdam_block_split(dem_path: str | Path, block_px: int, seed: int = 0,
-                          fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> np.ndarray:
+def amsterdam_block_split(
+  dem_path: str | Path,
+  block_px: int,
+  seed: int = 0,
+  fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+) -> np.ndarray:
   """The split of every `block_px` block of `dem_path`'s grid: weights are pixels inside the AHN3
   units (drawn first) and inside all units, so the result does not depend on the survey."""
   with rasterio.open(dem_path) as dem:
@@ -60,20 +65,35 @@ def amsterdam_block_split(dem_path: str | Path, block_px: int, seed: int = 0,
   nb = (-(-grid["out_shape"][0] // block_px), -(-grid["out_shape"][1] // block_px))
 
   def weights(units):
-    inside = rasterio.features.rasterize(read_geometries(_units(units), crs), fill=0, default_value=1,
-                                         dtype=np.uint8, **grid).astype(np.int64)
+    inside = rasterio.features.rasterize(
+      read_geometries(_units(units), crs), fill=0, default_value=1, dtype=np.uint8, **grid
+    ).astype(np.int64)
     padded = np.zeros((nb[0] * block_px, nb[1] * block_px), np.int64)
-    padded[:inside.shape[0], :inside.shape[1]] = inside
+    padded[: inside.shape[0], : inside.shape[1]] = inside
     return padded.reshape(nb[0], block_px, nb[1], block_px).sum(axis=(1, 3))
 
-  return assign_blocks_nested(weights(SURVEY_UNITS["ahn3"]), weights(ALL_UNITS), dict(fractions), seed)
+  return assign_blocks_nested(
+    weights(SURVEY_UNITS["ahn3"]), weights(ALL_UNITS), dict(fractions), seed
+  )
 
 
-def prepare_amsterdam(out_dir: str | Path, task: str = "buildings", *, survey: str = "ahn3",
-                      cell_size: float = 1.0, tile_size: int = 64, stride: int | None = 32,
-                      block_px: int | None = None, dtype: str = "float16", min_valid: float = 0.75,
-                      min_labelled: float = 0.25, seed: int = 0, overwrite: bool = False,
-                      progress: bool = True, fractions: Mapping[str, float] | None = None) -> Path:
+def prepare_amsterdam(
+  out_dir: str | Path,
+  task: str = "buildings",
+  *,
+  survey: str = "ahn3",
+  cell_size: float = 1.0,
+  tile_size: int = 64,
+  stride: int | None = 32,
+  block_px: int | None = None,
+  dtype: str = "float16",
+  min_valid: float = 0.75,
+  min_labelled: float = 0.25,
+  seed: int = 0,
+  overwrite: bool = False,
+  progress: bool = True,
+  fractions: Mapping[str, float] | None = None,
+) -> Path:
   """Amsterdam `survey` LiDAR + BAG footprints -> `out_dir`/{rasters, labels, tiles}; returns the
   manifest. Labelled area: the survey's units (outside them 255 = ignore; the footprints cover
   the whole block). Canals have no returns: their cells are invalid (valid = 0, no DSM value
@@ -90,24 +110,47 @@ def prepare_amsterdam(out_dir: str | Path, task: str = "buildings", *, survey: s
   units = SURVEY_UNITS[survey]
   laz = [shared_file(f"amsterdam/{survey}/unit_25gn1_{u}.laz") for u in units]
   with named_target(out_dir), atomic_dir(out_dir, overwrite) as tmp:
-    rasters = las_to_rasters(laz, tmp / "rasters", cell_size=cell_size, crs=CRS, bounds=block_bounds(),
-                             progress=progress)
+    rasters = las_to_rasters(
+      laz, tmp / "rasters", cell_size=cell_size, crs=CRS, bounds=block_bounds(), progress=progress
+    )
     label_tif = tmp / "labels" / "buildings.tif"
-    rasterize_labels(rasters["dsm"], [LabelLayer(shared_file(BAG), layer=BAG_LAYER)], label_tif,
-                     area=_units(units))
+    rasterize_labels(
+      rasters["dsm"], [LabelLayer(shared_file(BAG), layer=BAG_LAYER)], label_tif, area=_units(units)
+    )
     # AHN3 classifies buildings: footprints it contradicts over a whole object are unknown
     conflicts = mask_label_conflicts(label_tif, rasters["class"]) if survey == "ahn3" else None
     split = amsterdam_block_split(rasters["dsm"], block_px, seed, fractions)
-    write_tiles(rasters["dsm"], tmp / "tiles", label=label_tif, valid=rasters["valid"],
-                extras={"dtm": rasters["dtm"], "ndsm": rasters["ndsm"]}, tile_size=tile_size,
-                stride=stride, block_px=block_px, min_valid=min_valid, min_labelled=min_labelled,
-                seed=seed, dtype=dtype, label_names={0: "background", 1: "building"}, progress=progress,
-                block_split=split, fractions=fractions,
-                extra_manifest={"preset": {
-                    "name": f"amsterdam_{survey}", "place": "amsterdam", "task": task, "survey": survey,
-                    "units": list(units), "crs": CRS, "labels": f"{BAG} layer {BAG_LAYER}",
-                    "label_conflicts_ignored": conflicts,
-                    "labelled_area": f"the {survey.upper()} units of {INDEX}",
-                    "split": "amsterdam_block_split: shared by ahn2 and ahn3 at equal cell_size, "
-                             "block_px and seed"}})
+    write_tiles(
+      rasters["dsm"],
+      tmp / "tiles",
+      label=label_tif,
+      valid=rasters["valid"],
+      extras={"dtm": rasters["dtm"], "ndsm": rasters["ndsm"]},
+      tile_size=tile_size,
+      stride=stride,
+      block_px=block_px,
+      min_valid=min_valid,
+      min_labelled=min_labelled,
+      seed=seed,
+      dtype=dtype,
+      label_names={0: "background", 1: "building"},
+      progress=progress,
+      block_split=split,
+      fractions=fractions,
+      extra_manifest={
+        "preset": {
+          "name": f"amsterdam_{survey}",
+          "place": "amsterdam",
+          "task": task,
+          "survey": survey,
+          "units": list(units),
+          "crs": CRS,
+          "labels": f"{BAG} layer {BAG_LAYER}",
+          "label_conflicts_ignored": conflicts,
+          "labelled_area": f"the {survey.upper()} units of {INDEX}",
+          "split": "amsterdam_block_split: shared by ahn2 and ahn3 at equal cell_size, "
+          "block_px and seed",
+        }
+      },
+    )
   return out_dir / "tiles" / MANIFEST

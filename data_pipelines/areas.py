@@ -8,6 +8,7 @@ place is never among the training areas. 1 m is the common cell size of the prot
 Amsterdam's and Gothenburg's native one, Delft's LiDAR (~14.6 points/m2) supports it, and
 Alexandria's 2 m rasters are resampled to it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,22 +39,61 @@ class Area:
   outline: str = "wall"
 
 
-AREAS = {a.name: a for a in (
-    Area("delft", "delft", prepare_delft, ("buildings", "roads"), 0.5, "EPSG:28992",
-         "BGT pand footprints; BGT wegdeel carriageway, parking, footpath, pedestrian area as road; "
-         "255 outside the hull of the BGT layers (44 % of the LiDAR block)",
-         # at 1 m Delft is 265 x 229 px: 128 px blocks make 6 blocks, test drew 3 (3 / 9 / 16 tiles)
-         block_px={(1.0, 64): 96}),
-    Area("alexandria", "alexandria", prepare_alexandria, ("buildings",), 2.0, "EPSG:26918",
-         "84 footprints (buildings.geojson); 255 outside their convex hull"),
-    Area("amsterdam_ahn3", "amsterdam", functools.partial(prepare_amsterdam, survey="ahn3"), ("buildings",), 1.0,
-         "EPSG:28992", "BAG pand footprints over the 7 AHN3 units; 255 outside them"),
-    Area("amsterdam_ahn2", "amsterdam", functools.partial(prepare_amsterdam, survey="ahn2"), ("buildings",), 1.0,
-         "EPSG:28992", "BAG pand footprints over all 16 units (AHN2 has no building class)"),
-    Area("gothenburg", "gothenburg", prepare_gothenburg, ("buildings", "roads"), 1.0, "EPSG:3007",
-         "land cover: class 2 buildings; class 1 paved (streets, pavements, squares) as road; "
-         "the whole raster is labelled", outline="roof"),
-)}
+AREAS = {
+  a.name: a
+  for a in (
+    Area(
+      "delft",
+      "delft",
+      prepare_delft,
+      ("buildings", "roads"),
+      0.5,
+      "EPSG:28992",
+      "BGT pand footprints; BGT wegdeel carriageway, parking, footpath, pedestrian area as road; "
+      "255 outside the hull of the BGT layers (44 % of the LiDAR block)",
+      # at 1 m Delft is 265 x 229 px: 128 px blocks make 6 blocks, test drew 3 (3 / 9 / 16 tiles)
+      block_px={(1.0, 64): 96},
+    ),
+    Area(
+      "alexandria",
+      "alexandria",
+      prepare_alexandria,
+      ("buildings",),
+      2.0,
+      "EPSG:26918",
+      "84 footprints (buildings.geojson); 255 outside their convex hull",
+    ),
+    Area(
+      "amsterdam_ahn3",
+      "amsterdam",
+      functools.partial(prepare_amsterdam, survey="ahn3"),
+      ("buildings",),
+      1.0,
+      "EPSG:28992",
+      "BAG pand footprints over the 7 AHN3 units; 255 outside them",
+    ),
+    Area(
+      "amsterdam_ahn2",
+      "amsterdam",
+      functools.partial(prepare_amsterdam, survey="ahn2"),
+      ("buildings",),
+      1.0,
+      "EPSG:28992",
+      "BAG pand footprints over all 16 units (AHN2 has no building class)",
+    ),
+    Area(
+      "gothenburg",
+      "gothenburg",
+      prepare_gothenburg,
+      ("buildings", "roads"),
+      1.0,
+      "EPSG:3007",
+      "land cover: class 2 buildings; class 1 paved (streets, pavements, squares) as road; "
+      "the whole raster is labelled",
+      outline="roof",
+    ),
+  )
+}
 
 
 def get_area(name: str) -> Area:
@@ -62,9 +102,19 @@ def get_area(name: str) -> Area:
   return AREAS[name]
 
 
-def prepare_area(name: str, out_dir: str | Path, task: str = "buildings", cell_size: float | None = None,
-                 tile_size: int = 64, stride: int | None = 32, *, block_px: int | None = None,
-                 holdout: bool = False, wall_lines: bool = False, **kwargs) -> Path:
+def prepare_area(
+  name: str,
+  out_dir: str | Path,
+  task: str = "buildings",
+  cell_size: float | None = None,
+  tile_size: int = 64,
+  stride: int | None = 32,
+  *,
+  block_px: int | None = None,
+  holdout: bool = False,
+  wall_lines: bool = False,
+  **kwargs,
+) -> Path:
   """Prepare area `name` for `task` into `out_dir`; returns the manifest. `cell_size` None = the
   area's native one; `holdout=True` puts every tile in test (the held-out area of
   leave-one-area-out); other keywords (dtype, min_valid, min_labelled, seed, overwrite,
@@ -80,13 +130,22 @@ def prepare_area(name: str, out_dir: str | Path, task: str = "buildings", cell_s
     kwargs["fractions"] = HOLDOUT
   if wall_lines and area.outline == "roof" and task == "buildings":
     from data_pipelines.labels import EAVE_M
+
     kwargs["eave_m"] = EAVE_M
-  return area.prepare(out_dir, task, cell_size=cell_size, tile_size=tile_size, stride=stride,
-                      block_px=block_px, **kwargs)
+  return area.prepare(
+    out_dir,
+    task,
+    cell_size=cell_size,
+    tile_size=tile_size,
+    stride=stride,
+    block_px=block_px,
+    **kwargs,
+  )
 
 
-def leave_one_area_out(held_out: str, manifests: Mapping[str, str | Path], out_dir: str | Path,
-                       **kwargs) -> Path:
+def leave_one_area_out(
+  held_out: str, manifests: Mapping[str, str | Path], out_dir: str | Path, **kwargs
+) -> Path:
   """One tile set: train / val from every area in `manifests` (name -> manifest) except those at
   `held_out`'s place, test = every tile of `held_out` (prepare it with holdout=True to keep the
   tiles a split would drop). Keywords go to combine_tile_sets."""

@@ -9,6 +9,7 @@ them for the next write into the same folder, which removes those whose process 
 (`sweep_stale`). Folders and files get ordinary permissions (as `mkdir`/`open` would give under the
 umask), not tempfile's private 0700/0600.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,10 @@ from data_pipelines.errors import DataError
 
 # Short and dot-free, so that a temporary's name says which host's process owns it.
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-_STALE = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>tmp|old)"
-                    r"(\.[A-Za-z0-9]+)?$")
+_STALE = re.compile(
+  r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>tmp|old)"
+  r"(\.[A-Za-z0-9]+)?$"
+)
 
 
 def refuse_existing(path: str | Path, overwrite: bool) -> None:
@@ -174,8 +177,9 @@ def scratch_dir(beside: str | Path) -> Iterator[Path]:
   beside = Path(beside)
   created = _make_parents(beside)
   sweep_stale(beside.parent)
-  tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(beside.name + ".scratch"), suffix=".tmp",
-                              dir=beside.parent))
+  tmp = Path(
+    tempfile.mkdtemp(prefix=temp_prefix(beside.name + ".scratch"), suffix=".tmp", dir=beside.parent)
+  )
   try:
     yield tmp
   finally:
@@ -191,7 +195,9 @@ def _same(a: Path, b: Path) -> bool:
     return False
 
 
-def check_outputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]) -> None:
+def check_outputs(
+  outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None]
+) -> None:
   """Refuse, before any work, outputs that would destroy an input or each other, and outputs
   that cannot be written:
 
@@ -211,13 +217,24 @@ def check_outputs(outputs: Iterable[str | Path | None], inputs: Iterable[str | P
     for inp in inputs:
       real_in = Path(os.path.realpath(inp))
       if real_in == real or _same(out, inp):
-        how = "" if out == inp else f" (both resolve to {real})" if real_in == real else \
-            " (hard links to one file)"
-        raise DataError(out, f"is the input {inp}{how}; writing it would destroy the input: choose "
-                        f"another output path")
+        how = (
+          ""
+          if out == inp
+          else f" (both resolve to {real})"
+          if real_in == real
+          else " (hard links to one file)"
+        )
+        raise DataError(
+          out,
+          f"is the input {inp}{how}; writing it would destroy the input: choose "
+          f"another output path",
+        )
       if real in real_in.parents:
-        raise DataError(out, f"holds the input {inp}; replacing it would destroy the input: choose "
-                        f"another output path")
+        raise DataError(
+          out,
+          f"holds the input {inp}; replacing it would destroy the input: choose "
+          f"another output path",
+        )
     _check_writable(out)
 
 

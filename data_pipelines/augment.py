@@ -6,6 +6,7 @@ the same one. One transform per group, not per tile, keeps the cost at one trans
 of the batch (a per-tile select computes all variants); the reader shuffles before batching, so
 groups are random sets of tiles and each tile sees every symmetry over the epochs.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -19,14 +20,14 @@ def _t(x: tf.Tensor) -> tf.Tensor:
 
 # the 8 symmetries, each with at most one transpose (the costly part) and one reverse
 SYMMETRIES = (
-    lambda x: x,                              # identity
-    lambda x: tf.reverse(_t(x), [1]),         # quarter turn
-    lambda x: tf.reverse(x, [1, 2]),          # half turn
-    lambda x: tf.reverse(_t(x), [2]),         # three quarter turns
-    lambda x: tf.reverse(x, [1]),             # flip rows
-    lambda x: tf.reverse(x, [2]),             # flip columns
-    _t,                                       # transpose
-    lambda x: tf.reverse(_t(x), [1, 2]),      # anti-transpose
+  lambda x: x,  # identity
+  lambda x: tf.reverse(_t(x), [1]),  # quarter turn
+  lambda x: tf.reverse(x, [1, 2]),  # half turn
+  lambda x: tf.reverse(_t(x), [2]),  # three quarter turns
+  lambda x: tf.reverse(x, [1]),  # flip rows
+  lambda x: tf.reverse(x, [2]),  # flip columns
+  _t,  # transpose
+  lambda x: tf.reverse(_t(x), [1, 2]),  # anti-transpose
 )
 
 
@@ -35,7 +36,9 @@ def symmetry(x: tf.Tensor, i: int) -> tf.Tensor:
   return SYMMETRIES[i](x)
 
 
-def random_symmetries(planes: list[tf.Tensor], seed: tf.Tensor, groups: int = GROUPS) -> list[tf.Tensor]:
+def random_symmetries(
+  planes: list[tf.Tensor], seed: tf.Tensor, groups: int = GROUPS
+) -> list[tf.Tensor]:
   """The same random symmetry per group on every plane ([B, H, W, ...] each, square tiles)."""
   batch = tf.shape(planes[0])[0]
   static = planes[0].shape[0]
@@ -45,8 +48,15 @@ def random_symmetries(planes: list[tf.Tensor], seed: tf.Tensor, groups: int = GR
   out = []
   for plane in planes:
     parts = tf.split(plane, tf.stack(sizes), num=n)
-    out.append(tf.concat([tf.switch_case(picks[g], [lambda p=p, f=f: f(p) for f in SYMMETRIES])
-                          for g, p in enumerate(parts)], axis=0))
+    out.append(
+      tf.concat(
+        [
+          tf.switch_case(picks[g], [lambda p=p, f=f: f(p) for f in SYMMETRIES])
+          for g, p in enumerate(parts)
+        ],
+        axis=0,
+      )
+    )
   return out
 
 

@@ -7,6 +7,7 @@ absolute), so nothing is copied except the few-label subsets, which are record c
 members before it. Class counts are summed; elevation statistics are recomputed from the
 combined training tiles (as stored), so z-score normalisation sees the union.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,16 +40,28 @@ def _check_compatible(members: list[dict]) -> None:
   for m in members[1:]:
     for key in MUST_AGREE:
       if m.get(key) != first.get(key):
-        raise DataError(m["_path"], f"{key} {m.get(key)!r} differs from {first.get(key)!r} of {first['_path']}: "
-                        "prepare all areas with the same tile size, task, channels and dtype")
+        raise DataError(
+          m["_path"],
+          f"{key} {m.get(key)!r} differs from {first.get(key)!r} of {first['_path']}: "
+          "prepare all areas with the same tile size, task, channels and dtype",
+        )
     if not math.isclose(m["cell_size"], first["cell_size"], rel_tol=1e-6):
-      raise DataError(m["_path"], f"cell size {m['cell_size']:g} differs from {first['cell_size']:g} of "
-                      f"{first['_path']}: prepare all areas at one cell size (cell_size=...)")
+      raise DataError(
+        m["_path"],
+        f"cell size {m['cell_size']:g} differs from {first['cell_size']:g} of "
+        f"{first['_path']}: prepare all areas at one cell size (cell_size=...)",
+      )
 
 
-def combine_tile_sets(train_sets: Sequence[str | Path], out_dir: str | Path, *,
-                      test_sets: Sequence[str | Path] | None = None, seed: int = 0,
-                      overwrite: bool = False, tiles_per_shard: int = 1024) -> Path:
+def combine_tile_sets(
+  train_sets: Sequence[str | Path],
+  out_dir: str | Path,
+  *,
+  test_sets: Sequence[str | Path] | None = None,
+  seed: int = 0,
+  overwrite: bool = False,
+  tiles_per_shard: int = 1024,
+) -> Path:
   """One manifest (returned) over the manifests `train_sets`: train = their train splits, val =
   their val splits, test = their test splits, or, with `test_sets`, every tile of those
   (train, val and test splits alike: the areas a model never trains on). A test set at a place
@@ -69,13 +82,18 @@ def combine_tile_sets(train_sets: Sequence[str | Path], out_dir: str | Path, *,
   train_places = {_place(m) for m in members if m["_role"] == "train"}
   for m in members:
     if m["_role"] == "test" and _place(m) in train_places:
-      raise DataError(m["_path"], f"place {_place(m)!r} is also among the training sets: a held-out "
-                      "area must be unseen")
+      raise DataError(
+        m["_path"],
+        f"place {_place(m)!r} is also among the training sets: a held-out area must be unseen",
+      )
   seen = [m["_path"] if "://" in m["_path"] else str(Path(m["_path"]).resolve()) for m in members]
   if len(set(seen)) < len(seen):
     raise ValueError(f"a tile set is given twice: {[m['_path'] for m in members]}")
-  takes = {"train": {"train": ("train",), "test": ()}, "val": {"train": ("val",), "test": ()},
-           "test": {"train": () if test_sets else ("test",), "test": SPLITS}}
+  takes = {
+    "train": {"train": ("train",), "test": ()},
+    "val": {"train": ("val",), "test": ()},
+    "test": {"train": () if test_sets else ("test",), "test": SPLITS},
+  }
   offsets = np.cumsum([0] + [int(m["candidates"]) for m in members[:-1]]).tolist()
   here = out_dir.resolve()
 
@@ -121,23 +139,37 @@ def combine_tile_sets(train_sets: Sequence[str | Path], out_dir: str | Path, *,
     for w in writers.values():
       w.close()
     manifest = {
-        "format": FORMAT,
-        **{k: members[0][k] for k in MUST_AGREE},
-        "cell_size": float(members[0]["cell_size"]),
-        "stride": members[0].get("stride") if len({m.get("stride") for m in members}) == 1 else None,
-        "crs_wkt": None,  # members differ; every record carries its own
-        "members": [{"manifest": rel(m["_path"]), "role": m["_role"], "place": _place(m),
-                     "name": (m.get("preset") or {}).get("name"), "tile_id_offset": off,
-                     "counts": {s: m["splits"][s]["count"] for s in SPLITS}}
-                    for m, off in zip(members, offsets)],
-        "split": {"combined": True, "seed": seed},
-        "splits": splits,
-        "subsets": {name: {"files": writers[name].files, "count": writers[name].count, "tile_ids": ids}
-                    for name, ids in subsets.items()},
-        "skipped": {k: sum(int(m["skipped"].get(k, 0)) for m in members) for k in members[0]["skipped"]},
-        "candidates": int(sum(int(m["candidates"]) for m in members)),
-        "stats": {"elevation": stats["elevation"].summary(), "local_relief": relief.summary(),
-                  **{c: stats[c].summary() for c in channels if c != "elevation"}},
+      "format": FORMAT,
+      **{k: members[0][k] for k in MUST_AGREE},
+      "cell_size": float(members[0]["cell_size"]),
+      "stride": members[0].get("stride") if len({m.get("stride") for m in members}) == 1 else None,
+      "crs_wkt": None,  # members differ; every record carries its own
+      "members": [
+        {
+          "manifest": rel(m["_path"]),
+          "role": m["_role"],
+          "place": _place(m),
+          "name": (m.get("preset") or {}).get("name"),
+          "tile_id_offset": off,
+          "counts": {s: m["splits"][s]["count"] for s in SPLITS},
+        }
+        for m, off in zip(members, offsets)
+      ],
+      "split": {"combined": True, "seed": seed},
+      "splits": splits,
+      "subsets": {
+        name: {"files": writers[name].files, "count": writers[name].count, "tile_ids": ids}
+        for name, ids in subsets.items()
+      },
+      "skipped": {
+        k: sum(int(m["skipped"].get(k, 0)) for m in members) for k in members[0]["skipped"]
+      },
+      "candidates": int(sum(int(m["candidates"]) for m in members)),
+      "stats": {
+        "elevation": stats["elevation"].summary(),
+        "local_relief": relief.summary(),
+        **{c: stats[c].summary() for c in channels if c != "elevation"},
+      },
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
   return out_dir / MANIFEST

@@ -24,6 +24,7 @@ on. The manifest (OUT/corpus_manifest.json) lists every source, shard, count and
 file, sorted: the same inputs give byte-identical shards and manifest with any number of
 workers. A rerun skips sources whose folder is complete and retries quarantined ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,6 +59,7 @@ class CorpusInput:
   """A path or glob (local or gs://), with options for the files it matches: `crs` for files
   whose header has none (must agree with one that has), `cell_size` (LiDAR, metres) instead of
   the build's."""
+
   pattern: str
   crs: str | None = None
   cell_size: float | None = None
@@ -104,6 +106,7 @@ def _join(*parts: str) -> str:
 
 def _gfile():
   import tensorflow as tf
+
   return tf.io.gfile
 
 
@@ -127,6 +130,7 @@ def _write_json(path: str, value, overwrite: bool = True) -> None:
     _gfile().rename(tmp, path, overwrite=True)
     return
   from data_pipelines.atomic import atomic_file
+
   with atomic_file(path, overwrite=overwrite) as tmp:
     Path(tmp).write_text(text)
 
@@ -141,21 +145,30 @@ def expand_inputs(inputs: Sequence[CorpusInput]) -> list[SourceFile]:
   """Every file the patterns match, sorted by id; a pattern matching nothing, or a file of an
   unknown type, is an error before any work (DataError naming it)."""
   from data_pipelines.errors import DataError
+
   found: dict[str, SourceFile] = {}
   for inp in inputs:
     if _remote(inp.pattern):
       paths = _gfile().glob(inp.pattern)
     else:
       import glob
-      paths = [os.path.abspath(p) for p in glob.glob(inp.pattern, recursive=True) if os.path.isfile(p)]
+
+      paths = [
+        os.path.abspath(p) for p in glob.glob(inp.pattern, recursive=True) if os.path.isfile(p)
+      ]
     if not paths:
       raise DataError(inp.pattern, "matches no file")
     for path in sorted(paths):
       suffix = posixpath.splitext(path)[1].lower()
-      kind = "lidar" if suffix in LIDAR_SUFFIXES else "raster" if suffix in RASTER_SUFFIXES else None
+      kind = (
+        "lidar" if suffix in LIDAR_SUFFIXES else "raster" if suffix in RASTER_SUFFIXES else None
+      )
       if kind is None:
-        raise DataError(path, f"unknown input type {suffix!r}: LAS/LAZ/COPC ({', '.join(LIDAR_SUFFIXES)}) "
-                        f"or rasters ({', '.join(RASTER_SUFFIXES)})")
+        raise DataError(
+          path,
+          f"unknown input type {suffix!r}: LAS/LAZ/COPC ({', '.join(LIDAR_SUFFIXES)}) "
+          f"or rasters ({', '.join(RASTER_SUFFIXES)})",
+        )
       sid = source_id(path)
       found[sid] = SourceFile(sid, path, kind, inp.crs, inp.cell_size, inp.role)
   return [found[k] for k in sorted(found)]
@@ -172,19 +185,23 @@ def _local_copy(path: str, scratch: Path) -> str:
 
 
 def _rasterio_path(path: str) -> str:
-  return "/vsigs/" + path[len("gs://"):] if path.startswith("gs://") else path
+  return "/vsigs/" + path[len("gs://") :] if path.startswith("gs://") else path
 
 
 def _held_out_rects(held_out: Sequence[dict], crs) -> list[list[float]]:
   """The held-out rectangles in the source's CRS (bounding boxes of the reprojected ones)."""
   import rasterio.crs
   import rasterio.warp
+
   rects = []
   for split in held_out:
     split_crs = rasterio.crs.CRS.from_user_input(split["crs"])
     for r in split["rects"]:
-      rects.append(list(r) if split_crs == crs else
-                   list(rasterio.warp.transform_bounds(split_crs, crs, *r, densify_pts=21)))
+      rects.append(
+        list(r)
+        if split_crs == crs
+        else list(rasterio.warp.transform_bounds(split_crs, crs, *r, densify_pts=21))
+      )
   return rects
 
 
@@ -192,14 +209,26 @@ def _lidar_rasters(src: SourceFile, opts: BuildOptions, scratch: Path) -> tuple[
   """{channel: GeoTIFF} of one LAZ at its cell size, and that cell size."""
   from data_pipelines.errors import DataError
   from data_pipelines.lidar import inspect_las, las_to_rasters
+
   cell = float(src.cell_size or opts.cell_size)
   local = _local_copy(src.path, scratch)
   x0, y0, x1, y1 = inspect_las(local, src.crs).bounds
-  if (x1 - x0) * (y1 - y0) / cell**2 > MAX_SOURCE_CELLS:  # a corrupt header's bounds, or a unit slip
-    raise DataError(src.path, f"header bounds {x1 - x0:.0f} x {y1 - y0:.0f} CRS units hold more than "
-                    f"{MAX_SOURCE_CELLS:.0e} cells of {cell} (corrupt header, or split the file)")
-  out = las_to_rasters([local], scratch / "rasters", cell_size=cell, crs=src.crs,
-                       window_px=opts.window_px, progress=False)
+  if (x1 - x0) * (
+    y1 - y0
+  ) / cell**2 > MAX_SOURCE_CELLS:  # a corrupt header's bounds, or a unit slip
+    raise DataError(
+      src.path,
+      f"header bounds {x1 - x0:.0f} x {y1 - y0:.0f} CRS units hold more than "
+      f"{MAX_SOURCE_CELLS:.0e} cells of {cell} (corrupt header, or split the file)",
+    )
+  out = las_to_rasters(
+    [local],
+    scratch / "rasters",
+    cell_size=cell,
+    crs=src.crs,
+    window_px=opts.window_px,
+    progress=False,
+  )
   files = {LIDAR_CHANNELS[p]: str(out[p]) for p in opts.lidar_products}
   return files | {"measured": str(out["valid"])}, cell
 
@@ -213,6 +242,7 @@ class _Channels:
 
     from data_pipelines.errors import DataError
     from data_pipelines.raster_io import check_elevation_range, elevation_band, open_raster
+
     self._check_range = check_elevation_range
     self.srcs = {k: open_raster(v) for k, v in files.items()}
     first = self.srcs["elevation"]
@@ -222,16 +252,21 @@ class _Channels:
     if src.crs:
       given = rasterio.crs.CRS.from_user_input(src.crs)
       if self.crs is not None and self.crs != given:
-        raise DataError(src.path, f"header CRS {self.crs.to_string()} differs from the given {src.crs}")
+        raise DataError(
+          src.path, f"header CRS {self.crs.to_string()} differs from the given {src.crs}"
+        )
       self.crs = given
     if self.crs is None:
-      raise DataError(src.path, "has no CRS in its header; give one for this input (--source PATTERN EPSG:XXXX)")
+      raise DataError(
+        src.path, "has no CRS in its header; give one for this input (--source PATTERN EPSG:XXXX)"
+      )
     if first.transform.is_identity:
       raise DataError(src.path, "has no geotransform, so its cells have no place or size")
     self.path = src.path
 
   def read(self, window) -> dict[str, np.ndarray]:
     from data_pipelines.raster_io import read_band
+
     out = {}
     for name, s in self.srcs.items():
       if name == "measured":
@@ -241,8 +276,12 @@ class _Channels:
       values = masked.astype(np.float32).filled(np.nan)
       if self.path.lower().endswith(".hgt"):
         values[values <= -32768] = np.nan  # SRTM void
-      self._check_range(values, np.isfinite(values), self.path,
-                        f" in the window at column {window.col_off}, row {window.row_off}")
+      self._check_range(
+        values,
+        np.isfinite(values),
+        self.path,
+        f" in the window at column {window.col_off}, row {window.row_off}",
+      )
       out[name] = values
     return out
 
@@ -251,7 +290,9 @@ class _Channels:
       s.close()
 
 
-def _cut_tiles(src: SourceFile, files: dict[str, str], cell: float | None, opts: BuildOptions, folder: Path) -> dict:
+def _cut_tiles(
+  src: SourceFile, files: dict[str, str], cell: float | None, opts: BuildOptions, folder: Path
+) -> dict:
   """Tile one source's channels into folder/tiles-NNNNN.tfrecord; returns its record."""
   import rasterio.windows
   import tensorflow as tf
@@ -276,7 +317,11 @@ def _cut_tiles(src: SourceFile, files: dict[str, str], cell: float | None, opts:
     shards: list[dict] = []
     writer, count = None, 0
     # a source smaller than one tile gives none (not an error: small LiDAR units exist)
-    windows = tile_windows(ch.height, ch.width, size, opts.stride or size) if min(ch.height, ch.width) >= size else []
+    windows = (
+      tile_windows(ch.height, ch.width, size, opts.stride or size)
+      if min(ch.height, ch.width) >= size
+      else []
+    )
     for tile_id, w in enumerate(windows):
       win = rasterio.windows.Window(w.col, w.row, size, size)
       transform = rasterio.windows.transform(win, ch.transform)
@@ -296,9 +341,22 @@ def _cut_tiles(src: SourceFile, files: dict[str, str], cell: float | None, opts:
       measured = values.get("measured", has_value) & has_value
       x0, y1 = transform @ (0, 0)
       x1, y0 = transform @ (size, size)
-      meta = dict(transform=tuple(transform)[:6], window=(w.col, w.row, size, size), tile_id=tile_id,
-                  cell_size=cell, crs_wkt=crs_wkt, source=src.id, bounds=(x0, y0, x1, y1),
-                  stats=(elevation.min(), elevation.max(), elevation.mean(), elevation.std(), measured.mean()))
+      meta = dict(
+        transform=tuple(transform)[:6],
+        window=(w.col, w.row, size, size),
+        tile_id=tile_id,
+        cell_size=cell,
+        crs_wkt=crs_wkt,
+        source=src.id,
+        bounds=(x0, y0, x1, y1),
+        stats=(
+          elevation.min(),
+          elevation.max(),
+          elevation.mean(),
+          elevation.std(),
+          measured.mean(),
+        ),
+      )
       if count % opts.tiles_per_shard == 0:
         if writer is not None:
           writer.close()
@@ -311,12 +369,29 @@ def _cut_tiles(src: SourceFile, files: dict[str, str], cell: float | None, opts:
     if writer is not None:
       writer.close()
     left, bottom, right, top = rasterio.transform.array_bounds(ch.height, ch.width, ch.transform)
-    km2 = None if geographic else round(ch.height * ch.width * (cell * (unit_m or 1.0)) ** 2 / 1e6, 6)
-    return {"id": src.id, "path": src.path, "kind": src.kind, "status": "ok", "role": src.role,
-            "crs": ch.crs.to_string(), "cell_size": cell, "cell_unit": "degree" if geographic else "metre",
-            "bounds": [left, bottom, right, top], "shape": [ch.height, ch.width], "km2": km2,
-            "channels": names, "candidates": len(windows), "tiles": count, "skipped": skipped,
-            "held_out_rects": len(rects), "shards": shards, "elevation": stats.summary()}
+    km2 = (
+      None if geographic else round(ch.height * ch.width * (cell * (unit_m or 1.0)) ** 2 / 1e6, 6)
+    )
+    return {
+      "id": src.id,
+      "path": src.path,
+      "kind": src.kind,
+      "status": "ok",
+      "role": src.role,
+      "crs": ch.crs.to_string(),
+      "cell_size": cell,
+      "cell_unit": "degree" if geographic else "metre",
+      "bounds": [left, bottom, right, top],
+      "shape": [ch.height, ch.width],
+      "km2": km2,
+      "channels": names,
+      "candidates": len(windows),
+      "tiles": count,
+      "skipped": skipped,
+      "held_out_rects": len(rects),
+      "shards": shards,
+      "elevation": stats.summary(),
+    }
   finally:
     ch.close()
 
@@ -349,12 +424,18 @@ def build_source(src: SourceFile, opts: BuildOptions) -> dict:
           _gfile().copy(str(folder / name), _join(final, name), overwrite=True)
     else:
       from data_pipelines.atomic import atomic_dir, scratch_dir
+
       with scratch_dir(final) as scratch, atomic_dir(final) as folder:
         record = _build_in(src, opts, Path(folder), Path(scratch))
   except Exception as e:  # noqa: BLE001 (any failure of one source is that source's, not the build's)
     reason = str(e) if isinstance(e, ValueError) else f"{e.__class__.__name__}: {e}"
-    record = {"id": src.id, "path": src.path, "kind": src.kind, "status": "quarantined",
-              "reason": " ".join(reason.split())[:1000]}
+    record = {
+      "id": src.id,
+      "path": src.path,
+      "kind": src.kind,
+      "status": "quarantined",
+      "reason": " ".join(reason.split())[:1000],
+    }
     _write_json(quarantine, record)
     return record
   if _exists(quarantine):  # an earlier run quarantined it; this one built it
@@ -383,7 +464,10 @@ class _Progress:
   def line(self, record: dict) -> str:
     fresh = time.time() - self.counted_at >= RECOUNT_SECONDS
     if fresh:
-      self.built, self.quarantined = self._count("sources", f"*/{SOURCE_JSON}"), self._count("quarantine", "*.json")
+      self.built, self.quarantined = (
+        self._count("sources", f"*/{SOURCE_JSON}"),
+        self._count("quarantine", "*.json"),
+      )
       self.counted_at, self.since = time.time(), {"ok": 0, "quarantined": 0}
     elif not record.get("resumed"):
       self.since[record["status"]] += 1
@@ -391,11 +475,16 @@ class _Progress:
     finished = built + quarantined
     elapsed = time.time() - self.start
     eta = elapsed / max(finished - self.done_before, 1) * max(self.total - finished, 0)
-    what = (f"quarantined: {record['reason'][:200]}" if record["status"] == "quarantined" else
-            f"{record['tiles']} tiles" + (" (already built)" if record.get("resumed") else ""))
+    what = (
+      f"quarantined: {record['reason'][:200]}"
+      if record["status"] == "quarantined"
+      else f"{record['tiles']} tiles" + (" (already built)" if record.get("resumed") else "")
+    )
     approx = "" if fresh else "~"
-    return (f"corpus: [{approx}{finished}/{self.total}] {record['id']}: {what} | {approx}{built} built, "
-            f"{approx}{quarantined} quarantined, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+    return (
+      f"corpus: [{approx}{finished}/{self.total}] {record['id']}: {what} | {approx}{built} built, "
+      f"{approx}{quarantined} quarantined, {elapsed:.0f} s elapsed, ETA {eta:.0f} s"
+    )
 
 
 # ------------------------------------------------------------------ manifest
@@ -407,19 +496,37 @@ def manifest_of(records: Iterable[dict], opts: BuildOptions) -> dict:
   ok = [r for r in records if r["status"] == "ok"]
   channels = sorted({tuple(r["channels"]) for r in ok})
   return {
-      "format": FORMAT, "tile_size": opts.tile_size, "dtype": opts.dtype,
-      "options": opts.record(), "tile_stats": list(TILE_STATS),
-      "record_channels": [list(c) for c in channels],
-      "shards": [{"file": f"sources/{r['id']}/{s['file']}", "count": s["count"], "source": r["id"],
-                  "channels": r["channels"], "cell_size": r["cell_size"], "role": r["role"]}
-                 for r in ok for s in r["shards"]],
-      "sources": [{k: v for k, v in r.items() if k != "shards"} for r in ok],
-      "quarantined": [{"path": r["path"], "id": r["id"], "reason": r["reason"]}
-                      for r in records if r["status"] != "ok"],
-      "totals": {"sources": len(ok), "quarantined": len(records) - len(ok),
-                 "tiles": sum(r["tiles"] for r in ok),
-                 "km2": round(sum(r["km2"] or 0 for r in ok), 6),
-                 "skipped": {k: sum(r["skipped"][k] for r in ok) for k in ("nodata", "relief", "held_out")}},
+    "format": FORMAT,
+    "tile_size": opts.tile_size,
+    "dtype": opts.dtype,
+    "options": opts.record(),
+    "tile_stats": list(TILE_STATS),
+    "record_channels": [list(c) for c in channels],
+    "shards": [
+      {
+        "file": f"sources/{r['id']}/{s['file']}",
+        "count": s["count"],
+        "source": r["id"],
+        "channels": r["channels"],
+        "cell_size": r["cell_size"],
+        "role": r["role"],
+      }
+      for r in ok
+      for s in r["shards"]
+    ],
+    "sources": [{k: v for k, v in r.items() if k != "shards"} for r in ok],
+    "quarantined": [
+      {"path": r["path"], "id": r["id"], "reason": r["reason"]}
+      for r in records
+      if r["status"] != "ok"
+    ],
+    "totals": {
+      "sources": len(ok),
+      "quarantined": len(records) - len(ok),
+      "tiles": sum(r["tiles"] for r in ok),
+      "km2": round(sum(r["km2"] or 0 for r in ok), 6),
+      "skipped": {k: sum(r["skipped"][k] for r in ok) for k in ("nodata", "relief", "held_out")},
+    },
   }
 
 
@@ -436,9 +543,13 @@ def _check_options(opts: BuildOptions) -> None:
   if _exists(path):
     before = _read_json(path)
     if before != json.loads(json.dumps(opts.record(), sort_keys=True)):
-      changed = sorted(k for k in set(before) | set(opts.record()) if before.get(k) != opts.record().get(k))
-      raise ValueError(f"{opts.out_dir} was built with other options ({', '.join(changed)} differ): "
-                       f"use another output folder")
+      changed = sorted(
+        k for k in set(before) | set(opts.record()) if before.get(k) != opts.record().get(k)
+      )
+      raise ValueError(
+        f"{opts.out_dir} was built with other options ({', '.join(changed)} differ): "
+        f"use another output folder"
+      )
   else:
     if not _remote(opts.out_dir):
       os.makedirs(opts.out_dir, exist_ok=True)
@@ -457,36 +568,46 @@ class _BuildFn:
     return record
 
 
-def build_corpus_beam(inputs: Sequence[CorpusInput], opts: BuildOptions,
-                      pipeline_args: Sequence[str] = ()) -> dict:
+def build_corpus_beam(
+  inputs: Sequence[CorpusInput], opts: BuildOptions, pipeline_args: Sequence[str] = ()
+) -> dict:
   """Run the pipeline (Beam options in `pipeline_args`, e.g. --runner, --direct_num_workers);
   returns the manifest."""
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
+
   if opts.dtype not in ("float16", "float32"):
     raise ValueError(f"dtype must be float16 or float32, got {opts.dtype!r}")
   bad = set(opts.lidar_products) - set(LIDAR_CHANNELS)
   if bad or "dsm" not in opts.lidar_products:
-    raise ValueError(f"lidar_products must include dsm, from {tuple(LIDAR_CHANNELS)}; got {opts.lidar_products}")
+    raise ValueError(
+      f"lidar_products must include dsm, from {tuple(LIDAR_CHANNELS)}; got {opts.lidar_products}"
+    )
   sources = expand_inputs(inputs)
   _check_options(opts)
   done_before = sum(_exists(_join(opts.out_dir, "sources", s.id, SOURCE_JSON)) for s in sources)
   print(f"corpus: {len(sources)} sources, {done_before} already built", file=sys.stderr, flush=True)
   fn = _BuildFn(opts, len(sources), time.time(), done_before)
   with beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as p:
-    _ = (p | "sources" >> beam.Create(sources)
-         | "spread" >> beam.Reshuffle()
-         | "build" >> beam.Map(fn)
-         | "collect" >> beam.combiners.ToList()
-         | "manifest" >> beam.Map(_write_manifest, opts))
+    _ = (
+      p
+      | "sources" >> beam.Create(sources)
+      | "spread" >> beam.Reshuffle()
+      | "build" >> beam.Map(fn)
+      | "collect" >> beam.combiners.ToList()
+      | "manifest" >> beam.Map(_write_manifest, opts)
+    )
   return _read_json(_join(opts.out_dir, MANIFEST))
 
 
 # ------------------------------------------------------------------ held-out splits
-def held_out_from_corpus(out_dir: str, cell_size: float, specs=None, progress: bool = True) -> tuple[dict, ...]:
+def held_out_from_corpus(
+  out_dir: str, cell_size: float, specs=None, progress: bool = True
+) -> tuple[dict, ...]:
   """The val/test rectangles of data_pipelines.pretrain_corpus.HELD_OUT (each prepared once by its
   labelled set, cached in OUT/splits/): what the in-memory corpus masks, here dropped tiles."""
   from data_pipelines.pretrain_corpus import HELD_OUT, held_out_split
+
   out = []
   for spec in specs or HELD_OUT:
     if progress:
@@ -499,28 +620,45 @@ def held_out_from_corpus(out_dir: str, cell_size: float, specs=None, progress: b
 def held_out_from_file(path: str) -> tuple[dict, ...]:
   """[{"key", "crs", "rects": [[xmin, ymin, xmax, ymax], ...]}, ...] from a JSON file."""
   from data_pipelines.errors import DataError
+
   try:
     value = _read_json(path)
-    return tuple({"key": str(s.get("key", i)), "crs": s["crs"], "rects": [list(map(float, r)) for r in s["rects"]]}
-                 for i, s in enumerate(value))
+    return tuple(
+      {
+        "key": str(s.get("key", i)),
+        "crs": s["crs"],
+        "rects": [list(map(float, r)) for r in s["rects"]],
+      }
+      for i, s in enumerate(value)
+    )
   except (KeyError, TypeError, ValueError) as e:
-    raise DataError(path, f"not a held-out list [{{'crs': ..., 'rects': [[xmin, ymin, xmax, ymax]]}}] ({e})") from e
+    raise DataError(
+      path, f"not a held-out list [{{'crs': ..., 'rects': [[xmin, ymin, xmax, ymax]]}}] ({e})"
+    ) from e
 
 
-
-def shared_inputs(cell_size: float = 1.0, srtm: bool = False, data_dir: str | None = None) -> list[CorpusInput]:
+def shared_inputs(
+  cell_size: float = 1.0, srtm: bool = False, data_dir: str | None = None
+) -> list[CorpusInput]:
   """The shared real data as corpus inputs: the sources of data_pipelines.pretrain_corpus.SOURCES
   (every LAZ file with its CRS and the finest cell its density supports; the DSM of each raster
   pair; the IGN La Rochelle tile as "eval"), plus the SRTM tiles if `srtm`."""
   from data_pipelines.pretrain_corpus import SOURCES
   from data_pipelines.shared_data import shared_data_dir
+
   root = Path(data_dir) if data_dir else shared_data_dir()
   inputs = []
   for src in SOURCES:
     files = src.files if src.kind == "lidar" else src.files[:1]  # rasters: (DSM, DTM) -> the DSM
     for f in files:
-      inputs.append(CorpusInput(str(root / f), src.crs, max(cell_size, src.min_cell) if src.kind == "lidar" else None,
-                                src.role))
+      inputs.append(
+        CorpusInput(
+          str(root / f),
+          src.crs,
+          max(cell_size, src.min_cell) if src.kind == "lidar" else None,
+          src.role,
+        )
+      )
   if srtm:
     inputs += [CorpusInput(str(root / "pretrain" / f)) for f in ("N46E008.tif", "N49W123.tif")]
     inputs.append(CorpusInput(str(root / "pretrain" / "N44W072.hgt"), role="eval"))

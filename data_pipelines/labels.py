@@ -5,6 +5,7 @@ outside the labelled area, so that "nobody labelled this" is never learned as "b
 labelled area is a user-given polygon layer, or by default the convex hull of the coverage layers
 (the label layers themselves unless others are named, e.g. all BGT layers of a crop).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ EAVE_M = 1.0
 @dataclasses.dataclass(frozen=True)
 class LabelLayer:
   """One vector source; features kept when `field` is in `values` (all features if no field)."""
+
   path: str | Path
   value: int = 1
   layer: str | int | None = None
@@ -54,7 +56,9 @@ def read_geometries(src: LabelLayer, target_crs: rasterio.crs.CRS) -> np.ndarray
       known = list(pyogrio.read_info(path, layer=src.layer)["fields"])
       if src.field not in known:
         raise DataError(path, f"has no field {src.field!r}; its fields are {known}")
-    meta, fids, wkb, fields = pyogrio.raw.read(path, layer=src.layer, columns=columns, return_fids=True)
+    meta, fids, wkb, fields = pyogrio.raw.read(
+      path, layer=src.layer, columns=columns, return_fids=True
+    )
   except DataError:
     raise
   except Exception as e:  # pyogrio raises several DataSource/Field errors
@@ -69,7 +73,9 @@ def read_geometries(src: LabelLayer, target_crs: rasterio.crs.CRS) -> np.ndarray
     keep = np.isin(np.asarray(fields[0], dtype=object), list(src.values))
     if not keep.any():
       found = sorted(set(map(str, fields[0])))
-      raise DataError(path, f"no feature has {src.field} in {list(src.values)}; values present: {found}")
+      raise DataError(
+        path, f"no feature has {src.field} in {list(src.values)}; values present: {found}"
+      )
     geoms, fids = geoms[keep], fids[keep]
   keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
   geoms, fids = geoms[keep], fids[keep]
@@ -78,7 +84,9 @@ def read_geometries(src: LabelLayer, target_crs: rasterio.crs.CRS) -> np.ndarray
     raise DataError(path, "layer has no CRS; give one with --crs (e.g. --crs EPSG:28992)")
   layer_crs = rasterio.crs.CRS.from_user_input(layer_crs)
   if layer_crs != target_crs:  # reproject onto the DEM's CRS
-    moved = rasterio.warp.transform_geom(layer_crs, target_crs, [shapely.geometry.mapping(g) for g in geoms])
+    moved = rasterio.warp.transform_geom(
+      layer_crs, target_crs, [shapely.geometry.mapping(g) for g in geoms]
+    )
     geoms = np.array([shapely.geometry.shape(g) for g in moved], dtype=object)
   geoms = _make_valid(path, geoms, fids)
   return geoms[~shapely.is_empty(geoms)]
@@ -96,17 +104,25 @@ def _make_valid(path: Path, geoms: np.ndarray, fids: np.ndarray) -> np.ndarray:
   try:
     fixed = shapely.make_valid(geoms[bad])
   except shapely.errors.GEOSException as e:
-    raise DataError(path, f"features {fids[bad][:10].tolist()} are invalid and could not be "
-                    f"repaired ({e})") from e
+    raise DataError(
+      path, f"features {fids[bad][:10].tolist()} are invalid and could not be repaired ({e})"
+    ) from e
   # keep the polygonal parts: a bow-tie becomes two triangles, a collapsed sliver a line (dropped)
-  polygonal = [shapely.union_all([p for p in shapely.get_parts(g)
-                                  if p.geom_type in ("Polygon", "MultiPolygon")])
-               if g.geom_type == "GeometryCollection" else g for g in fixed]
+  polygonal = [
+    shapely.union_all(
+      [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
+    )
+    if g.geom_type == "GeometryCollection"
+    else g
+    for g in fixed
+  ]
   geoms[bad] = polygonal
   ids = fids[bad].tolist()
-  print(f"note: {path}: repaired {len(ids)} invalid geometr{'y' if len(ids) == 1 else 'ies'} with "
-        f"make_valid: feature id(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} ({reasons[0]})",
-        file=sys.stderr)
+  print(
+    f"note: {path}: repaired {len(ids)} invalid geometr{'y' if len(ids) == 1 else 'ies'} with "
+    f"make_valid: feature id(s) {ids[:10]}{' ...' if len(ids) > 10 else ''} ({reasons[0]})",
+    file=sys.stderr,
+  )
   return geoms
 
 
@@ -115,14 +131,22 @@ def _check_overlap(path, geoms: np.ndarray, bounds) -> None:
     raise DataError(path, "no geometries to rasterise")
   gx0, gy0, gx1, gy1 = shapely.total_bounds(geoms)
   if gx0 >= bounds.right or gx1 <= bounds.left or gy0 >= bounds.top or gy1 <= bounds.bottom:
-    raise DataError(path, f"does not overlap the DEM: layer bounds {(gx0, gy0, gx1, gy1)} vs DEM "
-                    f"bounds {tuple(bounds)} (same CRS after reprojection)")
+    raise DataError(
+      path,
+      f"does not overlap the DEM: layer bounds {(gx0, gy0, gx1, gy1)} vs DEM "
+      f"bounds {tuple(bounds)} (same CRS after reprojection)",
+    )
 
 
-def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_path: str | Path,
-                     area: str | Path | LabelLayer | None = None,
-                     coverage: Sequence[LabelLayer] | None = None, overwrite: bool = False,
-                     vector_crs: str | None = None) -> dict:
+def rasterize_labels(
+  dem_path: str | Path,
+  layers: Sequence[LabelLayer],
+  out_path: str | Path,
+  area: str | Path | LabelLayer | None = None,
+  coverage: Sequence[LabelLayer] | None = None,
+  overwrite: bool = False,
+  vector_crs: str | None = None,
+) -> dict:
   """Rasterise `layers` onto the grid of `dem_path` (any band count: only its grid is used);
   writes a uint8 GeoTIFF; returns pixel counts. `area` (a polygon file, or a LabelLayer to pick
   some of its features) is the labelled area; `vector_crs`: of an `area` file without one."""
@@ -136,7 +160,9 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
     geoms = read_geometries(layer, crs)
     _check_overlap(layer.path, geoms, bounds)
     label_geoms.append(geoms)
-    rasterio.features.rasterize(geoms, fill=0, default_value=layer.value, out=label, dtype=np.uint8, **grid)
+    rasterio.features.rasterize(
+      geoms, fill=0, default_value=layer.value, out=label, dtype=np.uint8, **grid
+    )
   if area is not None:
     area_layer = area if isinstance(area, LabelLayer) else LabelLayer(area, crs=vector_crs)
     area_geoms = read_geometries(area_layer, crs)
@@ -148,15 +174,25 @@ def rasterize_labels(dem_path: str | Path, layers: Sequence[LabelLayer], out_pat
   inside = rasterio.features.rasterize([region], fill=0, default_value=1, dtype=np.uint8, **grid)
   label[inside == 0] = IGNORE
   profile.update(dtype="uint8", nodata=None, count=1, compress="deflate")
-  write_band(out_path, label, profile, overwrite,
-             labelled_area="given" if area else "convex hull of coverage layers",
-             sources=";".join(str(Path(layer.path).name) for layer in layers))
+  write_band(
+    out_path,
+    label,
+    profile,
+    overwrite,
+    labelled_area="given" if area else "convex hull of coverage layers",
+    sources=";".join(str(Path(layer.path).name) for layer in layers),
+  )
   values, counts = np.unique(label, return_counts=True)
   return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def labels_from_class_raster(class_path: str | Path, out_path: str | Path, classes: Sequence[int] = (6,),
-                             valid_path: str | Path | None = None, overwrite: bool = False) -> dict:
+def labels_from_class_raster(
+  class_path: str | Path,
+  out_path: str | Path,
+  classes: Sequence[int] = (6,),
+  valid_path: str | Path | None = None,
+  overwrite: bool = False,
+) -> dict:
   """A class raster (LiDAR classes, land cover) as labels: 1 where the class is in `classes`, 0
   elsewhere, IGNORE at the raster's nodata and where no return was recorded (per `valid_path`)."""
   with open_raster(class_path) as src:
@@ -172,8 +208,13 @@ def labels_from_class_raster(class_path: str | Path, out_path: str | Path, class
   return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def mask_label_conflicts(label_path: str | Path, class_path: str | Path, classes: Sequence[int] = (6,),
-                         min_area_m2: float = 50.0, open_m: float = 3.0) -> dict:
+def mask_label_conflicts(
+  label_path: str | Path,
+  class_path: str | Path,
+  classes: Sequence[int] = (6,),
+  min_area_m2: float = 50.0,
+  open_m: float = 3.0,
+) -> dict:
   """Set to IGNORE, in place, the labelled regions where footprints and an independent class
   raster (LiDAR class 6 of the highest return) disagree over a whole object: footprints missing
   from the register (Delft: a row of houses absent from BGT inside its hull) or standing where
@@ -181,11 +222,14 @@ def mask_label_conflicts(label_path: str | Path, class_path: str | Path, classes
   overhanging eaves (thin bands along every outline) stay labelled; then regions of at least
   `min_area_m2` go. Returns {"missing": cells, "extra": cells, "regions": n}."""
   import scipy.ndimage as ndi
+
   with open_raster(label_path) as src:
     label, profile, cell = read_band(src), src.profile, abs(src.transform.a)
   with open_raster(class_path) as src:
     if (src.height, src.width) != label.shape:
-      raise DataError(class_path, f"grid {src.height} x {src.width} differs from the labels' {label.shape}")
+      raise DataError(
+        class_path, f"grid {src.height} x {src.width} differs from the labels' {label.shape}"
+      )
     surveyed = np.isin(read_band(src), list(classes))
   size = max(1, int(round(open_m / cell)))
   counts, regions = {}, 0
@@ -228,7 +272,7 @@ def eave_cells(cell_m: float, eave_m: float = EAVE_M) -> int:
 
 def disk(radius: int) -> np.ndarray:
   """A disk of `radius` cells as a boolean structuring element."""
-  y, x = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+  y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
   return x * x + y * y <= radius * radius
 
 
@@ -238,6 +282,7 @@ def unknown_eaves(label_path: str | Path, eave_m: float = EAVE_M, positive: int 
   becomes unknown (255), so training on areas of both conventions does not teach a blend of
   them. Returns how many cells became unknown."""
   import scipy.ndimage as ndi
+
   with open_raster(label_path) as src:
     label, profile, cell = read_band(src), src.profile, abs(src.transform.a)
   r = eave_cells(cell, eave_m)
@@ -250,4 +295,3 @@ def unknown_eaves(label_path: str | Path, eave_m: float = EAVE_M, positive: int 
   label[band] = IGNORE
   write_band(label_path, label, profile, overwrite=True)
   return int(band.sum())
-

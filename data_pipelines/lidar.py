@@ -10,6 +10,7 @@ points (ASPRS class 2), with gaps (under buildings, water) interpolated by raste
 nDSM = max(DSM - DTM, 0). `valid` = 1 where the cell held at least one return; DSM holes that were
 filled are 0 there, so every interpolated value is recorded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,12 @@ def inspect_las(path: str | Path, crs: str | None = None) -> LidarFile:
   if final is None:
     raise DataError(path, "header has no CRS; give one (e.g. --crs EPSG:28992)")
   mins, maxs = header.mins, header.maxs
-  return LidarFile(path, (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1])),
-                   final, int(header.point_count))
+  return LidarFile(
+    path,
+    (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1])),
+    final,
+    int(header.point_count),
+  )
 
 
 def _check_las_header(path: Path) -> None:
@@ -81,8 +86,11 @@ def _check_las_header(path: Path) -> None:
     return  # laspy's own error says it is not a LAS/LAZ file
   header_size, point_offset, n_vlrs = struct.unpack_from("<HII", head, 94)
   if not (227 <= header_size <= point_offset <= size) or n_vlrs * 54 > point_offset - header_size:
-    raise DataError(path, f"not a readable LAS/LAZ file (corrupt header: header size {header_size}, point data "
-                    f"at {point_offset}, {n_vlrs} VLRs, file size {size})")
+    raise DataError(
+      path,
+      f"not a readable LAS/LAZ file (corrupt header: header size {header_size}, point data "
+      f"at {point_offset}, {n_vlrs} VLRs, file size {size})",
+    )
 
 
 def _header_crs(path: Path, header: laspy.LasHeader) -> rasterio.crs.CRS | None:
@@ -114,16 +122,26 @@ class Grid:
     return self.transform.a
 
 
-def mosaic_grid(files: Sequence[LidarFile], cell_size: float,
-                bounds: tuple[float, float, float, float] | None = None) -> Grid:
+def mosaic_grid(
+  files: Sequence[LidarFile],
+  cell_size: float,
+  bounds: tuple[float, float, float, float] | None = None,
+) -> Grid:
   """The grid covering all files (or the given xmin, ymin, xmax, ymax: several surveys of one
   place then share one grid), its corners snapped to multiples of the cell size."""
   crss = {f.crs for f in files}
   if len(crss) > 1:
-    raise DataError(files[0].path, "input files disagree on CRS: "
-                    + ", ".join(f"{f.path.name}={f.crs.to_string()}" for f in files))
-  x0, y0, x1, y1 = bounds or (min(f.bounds[0] for f in files), min(f.bounds[1] for f in files),
-                              max(f.bounds[2] for f in files), max(f.bounds[3] for f in files))
+    raise DataError(
+      files[0].path,
+      "input files disagree on CRS: "
+      + ", ".join(f"{f.path.name}={f.crs.to_string()}" for f in files),
+    )
+  x0, y0, x1, y1 = bounds or (
+    min(f.bounds[0] for f in files),
+    min(f.bounds[1] for f in files),
+    max(f.bounds[2] for f in files),
+    max(f.bounds[3] for f in files),
+  )
   if bounds is not None and not (x1 > x0 and y1 > y0):
     raise ValueError(f"empty bounds {(x0, y0, x1, y1)}: need xmin < xmax and ymin < ymax")
   xmin = math.floor(x0 / cell_size) * cell_size
@@ -131,8 +149,9 @@ def mosaic_grid(files: Sequence[LidarFile], cell_size: float,
   # cells are half-open [x, x + cell); +1 so that points on the far edges still fall inside
   width = int((x1 - xmin) // cell_size) + 1
   height = int((ymax - y0) // cell_size) + 1
-  return Grid(rasterio.transform.from_origin(xmin, ymax, cell_size, cell_size), width, height,
-              files[0].crs)
+  return Grid(
+    rasterio.transform.from_origin(xmin, ymax, cell_size, cell_size), width, height, files[0].crs
+  )
 
 
 class _WindowAccumulator:
@@ -185,28 +204,49 @@ def _stream_points(lf: LidarFile, acc: _WindowAccumulator, chunk_size: int) -> N
   try:
     with laspy.open(lf.path) as reader:
       for points in reader.chunk_iterator(chunk_size):
-        acc.add(np.asarray(points.x), np.asarray(points.y), np.asarray(points.z),
-                np.asarray(points.classification, dtype=np.uint8))
+        acc.add(
+          np.asarray(points.x),
+          np.asarray(points.y),
+          np.asarray(points.z),
+          np.asarray(points.classification, dtype=np.uint8),
+        )
   except (laspy.errors.LaspyException, OSError, ValueError, RuntimeError) as e:
-    raise DataError(lf.path, f"failed while reading points, the file is corrupt or truncated ({e})") from e
+    raise DataError(
+      lf.path, f"failed while reading points, the file is corrupt or truncated ({e})"
+    ) from e
 
 
 def _fill(values: np.ndarray, known: np.ndarray, distance: float) -> np.ndarray:
   """Interpolate unknown cells from known ones within `distance` cells; NaN beyond it."""
   if known.all() or not known.any():
     return np.where(known, values, np.nan).astype(np.float32)
-  filled = rasterio.fill.fillnodata(np.where(known, values, 0).astype(np.float32),
-                                    mask=known.astype(np.uint8), max_search_distance=distance)
-  reached = rasterio.fill.fillnodata(known.astype(np.float32), mask=known.astype(np.uint8),
-                                     max_search_distance=distance) > 0
+  filled = rasterio.fill.fillnodata(
+    np.where(known, values, 0).astype(np.float32),
+    mask=known.astype(np.uint8),
+    max_search_distance=distance,
+  )
+  reached = (
+    rasterio.fill.fillnodata(
+      known.astype(np.float32), mask=known.astype(np.uint8), max_search_distance=distance
+    )
+    > 0
+  )
   return np.where(known | reached, filled, np.nan).astype(np.float32)
 
 
-def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: float = 0.5,
-                   crs: str | None = None, window_px: int = 2048, chunk_size: int = 1_000_000,
-                   dsm_fill_px: float = 4, dtm_fill_px: float = 200, overwrite: bool = False,
-                   progress: bool = True, bounds: tuple[float, float, float, float] | None = None
-                   ) -> dict[str, Path]:
+def las_to_rasters(
+  paths: Sequence[str | Path],
+  out_dir: str | Path,
+  cell_size: float = 0.5,
+  crs: str | None = None,
+  window_px: int = 2048,
+  chunk_size: int = 1_000_000,
+  dsm_fill_px: float = 4,
+  dtm_fill_px: float = 200,
+  overwrite: bool = False,
+  progress: bool = True,
+  bounds: tuple[float, float, float, float] | None = None,
+) -> dict[str, Path]:
   """Rasterise a mosaic of LAS/LAZ files; returns {product: GeoTIFF path} (see module doc).
 
   `bounds` (xmin, ymin, xmax, ymax in the CRS) fixes the grid's extent instead of the files'
@@ -225,20 +265,46 @@ def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: 
   metres_per_unit(files[0].crs, files[0].path, flag=None)  # --cell-size in degrees: refused
   grid = mosaic_grid(files, cell_size, bounds)
   halo = int(math.ceil(dtm_fill_px))
-  profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, crs=grid.crs,
-                 transform=grid.transform, tiled=True, blockxsize=256, blockysize=256,
-                 compress="deflate")
-  dtypes = {"dsm": "float32", "dtm": "float32", "ndsm": "float32", "class": "uint8", "valid": "uint8"}
+  profile = dict(
+    driver="GTiff",
+    width=grid.width,
+    height=grid.height,
+    count=1,
+    crs=grid.crs,
+    transform=grid.transform,
+    tiled=True,
+    blockxsize=256,
+    blockysize=256,
+    compress="deflate",
+  )
+  dtypes = {
+    "dsm": "float32",
+    "dtm": "float32",
+    "ndsm": "float32",
+    "class": "uint8",
+    "valid": "uint8",
+  }
   nodata = {"dsm": np.nan, "dtm": np.nan, "ndsm": np.nan, "class": None, "valid": None}
-  windows = [rasterio.windows.Window(c, r, min(window_px, grid.width - c), min(window_px, grid.height - r))
-             for r in range(0, grid.height, window_px) for c in range(0, grid.width, window_px)]
+  windows = [
+    rasterio.windows.Window(c, r, min(window_px, grid.width - c), min(window_px, grid.height - r))
+    for r in range(0, grid.height, window_px)
+    for c in range(0, grid.width, window_px)
+  ]
   with contextlib.ExitStack() as stack:  # atomic_file makes out_dir, and removes it on failure
     tmps = {p: stack.enter_context(atomic_file(outputs[p], overwrite)) for p in PRODUCTS}
-    sinks = {p: stack.enter_context(rasterio.open(tmps[p], "w", dtype=dtypes[p], nodata=nodata[p], **profile))
-             for p in PRODUCTS}
+    sinks = {
+      p: stack.enter_context(
+        rasterio.open(tmps[p], "w", dtype=dtypes[p], nodata=nodata[p], **profile)
+      )
+      for p in PRODUCTS
+    }
     for window in tqdm(windows, desc="lidar windows", disable=not progress):
-      haloed = rasterio.windows.Window(window.col_off - halo, window.row_off - halo,
-                                       window.width + 2 * halo, window.height + 2 * halo)
+      haloed = rasterio.windows.Window(
+        window.col_off - halo,
+        window.row_off - halo,
+        window.width + 2 * halo,
+        window.height + 2 * halo,
+      )
       acc = _WindowAccumulator(haloed, grid.transform)
       for lf in files:
         _stream_points(lf, acc, chunk_size)
@@ -246,16 +312,23 @@ def las_to_rasters(paths: Sequence[str | Path], out_dir: str | Path, cell_size: 
       hit = np.isfinite(acc.top).reshape(h, w)
       dsm = _fill(acc.top.reshape(h, w), hit, dsm_fill_px)
       ground = acc.ground_count.reshape(h, w) > 0
-      dtm = _fill((acc.ground_sum / np.maximum(acc.ground_count, 1)).reshape(h, w), ground, dtm_fill_px)
-      ndsm = np.maximum(dsm - dtm, 0, where=np.isfinite(dsm) & np.isfinite(dtm),
-                        out=np.full_like(dsm, np.nan))
-      crop = np.s_[halo:halo + int(window.height), halo:halo + int(window.width)]
-      arrays = {"dsm": dsm, "dtm": dtm, "ndsm": ndsm, "class": acc.cls.reshape(h, w),
-                "valid": hit.astype(np.uint8)}
+      dtm = _fill(
+        (acc.ground_sum / np.maximum(acc.ground_count, 1)).reshape(h, w), ground, dtm_fill_px
+      )
+      ndsm = np.maximum(
+        dsm - dtm, 0, where=np.isfinite(dsm) & np.isfinite(dtm), out=np.full_like(dsm, np.nan)
+      )
+      crop = np.s_[halo : halo + int(window.height), halo : halo + int(window.width)]
+      arrays = {
+        "dsm": dsm,
+        "dtm": dtm,
+        "ndsm": ndsm,
+        "class": acc.cls.reshape(h, w),
+        "valid": hit.astype(np.uint8),
+      }
       for p in PRODUCTS:
         sinks[p].write(arrays[p][crop], 1, window=window)
     for p in PRODUCTS:
       sinks[p].update_tags(source=";".join(f.path.name for f in files), cell_size=str(cell_size))
       sinks[p].close()
   return outputs
-

@@ -14,6 +14,7 @@ Modes (each returns values for valid pixels; invalid pixels are set to 0):
 Several modes joined by "+" (e.g. "relative+ndsm") stack one channel per mode, in that order;
 `channels` is then the number of modes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,12 +24,13 @@ MODES = ("minmax", "zscore", "relative", "ndsm")
 
 
 def parse_mode(mode: str) -> tuple[str, ...]:
-  """"relative+ndsm" -> ("relative", "ndsm"); each part must be one of MODES, none twice."""
+  """ "relative+ndsm" -> ("relative", "ndsm"); each part must be one of MODES, none twice."""
   parts = tuple(str(mode).split("+"))
   bad = [m for m in parts if m not in MODES]
   if bad or len(set(parts)) != len(parts):
-    raise ValueError(f"unknown or repeated normalisation mode {mode!r}; one of {MODES}, or several "
-                     f"joined by '+'")
+    raise ValueError(
+      f"unknown or repeated normalisation mode {mode!r}; one of {MODES}, or several joined by '+'"
+    )
   return parts
 
 
@@ -77,9 +79,18 @@ def sorted_percentile(x: tf.Tensor, valid: tf.Tensor, q: float) -> tf.Tensor:
   return tf.gather(tf.sort(flat, axis=1), k[:, None], batch_dims=1)[:, 0]
 
 
-def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = None, ndsm=None,
-              scale_m: float = 30.0, low_percentile: float = 2.0, channels: int = 1,
-              filled: bool = False) -> tf.Tensor:
+def normalise(
+  elevation,
+  valid,
+  mode: str = "minmax",
+  *,
+  stats: dict | None = None,
+  ndsm=None,
+  scale_m: float = 30.0,
+  low_percentile: float = 2.0,
+  channels: int = 1,
+  filled: bool = False,
+) -> tf.Tensor:
   """[B, H, W] elevation (m) and validity -> float32 [B, H, W, channels].
 
   `filled=True` promises that invalid pixels hold their tile's lowest valid value (as the tile
@@ -90,8 +101,22 @@ def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = No
   if len(parts) > 1:
     if channels != len(parts):
       raise ValueError(f"normalisation {mode!r} gives {len(parts)} channels, not {channels}")
-    return tf.concat([normalise(elevation, valid, m, stats=stats, ndsm=ndsm, scale_m=scale_m,
-                                low_percentile=low_percentile, filled=filled) for m in parts], -1)
+    return tf.concat(
+      [
+        normalise(
+          elevation,
+          valid,
+          m,
+          stats=stats,
+          ndsm=ndsm,
+          scale_m=scale_m,
+          low_percentile=low_percentile,
+          filled=filled,
+        )
+        for m in parts
+      ],
+      -1,
+    )
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
   x = tf.cast(elevation, tf.float32)
@@ -102,7 +127,9 @@ def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = No
     out = (x - lo) * tf.math.reciprocal_no_nan(hi - lo)  # flat tile -> 0
   elif mode == "zscore":
     if not stats or "mean" not in stats or "std" not in stats:
-      raise ValueError("zscore needs stats={'mean': ..., 'std': ...} (manifest['stats']['elevation'])")
+      raise ValueError(
+        "zscore needs stats={'mean': ..., 'std': ...} (manifest['stats']['elevation'])"
+      )
     out = (x - stats["mean"]) / max(float(stats["std"]), 1e-6)
   elif mode == "relative":
     lo = _masked_percentile(x, valid, low_percentile)[:, None, None]
@@ -117,8 +144,9 @@ def normalise(elevation, valid, mode: str = "minmax", *, stats: dict | None = No
   return tf.repeat(out, channels, axis=-1) if channels == 3 else out
 
 
-def normalise_numpy(elevation: np.ndarray, valid: np.ndarray | None = None, mode: str = "minmax",
-                    **kwargs) -> np.ndarray:
+def normalise_numpy(
+  elevation: np.ndarray, valid: np.ndarray | None = None, mode: str = "minmax", **kwargs
+) -> np.ndarray:
   """`normalise` on NumPy arrays ([H, W] or [B, H, W]); returns float32 [..., channels]."""
   elevation = np.asarray(elevation, np.float32)
   single = elevation.ndim == 2
@@ -128,7 +156,11 @@ def normalise_numpy(elevation: np.ndarray, valid: np.ndarray | None = None, mode
   elevation = np.where(valid, elevation, 0.0)  # NaN would poison min/max even when masked
   if kwargs.get("ndsm") is not None:
     ndsm = np.asarray(kwargs["ndsm"], np.float32)
-    kwargs["ndsm"] = np.where(np.isfinite(ndsm), ndsm, 0.0)[None] if single else np.where(np.isfinite(ndsm), ndsm, 0.0)
+    kwargs["ndsm"] = (
+      np.where(np.isfinite(ndsm), ndsm, 0.0)[None]
+      if single
+      else np.where(np.isfinite(ndsm), ndsm, 0.0)
+    )
   if single:
     elevation, valid = elevation[None], valid[None]
   out = normalise(elevation, valid, mode, **kwargs).numpy()

@@ -6,6 +6,7 @@ shared Delft set, `prepare_alexandria(out_dir)` GeoTIFF DSM/DTM + footprints -> 
 areas by name: areas.py); each returns the manifest path, and the whole `out_dir` appears
 atomically.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,11 +40,23 @@ DELFT_ROAD_FUNCTIONS = ("rijbaan lokale weg", "parkeervlak", "voetpad", "voetgan
 TASKS = ("buildings", "roads")
 
 
-def prepare_delft(out_dir: str | Path, task: str = "buildings", *, cell_size: float = 0.5,
-                  tile_size: int = 64, stride: int | None = 32, block_px: int | None = None,
-                  dtype: str = "float16", label_source: str = "bgt", min_valid: float = 0.75,
-                  min_labelled: float = 0.25, seed: int = 0, overwrite: bool = False,
-                  progress: bool = True, fractions: Mapping[str, float] | None = None) -> Path:
+def prepare_delft(
+  out_dir: str | Path,
+  task: str = "buildings",
+  *,
+  cell_size: float = 0.5,
+  tile_size: int = 64,
+  stride: int | None = 32,
+  block_px: int | None = None,
+  dtype: str = "float16",
+  label_source: str = "bgt",
+  min_valid: float = 0.75,
+  min_labelled: float = 0.25,
+  seed: int = 0,
+  overwrite: bool = False,
+  progress: bool = True,
+  fractions: Mapping[str, float] | None = None,
+) -> Path:
   """Delft AHN3 LiDAR + BGT polygons -> `out_dir`/{rasters, labels, tiles}; returns the manifest.
 
   Labels: task "buildings" from BGT pand (label_source="bgt") or LiDAR class 6 ("lidar");
@@ -59,8 +72,22 @@ def prepare_delft(out_dir: str | Path, task: str = "buildings", *, cell_size: fl
     raise ValueError(f"label_source must be 'bgt' (or 'lidar' for buildings), got {label_source!r}")
   out_dir = Path(out_dir)
   with named_target(out_dir):
-    return _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype, label_source,
-                          min_valid, min_labelled, seed, overwrite, progress, fractions)
+    return _prepare_delft(
+      out_dir,
+      task,
+      cell_size,
+      tile_size,
+      stride,
+      block_px,
+      dtype,
+      label_source,
+      min_valid,
+      min_labelled,
+      seed,
+      overwrite,
+      progress,
+      fractions,
+    )
 
 
 @contextlib.contextmanager
@@ -75,11 +102,30 @@ def named_target(out_dir: Path):
     raise DataError(out_dir, e.problem) from e
 
 
-def _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype, label_source, min_valid,
-                   min_labelled, seed, overwrite, progress, fractions) -> Path:
+def _prepare_delft(
+  out_dir,
+  task,
+  cell_size,
+  tile_size,
+  stride,
+  block_px,
+  dtype,
+  label_source,
+  min_valid,
+  min_labelled,
+  seed,
+  overwrite,
+  progress,
+  fractions,
+) -> Path:
   with atomic_dir(out_dir, overwrite) as tmp:
-    rasters = las_to_rasters([shared_file(p) for p in DELFT_LAZ], tmp / "rasters", cell_size=cell_size,
-                             crs=DELFT_CRS, progress=progress)
+    rasters = las_to_rasters(
+      [shared_file(p) for p in DELFT_LAZ],
+      tmp / "rasters",
+      cell_size=cell_size,
+      crs=DELFT_CRS,
+      progress=progress,
+    )
     label_tif = tmp / "labels" / f"{task}.tif"
     conflicts = None
     coverage = [LabelLayer(shared_file(DELFT_BUILDINGS)), LabelLayer(shared_file(DELFT_ROADS))]
@@ -87,20 +133,46 @@ def _prepare_delft(out_dir, task, cell_size, tile_size, stride, block_px, dtype,
       layer = LabelLayer(shared_file(DELFT_ROADS), field="function", values=DELFT_ROAD_FUNCTIONS)
       rasterize_labels(rasters["dsm"], [layer], label_tif, coverage=coverage)
     elif label_source == "bgt":
-      rasterize_labels(rasters["dsm"], [LabelLayer(shared_file(DELFT_BUILDINGS))], label_tif, coverage=coverage)
+      rasterize_labels(
+        rasters["dsm"], [LabelLayer(shared_file(DELFT_BUILDINGS))], label_tif, coverage=coverage
+      )
       conflicts = mask_label_conflicts(label_tif, rasters["class"])
     else:
-      labels_from_class_raster(rasters["class"], label_tif, classes=(6,), valid_path=rasters["valid"])
-    write_tiles(rasters["dsm"], tmp / "tiles", label=label_tif, valid=rasters["valid"],
-                extras={"dtm": rasters["dtm"], "ndsm": rasters["ndsm"]}, tile_size=tile_size,
-                stride=stride, block_px=block_px, min_valid=min_valid, min_labelled=min_labelled,
-                seed=seed, dtype=dtype, label_names={0: "background", 1: task[:-1]}, progress=progress,
-                fractions=fractions or DEFAULT_FRACTIONS, extra_manifest={"preset": {
-                    "name": "delft", "place": "delft", "task": task, "label_source": label_source,
-                    "laz": list(DELFT_LAZ), "crs": DELFT_CRS, "label_conflicts_ignored": conflicts,
-                    "road_functions": list(DELFT_ROAD_FUNCTIONS) if task == "roads" else None,
-                    "labelled_area": ("convex hull of bgt_pand + bgt_wegdeel"
-                                      if label_source == "bgt" else "LiDAR returns")}})
+      labels_from_class_raster(
+        rasters["class"], label_tif, classes=(6,), valid_path=rasters["valid"]
+      )
+    write_tiles(
+      rasters["dsm"],
+      tmp / "tiles",
+      label=label_tif,
+      valid=rasters["valid"],
+      extras={"dtm": rasters["dtm"], "ndsm": rasters["ndsm"]},
+      tile_size=tile_size,
+      stride=stride,
+      block_px=block_px,
+      min_valid=min_valid,
+      min_labelled=min_labelled,
+      seed=seed,
+      dtype=dtype,
+      label_names={0: "background", 1: task[:-1]},
+      progress=progress,
+      fractions=fractions or DEFAULT_FRACTIONS,
+      extra_manifest={
+        "preset": {
+          "name": "delft",
+          "place": "delft",
+          "task": task,
+          "label_source": label_source,
+          "laz": list(DELFT_LAZ),
+          "crs": DELFT_CRS,
+          "label_conflicts_ignored": conflicts,
+          "road_functions": list(DELFT_ROAD_FUNCTIONS) if task == "roads" else None,
+          "labelled_area": (
+            "convex hull of bgt_pand + bgt_wegdeel" if label_source == "bgt" else "LiDAR returns"
+          ),
+        }
+      },
+    )
   return out_dir / "tiles" / MANIFEST
 
 
@@ -110,11 +182,14 @@ ALEXANDRIA_BUILDINGS = "alexandria/buildings.geojson"  # EPSG:4326, reprojected 
 ALEXANDRIA_CELL = 2.0
 
 
-def height_above_ground(dsm: str | Path, dtm: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def height_above_ground(
+  dsm: str | Path, dtm: str | Path, out: str | Path, overwrite: bool = False
+) -> Path:
   """nDSM = max(DSM - DTM, 0) on the DSM's grid; NaN where either is nodata."""
   import numpy as np
 
   from data_pipelines.raster_io import open_raster, read_band, write_band
+
   with open_raster(dsm) as a, open_raster(dtm) as b:
     if a.crs != b.crs or a.transform != b.transform or a.shape != b.shape:
       raise DataError(dtm, f"grid or CRS differs from {dsm}")
@@ -131,6 +206,7 @@ def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str |
   import numpy as np
 
   from data_pipelines.raster_io import open_raster, read_band, write_band
+
   with open_raster(dsm) as a, open_raster(dem) as b, open_raster(canopy) as c:
     for r, path in ((b, dem), (c, canopy)):
       if r.crs != a.crs or r.transform != a.transform or r.shape != a.shape:
@@ -142,11 +218,22 @@ def with_canopy(dsm: str | Path, dem: str | Path, canopy: str | Path, out: str |
   return write_band(out, out_dsm, {**profile, "dtype": "float32", "nodata": np.nan})
 
 
-def prepare_alexandria(out_dir: str | Path, task: str = "buildings", *, cell_size: float = 2.0,
-                       tile_size: int = 64, stride: int | None = 32, block_px: int | None = None,
-                       dtype: str = "float16", min_valid: float = 0.9, min_labelled: float = 0.25,
-                       seed: int = 0, overwrite: bool = False, progress: bool = True,
-                       fractions: Mapping[str, float] | None = None) -> Path:
+def prepare_alexandria(
+  out_dir: str | Path,
+  task: str = "buildings",
+  *,
+  cell_size: float = 2.0,
+  tile_size: int = 64,
+  stride: int | None = 32,
+  block_px: int | None = None,
+  dtype: str = "float16",
+  min_valid: float = 0.9,
+  min_labelled: float = 0.25,
+  seed: int = 0,
+  overwrite: bool = False,
+  progress: bool = True,
+  fractions: Mapping[str, float] | None = None,
+) -> Path:
   """Alexandria DSM/DTM (2 m, EPSG:26918) + footprints -> building tiles; returns the manifest.
 
   Footprints cover a central subset only: outside their convex hull labels are 255 = ignore.
@@ -164,13 +251,32 @@ def prepare_alexandria(out_dir: str | Path, task: str = "buildings", *, cell_siz
     ndsm = height_above_ground(dsm, dtm, tmp / "rasters" / "ndsm.tif")
     label_tif = tmp / "labels" / "buildings.tif"
     rasterize_labels(dsm, [LabelLayer(shared_file(ALEXANDRIA_BUILDINGS))], label_tif)
-    write_tiles(dsm, tmp / "tiles", label=label_tif, extras={"dtm": dtm, "ndsm": ndsm}, tile_size=tile_size,
-                stride=stride, block_px=block_px, min_valid=min_valid, min_labelled=min_labelled, seed=seed,
-                dtype=dtype, label_names={0: "background", 1: "building"}, progress=progress,
-                fractions=fractions or DEFAULT_FRACTIONS,
-                extra_manifest={"preset": {"name": "alexandria", "place": "alexandria", "task": "buildings",
-                                           "crs": "EPSG:26918", "native_cell_size": ALEXANDRIA_CELL,
-                                           "labelled_area": "convex hull of the footprints"}})
+    write_tiles(
+      dsm,
+      tmp / "tiles",
+      label=label_tif,
+      extras={"dtm": dtm, "ndsm": ndsm},
+      tile_size=tile_size,
+      stride=stride,
+      block_px=block_px,
+      min_valid=min_valid,
+      min_labelled=min_labelled,
+      seed=seed,
+      dtype=dtype,
+      label_names={0: "background", 1: "building"},
+      progress=progress,
+      fractions=fractions or DEFAULT_FRACTIONS,
+      extra_manifest={
+        "preset": {
+          "name": "alexandria",
+          "place": "alexandria",
+          "task": "buildings",
+          "crs": "EPSG:26918",
+          "native_cell_size": ALEXANDRIA_CELL,
+          "labelled_area": "convex hull of the footprints",
+        }
+      },
+    )
   return out_dir / "tiles" / MANIFEST
 
 
@@ -182,11 +288,23 @@ GOTHENBURG_CELL = 1.0
 GOTHENBURG_CLASSES = {"buildings": 2, "roads": 1}  # "roads" = paved: streets, pavements, squares
 
 
-def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_size: float = 1.0,
-                       tile_size: int = 64, stride: int | None = 32, block_px: int | None = None,
-                       dtype: str = "float16", min_valid: float = 0.9, min_labelled: float = 0.25,
-                       seed: int = 0, overwrite: bool = False, progress: bool = True,
-                       fractions: Mapping[str, float] | None = None, eave_m: float = 0.0) -> Path:
+def prepare_gothenburg(
+  out_dir: str | Path,
+  task: str = "buildings",
+  *,
+  cell_size: float = 1.0,
+  tile_size: int = 64,
+  stride: int | None = 32,
+  block_px: int | None = None,
+  dtype: str = "float16",
+  min_valid: float = 0.9,
+  min_labelled: float = 0.25,
+  seed: int = 0,
+  overwrite: bool = False,
+  progress: bool = True,
+  fractions: Mapping[str, float] | None = None,
+  eave_m: float = 0.0,
+) -> Path:
   """Gothenburg DSM/DEM (1 m, EPSG:3007) + land cover -> tiles of buildings (class 2) or of
   paved surfaces (class 1, the road-like class: task "roads"); returns the manifest. The land
   cover labels the whole raster; other classes are background. The raster is 234 x 223 px:
@@ -202,10 +320,16 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
   out_dir = Path(out_dir)
   with named_target(out_dir), atomic_dir(out_dir, overwrite) as tmp:
     dem = shared_file(GOTHENBURG_DEM)
-    dsm = with_canopy(shared_file(GOTHENBURG_DSM), dem, shared_file(GOTHENBURG_CANOPY),
-                      tmp / "rasters" / "dsm_canopy.tif")
+    dsm = with_canopy(
+      shared_file(GOTHENBURG_DSM),
+      dem,
+      shared_file(GOTHENBURG_CANOPY),
+      tmp / "rasters" / "dsm_canopy.tif",
+    )
     label_tif = tmp / "labels" / f"{task}.tif"
-    labels_from_class_raster(shared_file(GOTHENBURG_COVER), label_tif, classes=(GOTHENBURG_CLASSES[task],))
+    labels_from_class_raster(
+      shared_file(GOTHENBURG_COVER), label_tif, classes=(GOTHENBURG_CLASSES[task],)
+    )
     hidden = hide_under_canopy(label_tif, shared_file(GOTHENBURG_CANOPY))
     eaves = unknown_eaves(label_tif, eave_m) if eave_m > 0 and task == "buildings" else 0
     if cell_size != GOTHENBURG_CELL:
@@ -214,17 +338,35 @@ def prepare_gothenburg(out_dir: str | Path, task: str = "buildings", *, cell_siz
       native, label_tif = label_tif, tmp / "labels" / f"{task}_{cell_size:g}m.tif"
       resample_raster(native, label_tif, cell_size, kind="label")
     ndsm = height_above_ground(dsm, dem, tmp / "rasters" / "ndsm.tif")
-    write_tiles(dsm, tmp / "tiles", label=label_tif, extras={"dtm": dem, "ndsm": ndsm}, tile_size=tile_size,
-                stride=stride, block_px=block_px, min_valid=min_valid, min_labelled=min_labelled, seed=seed,
-                dtype=dtype, label_names={0: "background", 1: task[:-1]}, progress=progress,
-                fractions=fractions or DEFAULT_FRACTIONS,
-                extra_manifest={"preset": {"name": "gothenburg", "place": "gothenburg", "task": task,
-                                           "crs": "EPSG:3007", "native_cell_size": GOTHENBURG_CELL,
-                                           "labels": f"{GOTHENBURG_COVER} class {GOTHENBURG_CLASSES[task]}",
-                                           "dsm": f"max({GOTHENBURG_DSM}, DEM + {GOTHENBURG_CANOPY})",
-                                           "hidden_under_canopy": hidden,
-                                           "outline": ("roof, eaves unknown" if eaves else "roof")
-                                           if task == "buildings" else None,
-                                           "eaves_unknown": {"eave_m": eave_m, "cells": eaves},
-                                           "labelled_area": "the whole raster"}})
+    write_tiles(
+      dsm,
+      tmp / "tiles",
+      label=label_tif,
+      extras={"dtm": dem, "ndsm": ndsm},
+      tile_size=tile_size,
+      stride=stride,
+      block_px=block_px,
+      min_valid=min_valid,
+      min_labelled=min_labelled,
+      seed=seed,
+      dtype=dtype,
+      label_names={0: "background", 1: task[:-1]},
+      progress=progress,
+      fractions=fractions or DEFAULT_FRACTIONS,
+      extra_manifest={
+        "preset": {
+          "name": "gothenburg",
+          "place": "gothenburg",
+          "task": task,
+          "crs": "EPSG:3007",
+          "native_cell_size": GOTHENBURG_CELL,
+          "labels": f"{GOTHENBURG_COVER} class {GOTHENBURG_CLASSES[task]}",
+          "dsm": f"max({GOTHENBURG_DSM}, DEM + {GOTHENBURG_CANOPY})",
+          "hidden_under_canopy": hidden,
+          "outline": ("roof, eaves unknown" if eaves else "roof") if task == "buildings" else None,
+          "eaves_unknown": {"eave_m": eave_m, "cells": eaves},
+          "labelled_area": "the whole raster",
+        }
+      },
+    )
   return out_dir / "tiles" / MANIFEST

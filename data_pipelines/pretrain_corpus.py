@@ -22,6 +22,7 @@ crops for the pretraining loss, never trained on.
 Resumable: a source whose folder exists is complete (each appears atomically) and is skipped;
 prepared splits are cached in splits/*.json; corpus.json is rewritten at the end.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ class HeldOutSplit:
   """A split whose val/test blocks the corpus masks: `areas.prepare_area(area, task, cell_size,
   tile_size, block_px=...)`; block_px None = prepare_area's own choice (the area's registry
   entry, else 2 x tile size). cell_size None = the corpus cell size."""
+
   area: str
   task: str
   cell_size: float | None
@@ -68,22 +70,31 @@ class HeldOutSplit:
 _EXP = "configs/experiments.py"
 _LOAO = "areas.py at 1 m (leave-one-area-out; its block_px)"
 HELD_OUT = (
-    *(HeldOutSplit("delft", t, 0.5, 64, 128, f"{_EXP}:cpu (delft_{t}); prepare_delft's defaults at 0.5 m")
-      for t in ("buildings", "roads")),
-    *(HeldOutSplit("delft", t, 1.0, 64, None, _LOAO) for t in ("buildings", "roads")),
-    *(HeldOutSplit("delft", t, None, 64, None, "the Delft set areas.py makes at the corpus cell size")
-      for t in ("buildings", "roads")),
-    HeldOutSplit("alexandria", "buildings", 2.0, 64, 128, f"{_EXP}:cpu (alexandria_buildings)"),
-    HeldOutSplit("alexandria", "buildings", 1.0, 64, None, _LOAO),
-    *(HeldOutSplit("gothenburg", t, 1.0, 64, None, _LOAO) for t in ("buildings", "roads")),
-    # amsterdam_block_split: AHN2 and AHN3 share it (same grid, block_px, seed), so AHN3's is both
-    HeldOutSplit("amsterdam_ahn3", "buildings", 1.0, 64, None, _LOAO + "; the AHN2 set shares it"),
+  *(
+    HeldOutSplit(
+      "delft", t, 0.5, 64, 128, f"{_EXP}:cpu (delft_{t}); prepare_delft's defaults at 0.5 m"
+    )
+    for t in ("buildings", "roads")
+  ),
+  *(HeldOutSplit("delft", t, 1.0, 64, None, _LOAO) for t in ("buildings", "roads")),
+  *(
+    HeldOutSplit("delft", t, None, 64, None, "the Delft set areas.py makes at the corpus cell size")
+    for t in ("buildings", "roads")
+  ),
+  HeldOutSplit("alexandria", "buildings", 2.0, 64, 128, f"{_EXP}:cpu (alexandria_buildings)"),
+  HeldOutSplit("alexandria", "buildings", 1.0, 64, None, _LOAO),
+  *(HeldOutSplit("gothenburg", t, 1.0, 64, None, _LOAO) for t in ("buildings", "roads")),
+  # amsterdam_block_split: AHN2 and AHN3 share it (same grid, block_px, seed), so AHN3's is both
+  HeldOutSplit("amsterdam_ahn3", "buildings", 1.0, 64, None, _LOAO + "; the AHN2 set shares it"),
 )
 # configs/experiments.py:paper (224 px tiles and blocks at 0.5 m / 2 m): a protocol for
 # accelerators; masking it too masks 71 % of Delft instead of 41 % (build_corpus(paper=True)).
 PAPER_HELD_OUT = (
-    *(HeldOutSplit("delft", t, 0.5, 224, 224, f"{_EXP}:paper (delft_{t})") for t in ("buildings", "roads")),
-    HeldOutSplit("alexandria", "buildings", 2.0, 224, 224, f"{_EXP}:paper (alexandria_buildings)"),
+  *(
+    HeldOutSplit("delft", t, 0.5, 224, 224, f"{_EXP}:paper (delft_{t})")
+    for t in ("buildings", "roads")
+  ),
+  HeldOutSplit("alexandria", "buildings", 2.0, 224, 224, f"{_EXP}:paper (alexandria_buildings)"),
 )
 
 
@@ -106,34 +117,101 @@ class Source:
 
 def _amsterdam_bounds():
   from data_pipelines.amsterdam import block_bounds
+
   return block_bounds()
 
 
 def _ign(*tiles):
-  return tuple(f"pretrain/test_semis_{t}_IGN69{'_cropped' if t.startswith('2021') else ''}.laz" for t in tiles)
+  return tuple(
+    f"pretrain/test_semis_{t}_IGN69{'_cropped' if t.startswith('2021') else ''}.laz" for t in tiles
+  )
 
 
 SOURCES = (
-    Source("amsterdam_ahn2", "lidar", tuple(f"amsterdam/ahn2/unit_25gn1_{u}.laz" for u in range(1, 17)),
-           "EPSG:28992", 1.0, ("amsterdam_ahn3",),
-           "Amsterdam Jordaan, AHN2 (2008-2010), 16 units, ~3.3 points/m2", "amsterdam", bounds=_amsterdam_bounds),
-    Source("amsterdam_ahn3", "lidar", tuple(f"amsterdam/ahn3/unit_25gn1_{u}.laz" for u in (2, 3, 4, 6, 7, 10, 14)),
-           "EPSG:28992", 1.0, ("amsterdam_ahn3",),
-           "Amsterdam Jordaan, AHN3 (2014-2019), 7 units, ~3.4 points/m2", "amsterdam", bounds=_amsterdam_bounds),
-    Source("delft", "lidar", ("delft/ahn3_cropped_1.laz", "delft/ahn3_cropped_2.laz"), "EPSG:28992", 0.5,
-           ("delft",), "Delft, AHN3, ~14.6 points/m2", "delft"),
-    Source("gothenburg", "raster", ("gothenburg/DSM_KRbig.tif", "gothenburg/DEM_KRbig.tif"), None, 1.0,
-           ("gothenburg",), "Gothenburg centre, UMEP DSM with its trees put back (CDSM) / DEM, 1 m",
-           "gothenburg", canopy="gothenburg/CDSM_KRbig.tif"),
-    Source("alexandria", "raster", ("alexandria/dsm.tif", "alexandria/dtm.tif"), None, 2.0,
-           ("alexandria",), "Alexandria VA, LiDAR DSM / DTM, 2 m", "alexandria"),
-    Source("ign_brittany", "lidar", _ign("2023_0299_6802_LA93", "2023_0300_6802_LA93"), None, 2.0, (),
-           "IGN LiDAR HD, Brittany, 2 km2 mostly rural, ~0.25 points/m2", "brittany"),
-    Source("ign_lamballe", "lidar", _ign("2023_0292_6833_LA93"), None, 2.0, (),
-           "IGN LiDAR HD near Lamballe, 1 km2, ~0.29 points/m2", "lamballe"),
-    Source("ign_larochelle", "lidar", _ign("2021_0382_6565_LA93"), None, 2.0, (),
-           "IGN LiDAR HD south of La Rochelle, 0.75 km2, ~0.29 points/m2: held-out evaluation only",
-           "la_rochelle", role="eval"),
+  Source(
+    "amsterdam_ahn2",
+    "lidar",
+    tuple(f"amsterdam/ahn2/unit_25gn1_{u}.laz" for u in range(1, 17)),
+    "EPSG:28992",
+    1.0,
+    ("amsterdam_ahn3",),
+    "Amsterdam Jordaan, AHN2 (2008-2010), 16 units, ~3.3 points/m2",
+    "amsterdam",
+    bounds=_amsterdam_bounds,
+  ),
+  Source(
+    "amsterdam_ahn3",
+    "lidar",
+    tuple(f"amsterdam/ahn3/unit_25gn1_{u}.laz" for u in (2, 3, 4, 6, 7, 10, 14)),
+    "EPSG:28992",
+    1.0,
+    ("amsterdam_ahn3",),
+    "Amsterdam Jordaan, AHN3 (2014-2019), 7 units, ~3.4 points/m2",
+    "amsterdam",
+    bounds=_amsterdam_bounds,
+  ),
+  Source(
+    "delft",
+    "lidar",
+    ("delft/ahn3_cropped_1.laz", "delft/ahn3_cropped_2.laz"),
+    "EPSG:28992",
+    0.5,
+    ("delft",),
+    "Delft, AHN3, ~14.6 points/m2",
+    "delft",
+  ),
+  Source(
+    "gothenburg",
+    "raster",
+    ("gothenburg/DSM_KRbig.tif", "gothenburg/DEM_KRbig.tif"),
+    None,
+    1.0,
+    ("gothenburg",),
+    "Gothenburg centre, UMEP DSM with its trees put back (CDSM) / DEM, 1 m",
+    "gothenburg",
+    canopy="gothenburg/CDSM_KRbig.tif",
+  ),
+  Source(
+    "alexandria",
+    "raster",
+    ("alexandria/dsm.tif", "alexandria/dtm.tif"),
+    None,
+    2.0,
+    ("alexandria",),
+    "Alexandria VA, LiDAR DSM / DTM, 2 m",
+    "alexandria",
+  ),
+  Source(
+    "ign_brittany",
+    "lidar",
+    _ign("2023_0299_6802_LA93", "2023_0300_6802_LA93"),
+    None,
+    2.0,
+    (),
+    "IGN LiDAR HD, Brittany, 2 km2 mostly rural, ~0.25 points/m2",
+    "brittany",
+  ),
+  Source(
+    "ign_lamballe",
+    "lidar",
+    _ign("2023_0292_6833_LA93"),
+    None,
+    2.0,
+    (),
+    "IGN LiDAR HD near Lamballe, 1 km2, ~0.29 points/m2",
+    "lamballe",
+  ),
+  Source(
+    "ign_larochelle",
+    "lidar",
+    _ign("2021_0382_6565_LA93"),
+    None,
+    2.0,
+    (),
+    "IGN LiDAR HD south of La Rochelle, 0.75 km2, ~0.29 points/m2: held-out evaluation only",
+    "la_rochelle",
+    role="eval",
+  ),
 )
 
 
@@ -146,6 +224,7 @@ def held_out_split(spec: HeldOutSplit, out_dir: Path, corpus_cell: float) -> dic
   """The split of `spec` as prepared by its labelled set, cached in out_dir/splits/KEY.json:
   grid (crs, transform, shape), block_px, block_splits, and the val/test blocks as rectangles."""
   from data_pipelines.areas import prepare_area
+
   key = spec.key(corpus_cell)
   path = out_dir / "splits" / f"{key}.json"
   if path.exists():
@@ -154,8 +233,17 @@ def held_out_split(spec: HeldOutSplit, out_dir: Path, corpus_cell: float) -> dic
   (out_dir / "splits").mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix=f".{key}.", dir=out_dir / "splits") as tmp:
     # stride = tile size: the split does not depend on the stride, and fewer tiles are written
-    manifest_path = prepare_area(spec.area, Path(tmp) / "set", spec.task, cell, spec.tile_size,
-                                 spec.tile_size, block_px=spec.block_px, seed=SEED, progress=False)
+    manifest_path = prepare_area(
+      spec.area,
+      Path(tmp) / "set",
+      spec.task,
+      cell,
+      spec.tile_size,
+      spec.tile_size,
+      block_px=spec.block_px,
+      seed=SEED,
+      progress=False,
+    )
     manifest = json.loads(Path(manifest_path).read_text())
     # the grid the split's blocks are on: the tile set's elevation raster
     with rasterio.open(Path(manifest_path).parent / manifest["sources"]["elevation"]) as dsm:
@@ -171,10 +259,20 @@ def held_out_split(spec: HeldOutSplit, out_dir: Path, corpus_cell: float) -> dic
       x0, y1 = transform @ (c0, r0)  # (col, row) -> (x, y): top-left corner
       x1, y0 = transform @ (c1, r1)
       rects[name].append([float(x0), float(y0), float(x1), float(y1)])
-  record = {"key": key, **dataclasses.asdict(spec), "cell_size": cell, "seed": SEED,
-            "block_px": bp, "fractions": split["fractions"], "block_splits": blocks.tolist(),
-            "crs": crs, "transform": list(transform)[:6], "shape": list(shape),
-            "tiles": {s: v["count"] for s, v in manifest["splits"].items()}, "rects": rects}
+  record = {
+    "key": key,
+    **dataclasses.asdict(spec),
+    "cell_size": cell,
+    "seed": SEED,
+    "block_px": bp,
+    "fractions": split["fractions"],
+    "block_splits": blocks.tolist(),
+    "crs": crs,
+    "transform": list(transform)[:6],
+    "shape": list(shape),
+    "tiles": {s: v["count"] for s, v in manifest["splits"].items()},
+    "rects": rects,
+  }
   with atomic_file(path) as tmp_json:
     tmp_json.write_text(json.dumps(record, indent=1))
   return record
@@ -198,6 +296,7 @@ def rect_mask(rects, transform: rasterio.Affine, shape: tuple[int, int]) -> np.n
 
 def _read(path) -> tuple[np.ndarray, dict]:
   from data_pipelines.raster_io import read_band
+
   with rasterio.open(path) as src:
     return read_band(src, masked=True).astype(np.float32).filled(np.nan), src.profile
 
@@ -206,16 +305,27 @@ def _source_rasters(src: Source, cell: float, scratch: Path) -> tuple[np.ndarray
   """(DSM, nDSM, profile) of a source at `cell`, NaN where either is missing."""
   if src.kind == "lidar":
     from data_pipelines.lidar import las_to_rasters
-    out = las_to_rasters([shared_file(f) for f in src.files], scratch, cell_size=cell, crs=src.crs,
-                         progress=False, bounds=src.bounds() if src.bounds else None)
+
+    out = las_to_rasters(
+      [shared_file(f) for f in src.files],
+      scratch,
+      cell_size=cell,
+      crs=src.crs,
+      progress=False,
+      bounds=src.bounds() if src.bounds else None,
+    )
     dsm_path, ndsm_path = out["dsm"], out["ndsm"]
   else:
     from data_pipelines.prepare import height_above_ground
     from data_pipelines.resample import resample_raster
+
     dsm_path, dtm_path = (shared_file(f) for f in src.files)
     if src.canopy:
       from data_pipelines.prepare import with_canopy
-      dsm_path = with_canopy(dsm_path, dtm_path, shared_file(src.canopy), scratch / "dsm_canopy.tif")
+
+      dsm_path = with_canopy(
+        dsm_path, dtm_path, shared_file(src.canopy), scratch / "dsm_canopy.tif"
+      )
     with rasterio.open(dsm_path) as s:
       native = s.res[0]
     if abs(native - cell) > 1e-9:
@@ -231,13 +341,29 @@ def _source_rasters(src: Source, cell: float, scratch: Path) -> tuple[np.ndarray
 
 def _write(path: Path, array: np.ndarray, profile: dict, transform) -> None:
   from data_pipelines.raster_io import write_band
-  write_band(path, array.astype(np.float32),
-             dict(driver="GTiff", width=array.shape[1], height=array.shape[0], dtype="float32",
-                  nodata=np.nan, crs=profile["crs"], transform=transform, tiled=True,
-                  blockxsize=256, blockysize=256, compress="deflate"))
+
+  write_band(
+    path,
+    array.astype(np.float32),
+    dict(
+      driver="GTiff",
+      width=array.shape[1],
+      height=array.shape[0],
+      dtype="float32",
+      nodata=np.nan,
+      crs=profile["crs"],
+      transform=transform,
+      tiled=True,
+      blockxsize=256,
+      blockysize=256,
+      compress="deflate",
+    ),
+  )
 
 
-def build_source(src: Source, out_dir: Path, cell_size: float, splits: list[dict], progress: bool) -> dict:
+def build_source(
+  src: Source, out_dir: Path, cell_size: float, splits: list[dict], progress: bool
+) -> dict:
   """out_dir/NAME/{dsm,ndsm}.tif + source.json (atomically); returns the source record."""
   t = time.time()
   cell = max(cell_size, src.min_cell)
@@ -245,40 +371,65 @@ def build_source(src: Source, out_dir: Path, cell_size: float, splits: list[dict
     dsm, ndsm, profile = _source_rasters(src, cell, tmp / "scratch")
     transform = profile["transform"]
     if profile["crs"] is None or abs(transform.a - cell) > 1e-9:
-      raise ValueError(f"{src.name}: expected a {cell} m grid with a CRS, got {transform.a} m, {profile['crs']}")
+      raise ValueError(
+        f"{src.name}: expected a {cell} m grid with a CRS, got {transform.a} m, {profile['crs']}"
+      )
     data = np.isfinite(dsm)
     masked = np.zeros(dsm.shape, bool)
     for s in splits:
       if rasterio.crs.CRS.from_string(s["crs"]) != profile["crs"]:
-        raise ValueError(f"{src.name}: split {s['key']} is in {s['crs']}, the source in {profile['crs']}")
+        raise ValueError(
+          f"{src.name}: split {s['key']} is in {s['crs']}, the source in {profile['crs']}"
+        )
       masked |= rect_mask(s["rects"]["val"] + s["rects"]["test"], transform, dsm.shape)
     dsm[masked], ndsm[masked] = np.nan, np.nan
     # trim to the cells that hold data: fewer all-NaN crop positions to redraw
     rows, cols = np.nonzero(np.isfinite(dsm).any(1))[0], np.nonzero(np.isfinite(dsm).any(0))[0]
     if rows.size == 0:
       raise ValueError(f"{src.name}: nothing left after masking")
-    win = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    win = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     trimmed = transform @ rasterio.Affine.translation(int(cols[0]), int(rows[0]))
     for name, array in (("dsm", dsm), ("ndsm", ndsm)):
       _write(tmp / f"{name}.tif", array[win], profile, trimmed)
     shutil.rmtree(tmp / "scratch", ignore_errors=True)
     km2 = cell * cell / 1e6
     record = {
-        "name": src.name, "role": src.role, "what": src.what, "inputs": list(src.files),
-        "files": {p: f"{src.name}/{p}.tif" for p in PRODUCTS}, "crs": profile["crs"].to_string(),
-        "cell_size": cell, "shape": list(dsm[win].shape), "transform": list(trimmed)[:6],
-        "km2": {"data": round(float(data.sum()) * km2, 4), "masked": round(float((data & masked).sum()) * km2, 4),
-                "kept": round(float(np.isfinite(dsm).sum()) * km2, 4)},
-        "masked_splits": [s["key"] for s in splits], "build_seconds": round(time.time() - t, 1)}
+      "name": src.name,
+      "role": src.role,
+      "what": src.what,
+      "inputs": list(src.files),
+      "files": {p: f"{src.name}/{p}.tif" for p in PRODUCTS},
+      "crs": profile["crs"].to_string(),
+      "cell_size": cell,
+      "shape": list(dsm[win].shape),
+      "transform": list(trimmed)[:6],
+      "km2": {
+        "data": round(float(data.sum()) * km2, 4),
+        "masked": round(float((data & masked).sum()) * km2, 4),
+        "kept": round(float(np.isfinite(dsm).sum()) * km2, 4),
+      },
+      "masked_splits": [s["key"] for s in splits],
+      "build_seconds": round(time.time() - t, 1),
+    }
     (tmp / "source.json").write_text(json.dumps(record, indent=1))
-  _log(progress, f"{src.name}: {cell:g} m, {record['km2']['kept']} km2 kept, {record['km2']['masked']} masked "
-                 f"({record['build_seconds']} s)")
+  _log(
+    progress,
+    f"{src.name}: {cell:g} m, {record['km2']['kept']} km2 kept, {record['km2']['masked']} masked "
+    f"({record['build_seconds']} s)",
+  )
   return record
 
 
-def build_corpus(out_dir: str | Path, cell_size: float = 1.0, progress: bool = True, *,
-                 paper: bool = False, exclude: tuple[str, ...] = (), sources: tuple[Source, ...] = SOURCES,
-                 held_out: tuple[HeldOutSplit, ...] | None = None) -> dict:
+def build_corpus(
+  out_dir: str | Path,
+  cell_size: float = 1.0,
+  progress: bool = True,
+  *,
+  paper: bool = False,
+  exclude: tuple[str, ...] = (),
+  sources: tuple[Source, ...] = SOURCES,
+  held_out: tuple[HeldOutSplit, ...] | None = None,
+) -> dict:
   """Build (or finish building) the corpus in `out_dir`; returns the corpus.json dict.
 
   `cell_size` is the finest cell: sources whose point density or native grid cannot support it
@@ -289,15 +440,21 @@ def build_corpus(out_dir: str | Path, cell_size: float = 1.0, progress: bool = T
   cell_size = float(cell_size)
   if not cell_size > 0:
     raise ValueError(f"cell_size must be positive, got {cell_size}")
-  held_out = tuple(HELD_OUT + (PAPER_HELD_OUT if paper else ())) if held_out is None else tuple(held_out)
+  held_out = (
+    tuple(HELD_OUT + (PAPER_HELD_OUT if paper else ())) if held_out is None else tuple(held_out)
+  )
   unknown = set(exclude) - {s.place for s in sources}
   if unknown:
-    raise ValueError(f"unknown places {sorted(unknown)}; known: {sorted({s.place for s in sources})}")
+    raise ValueError(
+      f"unknown places {sorted(unknown)}; known: {sorted({s.place for s in sources})}"
+    )
   out_dir.mkdir(parents=True, exist_ok=True)
   previous = out_dir / CORPUS_JSON
   if previous.exists() and json.loads(previous.read_text())["cell_size"] != cell_size:
-    raise ValueError(f"{out_dir} holds a corpus at {json.loads(previous.read_text())['cell_size']} m; "
-                     f"asked for {cell_size} m (use another folder)")
+    raise ValueError(
+      f"{out_dir} holds a corpus at {json.loads(previous.read_text())['cell_size']} m; "
+      f"asked for {cell_size} m (use another folder)"
+    )
   t = time.time()
   records, split_records = [], {}
   for src in sources:
@@ -305,14 +462,18 @@ def build_corpus(out_dir: str | Path, cell_size: float = 1.0, progress: bool = T
       continue
     specs = [spec for spec in held_out if spec.area in src.masks]
     if src.masks and not specs:
-      raise ValueError(f"{src.name}: no held-out split of {src.masks} given; refusing to build it unmasked")
+      raise ValueError(
+        f"{src.name}: no held-out split of {src.masks} given; refusing to build it unmasked"
+      )
     keys = list(dict.fromkeys(spec.key(cell_size) for spec in specs))
     done = out_dir / src.name / "source.json"
     if done.exists():
       record = json.loads(done.read_text())
       if record["cell_size"] != max(cell_size, src.min_cell) or record["masked_splits"] != keys:
-        raise ValueError(f"{done}: built at {record['cell_size']} m masking {record['masked_splits']}, not at "
-                         f"{max(cell_size, src.min_cell)} m masking {keys}: use another folder")
+        raise ValueError(
+          f"{done}: built at {record['cell_size']} m masking {record['masked_splits']}, not at "
+          f"{max(cell_size, src.min_cell)} m masking {keys}: use another folder"
+        )
       _log(progress, f"{src.name}: already built, skipped")
     else:
       for spec in specs:
@@ -326,22 +487,47 @@ def build_corpus(out_dir: str | Path, cell_size: float = 1.0, progress: bool = T
   splits_used = [json.loads((out_dir / "splits" / f"{k}.json").read_text()) for k in keys]
   total = lambda role, what: round(sum(r["km2"][what] for r in records if r["role"] == role), 4)  # noqa: E731
   corpus = {
-      "cell_size": cell_size,
-      "products": {"dsm": "surface heights (m): normalisation 'relative' / 'minmax'",
-                   "ndsm": "height above ground (m): normalisation 'ndsm'"},
-      "nodata": "NaN: no data, or a validation/test block of a held-out split",
-      "excluded_places": sorted(exclude),
-      "sources": records,
-      "km2": {role: {w: total(role, w) for w in ("data", "masked", "kept")} for role in ("train", "eval")},
-      "held_out_splits": [{k: s[k] for k in ("key", "area", "task", "cell_size", "tile_size", "block_px", "seed",
-                                              "used_by", "block_splits", "crs", "transform", "shape", "tiles")}
-                          for s in splits_used],
-      "build_seconds_this_call": round(time.time() - t, 1),
+    "cell_size": cell_size,
+    "products": {
+      "dsm": "surface heights (m): normalisation 'relative' / 'minmax'",
+      "ndsm": "height above ground (m): normalisation 'ndsm'",
+    },
+    "nodata": "NaN: no data, or a validation/test block of a held-out split",
+    "excluded_places": sorted(exclude),
+    "sources": records,
+    "km2": {
+      role: {w: total(role, w) for w in ("data", "masked", "kept")} for role in ("train", "eval")
+    },
+    "held_out_splits": [
+      {
+        k: s[k]
+        for k in (
+          "key",
+          "area",
+          "task",
+          "cell_size",
+          "tile_size",
+          "block_px",
+          "seed",
+          "used_by",
+          "block_splits",
+          "crs",
+          "transform",
+          "shape",
+          "tiles",
+        )
+      }
+      for s in splits_used
+    ],
+    "build_seconds_this_call": round(time.time() - t, 1),
   }
   with atomic_file(previous, overwrite=True) as tmp:
     tmp.write_text(json.dumps(corpus, indent=1))
-  _log(progress, f"{out_dir / CORPUS_JSON}: train {corpus['km2']['train']['kept']} km2 kept "
-                 f"({corpus['km2']['train']['masked']} masked), eval {corpus['km2']['eval']['kept']} km2")
+  _log(
+    progress,
+    f"{out_dir / CORPUS_JSON}: train {corpus['km2']['train']['kept']} km2 kept "
+    f"({corpus['km2']['train']['masked']} masked), eval {corpus['km2']['eval']['kept']} km2",
+  )
   return corpus
 
 
@@ -351,9 +537,12 @@ def corpus_rasters(corpus_dir: str | Path, normalisation: str) -> tuple[list[Pat
   corpus_dir = Path(corpus_dir)
   path = corpus_dir / CORPUS_JSON
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: build the corpus with "
-                            f"scripts/prepare_data.py corpus --out {corpus_dir}")
+    raise FileNotFoundError(
+      f"{path} not found: build the corpus with scripts/prepare_data.py corpus --out {corpus_dir}"
+    )
   product = "ndsm" if normalisation == "ndsm" else "dsm"
   sources = json.loads(path.read_text())["sources"]
-  return tuple([corpus_dir / s["files"][product] for s in sources if s["role"] == role]
-               for role in ("train", "eval"))
+  return tuple(
+    [corpus_dir / s["files"][product] for s in sources if s["role"] == role]
+    for role in ("train", "eval")
+  )

@@ -10,6 +10,7 @@ details."), and the rules every entry point applies to elevation rasters:
   geographic CRS (degrees) is refused unless the caller states the cell size in metres, since
   0.5 degrees is not 0.5 m and the cells are not even square on the ground.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,12 @@ def check_elevation_range(values: np.ndarray, valid: np.ndarray, path, where: st
   v = values[valid]
   lo, hi = float(v.min()), float(v.max())
   if lo < PLAUSIBLE_ELEVATION[0] or hi > PLAUSIBLE_ELEVATION[1]:
-    raise DataError(path, f"holds elevations from {lo:g} to {hi:g}{where}, outside any terrain "
-                    f"({PLAUSIBLE_ELEVATION[0]:g}..{PLAUSIBLE_ELEVATION[1]:g}): an undeclared nodata "
-                    f"value (declare it: gdal_edit.py -a_nodata VALUE file.tif) or corrupt data")
+    raise DataError(
+      path,
+      f"holds elevations from {lo:g} to {hi:g}{where}, outside any terrain "
+      f"({PLAUSIBLE_ELEVATION[0]:g}..{PLAUSIBLE_ELEVATION[1]:g}): an undeclared nodata "
+      f"value (declare it: gdal_edit.py -a_nodata VALUE file.tif) or corrupt data",
+    )
 
 
 def open_raster(path: str | Path) -> rasterio.DatasetReader:
@@ -46,7 +50,9 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
   try:
     return rasterio.open(path)
   except rasterio.errors.RasterioIOError as e:
-    raise DataError(path, f"not a readable raster: corrupt, truncated or not a raster format ({e})") from e
+    raise DataError(
+      path, f"not a readable raster: corrupt, truncated or not a raster format ({e})"
+    ) from e
 
 
 def _cause(e: BaseException) -> str:
@@ -57,31 +63,39 @@ def _cause(e: BaseException) -> str:
   return " ".join(str(e).split())[:300]
 
 
-def read_band(src: rasterio.DatasetReader, window=None, masked: bool = False, band: int = 1,
-              **kwargs) -> np.ndarray:
+def read_band(
+  src: rasterio.DatasetReader, window=None, masked: bool = False, band: int = 1, **kwargs
+) -> np.ndarray:
   try:
     return src.read(band, window=window, masked=masked, **kwargs)
   except rasterio.errors.RasterioIOError as e:
-    raise DataError(src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed "
-                    f"({_cause(e)})") from e
+    raise DataError(
+      src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed ({_cause(e)})"
+    ) from e
 
 
 def read_masks(src: rasterio.DatasetReader, band: int = 1, window=None) -> np.ndarray:
   try:
     return src.read_masks(band, window=window)
   except rasterio.errors.RasterioIOError as e:
-    raise DataError(src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed "
-                    f"({_cause(e)})") from e
+    raise DataError(
+      src.name, f"corrupt or truncated raster, reading {window or 'the band'} failed ({_cause(e)})"
+    ) from e
 
 
-def elevation_band(src: rasterio.DatasetReader, band: int | None, flag: str | None = "--band") -> int:
+def elevation_band(
+  src: rasterio.DatasetReader, band: int | None, flag: str | None = "--band"
+) -> int:
   """The band to read as elevation: `band`, or 1 for a single-band raster (the one band rule;
   `flag`: the caller's option to choose a band, if it has one)."""
   if band is None:
     if src.count != 1:
-      raise DataError(src.name, f"has {src.count} bands but elevation is one band; "
-                      + (f"choose it with {flag} N (1..{src.count}), or " if flag else "")
-                      + "extract it (gdal_translate -b N in.tif out.tif)")
+      raise DataError(
+        src.name,
+        f"has {src.count} bands but elevation is one band; "
+        + (f"choose it with {flag} N (1..{src.count}), or " if flag else "")
+        + "extract it (gdal_translate -b N in.tif out.tif)",
+      )
     return 1
   if not 1 <= band <= src.count:
     raise DataError(src.name, f"has {src.count} band(s); band {band} does not exist")
@@ -91,18 +105,25 @@ def elevation_band(src: rasterio.DatasetReader, band: int | None, flag: str | No
 def check_georeferenced(src: rasterio.DatasetReader) -> None:
   """A raster must say where it is: a CRS and a geotransform (GDAL gives the identity without)."""
   if src.crs is None:
-    raise DataError(src.name, "has no CRS; assign the right one (gdal_edit.py -a_srs EPSG:XXXX "
-                    "file.tif)")
+    raise DataError(
+      src.name, "has no CRS; assign the right one (gdal_edit.py -a_srs EPSG:XXXX file.tif)"
+    )
   if src.transform.is_identity:
-    raise DataError(src.name, "has no geotransform (GDAL reads it as the identity), so its cells "
-                    "have no place or size; fix its georeferencing (gdal_edit.py -a_ullr / -a_srs)")
+    raise DataError(
+      src.name,
+      "has no geotransform (GDAL reads it as the identity), so its cells "
+      "have no place or size; fix its georeferencing (gdal_edit.py -a_ullr / -a_srs)",
+    )
 
 
 def single_band(src: rasterio.DatasetReader, role: str) -> None:
   """Auxiliary rasters (labels, validity, extra channels) must have exactly one band."""
   if src.count != 1:
-    raise DataError(src.name, f"has {src.count} bands but a {role} raster has one; extract the band "
-                    f"you mean (gdal_translate -b N in.tif out.tif)")
+    raise DataError(
+      src.name,
+      f"has {src.count} bands but a {role} raster has one; extract the band "
+      f"you mean (gdal_translate -b N in.tif out.tif)",
+    )
 
 
 def metres_per_unit(crs, path: str | Path, flag: str | None = "--cell-size-m") -> float:
@@ -113,19 +134,23 @@ def metres_per_unit(crs, path: str | Path, flag: str | None = "--cell-size-m") -
     return 1.0
   crs = rasterio.crs.CRS.from_user_input(crs)
   if crs.is_geographic:
-    raise DataError(path, f"is in a geographic CRS ({crs.to_string()}) whose unit is the degree, "
-                    f"not the metre. Reproject it to a projected CRS in metres (rasters: gdalwarp "
-                    f"-t_srs EPSG:<UTM zone> -tr 0.5 0.5 -r bilinear in.tif out.tif; point clouds: "
-                    f"pdal translate with filters.reprojection)"
-                    + (f", or pass {flag} with the cell size in metres if you know it" if flag else ""))
+    raise DataError(
+      path,
+      f"is in a geographic CRS ({crs.to_string()}) whose unit is the degree, "
+      f"not the metre. Reproject it to a projected CRS in metres (rasters: gdalwarp "
+      f"-t_srs EPSG:<UTM zone> -tr 0.5 0.5 -r bilinear in.tif out.tif; point clouds: "
+      f"pdal translate with filters.reprojection)"
+      + (f", or pass {flag} with the cell size in metres if you know it" if flag else ""),
+    )
   try:
     return float(crs.linear_units_factor[1])
   except rasterio.errors.CRSError:  # no linear unit known: engineering / local CRSs
     return 1.0
 
 
-def cell_size_m(src: rasterio.DatasetReader, crs=None, given_m: float | None = None,
-                flag: str = "--cell-size-m") -> float:
+def cell_size_m(
+  src: rasterio.DatasetReader, crs=None, given_m: float | None = None, flag: str = "--cell-size-m"
+) -> float:
   """The raster's cell size in metres (square cells required).
 
   `given_m` (the user's statement of the cell size in metres) is used as is. Otherwise the
@@ -138,16 +163,21 @@ def cell_size_m(src: rasterio.DatasetReader, crs=None, given_m: float | None = N
   xres, yres = src.res
   factor = metres_per_unit(src.crs if src.crs is not None else crs, src.name, flag)
   if abs(xres - yres) > 1e-3 * max(xres, yres):
-    raise DataError(src.name, f"has non-square cells ({xres:g} x {yres:g}); resample it to square "
-                    f"cells (gdalwarp -tr S S in.tif out.tif)")
+    raise DataError(
+      src.name,
+      f"has non-square cells ({xres:g} x {yres:g}); resample it to square "
+      f"cells (gdalwarp -tr S S in.tif out.tif)",
+    )
   return float(xres * factor)
 
 
-def write_band(path: str | Path, array: np.ndarray, profile: dict, overwrite: bool = False,
-               **tags: str) -> Path:
+def write_band(
+  path: str | Path, array: np.ndarray, profile: dict, overwrite: bool = False, **tags: str
+) -> Path:
   """`array` as the single band of a GeoTIFF at `path` with `profile` (its dtype, nodata and
   compression as the caller set them) and optional tags, written atomically."""
   from data_pipelines.atomic import atomic_file
+
   with atomic_file(path, overwrite) as tmp:
     with rasterio.open(tmp, "w", **{**profile, "count": 1}) as sink:
       sink.write(array, 1)

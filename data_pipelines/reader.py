@@ -11,6 +11,7 @@ on DEM, validity and label) -> normalisation -> prefetch.
 Deterministic mode (seeded shuffles, ordered interleave and map) gives the same batches on every
 run; `skip_batches=K` then resumes a run exactly at batch K (skipping happens before parsing).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,15 +57,29 @@ def split_files(manifest: dict, split: str) -> list[str]:
   return [posixpath.join(manifest["_dir"], f) for f in entry["files"]]
 
 
-def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_size: int,
-                    normalisation: str = "minmax", channels: int = 1, scale_m: float = 30.0,
-                    low_percentile: float = 2.0, augment: bool | None = None,
-                    shuffle: bool | None = None, repeat: bool | None = None, seed: int = 0,
-                    deterministic: bool = False, skip_batches: int = 0,
-                    process_index: int | None = None, process_count: int | None = None,
-                    shuffle_buffer: int = 2048, drop_remainder: bool | None = None,
-                    files: Sequence[str] | None = None, with_meta: bool = False,
-                    coarsen: float = 0.0) -> tf.data.Dataset:
+def make_tf_dataset(
+  manifest_path: str,
+  split: str = "train",
+  *,
+  global_batch_size: int,
+  normalisation: str = "minmax",
+  channels: int = 1,
+  scale_m: float = 30.0,
+  low_percentile: float = 2.0,
+  augment: bool | None = None,
+  shuffle: bool | None = None,
+  repeat: bool | None = None,
+  seed: int = 0,
+  deterministic: bool = False,
+  skip_batches: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  shuffle_buffer: int = 2048,
+  drop_remainder: bool | None = None,
+  files: Sequence[str] | None = None,
+  with_meta: bool = False,
+  coarsen: float = 0.0,
+) -> tf.data.Dataset:
   """The tf.data pipeline (tensors); `make_dataset` wraps it into NumPy dicts.
 
   Training defaults (split starting with 'train'): augment, shuffle, repeat, drop the remainder;
@@ -79,12 +94,17 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
   repeat = training if repeat is None else repeat
   drop_remainder = training if drop_remainder is None else drop_remainder
   if skip_batches and not deterministic:
-    raise ValueError("skip_batches needs deterministic=True: only a deterministic stream can be resumed")
+    raise ValueError(
+      "skip_batches needs deterministic=True: only a deterministic stream can be resumed"
+    )
   if process_index is None or process_count is None:
     import jax  # lazily: the data code does not need jax otherwise
+
     process_index, process_count = jax.process_index(), jax.process_count()
   if global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+    raise ValueError(
+      f"global batch {global_batch_size} is not divisible by {process_count} processes"
+    )
   batch = global_batch_size // process_count
 
   if files:
@@ -95,11 +115,16 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     raise DataError(files or manifest_path, f"no TFRecord files for split {split!r}")
   missing = [p for p in paths if not tf.io.gfile.exists(p)]
   if missing:
-    raise DataError(missing[0], f"listed in the tile manifest {manifest_path} but missing"
-                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    raise DataError(
+      missing[0],
+      f"listed in the tile manifest {manifest_path} but missing"
+      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+    )
   wants_ndsm = "ndsm" in parse_mode(normalisation)
   if wants_ndsm and "ndsm" not in manifest["channels"]:
-    raise DataError(manifest_path, f"normalisation {normalisation!r} needs tiles with an 'ndsm' channel")
+    raise DataError(
+      manifest_path, f"normalisation {normalisation!r} needs tiles with an 'ndsm' channel"
+    )
   size, dtype, has_label = manifest["tile_size"], manifest["dtype"], manifest["has_label"]
   channel_names = ["elevation"] + (["ndsm"] if wants_ndsm else [])
   spec = parse_spec(channel_names, has_label, with_meta)
@@ -114,12 +139,18 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
   # interleave (the record shuffle after the shard still mixes)
   if shuffle and by_file:
     ds = ds.shuffle(len(paths), seed=seed if deterministic else None, reshuffle_each_iteration=True)
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic or not by_file)
+  ds = ds.interleave(
+    tf.data.TFRecordDataset,
+    cycle_length=min(len(paths), 8),
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=deterministic or not by_file,
+  )
   if not by_file:
     ds = ds.shard(process_count, process_index)
   if shuffle:
-    ds = ds.shuffle(shuffle_buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True)
+    ds = ds.shuffle(
+      shuffle_buffer, seed=seed if deterministic else None, reshuffle_each_iteration=True
+    )
   if repeat:
     ds = ds.repeat()
   ds = ds.batch(batch, drop_remainder=drop_remainder).enumerate()
@@ -136,12 +167,24 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     # The network sees every stored pixel (measured, interpolated, or filled with the tile's
     # lowest value where there is none); validity only weights the loss and the metrics.
     has_value = tf.ones_like(valid, tf.bool)
-    out = {"image": normalise(metres["elevation"], has_value, normalisation, stats=stats,
-                              ndsm=metres.get("ndsm"), scale_m=scale_m, low_percentile=low_percentile,
-                              channels=channels, filled=True),
-           "valid": tf.cast(valid, tf.float32)}
+    out = {
+      "image": normalise(
+        metres["elevation"],
+        has_value,
+        normalisation,
+        stats=stats,
+        ndsm=metres.get("ndsm"),
+        scale_m=scale_m,
+        low_percentile=low_percentile,
+        channels=channels,
+        filled=True,
+      ),
+      "valid": tf.cast(valid, tf.float32),
+    }
     if augment and coarsen > 0:
-      out["image"] = random_coarsening(out["image"], aug_seed + tf.constant([1, 0], tf.int64), coarsen)
+      out["image"] = random_coarsening(
+        out["image"], aug_seed + tf.constant([1, 0], tf.int64), coarsen
+      )
     if has_label:
       out["label"] = tf.cast(planes[-1], tf.int32)
     return out
@@ -153,10 +196,13 @@ def make_tf_dataset(manifest_path: str, split: str = "train", *, global_batch_si
     if has_label:
       planes.append(decode_mask(f["label"], size))
     # the augmentation seed depends on the batch's position only: same batch, same augmentation
-    out = transform(planes, [f[f"{c}_offset"] for c in channel_names],
-                    tf.stack([tf.cast(seed, tf.int64), index]))
+    out = transform(
+      planes, [f[f"{c}_offset"] for c in channel_names], tf.stack([tf.cast(seed, tf.int64), index])
+    )
     if with_meta:
-      out.update({k: f[k] for k in ("tile_id", "window", "transform", "cell_size", "crs_wkt", "source")})
+      out.update(
+        {k: f[k] for k in ("tile_id", "window", "transform", "cell_size", "crs_wkt", "source")}
+      )
     return out
 
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
@@ -191,8 +237,9 @@ def _check_record(record: bytes, manifest: dict) -> str | None:
   return None
 
 
-def check_shards(paths: Sequence[str], manifest: dict | None = None,
-                 counts: Sequence[int] | None = None) -> int:
+def check_shards(
+  paths: Sequence[str], manifest: dict | None = None, counts: Sequence[int] | None = None
+) -> int:
   """Read every record of every file; with `manifest`, decode each against its tile size, dtype,
   channels and label, and compare the number of records with `counts` (one per file or one in
   total). DataError naming the first missing, corrupt, truncated or misshapen file (and the
@@ -211,14 +258,22 @@ def check_shards(paths: Sequence[str], manifest: dict | None = None,
         n += 1
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
       found = re.search(r"(corrupted|truncated) record at \d+", e.message)
-      raise DataError(path, f"corrupt or truncated TFRecord after {n} good records ("
-                      + (found[0] if found else e.message.strip()[-200:]) + ")") from e
+      raise DataError(
+        path,
+        f"corrupt or truncated TFRecord after {n} good records ("
+        + (found[0] if found else e.message.strip()[-200:])
+        + ")",
+      ) from e
     except tf.errors.OpError as e:
-      raise DataError(path, f"cannot be read ({e.__class__.__name__}: {e.message.strip()[-200:]})") from e
+      raise DataError(
+        path, f"cannot be read ({e.__class__.__name__}: {e.message.strip()[-200:]})"
+      ) from e
     total += n
   if counts is not None and sum(counts) != total:
-    raise DataError(paths[0] if len(paths) == 1 else posixpath.dirname(paths[0]),
-                    f"{total} records but the manifest lists {sum(counts)}")
+    raise DataError(
+      paths[0] if len(paths) == 1 else posixpath.dirname(paths[0]),
+      f"{total} records but the manifest lists {sum(counts)}",
+    )
   return total
 
 
@@ -232,7 +287,9 @@ def check_tile_set(manifest_path: str) -> dict[str, int]:
   return out
 
 
-def make_dataset(manifest_path: str, split: str = "train", **kwargs) -> Iterator[dict[str, np.ndarray]]:
+def make_dataset(
+  manifest_path: str, split: str = "train", **kwargs
+) -> Iterator[dict[str, np.ndarray]]:
   """Iterator of NumPy batch dicts (see module doc); arguments as `make_tf_dataset`.
 
   tf.data's own errors do not say which file broke: on one, the shards are checked one by one
@@ -246,8 +303,11 @@ def make_dataset(manifest_path: str, split: str = "train", **kwargs) -> Iterator
     except tf.errors.OpError:
       files = kwargs.get("files")
       manifest = read_manifest(manifest_path)
-      paths = ([p for pattern in files for p in tf.io.gfile.glob(pattern)] if files
-               else split_files(manifest, split))
+      paths = (
+        [p for pattern in files for p in tf.io.gfile.glob(pattern)]
+        if files
+        else split_files(manifest, split)
+      )
       check_shards(paths, manifest)  # names the file (and record) tf.data did not
       raise
 

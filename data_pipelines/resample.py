@@ -6,6 +6,7 @@ many cells a coarse cell covers). Labels: nearest when refining, mode when coars
 value must stay a class value). Nodata stays nodata: NaN for elevation, the source's value
 (or IGNORE) for labels.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,13 @@ from data_pipelines.raster_io import write_band
 KINDS = ("elevation", "label")
 
 
-def resample_raster(src_path: str | Path, out_path: str | Path, cell_size: float, kind: str = "elevation",
-                    overwrite: bool = False) -> Path:
+def resample_raster(
+  src_path: str | Path,
+  out_path: str | Path,
+  cell_size: float,
+  kind: str = "elevation",
+  overwrite: bool = False,
+) -> Path:
   """Band 1 of `src_path` at `cell_size` (CRS units) over the same top-left corner and extent
   (rounded up to whole cells); float32 with NaN nodata for elevation, uint8 for labels."""
   if kind not in KINDS:
@@ -36,7 +42,9 @@ def resample_raster(src_path: str | Path, out_path: str | Path, cell_size: float
     if src.crs is None:
       raise DataError(src_path, "raster has no CRS")
     if abs(src.res[0] - src.res[1]) > 1e-9 * src.res[0] or src.transform.b or src.transform.d:
-      raise DataError(src_path, f"needs square north-up cells, got {src.res} {tuple(src.transform)[:6]}")
+      raise DataError(
+        src_path, f"needs square north-up cells, got {src.res} {tuple(src.transform)[:6]}"
+      )
     b = src.bounds
     width = math.ceil(round((b.right - b.left) / cell_size, 6))
     height = math.ceil(round((b.top - b.bottom) / cell_size, 6))
@@ -49,12 +57,33 @@ def resample_raster(src_path: str | Path, out_path: str | Path, cell_size: float
       how = Resampling.nearest if finer else Resampling.mode
       dtype, nodata = np.uint8, IGNORE if src.nodata is None else src.nodata
     out = np.full((height, width), nodata, dtype)
-    rasterio.warp.reproject(rasterio.band(src, 1), out, dst_transform=transform, dst_crs=src.crs,
-                            dst_nodata=nodata, resampling=how)
+    rasterio.warp.reproject(
+      rasterio.band(src, 1),
+      out,
+      dst_transform=transform,
+      dst_crs=src.crs,
+      dst_nodata=nodata,
+      resampling=how,
+    )
     profile = src.profile
-  profile.update(width=width, height=height, transform=transform, dtype=out.dtype.name, nodata=nodata,
-                 count=1, compress="deflate", tiled=False)
+  profile.update(
+    width=width,
+    height=height,
+    transform=transform,
+    dtype=out.dtype.name,
+    nodata=nodata,
+    count=1,
+    compress="deflate",
+    tiled=False,
+  )
   for key in ("blockxsize", "blockysize"):
     profile.pop(key, None)
-  return write_band(out_path, out, profile, overwrite, resampled_from=Path(src_path).name,
-                    resampling=how.name, cell_size=str(cell_size))
+  return write_band(
+    out_path,
+    out,
+    profile,
+    overwrite,
+    resampled_from=Path(src_path).name,
+    resampling=how.name,
+    cell_size=str(cell_size),
+  )

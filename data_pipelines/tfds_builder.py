@@ -9,6 +9,7 @@ Examples hold the raw tile (elevation in metres, float32), validity, label (if a
 geotransform; normalisation and augmentation stay with `data_pipelines.reader`. TFDS copies the
 tiles into its own format under `data_dir`; each tile set needs its own `data_dir`.
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -21,8 +22,10 @@ from data_pipelines.tile_records import decode_tile_numpy
 
 
 def _tile_features(size: int) -> dict:
-  return {"elevation": tfds.features.Tensor(shape=(size, size), dtype=tf.float32),
-          "valid": tfds.features.Tensor(shape=(size, size), dtype=tf.uint8)}
+  return {
+    "elevation": tfds.features.Tensor(shape=(size, size), dtype=tf.float32),
+    "valid": tfds.features.Tensor(shape=(size, size), dtype=tf.uint8),
+  }
 
 
 class DemTiles(tfds.core.GeneratorBasedBuilder):
@@ -33,21 +36,24 @@ class DemTiles(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, manifest: str | None = None, **kwargs):
     if manifest is None:
-      raise ValueError("dem_tiles needs builder_kwargs={'manifest': path to a tile set's manifest.json}")
+      raise ValueError(
+        "dem_tiles needs builder_kwargs={'manifest': path to a tile set's manifest.json}"
+      )
     self._manifest = read_manifest(manifest)
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self._manifest["tile_size"]
     features = {
-        **_tile_features(size),
-        "tile_id": tf.int64,
-        "transform": tfds.features.Tensor(shape=(6,), dtype=tf.float64),
+      **_tile_features(size),
+      "tile_id": tf.int64,
+      "transform": tfds.features.Tensor(shape=(6,), dtype=tf.float64),
     }
     if self._manifest["has_label"]:
       features["label"] = tfds.features.Tensor(shape=(size, size), dtype=tf.uint8)
-    return tfds.core.DatasetInfo(builder=self, description=__doc__,
-                                 features=tfds.features.FeaturesDict(features))
+    return tfds.core.DatasetInfo(
+      builder=self, description=__doc__, features=tfds.features.FeaturesDict(features)
+    )
 
   def _split_generators(self, dl_manager):
     m = self._manifest
@@ -58,8 +64,12 @@ class DemTiles(tfds.core.GeneratorBasedBuilder):
     m = self._manifest
     for record in tf.data.TFRecordDataset(files).as_numpy_iterator():
       t = decode_tile_numpy(record, ["elevation"], m["dtype"], m["tile_size"])
-      example = {"elevation": t["elevation"], "valid": t["valid"], "tile_id": t["tile_id"],
-                 "transform": t["transform"]}
+      example = {
+        "elevation": t["elevation"],
+        "valid": t["valid"],
+        "tile_id": t["tile_id"],
+        "transform": t["transform"],
+      }
       if "label" in t:
         example["label"] = t["label"]
       yield int(t["tile_id"]), example
@@ -73,31 +83,45 @@ class DemCorpus(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, manifest: str | None = None, **kwargs):
     from data_pipelines.corpus_reader import read_corpus_manifest
+
     if manifest is None:
-      raise ValueError("dem_corpus needs builder_kwargs={'manifest': path to a corpus_manifest.json}")
+      raise ValueError(
+        "dem_corpus needs builder_kwargs={'manifest': path to a corpus_manifest.json}"
+      )
     self._manifest = read_corpus_manifest(manifest)
     self._root = posixpath.dirname(str(manifest))
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = {
-        **_tile_features(self._manifest["tile_size"]),
-        "source": tfds.features.Text(),
-        "bounds": tfds.features.Tensor(shape=(4,), dtype=tf.float64),
-        "cell_size": tf.float32,
-        "stats": tfds.features.Tensor(shape=(len(self._manifest["tile_stats"]),), dtype=tf.float32),
+      **_tile_features(self._manifest["tile_size"]),
+      "source": tfds.features.Text(),
+      "bounds": tfds.features.Tensor(shape=(4,), dtype=tf.float64),
+      "cell_size": tf.float32,
+      "stats": tfds.features.Tensor(shape=(len(self._manifest["tile_stats"]),), dtype=tf.float32),
     }
-    return tfds.core.DatasetInfo(builder=self, description=DemCorpus.__doc__,
-                                 features=tfds.features.FeaturesDict(features))
+    return tfds.core.DatasetInfo(
+      builder=self, description=DemCorpus.__doc__, features=tfds.features.FeaturesDict(features)
+    )
 
   def _split_generators(self, dl_manager):
     roles = sorted({s["role"] for s in self._manifest["shards"]})
-    return {role: self._generate_examples([posixpath.join(self._root, s["file"]) for s in self._manifest["shards"]
-                                           if s["role"] == role]) for role in roles}
+    return {
+      role: self._generate_examples(
+        [
+          posixpath.join(self._root, s["file"])
+          for s in self._manifest["shards"]
+          if s["role"] == role
+        ]
+      )
+      for role in roles
+    }
 
   def _generate_examples(self, files):
     m = self._manifest
     for record in tf.data.TFRecordDataset(files).as_numpy_iterator():
       t = decode_tile_numpy(record, ["elevation"], m["dtype"], m["tile_size"])
-      yield f"{t['source']}/{int(t['tile_id'])}", {k: t[k] for k in ("elevation", "valid", "source", "bounds",
-                                                                       "cell_size", "stats")}
+      yield (
+        f"{t['source']}/{int(t['tile_id'])}",
+        {k: t[k] for k in ("elevation", "valid", "source", "bounds", "cell_size", "stats")},
+      )

@@ -5,6 +5,7 @@ subtracting a per-tile offset kept as float32 (`<channel>_offset`): float16 then
 relief within the tile, not the absolute height, so its rounding error is at most half an ulp of
 the tile's relief (<= 0.016 m below 64 m of relief) instead of ~4 m at 8,000 m altitude.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,13 @@ def _ints(v) -> tf.train.Feature:
   return tf.train.Feature(int64_list=tf.train.Int64List(value=list(np.atleast_1d(v))))
 
 
-def encode_tile(channels: dict[str, np.ndarray], valid: np.ndarray, label: np.ndarray | None,
-                dtype: str, meta: dict) -> bytes:
+def encode_tile(
+  channels: dict[str, np.ndarray],
+  valid: np.ndarray,
+  label: np.ndarray | None,
+  dtype: str,
+  meta: dict,
+) -> bytes:
   """Serialise one tile. `channels` maps name -> float [H, W] (no NaN: invalid pixels filled)."""
   storage = FLOAT_DTYPES[dtype]
   feats = {}
@@ -43,12 +49,16 @@ def encode_tile(channels: dict[str, np.ndarray], valid: np.ndarray, label: np.nd
   feats["cell_size"] = _floats(meta["cell_size"])
   feats["crs_wkt"] = _bytes(meta["crs_wkt"].encode())
   feats["source"] = _bytes(meta["source"].encode())
-  if "bounds" in meta:  # corpus tiles: xmin, ymin, xmax, ymax in the CRS (float64: 1e6 m coordinates)
+  if (
+    "bounds" in meta
+  ):  # corpus tiles: xmin, ymin, xmax, ymax in the CRS (float64: 1e6 m coordinates)
     feats["bounds"] = _bytes(np.asarray(meta["bounds"], "<f8").tobytes())
   if "stats" in meta:  # corpus tiles: corpus_beam.TILE_STATS of the raw elevation
     feats["stats"] = _floats(np.asarray(meta["stats"], np.float32))
   # deterministic: map entries sorted by key, so the bytes do not depend on the process (upb hashes)
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(deterministic=True)
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
+    deterministic=True
+  )
 
 
 def parse_spec(channels, has_label: bool, with_meta: bool = False) -> dict:
@@ -60,18 +70,22 @@ def parse_spec(channels, has_label: bool, with_meta: bool = False) -> dict:
   if has_label:
     spec["label"] = tf.io.FixedLenFeature([], tf.string)
   if with_meta:
-    spec.update(transform=tf.io.FixedLenFeature([], tf.string),
-                window=tf.io.FixedLenFeature([4], tf.int64),
-                tile_id=tf.io.FixedLenFeature([], tf.int64),
-                cell_size=tf.io.FixedLenFeature([], tf.float32),
-                crs_wkt=tf.io.FixedLenFeature([], tf.string),
-                source=tf.io.FixedLenFeature([], tf.string))
+    spec.update(
+      transform=tf.io.FixedLenFeature([], tf.string),
+      window=tf.io.FixedLenFeature([4], tf.int64),
+      tile_id=tf.io.FixedLenFeature([], tf.int64),
+      cell_size=tf.io.FixedLenFeature([], tf.float32),
+      crs_wkt=tf.io.FixedLenFeature([], tf.string),
+      source=tf.io.FixedLenFeature([], tf.string),
+    )
   return spec
 
 
 def decode_raw_channel(raw: tf.Tensor, dtype: str, size: int) -> tf.Tensor:
   """Batch of raw channel bytes [B] -> the stored dtype [B, size, size] (offset not yet added)."""
-  values = tf.io.decode_raw(raw, tf.float16 if dtype == "float16" else tf.float32, little_endian=True)
+  values = tf.io.decode_raw(
+    raw, tf.float16 if dtype == "float16" else tf.float32, little_endian=True
+  )
   return tf.reshape(values, [-1, size, size])
 
 

@@ -1,5 +1,6 @@
 """Statistics the manifest carries: global elevation moments and percentiles (for z-score
 normalisation), local relief per tile (for choosing a relative-height scale), class counts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,14 @@ class ValueStats:
     std = float(np.sqrt(max(self.sumsq / self.n - mean**2, 0.0)))
     sample = np.concatenate(self.sample)
     pct = np.percentile(sample, PERCENTILES)
-    return {"count": int(self.n), "mean": float(mean), "std": std, "min": float(self.min),
-            "max": float(self.max), **{f"p{p:02d}": float(v) for p, v in zip(PERCENTILES, pct)}}
+    return {
+      "count": int(self.n),
+      "mean": float(mean),
+      "std": std,
+      "min": float(self.min),
+      "max": float(self.max),
+      **{f"p{p:02d}": float(v) for p, v in zip(PERCENTILES, pct)},
+    }
 
 
 def class_summary(counts: dict[int, int], ignore: int) -> dict:
@@ -46,6 +53,8 @@ def class_summary(counts: dict[int, int], ignore: int) -> dict:
   freq = {k: (v / total if total else 0.0) for k, v in sorted(labelled.items())}
   inv = {k: 1.0 / f for k, f in freq.items() if f > 0}
   mean_inv = np.mean(list(inv.values())) if inv else 1.0
-  return {"pixel_counts": {str(k): int(v) for k, v in sorted(counts.items())},
-          "frequencies": {str(k): float(f) for k, f in freq.items()},
-          "weights": {str(k): float(w / mean_inv) for k, w in inv.items()}}
+  return {
+    "pixel_counts": {str(k): int(v) for k, v in sorted(counts.items())},
+    "frequencies": {str(k): float(f) for k, f in freq.items()},
+    "weights": {str(k): float(w / mean_inv) for k, w in inv.items()},
+  }

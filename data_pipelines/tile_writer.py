@@ -1,5 +1,6 @@
 """Rasters (DEM, optional validity, labels and extra channels on the same grid) into TFRecord
 shards of tiles with a manifest; the whole output folder appears atomically."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,13 +48,20 @@ def _open_same_grid(path, ref, stack, role: str) -> rasterio.DatasetReader:
   single_band(src, role)
   if src.crs != ref.crs:
     raise DataError(path, f"CRS mismatch: {src.crs} vs {ref.crs} of {ref.name}")
-  if (src.width, src.height) != (ref.width, ref.height) or not src.transform.almost_equals(ref.transform):
-    raise DataError(path, f"grid differs from {ref.name}: {src.width}x{src.height} {tuple(src.transform)[:6]} "
-                    f"vs {ref.width}x{ref.height} {tuple(ref.transform)[:6]}")
+  if (src.width, src.height) != (ref.width, ref.height) or not src.transform.almost_equals(
+    ref.transform
+  ):
+    raise DataError(
+      path,
+      f"grid differs from {ref.name}: {src.width}x{src.height} {tuple(src.transform)[:6]} "
+      f"vs {ref.width}x{ref.height} {tuple(ref.transform)[:6]}",
+    )
   return src
 
 
-def _read_valid(src: rasterio.DatasetReader, window, band: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _read_valid(
+  src: rasterio.DatasetReader, window, band: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """Values as float32 and validity (not nodata, finite)."""
   masked = read_band(src, window, masked=True, band=band)
   values = masked.astype(np.float32).filled(np.nan)  # int16 SRTM too
@@ -80,15 +88,30 @@ class _ShardWriter:
       self.writer = None
 
 
-def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path | None = None,
-                valid: str | Path | None = None, extras: Mapping[str, str | Path] | None = None,
-                tile_size: int = 224, stride: int | None = None, min_valid: float = 0.9,
-                min_labelled: float = 0.25, block_px: int | None = None,
-                fractions: Mapping[str, float] = DEFAULT_FRACTIONS, seed: int = 0,
-                dtype: str = "float32", tiles_per_shard: int = 1024, label_names: Mapping[int, str] | None = None,
-                overwrite: bool = False, progress: bool = True, extra_manifest: dict | None = None,
-                block_split: np.ndarray | None = None, band: int | None = None,
-                cell_size_m: float | None = None) -> Path:
+def write_tiles(
+  elevation: str | Path,
+  out_dir: str | Path,
+  *,
+  label: str | Path | None = None,
+  valid: str | Path | None = None,
+  extras: Mapping[str, str | Path] | None = None,
+  tile_size: int = 224,
+  stride: int | None = None,
+  min_valid: float = 0.9,
+  min_labelled: float = 0.25,
+  block_px: int | None = None,
+  fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+  seed: int = 0,
+  dtype: str = "float32",
+  tiles_per_shard: int = 1024,
+  label_names: Mapping[int, str] | None = None,
+  overwrite: bool = False,
+  progress: bool = True,
+  extra_manifest: dict | None = None,
+  block_split: np.ndarray | None = None,
+  band: int | None = None,
+  cell_size_m: float | None = None,
+) -> Path:
   """Tile the rasters into `out_dir` (train/val/test shards, few-label subsets, manifest.json).
 
   A tile is kept if >= `min_valid` of its pixels are valid and (with labels) >= `min_labelled`
@@ -115,7 +138,10 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
     check_georeferenced(dem)
     cell_m = metric_cell_size(dem, given_m=cell_size_m)
     if dem.height < tile_size or dem.width < tile_size:
-      raise DataError(elevation, f"raster of {dem.height} x {dem.width} px is smaller than one {tile_size} px tile")
+      raise DataError(
+        elevation,
+        f"raster of {dem.height} x {dem.width} px is smaller than one {tile_size} px tile",
+      )
     lab = _open_same_grid(label, dem, stack, "label") if label else None
     val = _open_same_grid(valid, dem, stack, "validity") if valid else None
     ext = {k: _open_same_grid(p, dem, stack, f"{k!r} channel") for k, p in extras.items()}
@@ -137,15 +163,21 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
     if block_split is not None:
       block_split = np.asarray(block_split, np.int8)
       if block_split.shape != (nb_r, nb_c) or not np.isin(block_split, range(len(SPLITS))).all():
-        raise ValueError(f"block_split must be {nb_r} x {nb_c} values in 0..{len(SPLITS) - 1} "
-                         f"({block_px} px blocks over {elevation}), got shape {block_split.shape}")
+        raise ValueError(
+          f"block_split must be {nb_r} x {nb_c} values in 0..{len(SPLITS) - 1} "
+          f"({block_px} px blocks over {elevation}), got shape {block_split.shape}"
+        )
     else:
       # pass 1: weight of each block = useful pixels (labelled if labels exist, else valid)
       weights = np.zeros((nb_r, nb_c), np.int64)
       for br in range(nb_r):
         for bc in range(nb_c):
-          win = rasterio.windows.Window(bc * block_px, br * block_px, min(block_px, dem.width - bc * block_px),
-                                        min(block_px, dem.height - br * block_px))
+          win = rasterio.windows.Window(
+            bc * block_px,
+            br * block_px,
+            min(block_px, dem.width - bc * block_px),
+            min(block_px, dem.height - br * block_px),
+          )
           _, ok = _read_valid(dem, win, band)
           if lab is not None:
             ok &= read_band(lab, win) != IGNORE
@@ -185,9 +217,14 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
       for k in chans:
         chans[k] = np.where(np.isfinite(chans[k]), chans[k], chans[k][ok].min())
       split = SPLITS[split_i]
-      meta = dict(transform=tuple(rasterio.windows.transform(win, dem.transform))[:6],
-                  window=(w.col, w.row, w.size, w.size), tile_id=tile_id, cell_size=cell_m,
-                  crs_wkt=crs_wkt, source=source)
+      meta = dict(
+        transform=tuple(rasterio.windows.transform(win, dem.transform))[:6],
+        window=(w.col, w.row, w.size, w.size),
+        tile_id=tile_id,
+        cell_size=cell_m,
+        crs_wkt=crs_wkt,
+        source=source,
+      )
       writers[split].write(encode_tile(chans, ok, lbl, dtype, meta))
       tile_ids[split].append(tile_id)
       if split == "train":  # normalisation statistics from training tiles only
@@ -202,8 +239,11 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
       wr.close()
     if not tile_ids["train"] and (fractions["train"] > 0 or not any(tile_ids.values())):
       # (a set drawn wholly for evaluation, train fraction 0, needs no training tile)
-      raise DataError(elevation, f"no training tile survived the filters ({skipped}); lower "
-                      "min_valid/min_labelled, the tile size or the block size")
+      raise DataError(
+        elevation,
+        f"no training tile survived the filters ({skipped}); lower "
+        "min_valid/min_labelled, the tile size or the block size",
+      )
 
     # few-label subsets: copies of their records, so a reader takes them like any split
     subsets = few_label_subsets(tile_ids["train"], seed)
@@ -211,7 +251,9 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
     if subsets:
       wanted = {name: set(ids) for name, ids in subsets.items()}
       sub_writers = {name: _ShardWriter(tmp, name, tiles_per_shard) for name in subsets}
-      for record in tf.data.TFRecordDataset([str(tmp / f) for f in writers["train"].files]).as_numpy_iterator():
+      for record in tf.data.TFRecordDataset(
+        [str(tmp / f) for f in writers["train"].files]
+      ).as_numpy_iterator():
         tid = tf.train.Example.FromString(record).features.feature["tile_id"].int64_list.value[0]
         for name, ids in wanted.items():
           if tid in ids:
@@ -221,27 +263,47 @@ def write_tiles(elevation: str | Path, out_dir: str | Path, *, label: str | Path
         subset_files[name] = {"files": wr.files, "count": wr.count, "tile_ids": subsets[name]}
 
     manifest = {
-        "format": FORMAT,
-        "tile_size": tile_size, "stride": stride, "cell_size": cell_m,
-        "dtype": dtype, "channels": ["elevation", *ext], "has_label": lab is not None,
-        "ignore_value": IGNORE,
-        "label_names": {str(k): v for k, v in (label_names or {}).items()},
-        "crs_wkt": crs_wkt,
-        # relative to the tile folder, so they stay right when a whole prepared folder moves
-        "sources": {k: os.path.relpath(Path(p).resolve(), out_dir.resolve()) if p else None
-                    for k, p in {"elevation": elevation, "label": label, "valid": valid, **extras}.items()},
-        "filters": {"min_valid": min_valid, "min_labelled": min_labelled},
-        "split": {"block_px": block_px, "fractions": dict(fractions), "seed": seed,
-                  "block_splits": block_split.tolist(), "given": given_split},
-        "splits": {s: {"files": writers[s].files, "count": writers[s].count, "tile_ids": tile_ids[s],
-                       **({"classes": class_summary(class_counts[s], IGNORE)} if lab is not None else {})}
-                   for s in SPLITS},
-        "subsets": subset_files,
-        "skipped": skipped,
-        "candidates": len(windows),
-        "stats": {"elevation": elev_stats.summary(), "local_relief": relief.summary(),
-                  **{k: s.summary() for k, s in extra_stats.items()}},
-        **(extra_manifest or {}),
+      "format": FORMAT,
+      "tile_size": tile_size,
+      "stride": stride,
+      "cell_size": cell_m,
+      "dtype": dtype,
+      "channels": ["elevation", *ext],
+      "has_label": lab is not None,
+      "ignore_value": IGNORE,
+      "label_names": {str(k): v for k, v in (label_names or {}).items()},
+      "crs_wkt": crs_wkt,
+      # relative to the tile folder, so they stay right when a whole prepared folder moves
+      "sources": {
+        k: os.path.relpath(Path(p).resolve(), out_dir.resolve()) if p else None
+        for k, p in {"elevation": elevation, "label": label, "valid": valid, **extras}.items()
+      },
+      "filters": {"min_valid": min_valid, "min_labelled": min_labelled},
+      "split": {
+        "block_px": block_px,
+        "fractions": dict(fractions),
+        "seed": seed,
+        "block_splits": block_split.tolist(),
+        "given": given_split,
+      },
+      "splits": {
+        s: {
+          "files": writers[s].files,
+          "count": writers[s].count,
+          "tile_ids": tile_ids[s],
+          **({"classes": class_summary(class_counts[s], IGNORE)} if lab is not None else {}),
+        }
+        for s in SPLITS
+      },
+      "subsets": subset_files,
+      "skipped": skipped,
+      "candidates": len(windows),
+      "stats": {
+        "elevation": elev_stats.summary(),
+        "local_relief": relief.summary(),
+        **{k: s.summary() for k, s in extra_stats.items()},
+      },
+      **(extra_manifest or {}),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
   return out_dir / MANIFEST

@@ -4,6 +4,7 @@ Splits are drawn per block of `block_px` x `block_px` pixels, never per tile: a 
 only if every block it touches belongs to that split, so overlapping tiles (stride < size) never
 share a pixel across train, val and test. Tiles that straddle two splits are dropped and counted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,9 @@ def assign_blocks(weights: np.ndarray, fractions: dict[str, float], seed: int) -
   return out
 
 
-def assign_blocks_nested(inner: np.ndarray, outer: np.ndarray, fractions: dict[str, float],
-                         seed: int) -> np.ndarray:
+def assign_blocks_nested(
+  inner: np.ndarray, outer: np.ndarray, fractions: dict[str, float], seed: int
+) -> np.ndarray:
   """One split for two tile sets on one grid whose areas nest (e.g. two surveys of a place, one
   covering part of the other): blocks touching the inner area are drawn on the inner weights,
   the others on the outer weights, so each set gets its fractions and every block has one
@@ -73,11 +75,13 @@ def tile_split(window: TileWindow, block_split: np.ndarray, block_px: int) -> in
   """The split of the blocks under a tile, or None if they disagree."""
   r0, c0 = window.row // block_px, window.col // block_px
   r1, c1 = (window.row + window.size - 1) // block_px, (window.col + window.size - 1) // block_px
-  under = np.unique(block_split[r0:r1 + 1, c0:c1 + 1])
+  under = np.unique(block_split[r0 : r1 + 1, c0 : c1 + 1])
   return int(under[0]) if under.size == 1 else None
 
 
-def few_label_subsets(train_ids: list[int], seed: int, sizes=FEW_LABEL_SIZES) -> dict[str, list[int]]:
+def few_label_subsets(
+  train_ids: list[int], seed: int, sizes=FEW_LABEL_SIZES
+) -> dict[str, list[int]]:
   """Nested seeded subsets of the training tiles (train_10 within train_50, ...); only sizes
   smaller than the training set (a subset as large as it is the training set itself)."""
   order = np.random.default_rng(seed).permutation(np.asarray(sorted(train_ids)))

@@ -12,8 +12,17 @@ It only re-exports: the model from `models/mae.py`, the weight port from `checkp
 what it is, a facade, and not another model. The `"demmae_jax.mae/1"` written into our
 checkpoints' config.json is a file-format name, not this module's path, and stays.
 """
+
 from demmae_jax.checkpoints import CheckpointError, from_pretrained, save_model, to_official
 from demmae_jax.models.mae import MAEConfig, MaskedAutoencoder, build, preset
 
-__all__ = ["CheckpointError", "MAEConfig", "MaskedAutoencoder", "build", "from_pretrained",
-           "preset", "save_model", "to_official"]
+__all__ = [
+  "CheckpointError",
+  "MAEConfig",
+  "MaskedAutoencoder",
+  "build",
+  "from_pretrained",
+  "preset",
+  "save_model",
+  "to_official",
+]

@@ -12,6 +12,7 @@ square symmetries.
 The test area is the tile set's split: the blocks of `manifest["split"]["block_splits"]` drawn as
 `split`, restricted to labelled (not 255) and measured (valid) pixels.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -33,10 +34,20 @@ from demmae_jax.inference.segmenter import (
 )
 
 
-def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, window: int | None = None,
-                 overlap: int | None = None, tta: bool = False, batch_size: int = 4,
-                 overwrite: bool = False, progress: bool = False, probabilities: str | Path | None = None,
-                 model=None) -> dict:
+def predict_area(
+  workdir: str | Path,
+  raster: str | Path,
+  out: str | Path,
+  *,
+  window: int | None = None,
+  overlap: int | None = None,
+  tta: bool = False,
+  batch_size: int = 4,
+  overwrite: bool = False,
+  progress: bool = False,
+  probabilities: str | Path | None = None,
+  model=None,
+) -> dict:
   """Classes of `raster` by the best checkpoint of `workdir` into `out` (GeoTIFF); returns the
   predictor's summary. `window` defaults to the training tile; `overlap` to a quarter window."""
   if model is None:
@@ -45,22 +56,34 @@ def predict_area(workdir: str | Path, raster: str | Path, out: str | Path, *, wi
     model, spec = model
   window = int(window or spec["tile_size"])
   check_window(spec, window)
-  opts = predictor.PredictOptions(tile=window, overlap=window // 4 if overlap is None else overlap,
-                                  batch_size=batch_size, class_names=tuple(spec["class_names"]))
+  opts = predictor.PredictOptions(
+    tile=window,
+    overlap=window // 4 if overlap is None else overlap,
+    batch_size=batch_size,
+    class_names=tuple(spec["class_names"]),
+  )
   apply = probabilities_fn(model, tta=tta)
-  return predictor.predict_raster(raster, out, apply, input_normalise(spec), opts,
-                                  probabilities_path=probabilities, overwrite=overwrite,
-                                  progress=progress)
+  return predictor.predict_raster(
+    raster,
+    out,
+    apply,
+    input_normalise(spec),
+    opts,
+    probabilities_path=probabilities,
+    overwrite=overwrite,
+    progress=progress,
+  )
 
 
 def test_area_mask(manifest: dict, shape: tuple[int, int], split: str = "test") -> np.ndarray:
   """Pixels of the blocks drawn as `split` in the tile set's spatial split, on its raster grid."""
   from data_pipelines.tiles import SPLITS
+
   s = manifest["split"]
   blocks = np.asarray(s["block_splits"]) == SPLITS.index(split)
   bp = int(s["block_px"])
   full = np.repeat(np.repeat(blocks, bp, axis=0), bp, axis=1)
-  return full[:shape[0], :shape[1]]
+  return full[: shape[0], : shape[1]]
 
 
 def _source(manifest: dict, name: str) -> Path:
@@ -73,12 +96,21 @@ def _source(manifest: dict, name: str) -> Path:
   return path
 
 
-def evaluate_area(workdir: str | Path, manifest_path: str | Path, *, split: str = "test",
-                  window: int | None = None, tta: bool = False, keep_prediction: str | Path | None = None,
-                  model=None, boundary_px: int | None = None) -> dict:
+def evaluate_area(
+  workdir: str | Path,
+  manifest_path: str | Path,
+  *,
+  split: str = "test",
+  window: int | None = None,
+  tta: bool = False,
+  keep_prediction: str | Path | None = None,
+  model=None,
+  boundary_px: int | None = None,
+) -> dict:
   """Metrics of `workdir`'s model on the `split` blocks of the tile set at `manifest_path` (the
   prepared set, whose manifest names its rasters), predicted over the whole raster."""
   from data_pipelines.reader import read_manifest
+
   manifest = read_manifest(str(manifest_path))
   if model is None:
     model = load_trained(workdir)[:2]
@@ -106,13 +138,15 @@ def score_area(pred: np.ndarray, manifest: dict, split: str = "test", class_name
   area = test_area_mask(manifest, label.shape, split) & valid & (pred != predictor.CLASS_NODATA)
   k = max(2, len(class_names or ()))
   lab = np.where(area, label, metrics.IGNORE_INDEX)
-  cm = np.asarray(metrics.confusion_matrix(np.where(area, pred, 0), lab, k, area.astype(np.float32)))
+  cm = np.asarray(
+    metrics.confusion_matrix(np.where(area, pred, 0), lab, k, area.astype(np.float32))
+  )
   if cm.sum() == 0:
     raise ValueError(f"{manifest['_dir']}: the {split} area has no labelled valid pixel")
   boundary = metrics.BoundaryIoU.in_metres(float(manifest["cell_size"]))
   boundary.update(np.where(area, pred, 0)[None], lab[None])
-  out = metrics.summarize(cm, positive=1, class_names=list(class_names) if class_names else None,
-                          boundary=boundary)
+  out = metrics.summarize(
+    cm, positive=1, class_names=list(class_names) if class_names else None, boundary=boundary
+  )
   out["pixels"] = int(cm.sum())
   return out
-

@@ -22,6 +22,7 @@ prediction is then cropped at the tiles (`crop`): with 32 m tiles a 20-30 m wind
 beyond the tile, so per tile it sees less ground than it needs. Tuning and evaluation count
 exactly the pixels the models' evaluation counts (label != 255 and valid).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,19 +38,29 @@ TASKS = ("buildings", "roads")
 HEIGHT_SOURCES = ("opening", "ndsm")
 # Default grids: from simple to complex, so ties go to the simpler rule (None = test off).
 GRIDS = {
-    "buildings": dict(window_m=(10, 15, 20, 25, 30, 40, 60, 100),
-                      height_m=(1, 1.5, 2, 2.5, 3, 4, 5, 6), max_slope_deg=(None,),
-                      max_roughness_m=(None, 0.4, 0.2, 0.1, 0.05, 0.02),
-                      min_area_m2=(0, 5, 20, 50, 100), max_hole_m2=(0, 10, 50, 200)),
-    "roads": dict(window_m=(5, 10, 20, 30), height_m=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5),
-                  max_slope_deg=(None, 15, 8, 4), max_roughness_m=(None, 0.1, 0.05, 0.02),
-                  min_area_m2=(0, 5, 20, 50, 100), max_hole_m2=(0, 10, 50, 200)),
+  "buildings": dict(
+    window_m=(10, 15, 20, 25, 30, 40, 60, 100),
+    height_m=(1, 1.5, 2, 2.5, 3, 4, 5, 6),
+    max_slope_deg=(None,),
+    max_roughness_m=(None, 0.4, 0.2, 0.1, 0.05, 0.02),
+    min_area_m2=(0, 5, 20, 50, 100),
+    max_hole_m2=(0, 10, 50, 200),
+  ),
+  "roads": dict(
+    window_m=(5, 10, 20, 30),
+    height_m=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5),
+    max_slope_deg=(None, 15, 8, 4),
+    max_roughness_m=(None, 0.1, 0.05, 0.02),
+    min_area_m2=(0, 5, 20, 50, 100),
+    max_hole_m2=(0, 10, 50, 200),
+  ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """One rule's parameters (metres, square metres, degrees); None switches a test off."""
+
   task: str
   window_m: float = 25.0
   height_m: float = 2.5
@@ -61,8 +72,10 @@ class Rule:
 
   def __post_init__(self):
     if self.task not in TASKS or self.height_source not in HEIGHT_SOURCES:
-      raise ValueError(f"task must be one of {TASKS} and height_source one of {HEIGHT_SOURCES}: "
-                       f"{self.task!r}, {self.height_source!r}")
+      raise ValueError(
+        f"task must be one of {TASKS} and height_source one of {HEIGHT_SOURCES}: "
+        f"{self.task!r}, {self.height_source!r}"
+      )
     if self.task == "buildings" and self.max_slope_deg is not None:
       raise ValueError("max_slope_deg is a road test; buildings have none (roofs are pitched)")
 
@@ -98,8 +111,9 @@ def height_above_opening(z: np.ndarray, window_px: int) -> np.ndarray:
 def roughness(z: np.ndarray) -> np.ndarray:
   """The 5 x 5 median of |z - 3 x 3 median of z| (m): zero on any plane (flat or pitched roof,
   street) and beside a wall, large in tree crowns."""
-  return ndi.median_filter(np.abs(z - ndi.median_filter(z, size=_plane(3, z.ndim))),
-                           size=_plane(5, z.ndim))
+  return ndi.median_filter(
+    np.abs(z - ndi.median_filter(z, size=_plane(3, z.ndim))), size=_plane(5, z.ndim)
+  )
 
 
 _HORN = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32) / 8
@@ -125,6 +139,7 @@ def objects(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclasses.dataclass
 class Scene:
   """Elevation to run a rule on ([B, H, W] tiles, or [1, H, W] a whole raster), in metres."""
+
   dsm: np.ndarray
   valid: np.ndarray
   cell_size: float
@@ -147,8 +162,9 @@ class Scene:
 
   def feature(self, name: str) -> np.ndarray:
     if name not in self._cache:
-      self._cache[name] = (roughness(self.z) if name == "roughness"
-                           else slope_deg(self.z, self.cell_size))
+      self._cache[name] = (
+        roughness(self.z) if name == "roughness" else slope_deg(self.z, self.cell_size)
+      )
     return self._cache[name]
 
 
@@ -164,7 +180,7 @@ def _pixels(scene: Scene, rule: Rule) -> np.ndarray:
 
 
 def _large(ids: np.ndarray, sizes: np.ndarray, min_area_m2: float, cell_size: float) -> np.ndarray:
-  keep = sizes * cell_size ** 2 >= min_area_m2
+  keep = sizes * cell_size**2 >= min_area_m2
   keep[0] = False  # id 0: not an object
   return keep[ids]
 
@@ -172,7 +188,7 @@ def _large(ids: np.ndarray, sizes: np.ndarray, min_area_m2: float, cell_size: fl
 def _holes(ids: np.ndarray, sizes: np.ndarray, max_hole_m2: float, cell_size: float) -> np.ndarray:
   """Background objects (`objects(~mask)`) smaller than `max_hole_m2` that do not touch a plane's
   edge: holes to fill."""
-  small = sizes * cell_size ** 2 < max_hole_m2
+  small = sizes * cell_size**2 < max_hole_m2
   for edge in (ids[..., 0, :], ids[..., -1, :], ids[..., :, 0], ids[..., :, -1]):
     small[edge] = False  # open to the edge: maybe not enclosed beyond it
   small[0] = False
@@ -220,6 +236,7 @@ def _iou_counter(label: np.ndarray, valid: np.ndarray, positive: int = 1):
     tp = int(np.count_nonzero(p & truth))
     union = positives + int(np.count_nonzero(p)) - tp
     return tp / union if union else float("nan")
+
   return iou
 
 
@@ -229,12 +246,19 @@ def grid(task: str, height_source: str = "opening", **overrides) -> list[Rule]:
   if height_source == "ndsm":
     axes["window_m"] = (GRIDS[task]["window_m"][0],)  # unused: one value, not a search axis
   names = list(axes)
-  return [Rule(task, height_source=height_source, **dict(zip(names, values)))
-          for values in itertools.product(*(axes[n] for n in names))]
+  return [
+    Rule(task, height_source=height_source, **dict(zip(names, values)))
+    for values in itertools.product(*(axes[n] for n in names))
+  ]
 
 
-def tune(scene: Scene, label: np.ndarray, valid: np.ndarray, rules: Iterable[Rule],
-         to_tiles: Callable[[np.ndarray], np.ndarray] = lambda p: p) -> tuple[Rule, list[dict]]:
+def tune(
+  scene: Scene,
+  label: np.ndarray,
+  valid: np.ndarray,
+  rules: Iterable[Rule],
+  to_tiles: Callable[[np.ndarray], np.ndarray] = lambda p: p,
+) -> tuple[Rule, list[dict]]:
   """(the rule of highest IoU over the labelled valid pixels of `label` [N, h, w], every rule's
   row {parameters, iou} in the order given). `to_tiles` maps the scene's prediction onto the
   label's tiles. The first best rule wins ties. Rules that differ only in their object tests
@@ -254,9 +278,14 @@ def tune(scene: Scene, label: np.ndarray, valid: np.ndarray, rules: Iterable[Rul
 
 
 # ------------------------------------------------------------------------------ evaluation
-def evaluate(pred: np.ndarray, label: np.ndarray, valid: np.ndarray, cell_size: float,
-             class_names=("background", "positive"),
-             band_m: float = metrics.DEFAULT_BAND_M) -> dict:
+def evaluate(
+  pred: np.ndarray,
+  label: np.ndarray,
+  valid: np.ndarray,
+  cell_size: float,
+  class_names=("background", "positive"),
+  band_m: float = metrics.DEFAULT_BAND_M,
+) -> dict:
   """The models' test summary (`metrics.summarize` with boundary IoU) of bool predictions
   [N, h, w] against tile labels."""
   pred = np.asarray(pred, np.int32)
@@ -274,17 +303,25 @@ def load_tiles(manifest_path: str, split: str, ndsm: bool = False) -> dict[str, 
 
   from data_pipelines.reader import read_manifest, split_files
   from data_pipelines.tile_records import decode_tile_numpy
+
   m = read_manifest(manifest_path)
   channels = ["elevation"] + (["ndsm"] if ndsm else [])
   if ndsm and "ndsm" not in m["channels"]:
     raise ValueError(f"{manifest_path}: the tiles have no nDSM channel")
-  tiles = [decode_tile_numpy(r, channels, m["dtype"], m["tile_size"])
-           for r in tf.data.TFRecordDataset(split_files(m, split)).as_numpy_iterator()]
+  tiles = [
+    decode_tile_numpy(r, channels, m["dtype"], m["tile_size"])
+    for r in tf.data.TFRecordDataset(split_files(m, split)).as_numpy_iterator()
+  ]
   if not tiles:
     raise ValueError(f"{manifest_path}: split {split!r} holds no tile")
   stack = lambda key: np.stack([t[key] for t in tiles])  # noqa: E731
-  out = {"dsm": stack("elevation"), "valid": stack("valid"), "label": stack("label").astype(np.int32),
-         "window": stack("window"), "tile_id": np.array([t["tile_id"] for t in tiles])}
+  out = {
+    "dsm": stack("elevation"),
+    "valid": stack("valid"),
+    "label": stack("label").astype(np.int32),
+    "window": stack("window"),
+    "tile_id": np.array([t["tile_id"] for t in tiles]),
+  }
   if ndsm:
     out["ndsm"] = stack("ndsm")
   return out
@@ -297,13 +334,16 @@ def raster_scene(manifest_path: str, ndsm: bool = False) -> Scene:
 
   from data_pipelines.raster_source import read_elevation
   from data_pipelines.reader import read_manifest
+
   m = read_manifest(manifest_path)
 
   def path(name):
     found = os.path.normpath(os.path.join(m["_dir"], m["sources"][name]))
     if not os.path.exists(found):
-      raise FileNotFoundError(f"{found}, the {name} raster {manifest_path} was cut from, is not "
-                              f"there (moved?); the per-tile mode needs only the tiles")
+      raise FileNotFoundError(
+        f"{found}, the {name} raster {manifest_path} was cut from, is not "
+        f"there (moved?); the per-tile mode needs only the tiles"
+      )
     return found
 
   dsm = read_elevation(path("elevation"))
@@ -322,6 +362,7 @@ def draw(windows: np.ndarray, n: int, seed: int) -> np.ndarray:
   """Indices (sorted) of the `n` training tiles the experiment harness gives its models for
   `seed` (demmae_jax.experiments.draws: disjoint-first draw with default_rng(1000 + seed))."""
   from demmae_jax.experiments.draws import draw_order
+
   if n > len(windows):
     raise ValueError(f"{n} tiles asked, the split holds {len(windows)}")
   return np.sort(draw_order([tuple(w) for w in windows], np.random.default_rng(1000 + seed))[:n])

@@ -9,6 +9,7 @@ channel adaptation and position-embedding interpolation.
 Reading never executes code from a file: PyTorch pickles go through `torch.load(weights_only=True)`
 (torch is imported only when such a file is read), safetensors and orbax hold plain arrays.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,16 +63,20 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         return read_state_dict(path / name)
       if (path / f"{name}.index.json").is_file():
         return _read_shards(path / f"{name}.index.json"), _read_hf_config(path / "config.json")
-    raise CheckpointError(f"{path}: directory holds neither our checkpoint ({STATE_DIR}/ + "
-                          f"config.json) nor model.safetensors / pytorch_model.bin (or their "
-                          f".index.json shards)")
+    raise CheckpointError(
+      f"{path}: directory holds neither our checkpoint ({STATE_DIR}/ + "
+      f"config.json) nor model.safetensors / pytorch_model.bin (or their "
+      f".index.json shards)"
+    )
   if path.suffix == ".safetensors":
     tensors = _read_safetensors(path)
   elif path.suffix in _TORCH_SUFFIXES:
     tensors = _read_torch(path)
   else:
-    raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected "
-                          f".safetensors, one of {_TORCH_SUFFIXES} or a directory")
+    raise CheckpointError(
+      f"{path}: unknown checkpoint type {path.suffix!r}; expected "
+      f".safetensors, one of {_TORCH_SUFFIXES} or a directory"
+    )
   return tensors, _read_hf_config(path.parent / "config.json")
 
 
@@ -89,14 +94,17 @@ def _read_shards(index: Path) -> dict[str, np.ndarray]:
   for shard in shards:
     tensors.update(read_state_dict(index.parent / shard)[0])
   if set(tensors) != set(weight_map):
-    raise CheckpointError(f"{index}: shards hold {len(tensors)} tensors, the index lists "
-                          f"{len(weight_map)}; missing from shards: "
-                          f"{_compact(sorted(set(weight_map) - set(tensors)))[:10]}")
+    raise CheckpointError(
+      f"{index}: shards hold {len(tensors)} tensors, the index lists "
+      f"{len(weight_map)}; missing from shards: "
+      f"{_compact(sorted(set(weight_map) - set(tensors)))[:10]}"
+    )
   return tensors
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError, safe_open
+
   try:
     with safe_open(str(path), framework="numpy") as f:
       return {k: _float32(f.get_tensor(k)) for k in f.keys()}
@@ -108,45 +116,62 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise CheckpointError(f"{path}: reading a PyTorch file needs torch (pip install torch; the CPU "
-                          f"build is enough), or convert the file to .safetensors") from e
+    raise CheckpointError(
+      f"{path}: reading a PyTorch file needs torch (pip install torch; the CPU "
+      f"build is enough), or convert the file to .safetensors"
+    ) from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise CheckpointError(
-        f"{path}: refused: {_unpickling_reason(e)}. Only plain tensors are loaded "
-        f"(torch.load(weights_only=True)); a file that asks to import or call anything else could "
-        f"run code, or is not a PyTorch checkpoint at all") from e
+      f"{path}: refused: {_unpickling_reason(e)}. Only plain tensors are loaded "
+      f"(torch.load(weights_only=True)); a file that asks to import or call anything else could "
+      f"run code, or is not a PyTorch checkpoint at all"
+    ) from e
   except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged files
-    raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
-                          f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    raise CheckpointError(
+      f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
+      f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    ) from e
   # The official MAE files wrap the state dict as {'model': state_dict, ...}.
   if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
     obj = obj["model"]
   if not isinstance(obj, Mapping) or not obj:
-    raise CheckpointError(f"{path}: holds no state dict (a mapping of names to tensors), "
-                          f"got {type(obj).__name__}")
-  bad = sorted(repr(k) for k, v in obj.items()
-               if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    raise CheckpointError(
+      f"{path}: holds no state dict (a mapping of names to tensors), got {type(obj).__name__}"
+    )
+  bad = sorted(
+    repr(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+  )
   if bad:
-    raise CheckpointError(f"{path}: entries that are not name -> tensor: {bad[:10]}; expected "
-                          f"a bare state dict or {{'model': state_dict}}")
-  return {k: _float32(v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy())
-          for k, v in obj.items()}
+    raise CheckpointError(
+      f"{path}: entries that are not name -> tensor: {bad[:10]}; expected "
+      f"a bare state dict or {{'model': state_dict}}"
+    )
+  return {
+    k: _float32(v.detach().cpu().float().numpy() if v.is_floating_point() else v.numpy())
+    for k, v in obj.items()
+  }
 
 
 def _unpickling_reason(e: Exception) -> str:
   # torch wraps the one useful line ("Trying to load unsupported GLOBAL posix.system ...") in
   # paragraphs of advice that suggest weights_only=False, which we never do.
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  useful = [line for line in lines if not line.startswith(
-      ("Weights only load failed", "Check the doc", "Please file an issue"))]
+  useful = [
+    line
+    for line in lines
+    if not line.startswith(("Weights only load failed", "Check the doc", "Please file an issue"))
+  ]
   return (useful[0] if useful else lines[0] if lines else type(e).__name__).rstrip(".")
 
 
 def _float32(x: np.ndarray) -> np.ndarray:
-  return np.asarray(x, np.float32) if np.issubdtype(x.dtype, np.floating) or \
-      x.dtype.name == "bfloat16" else np.asarray(x)
+  return (
+    np.asarray(x, np.float32)
+    if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"
+    else np.asarray(x)
+  )
 
 
 def _read_hf_config(path: Path) -> dict | None:
@@ -166,23 +191,23 @@ def _read_hf_config(path: Path) -> dict | None:
 # 5 in memory (`vit.layers.N.attention.q_proj`, `mlp.fc1`) and what transformers 5's
 # save_pretrained writes back (Hub names, but the decoder as `decoder.decoder_encoder.layer.N`).
 _HF_PREFIXES = [
-    (r"^(?:vit\.)?embeddings\.cls_token$", "cls_token"),
-    (r"^(?:vit\.)?embeddings\.position_embeddings$", "pos_embed"),
-    (r"^(?:vit\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.", r"blocks.\1."),
-    (r"^(?:vit\.)?layernorm\.", "norm."),
-    (r"^decoder\.decoder_(?:layers|encoder\.layer)\.(\d+)\.", r"decoder_blocks.\1."),
-    (r"^decoder\.(decoder_embed|decoder_norm|decoder_pred)\.", r"\1."),
-    (r"^decoder\.(mask_token|decoder_pos_embed)$", r"\1"),
+  (r"^(?:vit\.)?embeddings\.cls_token$", "cls_token"),
+  (r"^(?:vit\.)?embeddings\.position_embeddings$", "pos_embed"),
+  (r"^(?:vit\.)?embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+  (r"^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.", r"blocks.\1."),
+  (r"^(?:vit\.)?layernorm\.", "norm."),
+  (r"^decoder\.decoder_(?:layers|encoder\.layer)\.(\d+)\.", r"decoder_blocks.\1."),
+  (r"^decoder\.(decoder_embed|decoder_norm|decoder_pred)\.", r"\1."),
+  (r"^decoder\.(mask_token|decoder_pos_embed)$", r"\1"),
 ]
 _HF_BLOCK = [  # inside a block, after the prefix above
-    (r"attention\.attention\.(query|key|value)\.", r"attn.\1."),
-    (r"attention\.(q|k|v)_proj\.", lambda m: f"attn.{dict(q='query', k='key', v='value')[m[1]]}."),
-    (r"attention\.(?:output\.dense|o_proj)\.", "attn.proj."),
-    (r"layernorm_before\.", "norm1."),
-    (r"layernorm_after\.", "norm2."),
-    (r"(?:intermediate\.dense|mlp\.fc1)\.", "mlp.fc1."),
-    (r"(?:output\.dense|mlp\.fc2)\.", "mlp.fc2."),
+  (r"attention\.attention\.(query|key|value)\.", r"attn.\1."),
+  (r"attention\.(q|k|v)_proj\.", lambda m: f"attn.{dict(q='query', k='key', v='value')[m[1]]}."),
+  (r"attention\.(?:output\.dense|o_proj)\.", "attn.proj."),
+  (r"layernorm_before\.", "norm1."),
+  (r"layernorm_after\.", "norm2."),
+  (r"(?:intermediate\.dense|mlp\.fc1)\.", "mlp.fc1."),
+  (r"(?:output\.dense|mlp\.fc2)\.", "mlp.fc2."),
 ]
 
 
@@ -193,8 +218,10 @@ def detect_layout(keys) -> str:
     return "official"
   if any(re.match(r"^(vit\.)?embeddings\.", k) for k in keys):
     return "hf"
-  raise CheckpointError("neither official MAE (patch_embed.proj.weight, blocks.N...) nor Hugging "
-                        f"Face ViTMAE (vit.embeddings...) keys; first keys: {sorted(keys)[:8]}")
+  raise CheckpointError(
+    "neither official MAE (patch_embed.proj.weight, blocks.N...) nor Hugging "
+    f"Face ViTMAE (vit.embeddings...) keys; first keys: {sorted(keys)[:8]}"
+  )
 
 
 def hf_to_official(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -226,7 +253,8 @@ def hf_to_official(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   for (block, kind), parts in qkv.items():
     if set(parts) == {"query", "key", "value"}:
       out[f"{block}attn.qkv.{kind}"] = np.concatenate(
-          [parts[p][1] for p in ("query", "key", "value")], axis=0)
+        [parts[p][1] for p in ("query", "key", "value")], axis=0
+      )
     else:  # incomplete: keep the pieces under their own names, qkv shows up as missing
       out.update({name: value for name, value in parts.values()})
   return out
@@ -243,12 +271,14 @@ class _Entry:
   layer: int | None = None  # index along the stacked blocks' leading layer axis (3 above)
 
   def to_flax(self, x: np.ndarray) -> np.ndarray:
-    return {"linear": lambda: x.T, "conv": lambda: x.transpose(2, 3, 1, 0),
-            "same": lambda: x}[self.kind]()
+    return {"linear": lambda: x.T, "conv": lambda: x.transpose(2, 3, 1, 0), "same": lambda: x}[
+      self.kind
+    ]()
 
   def to_official(self, x: np.ndarray) -> np.ndarray:
-    return {"linear": lambda: x.T, "conv": lambda: x.transpose(3, 2, 0, 1),
-            "same": lambda: x}[self.kind]()
+    return {"linear": lambda: x.T, "conv": lambda: x.transpose(3, 2, 0, 1), "same": lambda: x}[
+      self.kind
+    ]()
 
 
 def _block_entries(official: str, flax: str, layer: int) -> list[_Entry]:
@@ -262,26 +292,35 @@ def _block_entries(official: str, flax: str, layer: int) -> list[_Entry]:
 
 
 def _linear_entries(official: str, flax: str) -> list[_Entry]:
-  return [_Entry(f"{official}.weight", f"{flax}/kernel", "linear"),
-          _Entry(f"{official}.bias", f"{flax}/bias", "same")]
+  return [
+    _Entry(f"{official}.weight", f"{flax}/kernel", "linear"),
+    _Entry(f"{official}.bias", f"{flax}/bias", "same"),
+  ]
 
 
 def _norm_entries(official: str, flax: str) -> list[_Entry]:
-  return [_Entry(f"{official}.weight", f"{flax}/scale", "same"),
-          _Entry(f"{official}.bias", f"{flax}/bias", "same")]
+  return [
+    _Entry(f"{official}.weight", f"{flax}/scale", "same"),
+    _Entry(f"{official}.bias", f"{flax}/bias", "same"),
+  ]
 
 
 def param_table(config: MAEConfig) -> list[_Entry]:
   """Every tensor of the model: its official name, Flax path and layout change."""
-  t = [_Entry("cls_token", "cls_token", "same"), _Entry("pos_embed", "pos_embed", "same"),
-       _Entry("patch_embed.proj.weight", "patch_embed/proj/kernel", "conv"),
-       _Entry("patch_embed.proj.bias", "patch_embed/proj/bias", "same")]
+  t = [
+    _Entry("cls_token", "cls_token", "same"),
+    _Entry("pos_embed", "pos_embed", "same"),
+    _Entry("patch_embed.proj.weight", "patch_embed/proj/kernel", "conv"),
+    _Entry("patch_embed.proj.bias", "patch_embed/proj/bias", "same"),
+  ]
   for i in range(config.depth):
     t += _block_entries("blocks", "blocks", i)
   t += _norm_entries("norm", "norm")
   t += _linear_entries("decoder_embed", "decoder_embed")
-  t += [_Entry("mask_token", "mask_token", "same"),
-        _Entry("decoder_pos_embed", "decoder_pos_embed", "same")]
+  t += [
+    _Entry("mask_token", "mask_token", "same"),
+    _Entry("decoder_pos_embed", "decoder_pos_embed", "same"),
+  ]
   for i in range(config.decoder_depth):
     t += _block_entries("decoder_blocks", "decoder_blocks", i)
   t += _norm_entries("decoder_norm", "decoder_norm")
@@ -313,8 +352,11 @@ def _pure_to_official(pure, config: MAEConfig, source: str) -> dict[str, np.ndar
   table = param_table(config)
   diff = compare_shapes({k: np.shape(v) for k, v in flat.items()}, expected_flax_shapes(config))
   if diff:
-    raise CheckpointError("\n".join([f"{source}: state does not match its config.json; "
-                                      f"variable paths:"] + diff.lines("state")))
+    raise CheckpointError(
+      "\n".join(
+        [f"{source}: state does not match its config.json; variable paths:"] + diff.lines("state")
+      )
+    )
   return {e.official: e.to_official(_layer(np.asarray(flat[e.flax]), e)) for e in table}
 
 
@@ -343,8 +385,10 @@ def layer_groups(paths, source: str = "checkpoint") -> dict[str, list[str]]:
   groups = {}
   for stacked, layers in sorted(found.items()):
     if sorted(layers) != list(range(len(layers))):
-      raise CheckpointError(f"{source}: {stacked}: per-layer arrays of layers {sorted(layers)}; expected "
-                            f"every layer 0..{max(layers)}")
+      raise CheckpointError(
+        f"{source}: {stacked}: per-layer arrays of layers {sorted(layers)}; expected "
+        f"every layer 0..{max(layers)}"
+      )
     groups[stacked] = [layers[i] for i in range(len(layers))]
   return groups
 
@@ -357,8 +401,9 @@ def stacked_shapes(shapes: Mapping[str, tuple], source: str = "checkpoint") -> d
   for stacked, paths in groups.items():
     kinds = {tuple(shapes[p]) for p in paths}
     if len(kinds) != 1:
-      raise CheckpointError(f"{source}: {stacked}: the layers have different shapes "
-                            f"{sorted(kinds)}; cannot stack them")
+      raise CheckpointError(
+        f"{source}: {stacked}: the layers have different shapes {sorted(kinds)}; cannot stack them"
+      )
     out[stacked] = (len(paths),) + kinds.pop()
   return out
 
@@ -377,8 +422,9 @@ def stack_layers(flat: Mapping[str, object], source: str = "checkpoint") -> dict
 # ====================================================================== architecture
 
 
-def infer_architecture(sd: Mapping[str, np.ndarray], hf_config: dict | None = None,
-                       source: str = "checkpoint") -> dict:
+def infer_architecture(
+  sd: Mapping[str, np.ndarray], hf_config: dict | None = None, source: str = "checkpoint"
+) -> dict:
   """MAEConfig fields read off tensor shapes (and the Hugging Face config.json when there is one);
   head counts, which shapes do not show, come from config.json or the preset of that width."""
   f = {}
@@ -397,20 +443,31 @@ def infer_architecture(sd: Mapping[str, np.ndarray], hf_config: dict | None = No
     f["decoder_embed_dim"] = dec.shape[0]
     f["decoder_depth"] = _count(sd, "decoder_blocks")
   if hf_config:
-    for hf, ours in (("num_attention_heads", "num_heads"),
-                     ("decoder_num_attention_heads", "decoder_num_heads"),
-                     ("mask_ratio", "mask_ratio"), ("norm_pix_loss", "norm_pix_loss")):
+    for hf, ours in (
+      ("num_attention_heads", "num_heads"),
+      ("decoder_num_attention_heads", "decoder_num_heads"),
+      ("mask_ratio", "mask_ratio"),
+      ("norm_pix_loss", "norm_pix_loss"),
+    ):
       if hf in hf_config:
         f[ours] = hf_config[hf]
     if hf_config.get("hidden_act", "gelu") != "gelu" or not hf_config.get("qkv_bias", True):
-      raise CheckpointError(f"{source}: config.json asks for hidden_act="
-                            f"{hf_config.get('hidden_act')!r}, qkv_bias={hf_config.get('qkv_bias')}"
-                            f"; this model has exact gelu and qkv biases")
+      raise CheckpointError(
+        f"{source}: config.json asks for hidden_act="
+        f"{hf_config.get('hidden_act')!r}, qkv_bias={hf_config.get('qkv_bias')}"
+        f"; this model has exact gelu and qkv biases"
+      )
     if not math.isclose(hf_config.get("layer_norm_eps", 1e-6), 1e-6):
-      log.warning("%s: config.json has layer_norm_eps=%s, this model uses 1e-6 (as the official "
-                  "MAE); outputs differ slightly", source, hf_config["layer_norm_eps"])
-  for width, heads, field in (("embed_dim", "num_heads", "embed_dim"),
-                              ("decoder_embed_dim", "decoder_num_heads", "decoder_embed_dim")):
+      log.warning(
+        "%s: config.json has layer_norm_eps=%s, this model uses 1e-6 (as the official "
+        "MAE); outputs differ slightly",
+        source,
+        hf_config["layer_norm_eps"],
+      )
+  for width, heads, field in (
+    ("embed_dim", "num_heads", "embed_dim"),
+    ("decoder_embed_dim", "decoder_num_heads", "decoder_embed_dim"),
+  ):
     if width in f and heads not in f:
       known = {getattr(p, field): getattr(p, heads) for p in PRESETS.values()}
       if f[width] in known:
@@ -431,8 +488,9 @@ def _grid(table: np.ndarray, name: str, source: str) -> int:
   return g
 
 
-def resolve_config(sd, hf_config, config: MAEConfig | str | None, overrides: dict,
-                   source: str) -> MAEConfig:
+def resolve_config(
+  sd, hf_config, config: MAEConfig | str | None, overrides: dict, source: str
+) -> MAEConfig:
   """The architecture to build: `config` (a preset name or MAEConfig) if given, else read off the
   checkpoint; `overrides` on top. A checkpoint that disagrees is refused later by the strict
   check, except img_size (interpolated) and in_chans (with channel_adapt)."""
@@ -440,8 +498,10 @@ def resolve_config(sd, hf_config, config: MAEConfig | str | None, overrides: dic
     inferred = infer_architecture(sd, hf_config, source)
     for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
       if width in inferred and heads not in inferred and heads not in overrides:
-        raise CheckpointError(f"{source}: cannot tell the number of attention heads of "
-                              f"{width}={inferred[width]} from tensor shapes; pass {heads}=...")
+        raise CheckpointError(
+          f"{source}: cannot tell the number of attention heads of "
+          f"{width}={inferred[width]} from tensor shapes; pass {heads}=..."
+        )
     config = MAEConfig().replace(**inferred)
   elif isinstance(config, str):
     config = preset(config)
@@ -451,8 +511,9 @@ def resolve_config(sd, hf_config, config: MAEConfig | str | None, overrides: dic
 # ====================================================================== adaptation
 
 
-def adapt_channels(sd: dict[str, np.ndarray], in_chans: int, mode: str | None,
-                   source: str) -> dict[str, np.ndarray]:
+def adapt_channels(
+  sd: dict[str, np.ndarray], in_chans: int, mode: str | None, source: str
+) -> dict[str, np.ndarray]:
   """RGB weights for a single-channel DEM. 'sum' adds the patch kernel over input channels (the
   same as feeding the DEM repeated to every channel), 'mean' averages it; the pixel predictor
   then predicts the mean of its per-channel outputs. 'repeat' keeps the weights: the model keeps
@@ -465,13 +526,17 @@ def adapt_channels(sd: dict[str, np.ndarray], in_chans: int, mode: str | None,
   have = w.shape[1]
   if mode == "repeat":
     if in_chans != have:
-      raise CheckpointError(f"{source}: channel_adapt='repeat' keeps the checkpoint's {have} "
-                            f"input channels (repeat the DEM to {have} channels yourself); "
-                            f"in_chans={in_chans} contradicts it")
+      raise CheckpointError(
+        f"{source}: channel_adapt='repeat' keeps the checkpoint's {have} "
+        f"input channels (repeat the DEM to {have} channels yourself); "
+        f"in_chans={in_chans} contradicts it"
+      )
     return sd
   if in_chans != 1:
-    raise CheckpointError(f"{source}: channel_adapt={mode!r} reduces the {have}-channel patch "
-                          f"kernel to 1 channel; in_chans must be 1, got {in_chans}")
+    raise CheckpointError(
+      f"{source}: channel_adapt={mode!r} reduces the {have}-channel patch "
+      f"kernel to 1 channel; in_chans must be 1, got {in_chans}"
+    )
   if have == 1:
     return sd
   sd = dict(sd)
@@ -492,12 +557,15 @@ def resize_pos_embed(table: np.ndarray, grid: int, name: str, source: str) -> np
   if g == grid:
     return table
   d = table.shape[-1]
-  patch = jax.image.resize(jnp.asarray(table[0, 1:].reshape(g, g, d)), (grid, grid, d),
-                           method="bicubic")
-  log.info("%s: %s interpolated (bicubic) from a %dx%d to a %dx%d grid", source, name, g, g,
-           grid, grid)
-  return np.concatenate([table[:, :1], np.asarray(patch, np.float32).reshape(1, grid * grid, d)],
-                        axis=1)
+  patch = jax.image.resize(
+    jnp.asarray(table[0, 1:].reshape(g, g, d)), (grid, grid, d), method="bicubic"
+  )
+  log.info(
+    "%s: %s interpolated (bicubic) from a %dx%d to a %dx%d grid", source, name, g, g, grid, grid
+  )
+  return np.concatenate(
+    [table[:, :1], np.asarray(patch, np.float32).reshape(1, grid * grid, d)], axis=1
+  )
 
 
 # ====================================================================== strict load
@@ -512,12 +580,20 @@ def expected_flax_shapes(config: MAEConfig) -> dict[str, tuple]:
 def expected_shapes(config: MAEConfig, encoder_only: bool = False) -> dict[str, tuple]:
   """Official name → PyTorch-layout shape of every tensor the model for `config` loads."""
   flat = expected_flax_shapes(config)
-  return {e.official: e.to_official(_layer(np.empty(flat[e.flax], np.bool_), e)).shape
-          for e in param_table(config) if not (encoder_only and _is_decoder(e.official))}
+  return {
+    e.official: e.to_official(_layer(np.empty(flat[e.flax], np.bool_), e)).shape
+    for e in param_table(config)
+    if not (encoder_only and _is_decoder(e.official))
+  }
 
 
-def check_official(sd: Mapping[str, np.ndarray], config: MAEConfig, *, source: str = "checkpoint",
-                   encoder_only: bool = False) -> None:
+def check_official(
+  sd: Mapping[str, np.ndarray],
+  config: MAEConfig,
+  *,
+  source: str = "checkpoint",
+  encoder_only: bool = False,
+) -> None:
   """Every expected tensor present with the right shape and nothing left over, or one
   CheckpointError listing all that is missing, unexpected and mis-shaped."""
   diff = compare_shapes({k: v.shape for k, v in sd.items()}, expected_shapes(config, encoder_only))
@@ -525,8 +601,13 @@ def check_official(sd: Mapping[str, np.ndarray], config: MAEConfig, *, source: s
     raise CheckpointError(_mismatch_message(source, config, diff, encoder_only))
 
 
-def load_official(model: MaskedAutoencoder, sd: Mapping[str, np.ndarray], *,
-                  source: str = "checkpoint", encoder_only: bool = False) -> None:
+def load_official(
+  model: MaskedAutoencoder,
+  sd: Mapping[str, np.ndarray],
+  *,
+  source: str = "checkpoint",
+  encoder_only: bool = False,
+) -> None:
   """Copies official-named tensors into `model` after `check_official`. With `encoder_only` the
   decoder keeps its initialisation (and `sd` must hold no decoder tensors)."""
   check_official(sd, model.config, source=source, encoder_only=encoder_only)
@@ -538,13 +619,15 @@ def load_official(model: MaskedAutoencoder, sd: Mapping[str, np.ndarray], *,
         values[e.flax] = jnp.asarray(x)
       else:  # stacked on load: layer i of the Flax array is official block i
         layers.setdefault(e.flax, {})[e.layer] = x
-  values.update({k: jnp.asarray(np.stack([v[i] for i in range(len(v))]))
-                 for k, v in layers.items()})
+  values.update(
+    {k: jnp.asarray(np.stack([v[i] for i in range(len(v))])) for k, v in layers.items()}
+  )
   state = nnx.state(model)
   pure = nnx.to_pure_dict(state)
   # An abstract model (from_pretrained skips initialisation) must get every tensor.
-  uncovered = [k for k, v in _flatten(pure).items()
-               if k not in values and isinstance(v, jax.ShapeDtypeStruct)]
+  uncovered = [
+    k for k, v in _flatten(pure).items() if k not in values and isinstance(v, jax.ShapeDtypeStruct)
+  ]
   if uncovered:
     raise CheckpointError(f"{source}: model tensors with no official name: {uncovered}")
   _assign(pure, values)
@@ -564,6 +647,7 @@ def _assign(tree, values: dict[str, object], prefix="") -> None:
 @dataclasses.dataclass(frozen=True)
 class ShapeDiff:
   """What a set of saved arrays lacks, adds and shapes otherwise than a model wants (by name)."""
+
   missing: list[str]
   unexpected: list[str]
   misshaped: dict[str, tuple[tuple, tuple]]  # name -> (saved shape, model shape)
@@ -574,43 +658,66 @@ class ShapeDiff:
   def lines(self, saved: str = "file") -> list[str]:
     """The differences, indented, with runs of numbered names compacted ('blocks.{0..3}.x') and
     mis-shaped names grouped by their pair of shapes; `saved` names the saved side."""
-    out = [f"  {what} ({len(keys)}): {', '.join(_compact(keys))}"
-           for what, keys in (("missing", self.missing), ("unexpected", self.unexpected)) if keys]
+    out = [
+      f"  {what} ({len(keys)}): {', '.join(_compact(keys))}"
+      for what, keys in (("missing", self.missing), ("unexpected", self.unexpected))
+      if keys
+    ]
     if self.misshaped:
       by_shapes: dict[tuple, list[str]] = {}
       for k, shapes in self.misshaped.items():
         by_shapes.setdefault(shapes, []).append(k)
       out.append(f"  mis-shaped ({len(self.misshaped)}):")
-      out += [f"    {', '.join(_compact(keys))}: {saved} {got} vs model {want}"
-              for (got, want), keys in sorted(by_shapes.items(), key=lambda kv: sorted(kv[1]))]
+      out += [
+        f"    {', '.join(_compact(keys))}: {saved} {got} vs model {want}"
+        for (got, want), keys in sorted(by_shapes.items(), key=lambda kv: sorted(kv[1]))
+      ]
     return out
 
 
 def compare_shapes(saved: Mapping[str, tuple], want: Mapping[str, tuple]) -> ShapeDiff:
   """Saved array shapes against the model's, by name (the weight port's official names, or a
   training checkpoint's variable paths)."""
-  return ShapeDiff(sorted(set(want) - set(saved)), sorted(set(saved) - set(want)),
-                   {k: (tuple(saved[k]), tuple(want[k])) for k in set(want) & set(saved)
-                    if tuple(saved[k]) != tuple(want[k])})
+  return ShapeDiff(
+    sorted(set(want) - set(saved)),
+    sorted(set(saved) - set(want)),
+    {
+      k: (tuple(saved[k]), tuple(want[k]))
+      for k in set(want) & set(saved)
+      if tuple(saved[k]) != tuple(want[k])
+    },
+  )
 
 
 def _mismatch_message(source, config, diff: ShapeDiff, encoder_only) -> str:
-  lines = [f"{source}: checkpoint does not match the model (embed_dim={config.embed_dim}, "
-           f"depth={config.depth}, patch_size={config.patch_size}, in_chans={config.in_chans}, "
-           f"decoder_embed_dim={config.decoder_embed_dim}, decoder_depth={config.decoder_depth}, "
-           f"mlp_ratio={config.mlp_ratio}); official MAE key names:"] + diff.lines()
+  lines = [
+    f"{source}: checkpoint does not match the model (embed_dim={config.embed_dim}, "
+    f"depth={config.depth}, patch_size={config.patch_size}, in_chans={config.in_chans}, "
+    f"decoder_embed_dim={config.decoder_embed_dim}, decoder_depth={config.decoder_depth}, "
+    f"mlp_ratio={config.mlp_ratio}); official MAE key names:"
+  ] + diff.lines()
   missing, unexpected, misshaped = diff.missing, diff.unexpected, diff.misshaped
   if not encoder_only and missing and all(_is_decoder(k) for k in missing):
-    lines.append("  the file has no decoder (like mae_pretrain_vit_*.pth): pass "
-                 "encoder_only=True (--encoder-only) to initialise the decoder")
+    lines.append(
+      "  the file has no decoder (like mae_pretrain_vit_*.pth): pass "
+      "encoder_only=True (--encoder-only) to initialise the decoder"
+    )
   if any(k.startswith(_HEAD_PREFIXES) for k in unexpected):
-    lines.append("  head/fc_norm belong to a finetuned classifier: pass drop_head=True "
-                 "(--drop-head) to skip them")
+    lines.append(
+      "  head/fc_norm belong to a finetuned classifier: pass drop_head=True "
+      "(--drop-head) to skip them"
+    )
   got, want = misshaped.get("patch_embed.proj.weight", ((), ()))
-  if got and len(got) == len(want) == 4 and got[1] != want[1] and \
-      got[:1] + got[2:] == want[:1] + want[2:]:
-    lines.append("  for a 1-channel DEM from RGB weights pass channel_adapt='sum' or 'mean' "
-                 "(or 'repeat' and feed 3 channels)")
+  if (
+    got
+    and len(got) == len(want) == 4
+    and got[1] != want[1]
+    and got[:1] + got[2:] == want[:1] + want[2:]
+  ):
+    lines.append(
+      "  for a 1-channel DEM from RGB weights pass channel_adapt='sum' or 'mean' "
+      "(or 'repeat' and feed 3 channels)"
+    )
   return "\n".join(lines)
 
 
@@ -649,8 +756,9 @@ def is_own_checkpoint(path: str | os.PathLike) -> bool:
     return False
 
 
-def save_model(model: MaskedAutoencoder, dst: str | os.PathLike, *,
-               overwrite: bool = False) -> Path:
+def save_model(
+  model: MaskedAutoencoder, dst: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
   """Writes `dst/` = orbax `state/` + `config.json`, atomically: everything goes to a temporary
   sibling directory renamed into place at the end, so `dst` is either absent, the old checkpoint
   or the complete new one. An existing `dst` is refused unless overwrite=True."""
@@ -665,6 +773,7 @@ def save_model(model: MaskedAutoencoder, dst: str | os.PathLike, *,
 def _checkpointer():
   # Synchronous: save_model returns only once every byte is written, before the rename.
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
   return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
@@ -685,17 +794,25 @@ def read_own(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], MAEConfig]
     with _checkpointer() as ckptr:
       pure = ckptr.restore(path / STATE_DIR)
   except Exception as e:  # orbax raises many types; name the file whatever it was
-    raise CheckpointError(f"{path / STATE_DIR}: cannot restore the orbax state "
-                          f"(truncated or corrupt?): {e}") from e
+    raise CheckpointError(
+      f"{path / STATE_DIR}: cannot restore the orbax state (truncated or corrupt?): {e}"
+    ) from e
   return _pure_to_official(pure, config, str(path)), config
 
 
 # ====================================================================== entry point
 
 
-def from_pretrained(path: str | os.PathLike, *, config: MAEConfig | str | None = None,
-                    encoder_only: bool = False, channel_adapt: str | None = None,
-                    drop_head: bool = False, seed: int = 0, **overrides) -> MaskedAutoencoder:
+def from_pretrained(
+  path: str | os.PathLike,
+  *,
+  config: MAEConfig | str | None = None,
+  encoder_only: bool = False,
+  channel_adapt: str | None = None,
+  drop_head: bool = False,
+  seed: int = 0,
+  **overrides,
+) -> MaskedAutoencoder:
   """A MaskedAutoencoder with the weights of `path`, in any supported layout (see module doc).
 
   config: architecture to build (preset name or MAEConfig); default: read off the checkpoint
@@ -725,8 +842,12 @@ def from_pretrained(path: str | os.PathLike, *, config: MAEConfig | str | None =
   if encoder_only:
     dropped = [k for k in sd if _is_decoder(k)]
     sd = {k: v for k, v in sd.items() if not _is_decoder(k)}
-    log.warning("%s: encoder only: the decoder is freshly initialised (seed=%d)%s", source, seed,
-                f"; {len(dropped)} decoder tensors in the file ignored" if dropped else "")
+    log.warning(
+      "%s: encoder only: the decoder is freshly initialised (seed=%d)%s",
+      source,
+      seed,
+      f"; {len(dropped)} decoder tensors in the file ignored" if dropped else "",
+    )
   sd = adapt_channels(sd, cfg.in_chans, channel_adapt, source)
   for name, width in (("pos_embed", cfg.embed_dim), ("decoder_pos_embed", cfg.decoder_embed_dim)):
     if name in sd and sd[name].ndim == 3 and sd[name].shape[-1] == width:

@@ -8,6 +8,7 @@ error contract and exit codes are unchanged); the GIS stages are modules of demm
 scripts live in the source checkout beside the package (an editable install, `pip install -e .`);
 without them the command says so.
 """
+
 from __future__ import annotations
 
 import runpy
@@ -17,21 +18,29 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 # command -> ("script", file under scripts/) or ("module", dotted name), one line of help
 COMMANDS = {
-    "prepare": (("script", "prepare_data.py"), "LiDAR/rasters + labels -> tile sets; labelled areas"),
-    "pretrain": (("script", "pretrain.py"), "masked-autoencoder pretraining of the DEM encoder"),
-    "export": (("script", "export_encoder.py"), "export a pretrained encoder"),
-    "finetune": (("script", "finetune.py"), "finetune a segmenter on labelled tiles"),
-    "train": (("script", "train_model.py"), "train a segmentation model (recipes)"),
-    "evaluate": (("script", "evaluate.py"), "IoU and pictures of a finetuned model on a split"),
-    "predict": (("script", "predict.py"), "predict a GeoTIFF/LAZ: COGs, uncertainty, polygons, STAC"),
-    "baseline": (("script", "baseline.py"), "the height-rule baseline"),
-    "study": (("script", "run_study.py"), "the model study (docs/results_product.md)"),
-    "experiments": (("script", "run_experiments.py"), "the paper's protocol: Table 1 sizes x arms x seeds"),
-    "convert": (("script", "convert_weights.py"), "port ImageNet MAE weights (.pth, timm, Hugging Face)"),
-    "probe": (("script", "probe.py"), "few-label linear probe of a pretraining run's encoder"),
-    "change": (("module", "demmae_jax.gis.change"), "building change between two surveys"),
-    "gis-evaluate": (("module", "demmae_jax.gis.evaluate"),
-                     "calibration, object F1 and heights of a prediction"),
+  "prepare": (("script", "prepare_data.py"), "LiDAR/rasters + labels -> tile sets; labelled areas"),
+  "pretrain": (("script", "pretrain.py"), "masked-autoencoder pretraining of the DEM encoder"),
+  "export": (("script", "export_encoder.py"), "export a pretrained encoder"),
+  "finetune": (("script", "finetune.py"), "finetune a segmenter on labelled tiles"),
+  "train": (("script", "train_model.py"), "train a segmentation model (recipes)"),
+  "evaluate": (("script", "evaluate.py"), "IoU and pictures of a finetuned model on a split"),
+  "predict": (("script", "predict.py"), "predict a GeoTIFF/LAZ: COGs, uncertainty, polygons, STAC"),
+  "baseline": (("script", "baseline.py"), "the height-rule baseline"),
+  "study": (("script", "run_study.py"), "the model study (docs/results_product.md)"),
+  "experiments": (
+    ("script", "run_experiments.py"),
+    "the paper's protocol: Table 1 sizes x arms x seeds",
+  ),
+  "convert": (
+    ("script", "convert_weights.py"),
+    "port ImageNet MAE weights (.pth, timm, Hugging Face)",
+  ),
+  "probe": (("script", "probe.py"), "few-label linear probe of a pretraining run's encoder"),
+  "change": (("module", "demmae_jax.gis.change"), "building change between two surveys"),
+  "gis-evaluate": (
+    ("module", "demmae_jax.gis.evaluate"),
+    "calibration, object F1 and heights of a prediction",
+  ),
 }
 
 
@@ -56,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
   if kind == "script":
     path = SCRIPTS / target
     if not path.exists():
-      print(f"demmae: error: {path}: no such script; `demmae {name}` needs the source checkout "
-            f"(pip install -e .)", file=sys.stderr)
+      print(
+        f"demmae: error: {path}: no such script; `demmae {name}` needs the source checkout "
+        f"(pip install -e .)",
+        file=sys.stderr,
+      )
       return 2
     sys.argv = [str(path), *rest]
     run = lambda: runpy.run_path(str(path), run_name="__main__")  # noqa: E731

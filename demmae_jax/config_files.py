@@ -1,6 +1,7 @@
 """The configuration files of the `configs` package (big_vision style: `get_config(arg)` returns
 a ConfigDict), loaded by name for code that is not a `config_flags` script: the experiment
 harness, benchmarks and tests."""
+
 from __future__ import annotations
 
 import importlib

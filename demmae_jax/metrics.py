@@ -6,6 +6,7 @@ class. Pixels labelled `ignore_index` (255) or outside `valid` never count.
 accumulates its intersection and union over tiles the same way (NumPy/SciPy, on predictions already
 on the host); `summarize` turns the accumulated counts into plain floats for JSON and Markdown.
 """
+
 from __future__ import annotations
 
 import jax
@@ -20,14 +21,19 @@ IGNORE_INDEX = 255
 DEFAULT_BAND_M = 1.0
 
 
-def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
-                     valid: jax.Array | None = None) -> jax.Array:
+def confusion_matrix(
+  pred: jax.Array, label: jax.Array, num_classes: int, valid: jax.Array | None = None
+) -> jax.Array:
   """[K, K] int32 counts, rows = true class, columns = predicted class."""
   keep = (label != IGNORE_INDEX) & (label >= 0) & (label < num_classes)
   if valid is not None:
     keep &= valid > 0
   index = jnp.where(keep, label * num_classes + pred, 0).reshape(-1)
-  counts = jnp.zeros(num_classes * num_classes, jnp.int32).at[index].add(keep.reshape(-1).astype(jnp.int32))
+  counts = (
+    jnp.zeros(num_classes * num_classes, jnp.int32)
+    .at[index]
+    .add(keep.reshape(-1).astype(jnp.int32))
+  )
   return counts.reshape(num_classes, num_classes)
 
 
@@ -35,8 +41,12 @@ def _ratio(num, den):
   return np.where(den > 0, num / np.maximum(den, 1), np.nan)
 
 
-def summarize(cm: np.ndarray, positive: int = 1, class_names: list[str] | None = None,
-              boundary: BoundaryIoU | None = None) -> dict:
+def summarize(
+  cm: np.ndarray,
+  positive: int = 1,
+  class_names: list[str] | None = None,
+  boundary: BoundaryIoU | None = None,
+) -> dict:
   """Metrics of an accumulated confusion matrix (and boundary IoU when `boundary` is given). A
   class absent from both labels and predictions has IoU NaN (reported as null in JSON), not 0
   or 1."""
@@ -51,16 +61,17 @@ def summarize(cm: np.ndarray, positive: int = 1, class_names: list[str] | None =
   names = class_names or [str(i) for i in range(k)]
   clean = lambda a: [None if np.isnan(v) else float(v) for v in a]
   return {
-      "iou": None if np.isnan(iou[positive]) else float(iou[positive]),
-      "positive_class": names[positive],
-      "miou": float(np.nanmean(iou)) if not np.all(np.isnan(iou)) else None,
-      "accuracy": float(tp.sum() / max(cm.sum(), 1)),
-      "per_class": {n: {"iou": i, "precision": p, "recall": r, "f1": f}
-                    for n, i, p, r, f in zip(names, clean(iou), clean(precision), clean(recall),
-                                             clean(f1))},
-      "confusion_matrix": cm.tolist(),
-      "pixels": int(cm.sum()),
-      **({"boundary_iou": boundary.value, "boundary": boundary.summary()} if boundary else {}),
+    "iou": None if np.isnan(iou[positive]) else float(iou[positive]),
+    "positive_class": names[positive],
+    "miou": float(np.nanmean(iou)) if not np.all(np.isnan(iou)) else None,
+    "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+    "per_class": {
+      n: {"iou": i, "precision": p, "recall": r, "f1": f}
+      for n, i, p, r, f in zip(names, clean(iou), clean(precision), clean(recall), clean(f1))
+    },
+    "confusion_matrix": cm.tolist(),
+    "pixels": int(cm.sum()),
+    **({"boundary_iou": boundary.value, "boundary": boundary.summary()} if boundary else {}),
   }
 
 
@@ -75,8 +86,9 @@ def band_px_from_ratio(shape, ratio: float = 0.02) -> int:
   return max(1, int(round(ratio * np.hypot(h, w))))
 
 
-def inner_band(mask: np.ndarray, width: int, unknown: np.ndarray | None = None,
-               edge: str = "unknown") -> np.ndarray:
+def inner_band(
+  mask: np.ndarray, width: int, unknown: np.ndarray | None = None, edge: str = "unknown"
+) -> np.ndarray:
   """Pixels of `mask` ([H, W] or [B, H, W], tiles independent) within chessboard distance `width`
   of a pixel outside it: the mask minus its erosion by a 3 x 3 square `width` times (the reference
   implementation's mask_to_boundary, bowenc0221/boundary-iou-api). `unknown` pixels are taken as
@@ -88,8 +100,9 @@ def inner_band(mask: np.ndarray, width: int, unknown: np.ndarray | None = None,
   mask = np.asarray(mask, bool)
   solid = mask | np.asarray(unknown, bool) if unknown is not None else mask
   square = np.ones((1,) * (mask.ndim - 2) + (3, 3), bool)  # no erosion across the batch axis
-  core = scipy.ndimage.binary_erosion(solid, square, iterations=int(width),
-                                      border_value=int(edge == "unknown"))
+  core = scipy.ndimage.binary_erosion(
+    solid, square, iterations=int(width), border_value=int(edge == "unknown")
+  )
   return mask & ~core
 
 
@@ -99,8 +112,9 @@ class BoundaryIoU:
   Pixels labelled IGNORE_INDEX or outside `valid` are unknown: they make no boundary in either
   mask and are not counted. `cell_size` (m) only labels the band in metres in the summary."""
 
-  def __init__(self, band_px: int, positive: int = 1, edge: str = "unknown",
-               cell_size: float | None = None):
+  def __init__(
+    self, band_px: int, positive: int = 1, edge: str = "unknown", cell_size: float | None = None
+  ):
     if band_px < 1:
       raise ValueError(f"band_px must be at least 1, got {band_px}")
     self.band_px, self.positive, self.edge, self.cell_size = int(band_px), positive, edge, cell_size
@@ -117,8 +131,9 @@ class BoundaryIoU:
     known = label != IGNORE_INDEX
     if valid is not None:
       known &= np.asarray(valid) > 0
-    gb, pb = (inner_band(m == self.positive, self.band_px, ~known, self.edge) & known
-              for m in (label, pred))
+    gb, pb = (
+      inner_band(m == self.positive, self.band_px, ~known, self.edge) & known for m in (label, pred)
+    )
     self.intersection += int((gb & pb).sum())
     self.union += int((gb | pb).sum())
 
@@ -128,26 +143,42 @@ class BoundaryIoU:
     return self.intersection / self.union if self.union else None
 
   def summary(self) -> dict:
-    return {"iou": self.value, "band_px": self.band_px,
-            **({"band_m": self.band_px * self.cell_size} if self.cell_size else {}),
-            "edge": self.edge, "intersection": self.intersection, "union": self.union}
+    return {
+      "iou": self.value,
+      "band_px": self.band_px,
+      **({"band_m": self.band_px * self.cell_size} if self.cell_size else {}),
+      "edge": self.edge,
+      "intersection": self.intersection,
+      "union": self.union,
+    }
 
 
 def to_markdown(summary: dict) -> str:
   fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-  lines = [f"IoU ({summary['positive_class']}): **{fmt(summary['iou'])}**, mIoU {fmt(summary['miou'])}, "
-           f"pixel accuracy {fmt(summary['accuracy'])} over {summary['pixels']:,} labelled pixels"]
+  lines = [
+    f"IoU ({summary['positive_class']}): **{fmt(summary['iou'])}**, mIoU {fmt(summary['miou'])}, "
+    f"pixel accuracy {fmt(summary['accuracy'])} over {summary['pixels']:,} labelled pixels"
+  ]
   if "boundary" in summary:
     b = summary["boundary"]
-    lines.append(f"boundary IoU ({summary['positive_class']}, band {b['band_px']} px"
-                 + (f" = {b['band_m']:g} m" if "band_m" in b else "") + f"): **{fmt(b['iou'])}**")
+    lines.append(
+      f"boundary IoU ({summary['positive_class']}, band {b['band_px']} px"
+      + (f" = {b['band_m']:g} m" if "band_m" in b else "")
+      + f"): **{fmt(b['iou'])}**"
+    )
   lines += ["", "| class | IoU | precision | recall | F1 |", "|---|---|---|---|---|"]
   for name, m in summary["per_class"].items():
-    lines.append(f"| {name} | {fmt(m['iou'])} | {fmt(m['precision'])} | {fmt(m['recall'])} | "
-                 f"{fmt(m['f1'])} |")
+    lines.append(
+      f"| {name} | {fmt(m['iou'])} | {fmt(m['precision'])} | {fmt(m['recall'])} | {fmt(m['f1'])} |"
+    )
   names = list(summary["per_class"])
-  lines += ["", "Confusion matrix (rows: label, columns: prediction)", "",
-            "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  lines += [
+    "",
+    "Confusion matrix (rows: label, columns: prediction)",
+    "",
+    "| | " + " | ".join(names) + " |",
+    "|---" * (len(names) + 1) + "|",
+  ]
   for name, row in zip(names, summary["confusion_matrix"]):
     lines.append(f"| {name} | " + " | ".join(f"{v:,}" for v in row) + " |")
   return "\n".join(lines) + "\n"

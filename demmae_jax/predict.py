@@ -17,6 +17,7 @@ raster without CRS without `crs`, a geographic CRS without `cell_size_m`, a cell
 the model's (unless `allow_other_cell_size`). A raster with no valid pixel is an error. Outputs
 are written atomically.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ from demmae_jax.gis.polygons import PolygonOptions
 @dataclasses.dataclass(frozen=True)
 class Outputs:
   """Where to write each product; only `classes` is required."""
+
   classes: str
   probabilities: str | None = None  # class probabilities (COG)
   uncertainty: str | None = None  # normalised entropy, 0 sure .. 1 unsure (COG)
@@ -61,8 +63,9 @@ class Options:
   overwrite: bool = False
 
 
-def predict(workdir: str | Path, source: str | Path, outputs: Outputs,
-            options: Options = Options()) -> dict:
+def predict(
+  workdir: str | Path, source: str | Path, outputs: Outputs, options: Options = Options()
+) -> dict:
   """Predict `workdir`'s model over `source` and write `outputs`; returns a summary (pixels per
   class, nodata pixels, the outputs written, the checkpoint step)."""
   from data_pipelines.atomic import check_outputs, scratch_dir
@@ -75,6 +78,7 @@ def predict(workdir: str | Path, source: str | Path, outputs: Outputs,
     input_raster_name,
     read_spec,
   )
+
   o = options
   workdir, source = Path(workdir), str(source)
   paths = outputs.paths()
@@ -82,6 +86,7 @@ def predict(workdir: str | Path, source: str | Path, outputs: Outputs,
   check_outputs(paths, [source, o.dtm, workdir, *workdir.glob("*.json"), workdir / "checkpoints"])
   if outputs.polygons:
     from demmae_jax.gis.vector_io import check_vector_path
+
     check_vector_path(outputs.polygons)
   existing = [p for p in paths if Path(p).exists()]
   if existing and not o.overwrite:
@@ -92,8 +97,9 @@ def predict(workdir: str | Path, source: str | Path, outputs: Outputs,
     raise ValueError(f"outline must be 'wall' or 'roof', not {o.outline!r}")
   spec = read_spec(workdir)
   if o.outline == "roof" and spec["class_names"][1] != "building":
-    raise ValueError(f"{workdir}: --outline roof is for building models, this one maps "
-                     f"{spec['class_names'][1]!r}")
+    raise ValueError(
+      f"{workdir}: --outline roof is for building models, this one maps {spec['class_names'][1]!r}"
+    )
   point_cloud = Path(source).suffix.lower() in (".las", ".laz")
   if not point_cloud:  # the raster checked before the model loads
     src, _ = raster.open_elevation(source, o.band, o.crs)
@@ -105,15 +111,20 @@ def predict(workdir: str | Path, source: str | Path, outputs: Outputs,
   tile = o.window or spec["tile_size"]
   check_window(spec, tile)
   opts = raster.PredictOptions(
-      tile=tile, overlap=tile // 4 if o.overlap is None else o.overlap,
-      batch_size=o.batch_size, block=o.block, band=o.band,
-      class_names=tuple(spec["class_names"]))
+    tile=tile,
+    overlap=tile // 4 if o.overlap is None else o.overlap,
+    batch_size=o.batch_size,
+    block=o.block,
+    band=o.band,
+    class_names=tuple(spec["class_names"]),
+  )
   model_name = f"{workdir} step {step}"
   with scratch_dir(outputs.classes) as scratch:
     source_used, band, dtm = source, o.band, o.dtm
     if point_cloud:
       from data_pipelines.lidar import inspect_las, las_to_rasters
       from data_pipelines.raster_io import metres_per_unit
+
       unit = metres_per_unit(inspect_las(source, o.crs).crs, source, "--cell_size_m")
       rasters = las_to_rasters([source], scratch, cell_size=spec["cell_size"] / unit, crs=o.crs)
       # an nDSM model reads height above the LiDAR's own ground
@@ -122,36 +133,59 @@ def predict(workdir: str | Path, source: str | Path, outputs: Outputs,
       band = None
     elif input_raster_name(spec) == "ndsm" and dtm:  # an nDSM model reads DSM - DTM
       from data_pipelines.prepare import height_above_ground
+
       source_used = str(height_above_ground(source, dtm, scratch / "ndsm.tif"))
       band = None
     opts = dataclasses.replace(opts, band=band)  # a raster made here has one band
     check_cell_size(source_used, spec, o.allow_other_cell_size, o.crs, o.cell_size_m)
-    probs = outputs.probabilities or (scratch / "probabilities.tif"
-                                      if outputs.uncertainty or outputs.polygons else None)
+    probs = outputs.probabilities or (
+      scratch / "probabilities.tif" if outputs.uncertainty or outputs.polygons else None
+    )
     summary = raster.predict_raster(
-        source_used, outputs.classes, make_apply(model, o.batch_size, o.tta),
-        input_normalise(spec), opts, probabilities_path=probs, crs=o.crs, overwrite=o.overwrite)
+      source_used,
+      outputs.classes,
+      make_apply(model, o.batch_size, o.tta),
+      input_normalise(spec),
+      opts,
+      probabilities_path=probs,
+      crs=o.crs,
+      overwrite=o.overwrite,
+    )
     if o.outline == "roof":
       from demmae_jax.inference.outline import convert_raster
+
       counts = convert_raster(outputs.classes, outputs.classes, o.eave_m)
       summary["pixels_per_class"] = {n: int(counts[i]) for i, n in enumerate(spec["class_names"])}
       summary["outline"] = f"roof (walls grown by {o.eave_m:g} m)"
     if outputs.uncertainty:
       from demmae_jax.gis.uncertainty import write_uncertainty
+
       summary["uncertainty"] = str(write_uncertainty(probs, outputs.uncertainty, o.overwrite))
     summary["probabilities"] = outputs.probabilities
     if outputs.polygons:
-      summary["polygons"] = _write_polygons(source_used, Path(source).name, spec, probs, outputs,
-                                            model_name, dtm, o)
+      summary["polygons"] = _write_polygons(
+        source_used, Path(source).name, spec, probs, outputs, model_name, dtm, o
+      )
     if outputs.png:
       preview(source_used, band or 1, outputs.classes, Path(outputs.png), o.overwrite)
     if outputs.stac:
       from demmae_jax.gis.stac import write_item
-      write_item(outputs.stac, {"classes": outputs.classes, "probabilities": outputs.probabilities,
-                                "uncertainty": outputs.uncertainty, "polygons": outputs.polygons,
-                                "png": outputs.png}, class_names=spec["class_names"],
-                 source=source, model=model_name, overwrite=o.overwrite,
-                 properties={"demmae:tta": o.tta, "demmae:window": tile})
+
+      write_item(
+        outputs.stac,
+        {
+          "classes": outputs.classes,
+          "probabilities": outputs.probabilities,
+          "uncertainty": outputs.uncertainty,
+          "polygons": outputs.polygons,
+          "png": outputs.png,
+        },
+        class_names=spec["class_names"],
+        source=source,
+        model=model_name,
+        overwrite=o.overwrite,
+        properties={"demmae:tta": o.tta, "demmae:window": tile},
+      )
       summary["stac"] = outputs.stac
   summary.update(workdir=str(workdir), step=step, input=source, png=outputs.png)
   return summary
@@ -163,31 +197,40 @@ def nodata_share(summary: dict) -> float:
   return summary["nodata_pixels"] / total if total else 0.0
 
 
-def check_cell_size(path: str, spec: dict, allow: bool, crs=None, given_m: float | None = None) -> float:
+def check_cell_size(
+  path: str, spec: dict, allow: bool, crs=None, given_m: float | None = None
+) -> float:
   """The input's cell size in metres (data_pipelines.raster_io.cell_size_m: a geographic CRS is
   refused, feet are converted), refused if it is not the model's unless `allow`."""
   from data_pipelines.errors import DataError
   from data_pipelines.raster_io import cell_size_m, open_raster
+
   with open_raster(path) as src:
     size = cell_size_m(src, crs, given_m, flag="--cell_size_m")
   want = spec["cell_size"]
   if not allow and abs(size - want) > 0.01 * want:
-    raise DataError(path, f"cell size {size:g} m but the model was trained on {want:g} m tiles; "
-                    f"resample the raster (gdalwarp -tr ...) to {want:g} m cells or pass "
-                    f"--allow_other_cell_size")
+    raise DataError(
+      path,
+      f"cell size {size:g} m but the model was trained on {want:g} m tiles; "
+      f"resample the raster (gdalwarp -tr ...) to {want:g} m cells or pass "
+      f"--allow_other_cell_size",
+    )
   return size
 
 
-def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: bool,
-            max_side: int = 1500) -> None:
+def preview(
+  dem_path: str, band: int, classes_path: str, out: Path, overwrite: bool, max_side: int = 1500
+) -> None:
   """DEM | classes, read decimated (rasterio out_shape) so memory stays small."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import rasterio
   from matplotlib.colors import ListedColormap
 
   from data_pipelines.atomic import atomic_file
+
   with rasterio.open(dem_path) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
     shape = (src.height // scale or 1, src.width // scale or 1)
@@ -211,11 +254,20 @@ def preview(dem_path: str, band: int, classes_path: str, out: Path, overwrite: b
   plt.close(fig)
 
 
-def _write_polygons(source: str, source_name: str, spec: dict, probs, outputs: Outputs,
-                    model: str, dtm: str | None, o: Options) -> dict:
+def _write_polygons(
+  source: str,
+  source_name: str,
+  spec: dict,
+  probs,
+  outputs: Outputs,
+  model: str,
+  dtm: str | None,
+  o: Options,
+) -> dict:
   """The positive class's polygons with their attributes (demmae_jax.gis.polygons)."""
   from demmae_jax.gis import polygons
   from demmae_jax.inference.segmenter import input_raster_name
+
   name = spec["class_names"][1]
   heights = None
   if name == "building":
@@ -225,9 +277,17 @@ def _write_polygons(source: str, source_name: str, spec: dict, probs, outputs: O
       heights = polygons.HeightSource(dsm=source, dtm=dtm)
   try:
     return polygons.write_class_polygons(
-        outputs.classes, outputs.polygons, value=1, name=name, opts=o.polygon,
-        probabilities=probs, heights=heights, source=source_name, model=model,
-        overwrite=o.overwrite)
+      outputs.classes,
+      outputs.polygons,
+      value=1,
+      name=name,
+      opts=o.polygon,
+      probabilities=probs,
+      heights=heights,
+      source=source_name,
+      model=model,
+      overwrite=o.overwrite,
+    )
   finally:
     if heights is not None:
       heights.close()

@@ -10,6 +10,7 @@ is the probe's floor: what a linear map reads off random projections of the patc
 
     curve = probe_run("runs/pretrain_hr", [draw manifests], steps=[250, 500, ...])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,13 +32,28 @@ class ProbeData:
   labels: np.ndarray  # [N, H, W] uint8 (0 background, 1 positive, 255 ignore)
 
 
-def load_split(manifest: str, split: str, normalisation: str, scale_m: float = 30.0,
-               channels: int = 1) -> ProbeData:
+def load_split(
+  manifest: str, split: str, normalisation: str, scale_m: float = 30.0, channels: int = 1
+) -> ProbeData:
   """Every tile of `split`, in manifest order; pixels without a measurement are ignored."""
   from data_pipelines.reader import make_dataset
-  batches = list(make_dataset(manifest, split, global_batch_size=64, normalisation=normalisation,
-                              scale_m=scale_m, channels=channels, augment=False, shuffle=False,
-                              repeat=False, drop_remainder=False, process_index=0, process_count=1))
+
+  batches = list(
+    make_dataset(
+      manifest,
+      split,
+      global_batch_size=64,
+      normalisation=normalisation,
+      scale_m=scale_m,
+      channels=channels,
+      augment=False,
+      shuffle=False,
+      repeat=False,
+      drop_remainder=False,
+      process_index=0,
+      process_count=1,
+    )
+  )
   images = np.concatenate([b["image"] for b in batches]).astype(np.float32)
   labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
   valid = np.concatenate([b["valid"] for b in batches]) > 0
@@ -61,6 +77,7 @@ def token_reader(model, layer: int | None = None, batch: int = 64):
   """images [N, H, W, C] -> [N, L, D] patch tokens of block `layer` (default the last; no masking,
   cls dropped); one compiled encoder per model, reused for every call."""
   from flax import nnx
+
   graphdef, state = nnx.split(model)
   layer = model.config.depth - 1 if layer is None else layer
 
@@ -69,13 +86,27 @@ def token_reader(model, layer: int | None = None, batch: int = 64):
     return nnx.merge(graphdef, state).encode(x, layers=(layer,))[0][:, 1:]
 
   def read(images: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(encode(state, jnp.asarray(images[i:i + batch])), np.float32)
-                           for i in range(0, len(images), batch)])
+    return np.concatenate(
+      [
+        np.asarray(encode(state, jnp.asarray(images[i : i + batch])), np.float32)
+        for i in range(0, len(images), batch)
+      ]
+    )
+
   return read
 
 
-def fit_and_score(train_tokens: np.ndarray, train: ProbeData, val_tokens: np.ndarray, val: ProbeData,
-                  patch: int, *, steps: int = 300, lr: float = 3e-3, seed: int = 0) -> dict:
+def fit_and_score(
+  train_tokens: np.ndarray,
+  train: ProbeData,
+  val_tokens: np.ndarray,
+  val: ProbeData,
+  patch: int,
+  *,
+  steps: int = 300,
+  lr: float = 3e-3,
+  seed: int = 0,
+) -> dict:
   """Fit the linear token -> pixel-logit map on `train`; IoU, precision, recall on `val`."""
   mean, std = train_tokens.mean((0, 1)), train_tokens.std((0, 1)) + 1e-6
   standardise = lambda t: jnp.asarray((t - mean) / std)  # noqa: E731
@@ -88,8 +119,10 @@ def fit_and_score(train_tokens: np.ndarray, train: ProbeData, val_tokens: np.nda
   share = jnp.clip(positive.sum() / jnp.maximum(known.sum(), 1), 0.05, 0.95)
   weight = jnp.where(known, jnp.where(positive, 0.5 / share, 0.5 / (1 - share)), 0.0)
   d = xt.shape[-1]
-  params = {"w": jax.random.normal(jax.random.key(seed), (d, patch * patch)) * d**-0.5 * 0.1,
-            "b": jnp.zeros((patch * patch,))}
+  params = {
+    "w": jax.random.normal(jax.random.key(seed), (d, patch * patch)) * d**-0.5 * 0.1,
+    "b": jnp.zeros((patch * patch,)),
+  }
 
   def logits(p, x):
     return unpatchify(x @ p["w"] + p["b"], patch, 1, grid)[..., 0]
@@ -115,12 +148,23 @@ def fit_and_score(train_tokens: np.ndarray, train: ProbeData, val_tokens: np.nda
   tp = int((pred & (lab == 1) & keep).sum())
   fp = int((pred & (lab == 0) & keep).sum())
   fn = int((~pred & (lab == 1) & keep).sum())
-  return {"iou": tp / max(tp + fp + fn, 1), "precision": tp / max(tp + fp, 1),
-          "recall": tp / max(tp + fn, 1), "train_loss": float(loss)}
+  return {
+    "iou": tp / max(tp + fp + fn, 1),
+    "precision": tp / max(tp + fp, 1),
+    "recall": tp / max(tp + fn, 1),
+    "train_loss": float(loss),
+  }
 
 
-def probe_model(model, draws: Sequence[ProbeData], val: ProbeData, *, steps: int = 300,
-                seed: int = 0, layer: int | None = None) -> dict:
+def probe_model(
+  model,
+  draws: Sequence[ProbeData],
+  val: ProbeData,
+  *,
+  steps: int = 300,
+  seed: int = 0,
+  layer: int | None = None,
+) -> dict:
   """The probe on each few-label draw (its symmetries), scored on `val`: mean and per draw."""
   patch = model.config.patch_size
   tokens = token_reader(model, layer)
@@ -128,15 +172,24 @@ def probe_model(model, draws: Sequence[ProbeData], val: ProbeData, *, steps: int
   per_draw = []
   for i, draw in enumerate(draws):
     train = symmetries(draw)
-    per_draw.append(fit_and_score(tokens(train.images), train, val_tokens, val, patch,
-                                  steps=steps, seed=seed + i))
+    per_draw.append(
+      fit_and_score(tokens(train.images), train, val_tokens, val, patch, steps=steps, seed=seed + i)
+    )
   ious = [r["iou"] for r in per_draw]
   return {"iou": float(np.mean(ious)), "iou_std": float(np.std(ious)), "draws": per_draw}
 
 
-def probe_run(workdir, draw_manifests: Sequence[str], val_manifest: str | None = None, *,
-              steps: Iterable[int | None] = (None,), include_random: bool = True, probe_steps: int = 300,
-              layer: int | None = None, log=print) -> list[dict]:
+def probe_run(
+  workdir,
+  draw_manifests: Sequence[str],
+  val_manifest: str | None = None,
+  *,
+  steps: Iterable[int | None] = (None,),
+  include_random: bool = True,
+  probe_steps: int = 300,
+  layer: int | None = None,
+  log=print,
+) -> list[dict]:
   """The probe at each kept checkpoint `steps` of pretraining run `workdir` (None = the latest),
   and for the same architecture at random initialisation (step 0). Data are read with the run's
   own input normalisation; `layer` is the block read (default the last); validation is
@@ -147,13 +200,17 @@ def probe_run(workdir, draw_manifests: Sequence[str], val_manifest: str | None =
   import ml_collections
 
   from demmae_jax.train import pretrain
+
   workdir = Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   with config.unlocked():
     config.init = ""
   norm = config.data.normalisation
-  read = dict(normalisation=norm.mode, scale_m=float(norm.get("scale_m", 30.0)),
-              channels=int(config.model.in_chans))
+  read = dict(
+    normalisation=norm.mode,
+    scale_m=float(norm.get("scale_m", 30.0)),
+    channels=int(config.model.in_chans),
+  )
   draws = [load_split(m, "train", **read) for m in draw_manifests]
   val = load_split(val_manifest or draw_manifests[0], "val", **read)
   task = pretrain.MAEPretrain(config)

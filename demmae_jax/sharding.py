@@ -20,6 +20,7 @@ written for one layer's array, and the leading layer axis is never sharded (each
 one layer whole), so the spec of a stacked array is `(None, *spec of one layer)`. An explicit
 tuple may also name all its axes, the layer axis included.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,9 @@ DEFAULT_RULES = ((".*", "fsdp"),)
 DEFAULT_MIN_FSDP_SIZE = 2**14
 
 
-def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                                 process_id: int | None) -> None:
+def maybe_initialize_distributed(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
   """`jax.distributed.initialize` when a coordinator is configured (multi-host); on Cloud TPU
   pass coordinator_address='auto' to let JAX discover the slice."""
   if not coordinator_address:
@@ -45,12 +47,14 @@ def maybe_initialize_distributed(coordinator_address: str | None, num_processes:
   if coordinator_address == "auto":
     jax.distributed.initialize()
   else:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  data: int = -1, fsdp: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A mesh over all (global) devices; one of the sizes may be -1 (= the rest)."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, model]
@@ -59,11 +63,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh axes {dict(zip(AXES, sizes))}")
+      raise ValueError(
+        f"{len(devices)} devices do not divide into mesh axes {dict(zip(AXES, sizes))}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices; "
-                     f"there are {len(devices)}")
+    raise ValueError(
+      f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices; there are {len(devices)}"
+    )
   return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -106,8 +113,9 @@ def is_stacked(path: str) -> bool:
   return bool(STACKED_LAYERS.search(path))
 
 
-def spec_for(path: str, shape, mesh: Mesh, rules=DEFAULT_RULES,
-             min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> P:
+def spec_for(
+  path: str, shape, mesh: Mesh, rules=DEFAULT_RULES, min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE
+) -> P:
   shape = tuple(shape)
   if is_stacked(path) and shape:
     inner = _spec_for(path, shape[1:], mesh, rules, min_fsdp_size, full=shape)
@@ -122,8 +130,10 @@ def _spec_for(path: str, shape, mesh: Mesh, rules, min_fsdp_size: int, full=None
     if re.search(pattern, path):
       break
   else:
-    raise ValueError(f"no sharding rule matches {path!r}; add one (the last rule is usually "
-                     f"('.*', 'fsdp') or ('.*', 'replicate'))")
+    raise ValueError(
+      f"no sharding rule matches {path!r}; add one (the last rule is usually "
+      f"('.*', 'fsdp') or ('.*', 'replicate'))"
+    )
   if len(shape) == 0 or tactic == "replicate":
     return P()
   if tactic == "fsdp":
@@ -131,25 +141,33 @@ def _spec_for(path: str, shape, mesh: Mesh, rules, min_fsdp_size: int, full=None
   if isinstance(tactic, (tuple, list)):
     if full is not None and len(tactic) == len(full):  # the layer axis named as well
       if tactic[0] is not None:
-        raise ValueError(f"rule {pattern!r} shards the layer axis of stacked {path!r}; the "
-                         f"blocks are scanned over that axis: give None (or one layer's axes)")
+        raise ValueError(
+          f"rule {pattern!r} shards the layer axis of stacked {path!r}; the "
+          f"blocks are scanned over that axis: give None (or one layer's axes)"
+        )
       tactic = tactic[1:]
     if len(tactic) != len(shape):
       raise ValueError(f"rule {pattern!r} gives {len(tactic)} axes for {path!r} of shape {shape}")
     for axis, d in zip(tactic, shape):
       if axis is not None and d % mesh.shape[axis]:
-        raise ValueError(f"{path!r} dim {d} is not divisible by mesh axis {axis!r} "
-                         f"({mesh.shape[axis]})")
+        raise ValueError(
+          f"{path!r} dim {d} is not divisible by mesh axis {axis!r} ({mesh.shape[axis]})"
+        )
     return P(*tactic)
-  raise ValueError(f"unknown sharding tactic {tactic!r} for {pattern!r}: use 'fsdp', "
-                   f"'replicate' or a tuple of mesh axes")
+  raise ValueError(
+    f"unknown sharding tactic {tactic!r} for {pattern!r}: use 'fsdp', "
+    f"'replicate' or a tuple of mesh axes"
+  )
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules=DEFAULT_RULES,
-                   min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE) -> Any:
+def tree_shardings(
+  tree: Any, mesh: Mesh, rules=DEFAULT_RULES, min_fsdp_size: int = DEFAULT_MIN_FSDP_SIZE
+) -> Any:
   """NamedShardings for every array of `tree` (arrays or ShapeDtypeStructs), by the rules."""
+
   def one(path, x):
     return NamedSharding(mesh, spec_for(path_str(path), np.shape(x), mesh, rules, min_fsdp_size))
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -170,19 +188,24 @@ def process_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   """The rows [start, stop) of the global batch that this process's devices hold; each process
   feeds exactly those (a multi-host source reads its own share)."""
   if global_batch % batch_parallelism(mesh):
-    raise ValueError(f"global batch {global_batch} is not divisible by data x fsdp = "
-                     f"{batch_parallelism(mesh)}")
+    raise ValueError(
+      f"global batch {global_batch} is not divisible by data x fsdp = {batch_parallelism(mesh)}"
+    )
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
   rows = sorted({(s[0].start or 0, s[0].stop or global_batch) for s in index_map.values()})
   start, stop = rows[0][0], rows[-1][1]
   covered = sum(b - a for a, b in rows)
   if covered != stop - start:
-    raise ValueError(f"this process's devices hold non-contiguous batch rows {rows}; "
-                     f"order the mesh devices by process")
+    raise ValueError(
+      f"this process's devices hold non-contiguous batch rows {rows}; "
+      f"order the mesh devices by process"
+    )
   return start, stop
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, global_size: int) -> dict[str, jax.Array]:
+def global_batch(
+  local: dict[str, np.ndarray], mesh: Mesh, global_size: int
+) -> dict[str, jax.Array]:
   """Assemble the global batch from every process's local rows (one process: a device_put)."""
   out = {}
   for k, v in local.items():

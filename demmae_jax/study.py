@@ -12,6 +12,7 @@ Every run is scored twice: per test tile, alone (the paper's protocol) and over 
 `predict_raster` maps it (`demmae_jax.area_eval`: windows with their surroundings, the user's
 view). The arms are `configs/finetune.py` presets plus overrides (`ARMS`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,41 +27,58 @@ from demmae_jax import config_files
 
 # arm -> (configs/finetune.py preset, overrides); {task} is buildings or roads.
 ARMS = {
-    # docs/results.md's best model at 10 tiles: the UNet on per-tile min-max heights
-    "unet_minmax": ("cpu_unet_{task}", {}),
-    # the same UNet on height above ground (nDSM / 30 m): heights mean the same in every tile
-    "unet_ndsm": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm"}),
-    # ... trained with half its tiles shown as a 2x coarser source would give them (data.coarsen)
-    "unet_ndsm_coarsen": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm", "data.coarsen": 0.5}),
-    # the paper's head (Feature2Pyramid + UperNet) on a frozen encoder, as `make demo` trained it
-    # until now; random encoder weights: docs/results.md measured the DEM-pretrained one no better
-    "upernet_frozen": ("cpu_{task}", {}),
-    # the ViT-UNet (models/hybrid.py), encoder finetuned, from random weights ...
-    "hybrid_random": ("cpu_hybrid_{task}", {"data.normalisation.mode": "ndsm",
-                                            "freeze_backbone": False}),
-    # ... and from the encoder pretrained on the high-resolution corpus (configs/dem_pretrain.py:
-    # cpu_hr, exported to DEM_ENCODER): the same architecture and recipe
-    "hybrid_dem": ("cpu_hybrid_{task}", {"data.normalisation.mode": "ndsm", "freeze_backbone": False,
-                                         "init": "{encoder}"}),
+  # docs/results.md's best model at 10 tiles: the UNet on per-tile min-max heights
+  "unet_minmax": ("cpu_unet_{task}", {}),
+  # the same UNet on height above ground (nDSM / 30 m): heights mean the same in every tile
+  "unet_ndsm": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm"}),
+  # ... trained with half its tiles shown as a 2x coarser source would give them (data.coarsen)
+  "unet_ndsm_coarsen": (
+    "cpu_unet_{task}",
+    {"data.normalisation.mode": "ndsm", "data.coarsen": 0.5},
+  ),
+  # the paper's head (Feature2Pyramid + UperNet) on a frozen encoder, as `make demo` trained it
+  # until now; random encoder weights: docs/results.md measured the DEM-pretrained one no better
+  "upernet_frozen": ("cpu_{task}", {}),
+  # the ViT-UNet (models/hybrid.py), encoder finetuned, from random weights ...
+  "hybrid_random": (
+    "cpu_hybrid_{task}",
+    {"data.normalisation.mode": "ndsm", "freeze_backbone": False},
+  ),
+  # ... and from the encoder pretrained on the high-resolution corpus (configs/dem_pretrain.py:
+  # cpu_hr, exported to DEM_ENCODER): the same architecture and recipe
+  "hybrid_dem": (
+    "cpu_hybrid_{task}",
+    {"data.normalisation.mode": "ndsm", "freeze_backbone": False, "init": "{encoder}"},
+  ),
 }
 DEM_ENCODER = "runs/dem_mae_hr"
-ARM_NAMES = {"unet_minmax": "UNet, per-tile min-max input (today's best, docs/results.md)",
-             "unet_ndsm": "UNet, nDSM input (recommended)",
-             "unet_ndsm_coarsen": "UNet, nDSM input, half the training tiles 2x coarsened",
-             "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
-             "hybrid_random": "ViT-UNet, nDSM, random encoder (finetuned)",
-             "hybrid_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (finetuned)",
-             "height_rule": "height rule, no learning (tuned on the training tiles)"}
+ARM_NAMES = {
+  "unet_minmax": "UNet, per-tile min-max input (today's best, docs/results.md)",
+  "unet_ndsm": "UNet, nDSM input (recommended)",
+  "unet_ndsm_coarsen": "UNet, nDSM input, half the training tiles 2x coarsened",
+  "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
+  "hybrid_random": "ViT-UNet, nDSM, random encoder (finetuned)",
+  "hybrid_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (finetuned)",
+  "height_rule": "height rule, no learning (tuned on the training tiles)",
+}
 RECOMMENDED = "unet_ndsm"
-RECIPE = {"total_steps": 300, "eval_every_steps": 50, "checkpoint.every_steps": 50,
-          "optim.warmup_steps": 30, "global_batch": 8}
+RECIPE = {
+  "total_steps": 300,
+  "eval_every_steps": 50,
+  "checkpoint.every_steps": 50,
+  "optim.warmup_steps": 30,
+  "global_batch": 8,
+}
 # How the area score predicts: 256 px windows (the UNet is fully convolutional) and the 8
 # square symmetries averaged, as `scripts/predict.py --window 256 --tta` does.
 AREA_PREDICT = {"window": 256, "tta": True}
+
+
 def area_predict(spec: dict) -> dict:
   """AREA_PREDICT, with the training tile as the window when the model's normalisation depends
   on the window (per-tile min-max: segmenter.check_window)."""
   from demmae_jax.inference.segmenter import WINDOW_FREE_NORMALISATIONS
+
   modes = spec["normalisation"]["mode"].split("+")
   if spec["kind"] != "unet" or any(m not in WINDOW_FREE_NORMALISATIONS for m in modes):
     return {**AREA_PREDICT, "window": int(spec["tile_size"])}
@@ -72,6 +90,7 @@ def repredict(out: Path, arm: str, log=print) -> int:
   the window rule changed); no training."""
   from demmae_jax import area_eval
   from demmae_jax.inference.restore import load_trained
+
   n = 0
   for path in sorted((Path(out) / "results").rglob(f"{arm}/*.json")):
     rec = json.loads(path.read_text())
@@ -79,9 +98,13 @@ def repredict(out: Path, arm: str, log=print) -> int:
     model, spec, _ = load_trained(workdir)
     if rec.get("area_predict") == area_predict(spec):
       continue
-    rec["area"] = area_eval.evaluate_area(workdir, rec["area_manifest"], model=(model, spec),
-                                          keep_prediction=workdir / "test_area_classes.tif",
-                                          **area_predict(spec))
+    rec["area"] = area_eval.evaluate_area(
+      workdir,
+      rec["area_manifest"],
+      model=(model, spec),
+      keep_prediction=workdir / "test_area_classes.tif",
+      **area_predict(spec),
+    )
     rec["area_iou"], rec["area_predict"] = rec["area"]["iou"], area_predict(spec)
     atomic_write_text(path, json.dumps(rec, indent=1), overwrite=True)
     log(f"{rec['id']}: area IoU {rec['area_iou']:.3f} with {area_predict(spec)}")
@@ -89,8 +112,10 @@ def repredict(out: Path, arm: str, log=print) -> int:
   return n
 
 
-LOAO_AREAS = {"buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"),
-              "roads": ("delft", "gothenburg")}
+LOAO_AREAS = {
+  "buildings": ("delft", "alexandria", "amsterdam_ahn2", "gothenburg"),
+  "roads": ("delft", "gothenburg"),
+}
 # trained on whenever their place is not held out, never held out themselves: Amsterdam is tested
 # on AHN2 (the whole block); AHN3 is the newer, denser survey of it, with trees in its DSM
 LOAO_TRAIN_ONLY = {"buildings": ("amsterdam_ahn3",), "roads": ()}
@@ -103,23 +128,44 @@ WALL_LINES = True
 
 def finetune_config(arm: str, task: str, manifest: str | Path, seed: int, **overrides):
   preset, arm_overrides = ARMS[arm]
-  arm_overrides = {k: v.format(encoder=DEM_ENCODER) if isinstance(v, str) else v
-                   for k, v in arm_overrides.items()}
-  c = config_files.get_config("finetune", preset.format(task=task), **{
-      **RECIPE, **arm_overrides, "data.manifest": str(manifest), "seed": seed, "data.seed": seed,
-      "log.progress": False, "log.tensorboard": False, **overrides})
+  arm_overrides = {
+    k: v.format(encoder=DEM_ENCODER) if isinstance(v, str) else v for k, v in arm_overrides.items()
+  }
+  c = config_files.get_config(
+    "finetune",
+    preset.format(task=task),
+    **{
+      **RECIPE,
+      **arm_overrides,
+      "data.manifest": str(manifest),
+      "seed": seed,
+      "data.seed": seed,
+      "log.progress": False,
+      "log.tensorboard": False,
+      **overrides,
+    },
+  )
   c.log.every_steps = 25
   return c
 
 
-def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Path, seed: int,
-            out: Path, log=print) -> dict:
+def run_one(
+  run_id: str,
+  arm: str,
+  task: str,
+  manifest: Path,
+  area_manifest: Path,
+  seed: int,
+  out: Path,
+  log=print,
+) -> dict:
   """Train one arm on `manifest`'s train split (validation on its val split, best kept), score it
   per test tile and over `area_manifest`'s test area; the result JSON is written last."""
   from demmae_jax import area_eval
   from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
+
   path = out / "results" / f"{run_id}.json"
   if path.exists():
     return json.loads(path.read_text())
@@ -130,25 +176,50 @@ def run_one(run_id: str, arm: str, task: str, manifest: Path, area_manifest: Pat
     raise KeyboardInterrupt(f"{run_id} stopped by a signal; rerun to resume")
   model, spec, step = load_trained(workdir)
   tiles, _ = evaluate_split(model, spec, str(manifest), "test")
-  area = area_eval.evaluate_area(workdir, area_manifest, model=(model, spec),
-                                 keep_prediction=workdir / "test_area_classes.tif", **area_predict(spec))
-  rec = {"id": run_id, "arm": arm, "task": task, "seed": seed, "manifest": str(manifest),
-         "area_manifest": str(area_manifest), "best_step": step, "tiles": tiles, "area": area,
-         "tile_iou": tiles["iou"], "area_iou": area["iou"], "seconds": round(time.time() - t0, 1),
-         "area_predict": area_predict(spec), "recipe": RECIPE}
+  area = area_eval.evaluate_area(
+    workdir,
+    area_manifest,
+    model=(model, spec),
+    keep_prediction=workdir / "test_area_classes.tif",
+    **area_predict(spec),
+  )
+  rec = {
+    "id": run_id,
+    "arm": arm,
+    "task": task,
+    "seed": seed,
+    "manifest": str(manifest),
+    "area_manifest": str(area_manifest),
+    "best_step": step,
+    "tiles": tiles,
+    "area": area,
+    "tile_iou": tiles["iou"],
+    "area_iou": area["iou"],
+    "seconds": round(time.time() - t0, 1),
+    "area_predict": area_predict(spec),
+    "recipe": RECIPE,
+  }
   atomic_write_text(path, json.dumps(rec, indent=1))
   log(f"{run_id}: tile IoU {tiles['iou']:.3f}, area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
   return rec
 
 
-def rule_one(run_id: str, task: str, train_manifests, area_manifest: Path, out: Path,
-             raster_train: Path | None = None, log=print) -> dict:
+def rule_one(
+  run_id: str,
+  task: str,
+  train_manifests,
+  area_manifest: Path,
+  out: Path,
+  raster_train: Path | None = None,
+  log=print,
+) -> dict:
   """The height rule (demmae_jax/baselines.py): parameters tuned on the training tiles of
   `train_manifests` (with `raster_train`, the base tile set whose raster they were cut from, the
   rule runs on that whole raster and is cropped at the tiles, as it runs at test time; otherwise
   per tile), then run on the whole raster of `area_manifest` and scored on its test blocks."""
   from data_pipelines.reader import read_manifest
   from demmae_jax import baselines
+
   path = out / "results" / f"{run_id}.json"
   if path.exists():
     return json.loads(path.read_text())
@@ -161,26 +232,39 @@ def rule_one(run_id: str, task: str, train_manifests, area_manifest: Path, out: 
     to_tiles = baselines.crop(np.concatenate([t["window"] for t in tiles]))
   else:
     m0 = read_manifest(str(train_manifests[0]))
-    scene = baselines.Scene(np.concatenate([t["dsm"] for t in tiles]), valid > 0, float(m0["cell_size"]))
+    scene = baselines.Scene(
+      np.concatenate([t["dsm"] for t in tiles]), valid > 0, float(m0["cell_size"])
+    )
     to_tiles = lambda p: p  # noqa: E731
   rule, _ = baselines.tune(scene, label, valid, baselines.grid(task), to_tiles)
   area_m = read_manifest(str(area_manifest))
   pred = baselines.apply(rule, baselines.raster_scene(str(area_manifest)))[0].astype(np.uint8)
   from demmae_jax import area_eval
+
   area = area_eval.score_area(pred, area_m, "test", area_m.get("label_names", {}).values() or None)
-  rec = {"id": run_id, "arm": "height_rule", "task": task, "rule": dataclasses.asdict(rule),
-         "area_manifest": str(area_manifest), "area": area, "area_iou": area["iou"],
-         "tile_iou": None, "seconds": round(time.time() - t0, 1)}
+  rec = {
+    "id": run_id,
+    "arm": "height_rule",
+    "task": task,
+    "rule": dataclasses.asdict(rule),
+    "area_manifest": str(area_manifest),
+    "area": area,
+    "area_iou": area["iou"],
+    "tile_iou": None,
+    "seconds": round(time.time() - t0, 1),
+  }
   atomic_write_text(path, json.dumps(rec, indent=1))
   log(f"{run_id}: area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
   return rec
 
 
-def rule_runs(out: Path, *, seeds: int = 3, tasks=("buildings", "roads"), groups=("delft", "loao"),
-              log=print) -> list[dict]:
+def rule_runs(
+  out: Path, *, seeds: int = 3, tasks=("buildings", "roads"), groups=("delft", "loao"), log=print
+) -> list[dict]:
   """The height rule beside every model run: tuned on the same training tiles."""
   from data_pipelines.areas import get_area
   from demmae_jax.experiments import draws, plan
+
   recs = []
   if "delft" in groups:
     cfg = config_files.get_config("experiments", "cpu")
@@ -190,27 +274,55 @@ def rule_runs(out: Path, *, seeds: int = 3, tasks=("buildings", "roads"), groups
         dataset = f"delft_{task}"
         manifest, _ = data.manifest(plan.Run(dataset, "unet", 10, seed))
         base = Path(data.base(dataset)["_dir"]) / "manifest.json"
-        recs.append(rule_one(f"delft/{task}/height_rule/n10_s{seed}", task, [manifest], base, out,
-                             raster_train=base, log=log))
+        recs.append(
+          rule_one(
+            f"delft/{task}/height_rule/n10_s{seed}",
+            task,
+            [manifest],
+            base,
+            out,
+            raster_train=base,
+            log=log,
+          )
+        )
   if "loao" in groups:
     for task in tasks:
       for held_out in LOAO_AREAS[task]:
         loao_data(out, task, held_out, log)
         root = out / "data" / "areas" / task
         place = get_area(held_out).place  # the held-out place is never trained on
-        train = [root / a / "tiles" / "manifest.json" for a in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]
-                 if get_area(a).place != place]
+        train = [
+          root / a / "tiles" / "manifest.json"
+          for a in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]
+          if get_area(a).place != place
+        ]
         train = [m for m in train if m.exists()]
-        recs.append(rule_one(f"loao/{task}/{held_out}/height_rule/s0", task, train,
-                             root / f"{held_out}_holdout" / "tiles" / "manifest.json", out, log=log))
+        recs.append(
+          rule_one(
+            f"loao/{task}/{held_out}/height_rule/s0",
+            task,
+            train,
+            root / f"{held_out}_holdout" / "tiles" / "manifest.json",
+            out,
+            log=log,
+          )
+        )
   return recs
 
 
 # ------------------------------------------------------------------------------ groups
-def delft_runs(out: Path, *, sizes=(10,), seeds: int = 3, arms=("unet_minmax", "unet_ndsm"),
-               tasks=("buildings", "roads"), log=print) -> list[dict]:
+def delft_runs(
+  out: Path,
+  *,
+  sizes=(10,),
+  seeds: int = 3,
+  arms=("unet_minmax", "unet_ndsm"),
+  tasks=("buildings", "roads"),
+  log=print,
+) -> list[dict]:
   """N labelled Delft tiles: the cpu protocol's draws (docs/results.md), validation and test."""
   from demmae_jax.experiments import draws, plan
+
   cfg = config_files.get_config("experiments", "cpu")
   data = draws.Data(cfg, out / "data" / "delft", log)
   recs = []
@@ -221,8 +333,9 @@ def delft_runs(out: Path, *, sizes=(10,), seeds: int = 3, arms=("unet_minmax", "
         manifest, _ = data.manifest(plan.Run(dataset, "unet", n, seed))
         base = Path(data.base(dataset)["_dir"]) / "manifest.json"
         for arm in arms:
-          recs.append(run_one(f"delft/{task}/{arm}/n{n}_s{seed}", arm, task, manifest, base, seed,
-                              out, log))
+          recs.append(
+            run_one(f"delft/{task}/{arm}/n{n}_s{seed}", arm, task, manifest, base, seed, out, log)
+          )
   return recs
 
 
@@ -230,6 +343,7 @@ def loao_data(out: Path, task: str, held_out: str, log=print) -> tuple[Path, Pat
   """(combined manifest: train/val of the other areas, test = the held-out area; the held-out
   area's own manifest, every block test) at 1 m, prepared on first use."""
   from data_pipelines.areas import leave_one_area_out, prepare_area
+
   root = out / "data" / "areas"
   manifests = {}
   for area in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]:
@@ -238,8 +352,17 @@ def loao_data(out: Path, task: str, held_out: str, log=print) -> tuple[Path, Pat
     m = folder / "tiles" / "manifest.json"
     if not m.exists():
       log(f"data: preparing {area} {task} at {LOAO_CELL:g} m{' (all test)' if holdout else ''}")
-      prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
-                   holdout=holdout, wall_lines=WALL_LINES and not holdout, progress=False)
+      prepare_area(
+        area,
+        folder,
+        task,
+        cell_size=LOAO_CELL,
+        tile_size=LOAO_TILE,
+        stride=LOAO_STRIDE,
+        holdout=holdout,
+        wall_lines=WALL_LINES and not holdout,
+        progress=False,
+      )
     manifests[area] = m
   combined = root / task / f"loao_{held_out}"
   if not (combined / "manifest.json").exists():
@@ -247,16 +370,27 @@ def loao_data(out: Path, task: str, held_out: str, log=print) -> tuple[Path, Pat
   return combined / "manifest.json", manifests[held_out]
 
 
-def loao_runs(out: Path, *, seeds: int = 3, arms=(RECOMMENDED,), tasks=("buildings", "roads"),
-              log=print) -> list[dict]:
+def loao_runs(
+  out: Path, *, seeds: int = 3, arms=(RECOMMENDED,), tasks=("buildings", "roads"), log=print
+) -> list[dict]:
   recs = []
   for seed in range(seeds):
     for task in tasks:
       for held_out in LOAO_AREAS[task]:
         manifest, area_manifest = loao_data(out, task, held_out, log)
         for arm in arms:
-          recs.append(run_one(f"loao/{task}/{held_out}/{arm}/s{seed}", arm, task, manifest,
-                              area_manifest, seed, out, log))
+          recs.append(
+            run_one(
+              f"loao/{task}/{held_out}/{arm}/s{seed}",
+              arm,
+              task,
+              manifest,
+              area_manifest,
+              seed,
+              out,
+              log,
+            )
+          )
   return recs
 
 
@@ -267,6 +401,7 @@ def rescore(out: Path, log=print) -> int:
 
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval
+
   n = 0
   for path in sorted((Path(out) / "results").rglob("*.json")):
     rec = json.loads(path.read_text())
@@ -295,6 +430,7 @@ def outline_scores(out: Path, log=print) -> int:
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval, baselines
   from demmae_jax.inference import outline
+
   n = 0
   for path in sorted((Path(out) / "results" / "loao" / "buildings").rglob("*.json")):
     rec = json.loads(path.read_text())
@@ -307,7 +443,9 @@ def outline_scores(out: Path, log=print) -> int:
       pred = baselines.apply(baselines.Rule(**rec["rule"]), scene)[0].astype(np.uint8)
       again = area_eval.score_area(pred, m, "test", rec["area"]["per_class"].keys())["iou"]
       if abs(again - rec["area_iou"]) > 1e-9:
-        raise ValueError(f"{path}: the rule rerun scores {again:.4f}, not its {rec['area_iou']:.4f}")
+        raise ValueError(
+          f"{path}: the rule rerun scores {again:.4f}, not its {rec['area_iou']:.4f}"
+        )
     else:
       kept = Path(out) / "workdirs" / rec["id"] / "test_area_classes.tif"
       if not kept.exists():
@@ -318,7 +456,9 @@ def outline_scores(out: Path, log=print) -> int:
     rec["area_outline"] = area_eval.score_area(roofs, m, "test", rec["area"]["per_class"].keys())
     rec["outline"] = {"convention": "roof", "eave_m": outline.EAVE_M}
     atomic_write_text(path, json.dumps(rec, indent=1), overwrite=True)
-    log(f"{rec['id']}: area IoU {rec['area_iou']:.3f} -> {rec['area_outline']['iou']:.3f} as roof outlines")
+    log(
+      f"{rec['id']}: area IoU {rec['area_iou']:.3f} -> {rec['area_outline']['iou']:.3f} as roof outlines"
+    )
     n += 1
   return n
 
@@ -335,7 +475,10 @@ def _cell(values) -> str:
   return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else "") + f" ({len(v)})"
 
 
-BEGIN, END = "<!-- BEGIN GENERATED by scripts/run_study.py --report_only -->", "<!-- END GENERATED -->"
+BEGIN, END = (
+  "<!-- BEGIN GENERATED by scripts/run_study.py --report_only -->",
+  "<!-- END GENERATED -->",
+)
 
 
 def write_into(doc: Path, text: str) -> None:
@@ -354,36 +497,52 @@ def report(out: Path) -> str:
   lines = []
   delft = [r for r in results if r["id"].startswith("delft/")]
   if delft:
-    lines += ["### Delft, 10 labelled tiles (test IoU %: per tile | over the test area)", "",
-              "| task | arm | per tile | test area | area boundary IoU |", "|---|---|---|---|---|"]
+    lines += [
+      "### Delft, 10 labelled tiles (test IoU %: per tile | over the test area)",
+      "",
+      "| task | arm | per tile | test area | area boundary IoU |",
+      "|---|---|---|---|---|",
+    ]
     for task in ("buildings", "roads"):
       for arm in ARM_NAMES:
         rs = [r for r in delft if r["task"] == task and r["arm"] == arm]
         if rs:
-          lines.append(f"| {task} | {ARM_NAMES[arm]} | {_cell(r['tile_iou'] for r in rs)} | "
-                       f"{_cell(r['area_iou'] for r in rs)} | "
-                       f"{_cell(r['area'].get('boundary_iou') for r in rs)} |")
+          lines.append(
+            f"| {task} | {ARM_NAMES[arm]} | {_cell(r['tile_iou'] for r in rs)} | "
+            f"{_cell(r['area_iou'] for r in rs)} | "
+            f"{_cell(r['area'].get('boundary_iou') for r in rs)} |"
+          )
     lines.append("")
   loao = [r for r in results if r["id"].startswith("loao/")]
   if loao:
-    lines += ["### Leave one area out, 1 m (test IoU % over the whole held-out area)", "",
-              "| task | held-out area | arm | per tile | test area | area boundary IoU | test area, "
-              "roof outlines* |", "|---|---|---|---|---|---|---|"]
+    lines += [
+      "### Leave one area out, 1 m (test IoU % over the whole held-out area)",
+      "",
+      "| task | held-out area | arm | per tile | test area | area boundary IoU | test area, "
+      "roof outlines* |",
+      "|---|---|---|---|---|---|---|",
+    ]
     for task in ("buildings", "roads"):
       for area in LOAO_AREAS[task]:
         for arm in ARM_NAMES:
           rs = [r for r in loao if r["task"] == task and r["arm"] == arm and f"/{area}/" in r["id"]]
           if rs:
-            lines.append(f"| {task} | {area} | {ARM_NAMES[arm]} | {_cell(r['tile_iou'] for r in rs)} | "
-                         f"{_cell(r['area_iou'] for r in rs)} | "
-                         f"{_cell(r['area'].get('boundary_iou') for r in rs)} | "
-                         f"{_cell(r['area_outline']['iou'] for r in rs if 'area_outline' in r)} |")
-    lines += ["", "*Where the held-out labels outline roofs (Gothenburg), the map converted from "
-              "wall lines to roof outlines first (`inference.outline`: grown by the 1 m eave "
-              "measured on the training areas; `run_study.py --rescore`). The models learnt wall "
-              "lines from cadastral footprints; the height rule thresholds height, so its own map "
-              "already follows roof edges and converting it overshoots them: compare the models' "
-              "converted maps with the rule's own.", ""]
+            lines.append(
+              f"| {task} | {area} | {ARM_NAMES[arm]} | {_cell(r['tile_iou'] for r in rs)} | "
+              f"{_cell(r['area_iou'] for r in rs)} | "
+              f"{_cell(r['area'].get('boundary_iou') for r in rs)} | "
+              f"{_cell(r['area_outline']['iou'] for r in rs if 'area_outline' in r)} |"
+            )
+    lines += [
+      "",
+      "*Where the held-out labels outline roofs (Gothenburg), the map converted from "
+      "wall lines to roof outlines first (`inference.outline`: grown by the 1 m eave "
+      "measured on the training areas; `run_study.py --rescore`). The models learnt wall "
+      "lines from cadastral footprints; the height rule thresholds height, so its own map "
+      "already follows roof edges and converting it overshoots them: compare the models' "
+      "converted maps with the rule's own.",
+      "",
+    ]
   return "\n".join(lines)
 
 
@@ -391,8 +550,9 @@ def report(out: Path) -> str:
 MODEL_STEPS = 1500  # ~5x the study's recipe: the pooled areas hold ~20x the tiles of 10-tile runs
 
 
-def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: int = 0,
-                      log=print) -> Path:
+def train_recommended(
+  out: Path, task: str, *, steps: int = MODEL_STEPS, seed: int = 0, log=print
+) -> Path:
   """The recommended model for `task` trained on every labelled area of the shared data at 1 m
   (their training blocks; validation on their validation blocks), scored on each area's test
   blocks over the area as `predict` maps it. Writes OUT/<task> (a finetuning workdir for
@@ -402,6 +562,7 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
   from demmae_jax import area_eval
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
+
   out = Path(out)
   manifests = {}
   for area in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]:
@@ -410,27 +571,52 @@ def train_recommended(out: Path, task: str, *, steps: int = MODEL_STEPS, seed: i
     folder = out / "data" / task / area
     if not (folder / "tiles" / "manifest.json").exists():
       log(f"data: preparing {area} {task} at {LOAO_CELL:g} m")
-      prepare_area(area, folder, task, cell_size=LOAO_CELL, tile_size=LOAO_TILE, stride=LOAO_STRIDE,
-                   wall_lines=WALL_LINES, progress=False)
+      prepare_area(
+        area,
+        folder,
+        task,
+        cell_size=LOAO_CELL,
+        tile_size=LOAO_TILE,
+        stride=LOAO_STRIDE,
+        wall_lines=WALL_LINES,
+        progress=False,
+      )
     manifests[area] = folder / "tiles" / "manifest.json"
   pooled = out / "data" / task / "all"
   if not (pooled / "manifest.json").exists():
     combine_tile_sets(list(manifests.values()), pooled)
   workdir = out / task
-  config = finetune_config(RECOMMENDED, task, pooled / "manifest.json", seed, total_steps=steps,
-                           eval_every_steps=100, **{"checkpoint.every_steps": 100,
-                                                    "optim.warmup_steps": 50})
+  config = finetune_config(
+    RECOMMENDED,
+    task,
+    pooled / "manifest.json",
+    seed,
+    total_steps=steps,
+    eval_every_steps=100,
+    **{"checkpoint.every_steps": 100, "optim.warmup_steps": 50},
+  )
   config.log.progress = True
   t0 = time.time()
   result = finetune.run(config, workdir)
   if result.preempted:
     raise KeyboardInterrupt(f"{workdir}: stopped by a signal; rerun to resume")
   model = load_trained(workdir)[:2]
-  scores = {area: area_eval.evaluate_area(workdir, m, model=model, **AREA_PREDICT)
-            for area, m in manifests.items()}
-  atomic_write_text(workdir / "test_areas.json", json.dumps(
-      {"seconds": round(time.time() - t0), "steps": steps, "area_predict": AREA_PREDICT,
-       "scores": scores}, indent=1))
+  scores = {
+    area: area_eval.evaluate_area(workdir, m, model=model, **AREA_PREDICT)
+    for area, m in manifests.items()
+  }
+  atomic_write_text(
+    workdir / "test_areas.json",
+    json.dumps(
+      {
+        "seconds": round(time.time() - t0),
+        "steps": steps,
+        "area_predict": AREA_PREDICT,
+        "scores": scores,
+      },
+      indent=1,
+    ),
+  )
   for area, s in scores.items():
     log(f"{task} model on {area}'s test blocks: IoU {s['iou']:.3f}")
   return workdir
@@ -441,12 +627,14 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
   prediction's (red), and the prediction against the label (true positive white, false positive
   red, false negative blue, unlabelled grey)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import rasterio
 
   from data_pipelines.reader import read_manifest
   from demmae_jax.area_eval import _source
+
   fig, axes = plt.subplots(len(runs), 2, figsize=(12, 6 * len(runs)), squeeze=False)
   for row, run_id in zip(axes, runs):
     rec = json.loads((Path(out) / "results" / f"{run_id}.json").read_text())
@@ -470,8 +658,11 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
     row[1].imshow(rgb, interpolation="nearest")
     a = rec["area"]
     row[0].set_title(f"{run_id}: DSM, label (cyan), prediction (red)", fontsize=9)
-    row[1].set_title(f"IoU {a['iou']:.2f}, boundary IoU {a.get('boundary_iou') or float('nan'):.2f}: "
-                     "TP white, FP red, FN blue", fontsize=9)
+    row[1].set_title(
+      f"IoU {a['iou']:.2f}, boundary IoU {a.get('boundary_iou') or float('nan'):.2f}: "
+      "TP white, FP red, FN blue",
+      fontsize=9,
+    )
     for ax in row:
       ax.set_xticks([])
       ax.set_yticks([])

@@ -6,6 +6,7 @@ one (orbax preservation policies); saves are asynchronous and atomic (orbax writ
 directory and renames it), so a run killed mid-save leaves the previous checkpoints intact.
 The workdir stores the config it was made for (`config.json`); a different config is refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,12 @@ def unreadable(step_dir: Path, e: BaseException) -> DataError:
   while (root.__cause__ or root.__context__) is not None:
     root = root.__cause__ or root.__context__
   first = " ".join(str(root).split())[:300]
-  return DataError(step_dir, f"checkpoint cannot be read: damaged or truncated "
-                   f"({root.__class__.__name__}: {first}). Restore it from a copy, or delete this "
-                   f"step's folder to use the previous checkpoint")
+  return DataError(
+    step_dir,
+    f"checkpoint cannot be read: damaged or truncated "
+    f"({root.__class__.__name__}: {first}). Restore it from a copy, or delete this "
+    f"step's folder to use the previous checkpoint",
+  )
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -73,8 +77,11 @@ def _with_added_keys(old: dict, new: dict) -> dict:
   return old
 
 
-def check_config(workdir: Path, config: ml_collections.ConfigDict,
-                 ignore: tuple[str, ...] = ("log", "distributed", "memory")) -> bool:
+def check_config(
+  workdir: Path,
+  config: ml_collections.ConfigDict,
+  ignore: tuple[str, ...] = ("log", "distributed", "memory"),
+) -> bool:
   """Refuse a workdir that holds a run of a different config (keys in `ignore`, e.g. logging
   frequencies, may change between restarts), or that cannot be written. Writes nothing; True if
   the workdir has a config."""
@@ -84,17 +91,24 @@ def check_config(workdir: Path, config: ml_collections.ConfigDict,
     return False
   new = json.loads(config_to_json(config))
   old = _with_added_keys(json.loads(path.read_text()), new)
-  diff = _diff({k: v for k, v in old.items() if k not in ignore},
-               {k: v for k, v in new.items() if k not in ignore})
+  diff = _diff(
+    {k: v for k, v in old.items() if k not in ignore},
+    {k: v for k, v in new.items() if k not in ignore},
+  )
   if diff:
     raise WorkdirConfigMismatch(
-        f"{workdir} holds a run of another configuration ({path}); differing keys: "
-        + "; ".join(diff[:10]) + ". Use a new --workdir, or the same config to resume.")
+      f"{workdir} holds a run of another configuration ({path}); differing keys: "
+      + "; ".join(diff[:10])
+      + ". Use a new --workdir, or the same config to resume."
+    )
   return True
 
 
-def check_or_store_config(workdir: Path, config: ml_collections.ConfigDict,
-                          ignore: tuple[str, ...] = ("log", "distributed", "memory")) -> None:
+def check_or_store_config(
+  workdir: Path,
+  config: ml_collections.ConfigDict,
+  ignore: tuple[str, ...] = ("log", "distributed", "memory"),
+) -> None:
   """Store the config in a fresh workdir; in an existing one, refuse a different config (keys in
   `ignore`, e.g. logging frequencies or the memory limit to plan for, may change). Call it
   only once the config has been validated (a stored config makes the workdir that config's).
@@ -113,8 +127,10 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
       if k not in a or k not in b:
-        out.append(f"{prefix}{k}: {'missing' if k not in a else a[k]!r} -> "
-                   f"{'missing' if k not in b else b[k]!r}")
+        out.append(
+          f"{prefix}{k}: {'missing' if k not in a else a[k]!r} -> "
+          f"{'missing' if k not in b else b[k]!r}"
+        )
       else:
         out += _diff(a[k], b[k], f"{prefix}{k}.")
     return out
@@ -124,21 +140,38 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 class Checkpointer:
   """`save(step, state, meta, metrics)`, `latest_step()`, `restore(step, abstract_state)`."""
 
-  def __init__(self, directory: Path, *, keep: int = 3, best_metric: str | None = None,
-               best_mode: str = "max", async_save: bool = True):
+  def __init__(
+    self,
+    directory: Path,
+    *,
+    keep: int = 3,
+    best_metric: str | None = None,
+    best_mode: str = "max",
+    async_save: bool = True,
+  ):
     self.best_metric, self.best_mode = best_metric, best_mode
     policy = [policies.LatestN(n=keep)]
     if best_metric:
-      policy.append(policies.BestN(get_metric_fn=lambda m: m[best_metric],
-                                   reverse=best_mode == "min", n=1,
-                                   keep_checkpoints_without_metrics=False))
+      policy.append(
+        policies.BestN(
+          get_metric_fn=lambda m: m[best_metric],
+          reverse=best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(policy),
-        # best_fn makes orbax record the metrics; which steps stay is the policy's choice.
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                         item_names=("state", "meta"))
+      preservation_policy=policies.AnyPreservationPolicy(policy),
+      # best_fn makes orbax record the metrics; which steps stay is the policy's choice.
+      best_fn=(lambda m: m[best_metric]) if best_metric else None,
+      best_mode=best_mode,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      Path(directory).absolute(), options=options, item_names=("state", "meta")
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -147,26 +180,39 @@ class Checkpointer:
     """The kept step with the best `best_metric` (None: no metric, or none recorded)."""
     if not self.best_metric:
       return None
-    scored = [(m[self.best_metric], s) for s in self.manager.all_steps()
-              if (m := self.manager.metrics(s)) and self.best_metric in m]
+    scored = [
+      (m[self.best_metric], s)
+      for s in self.manager.all_steps()
+      if (m := self.manager.metrics(s)) and self.best_metric in m
+    ]
     if not scored:
       return None
     sign = 1 if self.best_mode == "max" else -1
     return max(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-    metrics = {self.best_metric: float(metrics[self.best_metric])} \
-        if self.best_metric and metrics and self.best_metric in metrics else None
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+    metrics = (
+      {self.best_metric: float(metrics[self.best_metric])}
+      if self.best_metric and metrics and self.best_metric in metrics
+      else None
+    )
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      metrics=metrics,
+      force=True,
+    )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """The state at `step` placed as `abstract_state` (ShapeDtypeStructs with shardings) says.
     A damaged or truncated checkpoint is a DataError naming its folder."""
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as e:  # orbax/tensorstore raise many types for a damaged file
       raise unreadable(self.step_dir(step), e) from e
     return out["state"], out["meta"]
@@ -178,20 +224,31 @@ class Checkpointer:
       saved = ocp.StandardCheckpointer().metadata(self.step_dir(step) / "state")
       saved = getattr(saved, "item_metadata", saved)
       tree = getattr(saved, "tree", saved)
-      flat = jax.tree_util.tree_flatten_with_path({k: tree[k] for k in ("params", "rest")},
-                                                  is_leaf=lambda x: hasattr(x, "shape"))[0]
+      flat = jax.tree_util.tree_flatten_with_path(
+        {k: tree[k] for k in ("params", "rest")}, is_leaf=lambda x: hasattr(x, "shape")
+      )[0]
     except Exception as e:  # a truncated _METADATA reads as None, or fails in orbax
       raise unreadable(self.step_dir(step), e) from e
     from demmae_jax.sharding import path_str
-    return {path_str(p).removesuffix("/value"): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
+
+    return {
+      path_str(p).removesuffix("/value"): tuple(x.shape) for p, x in flat if hasattr(x, "shape")
+    }
 
   def restore_variables(self, step: int, target: dict) -> dict:
     """The `params` and `rest` of the state at `step` as `target` ({"params": ..., "rest": ...}
     of ShapeDtypeStructs with shardings) says, without reading the optimiser state."""
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+          )
+        ),
+      )
     except Exception as e:  # orbax/tensorstore raise many types for a damaged file
       raise unreadable(self.step_dir(step), e) from e
     return out["state"]

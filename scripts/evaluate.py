@@ -10,6 +10,7 @@ the tiles are the ones it was trained on (--manifest to evaluate on another tile
 to --out (default WORKDIR/eval_SPLIT_stepN/): metrics.json, metrics.md, tiles.png; an existing
 output folder is refused unless --overwrite.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,17 +35,22 @@ flags.mark_flags_as_required(["workdir"])
 
 def draw(tiles: dict, class_names: list[str], path: Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
+
   n = len(tiles["pred"])
-  cmap = ListedColormap(["#f2f2f2", "#e6194b", "#3cb44b", "#4363d8"][:len(class_names)])
+  cmap = ListedColormap(["#f2f2f2", "#e6194b", "#3cb44b", "#4363d8"][: len(class_names)])
   fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n + 0.3), squeeze=False)
   for i in range(n):
     label = tiles["label"][i].astype(float)
     label[(tiles["label"][i] == 255) | (tiles["valid"][i] == 0)] = np.nan  # ignore: grey
-    panels = [(tiles["image"][i][..., 0], "terrain", None), (tiles["pred"][i], cmap, len(class_names) - 1),
-              (label, cmap, len(class_names) - 1)]
+    panels = [
+      (tiles["image"][i][..., 0], "terrain", None),
+      (tiles["pred"][i], cmap, len(class_names) - 1),
+      (label, cmap, len(class_names) - 1),
+    ]
     for ax, (img, cm, vmax) in zip(axes[i], panels):
       cm = plt.get_cmap(cm).copy() if isinstance(cm, str) else cm.copy()
       cm.set_bad("0.55")
@@ -69,11 +75,14 @@ def main(argv):
   workdir = Path(_WORKDIR.value)
   if _OUT.value:  # before any work: --out replaced as a whole must not hold the workdir or tiles
     from data_pipelines.atomic import check_outputs
+
     check_outputs([_OUT.value], [workdir, _MANIFEST.value])
   step = _STEP.value if _STEP.value in ("best", "latest") else int(_STEP.value)
   try:
     model, spec, step = load_trained(workdir, step)
-    manifest = _MANIFEST.value or json.loads((workdir / "config.json").read_text())["data"]["manifest"]
+    manifest = (
+      _MANIFEST.value or json.loads((workdir / "config.json").read_text())["data"]["manifest"]
+    )
     summary, tiles = evaluate_split(model, spec, manifest, _SPLIT.value, keep=_PICTURES.value)
   except (FileNotFoundError, ValueError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
@@ -84,7 +93,9 @@ def main(argv):
     with atomic_dir(out, _OVERWRITE.value) as tmp:
       (tmp / "metrics.json").write_text(json.dumps(summary, indent=1))
       (tmp / "metrics.md").write_text(
-          f"# {workdir.name}: {_SPLIT.value} split, checkpoint step {step}\n\n" + metrics.to_markdown(summary))
+        f"# {workdir.name}: {_SPLIT.value} split, checkpoint step {step}\n\n"
+        + metrics.to_markdown(summary)
+      )
       if tiles:
         draw(tiles, spec["class_names"], tmp / "tiles.png")
   except FileExistsError as e:
@@ -92,12 +103,15 @@ def main(argv):
     return 2
   print(metrics.to_markdown(summary))
   biou = summary["boundary_iou"]
-  print(f"evaluate: IoU({summary['positive_class']}) = {summary['iou']:.4f}, boundary IoU = "
-        f"{'n/a' if biou is None else f'{biou:.4f}'} on {_SPLIT.value} (step {step}); outputs in "
-        f"{out}: metrics.json, metrics.md" + (", tiles.png" if tiles else ""))
+  print(
+    f"evaluate: IoU({summary['positive_class']}) = {summary['iou']:.4f}, boundary IoU = "
+    f"{'n/a' if biou is None else f'{biou:.4f}'} on {_SPLIT.value} (step {step}); outputs in "
+    f"{out}: metrics.json, metrics.md" + (", tiles.png" if tiles else "")
+  )
   return 0
 
 
 if __name__ == "__main__":
   from demmae_jax.train import cli
+
   cli.run(main)

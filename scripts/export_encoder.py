@@ -6,6 +6,7 @@
 The whole autoencoder is written (the decoder is small; finetuning reads the encoder only).
 The run's config comes from the workdir (config.json), so no --config is needed.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,17 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments {argv[1:]}")
   from demmae_jax.train import pretrain
+
   workdir = Path(_WORKDIR.value)
   dst, step = pretrain.export(workdir, _OUT.value, step=_STEP.value, overwrite=_OVERWRITE.value)
-  print(f"export_encoder: step {step} of {workdir} -> {dst} "
-        f"(load with demmae_jax.api.from_pretrained('{dst}'))")
+  print(
+    f"export_encoder: step {step} of {workdir} -> {dst} "
+    f"(load with demmae_jax.api.from_pretrained('{dst}'))"
+  )
   return 0
 
 
 if __name__ == "__main__":
   from demmae_jax.train import cli
+
   cli.run(main)

@@ -8,6 +8,7 @@ another config is refused. Outputs in the workdir: config.json, segmenter.json, 
 last ones and the best by validation IoU), metrics.jsonl, tensorboard/. Then
 scripts/evaluate.py and scripts/predict.py take the workdir.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,22 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file and preset, e.g. configs/finetune.py:tiny; override keys with "
-    "--config.key=value (unknown keys are an error).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; an existing one of the same "
-                               "config is resumed.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan per device for this config "
-                              "and mesh (or the one the workdir recorded) and exit; nothing is "
-                              "trained or written. See docs/memory.md.")
+  "config",
+  None,
+  "Config file and preset, e.g. configs/finetune.py:tiny; override keys with "
+  "--config.key=value (unknown keys are an error).",
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Run directory; an existing one of the same config is resumed."
+)
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print the memory plan per device for this config "
+  "and mesh (or the one the workdir recorded) and exit; nothing is "
+  "trained or written. See docs/memory.md.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,13 +59,16 @@ def main(argv):
     return 2
   evals = [h for h in result.history if "eval_iou" in h]
   best = max(evals, key=lambda h: h["eval_iou"]) if evals else None
-  print(f"finetune: {'stopped by signal at' if result.preempted else 'finished'} step "
-        f"{result.step}; " + (f"best validation IoU {best['eval_iou']:.4f} at step {best['step']}; "
-                              if best else "") +
-        f"outputs in {workdir}. Next: scripts/evaluate.py --workdir {workdir} --split test")
+  print(
+    f"finetune: {'stopped by signal at' if result.preempted else 'finished'} step "
+    f"{result.step}; "
+    + (f"best validation IoU {best['eval_iou']:.4f} at step {best['step']}; " if best else "")
+    + f"outputs in {workdir}. Next: scripts/evaluate.py --workdir {workdir} --split test"
+  )
   return 0
 
 
 if __name__ == "__main__":
   from demmae_jax.train import cli
+
   cli.run(main)

@@ -8,6 +8,7 @@ Running it again with the same --workdir resumes from the latest checkpoint; a w
 with another config is refused. SIGTERM saves a checkpoint and exits with status 0.
 Outputs in the workdir: config.json, checkpoints/, metrics.jsonl, tensorboard/, pictures/.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,24 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file and preset, e.g. configs/dem_pretrain.py:tiny; override keys with "
-    "--config.key=value (unknown keys are an error).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, pictures. "
-                               "An existing one of the same config is resumed.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the memory plan per device for this config "
-                              "and mesh (or the one the workdir recorded) and exit; nothing is "
-                              "trained or written. See docs/memory.md.")
+  "config",
+  None,
+  "Config file and preset, e.g. configs/dem_pretrain.py:tiny; override keys with "
+  "--config.key=value (unknown keys are an error).",
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "Run directory: checkpoints, metrics, pictures. An existing one of the same config is resumed.",
+)
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print the memory plan per device for this config "
+  "and mesh (or the one the workdir recorded) and exit; nothing is "
+  "trained or written. See docs/memory.md.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,13 +62,16 @@ def main(argv):
     print(f"pretrain: error: {e}", file=sys.stderr)
     return 2
   last = next((h for h in reversed(result.history) if "loss" in h), {})
-  print(f"pretrain: {'stopped by signal at' if result.preempted else 'finished'} step "
-        f"{result.step}; loss {last.get('loss', float('nan')):.4f}; outputs in {workdir}: "
-        f"checkpoints/, metrics.jsonl, tensorboard/, pictures/. Export the encoder with "
-        f"scripts/export_encoder.py --workdir {workdir} --out DIR")
+  print(
+    f"pretrain: {'stopped by signal at' if result.preempted else 'finished'} step "
+    f"{result.step}; loss {last.get('loss', float('nan')):.4f}; outputs in {workdir}: "
+    f"checkpoints/, metrics.jsonl, tensorboard/, pictures/. Export the encoder with "
+    f"scripts/export_encoder.py --workdir {workdir} --out DIR"
+  )
   return 0
 
 
 if __name__ == "__main__":
   from demmae_jax.train import cli
+
   cli.run(main)

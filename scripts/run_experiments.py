@@ -15,6 +15,7 @@ with a message without it); (c) random_frozen: the same architecture, random and
 skips finished runs and resumes an interrupted one from its checkpoint; one OUT holds one
 protocol (another recipe is refused).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,23 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "configs/experiments.py:PROTOCOL (cpu, tiny, paper); override keys with "
-    "--config.key=value.", lock_config=True)
+  "config",
+  None,
+  "configs/experiments.py:PROTOCOL (cpu, tiny, paper); override keys with --config.key=value.",
+  lock_config=True,
+)
 _OUT = flags.DEFINE_string("out", None, "Folder of this protocol's data, workdirs and results.")
 _IMAGENET = flags.DEFINE_string("imagenet", None, "ImageNet MAE weights (.pth) for arm (b).")
-_ENCODER = flags.DEFINE_string("encoder", None, "Exported DEM MAE encoder for arm (a) "
-                               "(default: the protocol's config.encoder).")
-_REPORT = flags.DEFINE_string("report", "", "Also rewrite the generated part of this Markdown file "
-                              "(e.g. docs/results.md; its figures go beside it). The report always "
-                              "goes to OUT/report.md.")
+_ENCODER = flags.DEFINE_string(
+  "encoder", None, "Exported DEM MAE encoder for arm (a) (default: the protocol's config.encoder)."
+)
+_REPORT = flags.DEFINE_string(
+  "report",
+  "",
+  "Also rewrite the generated part of this Markdown file "
+  "(e.g. docs/results.md; its figures go beside it). The report always "
+  "goes to OUT/report.md.",
+)
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only aggregate the existing results.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "List the runs and whether they are finished.")
 flags.mark_flags_as_required(["config", "out"])
@@ -47,6 +56,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from demmae_jax.experiments import plan, report, runner
+
   cfg = _CONFIG.value
   with cfg.unlocked():
     if _IMAGENET.value:
@@ -67,16 +77,19 @@ def main(argv):
     except KeyboardInterrupt as e:  # SIGTERM/Ctrl-C: the run's checkpoint is saved, rerun resumes
       print(f"run_experiments: interrupted: {e}", file=sys.stderr)
       return 130
-  command = "python scripts/run_experiments.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]
-                                                             if a != "--report_only")
+  command = "python scripts/run_experiments.py " + " ".join(
+    shlex.quote(a) for a in sys.argv[1:] if a != "--report_only"
+  )
   docs = [report.report(cfg, out, command)]
   if _REPORT.value:
     docs.append(report.report(cfg, out, command, Path(_REPORT.value)))
-  print(f"run_experiments: tables and figures in {', '.join(map(str, docs))} (from "
-        f"{out / 'results'})")
+  print(
+    f"run_experiments: tables and figures in {', '.join(map(str, docs))} (from {out / 'results'})"
+  )
   return 0
 
 
 if __name__ == "__main__":
   from demmae_jax.train import cli
+
   cli.run(main)

@@ -7,6 +7,7 @@ skipped.
   python scripts/run_study.py --out runs/study --groups delft,loao --seeds 3
   python scripts/run_study.py --out runs/study --report_only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,24 +19,46 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--out", required=True, help="study folder (data, workdirs, results)")
-  p.add_argument("--groups", default="delft,loao", help="comma list of delft, loao, rule (the height rule beside both)")
+  p.add_argument(
+    "--groups",
+    default="delft,loao",
+    help="comma list of delft, loao, rule (the height rule beside both)",
+  )
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--tasks", default="buildings,roads")
-  p.add_argument("--arms", default=None, help="comma list (default: every arm for delft, the "
-                 "recommended one for loao)")
-  p.add_argument("--encoder", default=None, help="DEM-pretrained encoder of arm hybrid_dem "
-                 "(default runs/dem_mae_hr: scripts/pretrain.py --config configs/dem_pretrain.py:cpu_hr, "
-                 "then scripts/export_encoder.py)")
-  p.add_argument("--rescore", action="store_true", help="recompute area scores of finished runs "
-                 "from their kept maps, and on areas whose labels outline roofs also as roof "
-                 "outlines (no training)")
-  p.add_argument("--doc", default=None, help="also write the tables into this Markdown file, "
-                 "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)")
+  p.add_argument(
+    "--arms",
+    default=None,
+    help="comma list (default: every arm for delft, the recommended one for loao)",
+  )
+  p.add_argument(
+    "--encoder",
+    default=None,
+    help="DEM-pretrained encoder of arm hybrid_dem "
+    "(default runs/dem_mae_hr: scripts/pretrain.py --config configs/dem_pretrain.py:cpu_hr, "
+    "then scripts/export_encoder.py)",
+  )
+  p.add_argument(
+    "--rescore",
+    action="store_true",
+    help="recompute area scores of finished runs "
+    "from their kept maps, and on areas whose labels outline roofs also as roof "
+    "outlines (no training)",
+  )
+  p.add_argument(
+    "--doc",
+    default=None,
+    help="also write the tables into this Markdown file, "
+    "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)",
+  )
   p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
   a = p.parse_args(argv)
   from demmae_jax import study
+
   out = Path(a.out)
   tasks = tuple(a.tasks.split(","))
   arms = tuple(a.arms.split(",")) if a.arms else None

@@ -7,6 +7,7 @@ areas' test blocks. Resumable. Predict with them:
   python scripts/predict.py --workdir models/buildings --input area.laz --crs EPSG:28992 \\
       --output buildings.tif --window 256 --tta
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--out", default="models", help="output folder (default: models)")
   p.add_argument("--tasks", default="buildings,roads", help="comma list of buildings, roads")
   p.add_argument("--steps", type=int, default=None, help="training steps per model")
   a = p.parse_args(argv)
   from demmae_jax import study
+
   for task in a.tasks.split(","):
     if task not in study.LOAO_AREAS:
       print(f"error: unknown task {task!r}: buildings or roads", file=sys.stderr)

@@ -11,6 +11,7 @@ remembering to mark a new test:
 "Uses" is followed statically through the source of fixtures and of the module's and the test
 helpers' functions named in the test's source, as deep as they go.
 """
+
 import atexit
 import functools
 import inspect
@@ -35,8 +36,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-TORCH = re.compile(r"^\s*(import|from)\s+(torch|transformers)\b|importorskip\(\s*[\"'](torch|transformers)",
-                   re.M)
+TORCH = re.compile(
+  r"^\s*(import|from)\s+(torch|transformers)\b|importorskip\(\s*[\"'](torch|transformers)", re.M
+)
 REALDATA = re.compile(r"\bshared_file\b|\bshared_data_dir\b|DEMMAE_SHARED_DATA|\bmark\.realdata\b")
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +49,7 @@ def _sources(item) -> list[str]:
   seen, out = set(), []
   todo = [item.function]
   info = getattr(item, "_fixtureinfo", None)
-  for defs in (info.name2fixturedefs.values() if info else ()):
+  for defs in info.name2fixturedefs.values() if info else ():
     todo += [d.func for d in defs]
   while todo:
     fn = inspect.unwrap(todo.pop())
@@ -61,9 +63,12 @@ def _sources(item) -> list[str]:
     except (OSError, TypeError):
       continue
     out.append(src)
-    names = set(fn.__code__.co_names) | {c for const in fn.__code__.co_consts
-                                          if isinstance(const, types.CodeType)
-                                          for c in const.co_names}
+    names = set(fn.__code__.co_names) | {
+      c
+      for const in fn.__code__.co_consts
+      if isinstance(const, types.CodeType)
+      for c in const.co_names
+    }
     todo += [fn.__globals__[n] for n in names if n in fn.__globals__]
   return out
 
@@ -84,15 +89,21 @@ def _torch_importable() -> bool:
 def pytest_ignore_collect(collection_path, config):
   """With torch deselected (`-m "not torch"`) and not importable, a module that imports it at
   its top is not collected (it could not be); every test in it would be marked `torch`."""
-  if (collection_path.suffix == ".py" and "not torch" in (config.option.markexpr or "")
-      and MODULE_TORCH.search(collection_path.read_text()) and not _torch_importable()):
+  if (
+    collection_path.suffix == ".py"
+    and "not torch" in (config.option.markexpr or "")
+    and MODULE_TORCH.search(collection_path.read_text())
+    and not _torch_importable()
+  ):
     return True
   return None
 
 
 def _module_imports_torch(module) -> bool:
-  return any(isinstance(v, types.ModuleType) and v.__name__.split(".")[0] in ("torch", "transformers")
-             for v in vars(module).values())
+  return any(
+    isinstance(v, types.ModuleType) and v.__name__.split(".")[0] in ("torch", "transformers")
+    for v in vars(module).values()
+  )
 
 
 def pytest_collection_modifyitems(config, items):

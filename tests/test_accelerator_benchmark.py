@@ -1,5 +1,6 @@
 """benchmarks/accelerator.py, the accelerator check, on CPU with the tiny preset: it runs the real
 training loop and reports every field, each within sane bounds."""
+
 import json
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import accelerator  # noqa: E402
 
 
 def test_tiny_preset_reports_every_field(tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(sys, "argv", ["accelerator.py", "--presets", "tiny", "--steps", "2",
-                                    "--workdir", str(tmp_path)])
+  monkeypatch.setattr(
+    sys, "argv", ["accelerator.py", "--presets", "tiny", "--steps", "2", "--workdir", str(tmp_path)]
+  )
   assert accelerator.main() == 0
   lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
   assert len(lines) == 1

@@ -1,6 +1,7 @@
 """Scoring over a test area (`demmae_jax.area_eval`) and the predictor's options it relies on:
 test-time augmentation is exactly equivariant, windows larger than the tile only for the UNet,
 and the test-area mask is the tile set's test blocks."""
+
 import json
 from pathlib import Path
 
@@ -17,10 +18,13 @@ def test_tta_probabilities_are_equivariant_to_the_square_symmetries():
   x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
   plain, tta = apply.probabilities_fn(model), apply.probabilities_fn(model, tta=True)
   rotated = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
-  np.testing.assert_allclose(np.asarray(tta(rotated)), np.rot90(np.asarray(tta(x)), 1, axes=(1, 2)),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(tta(rotated)), np.rot90(np.asarray(tta(x)), 1, axes=(1, 2)), atol=1e-6
+  )
   # without TTA the network is not equivariant: the property is not trivially true
-  assert np.abs(np.asarray(plain(rotated)) - np.rot90(np.asarray(plain(x)), 1, axes=(1, 2))).max() > 1e-4
+  assert (
+    np.abs(np.asarray(plain(rotated)) - np.rot90(np.asarray(plain(x)), 1, axes=(1, 2))).max() > 1e-4
+  )
   np.testing.assert_allclose(np.asarray(tta(x)).sum(-1), 1.0, atol=1e-5)
 
 
@@ -47,23 +51,44 @@ def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
   from data_pipelines.reader import make_tf_dataset, read_manifest
   from demmae_jax import area_eval, config_files
   from demmae_jax.train import finetune
-  manifest_path = prepare_delft(tmp_path / "d", "buildings", tile_size=32, stride=16, progress=False)
+
+  manifest_path = prepare_delft(
+    tmp_path / "d", "buildings", tile_size=32, stride=16, progress=False
+  )
   m = read_manifest(str(manifest_path))
   with rasterio.open(tmp_path / "d" / "rasters" / "ndsm.tif") as src:
     shape = src.shape
   test = area_eval.test_area_mask(m, shape)
   # every test tile lies inside the mask, no training tile touches it
   for split, inside in (("test", True), ("train", False)):
-    ds = make_tf_dataset(str(manifest_path), split, global_batch_size=64, with_meta=True,
-                         process_index=0, process_count=1, repeat=False, shuffle=False,
-                         augment=False, drop_remainder=False)
+    ds = make_tf_dataset(
+      str(manifest_path),
+      split,
+      global_batch_size=64,
+      with_meta=True,
+      process_index=0,
+      process_count=1,
+      repeat=False,
+      shuffle=False,
+      augment=False,
+      drop_remainder=False,
+    )
     for b in ds.as_numpy_iterator():
       for c, r, w, h in b["window"]:
-        assert test[r:r + h, c:c + w].all() if inside else not test[r:r + h, c:c + w].any()
-  config = config_files.get_config("finetune", "tiny_unet", **{
-      "data.manifest": str(manifest_path), "total_steps": 20, "eval_every_steps": 10,
-      "checkpoint.every_steps": 10, "log.progress": False, "log.tensorboard": False,
-      "data.normalisation.mode": "ndsm"})
+        assert test[r : r + h, c : c + w].all() if inside else not test[r : r + h, c : c + w].any()
+  config = config_files.get_config(
+    "finetune",
+    "tiny_unet",
+    **{
+      "data.manifest": str(manifest_path),
+      "total_steps": 20,
+      "eval_every_steps": 10,
+      "checkpoint.every_steps": 10,
+      "log.progress": False,
+      "log.tensorboard": False,
+      "data.normalisation.mode": "ndsm",
+    },
+  )
   finetune.run(config, tmp_path / "wd")
   out = tmp_path / "pred.tif"
   got = area_eval.evaluate_area(tmp_path / "wd", manifest_path, window=128, keep_prediction=out)
@@ -92,19 +117,31 @@ def _predict_script_reads_height_above_ground(tmp_path, workdir, rasters):
   import sys
 
   import rasterio
+
   root = Path(__file__).resolve().parent.parent
   with rasterio.open(rasters / "dsm.tif") as src:
     profile, dsm = src.profile, src.read(1)
   with rasterio.open(tmp_path / "dsm40.tif", "w", **profile) as dst:
     dst.write(dsm + 40, 1)
-  base = [sys.executable, str(root / "scripts" / "predict.py"), f"--workdir={workdir}", "--window=128"]
+  base = [
+    sys.executable,
+    str(root / "scripts" / "predict.py"),
+    f"--workdir={workdir}",
+    "--window=128",
+  ]
   run = lambda *a: subprocess.run(base + list(a), capture_output=True, text=True, cwd=root)  # noqa: E731
   refused = run(f"--input={tmp_path / 'dsm40.tif'}", f"--output={tmp_path / 'no.tif'}")
-  assert refused.returncode == 2 and "dsm40.tif" in refused.stderr and "not height above ground" in refused.stderr
+  assert (
+    refused.returncode == 2
+    and "dsm40.tif" in refused.stderr
+    and "not height above ground" in refused.stderr
+  )
   assert not (tmp_path / "no.tif").exists()
   outs = {}
-  for name, args in (("ndsm", [f"--input={rasters / 'ndsm.tif'}"]),
-                     ("dsm_dtm", [f"--input={rasters / 'dsm.tif'}", f"--dtm={rasters / 'dtm.tif'}"])):
+  for name, args in (
+    ("ndsm", [f"--input={rasters / 'ndsm.tif'}"]),
+    ("dsm_dtm", [f"--input={rasters / 'dsm.tif'}", f"--dtm={rasters / 'dtm.tif'}"]),
+  ):
     done = run(*args, f"--output={tmp_path / name}.tif")
     assert done.returncode == 0, done.stderr[-2000:]
     with rasterio.open(tmp_path / f"{name}.tif") as src:

@@ -1,5 +1,6 @@
 """The height-rule baseline: its features on hand-made surfaces, the rule on synthetic scenes with
 known answers, the grid search against the plain rule, the harness's tile draw, and the CLI."""
+
 import json
 import subprocess
 import sys
@@ -76,14 +77,16 @@ def test_roughness_rejects_a_tree_but_keeps_the_whole_building_with_its_walls():
 
 def ndi_erode(mask, n):
   from scipy.ndimage import binary_erosion
+
   return binary_erosion(mask, np.ones((3, 3)), iterations=n)
 
 
 def test_building_rule_recovers_synthetic_boxes_when_the_window_exceeds_them():
   sc = synthetic_scene(192, 192, seed=0, n_buildings=15)
   scene = scene_of(sc.dsm[None])
-  np.testing.assert_array_equal(B.apply(B.Rule("buildings", window_m=40, height_m=2), scene)[0],
-                                sc.label == 1)
+  np.testing.assert_array_equal(
+    B.apply(B.Rule("buildings", window_m=40, height_m=2), scene)[0], sc.label == 1
+  )
   # a window narrower than the buildings leaves their roofs at the "ground"
   narrow = B.apply(B.Rule("buildings", window_m=10, height_m=2), scene)[0]
   assert narrow.sum() < 0.5 * (sc.label == 1).sum()
@@ -91,15 +94,23 @@ def test_building_rule_recovers_synthetic_boxes_when_the_window_exceeds_them():
 
 def test_grid_search_agrees_with_the_plain_rule_on_every_rule_and_takes_the_first_best():
   sc = synthetic_scene(192, 192, seed=2, n_buildings=15)
-  tiles = np.stack([sc.dsm[r:r + 64, c:c + 64] for r in (0, 64, 128) for c in (0, 64, 128)])
-  label = np.stack([sc.label[r:r + 64, c:c + 64] == 1 for r in (0, 64, 128) for c in (0, 64, 128)])
+  tiles = np.stack([sc.dsm[r : r + 64, c : c + 64] for r in (0, 64, 128) for c in (0, 64, 128)])
+  label = np.stack(
+    [sc.label[r : r + 64, c : c + 64] == 1 for r in (0, 64, 128) for c in (0, 64, 128)]
+  )
   label = label.astype(np.int32)
   label[:, :4] = metrics.IGNORE_INDEX
   valid = np.ones(label.shape, np.uint8)
   valid[:, :, :3] = 0
   scene = scene_of(tiles)
-  rules = B.grid("buildings", window_m=(10, 40), height_m=(2, 30), max_roughness_m=(None, 0.05),
-                 min_area_m2=(0, 200), max_hole_m2=(0, 50))
+  rules = B.grid(
+    "buildings",
+    window_m=(10, 40),
+    height_m=(2, 30),
+    max_roughness_m=(None, 0.05),
+    min_area_m2=(0, 200),
+    max_hole_m2=(0, 50),
+  )
   best, table = B.tune(scene, label, valid, rules)
   for rule, row in zip(rules, table):
     want = B.evaluate(B.apply(rule, scene), label, valid, 1.0)["iou"]
@@ -123,18 +134,29 @@ def synthetic_tiles(tmp_path_factory):
   folder = tmp_path_factory.mktemp("bl")
   scene = synthetic_scene(256, 256, seed=5, n_buildings=30)
   paths = write_scene_geotiffs(scene, folder / "rasters", cell_size=1.0, label_value=1)
-  return write_tiles(paths["dsm"], folder / "tiles", label=paths["label"], extras={"ndsm": paths["ndsm"]},
-                     tile_size=64, stride=16, block_px=64, label_names={0: "background", 1: "building"},
-                     progress=False)
+  return write_tiles(
+    paths["dsm"],
+    folder / "tiles",
+    label=paths["label"],
+    extras={"ndsm": paths["ndsm"]},
+    tile_size=64,
+    stride=16,
+    block_px=64,
+    label_names={0: "background", 1: "building"},
+    progress=False,
+  )
 
 
 def test_draw_gives_the_tiles_the_experiment_harness_gives_its_models(synthetic_tiles, tmp_path):
   from data_pipelines.reader import read_manifest
   from demmae_jax import config_files
   from demmae_jax.experiments import draws, plan
+
   cfg = config_files.get_config("experiments", "tiny")
   data = draws.Data(cfg, tmp_path, progress=lambda *_: None)
-  data._base["delft_buildings"] = read_manifest(str(synthetic_tiles))  # stands in for the prepared set
+  data._base["delft_buildings"] = read_manifest(
+    str(synthetic_tiles)
+  )  # stands in for the prepared set
   train = B.load_tiles(str(synthetic_tiles), "train")
   for seed in (0, 1):
     _, info = data.manifest(plan.Run("delft_buildings", "unet", 5, seed))
@@ -143,15 +165,31 @@ def test_draw_gives_the_tiles_the_experiment_harness_gives_its_models(synthetic_
 
 def test_cli_tunes_on_draws_and_reports_both_modes(synthetic_tiles, tmp_path):
   out, png = tmp_path / "r.json", tmp_path / "r.png"
-  cmd = [sys.executable, str(ROOT / "scripts" / "baseline.py"), "--manifest", str(synthetic_tiles),
-         "--draw", "4", "--seeds", "0,1", "--out", str(out), "--pictures", str(png)]
+  cmd = [
+    sys.executable,
+    str(ROOT / "scripts" / "baseline.py"),
+    "--manifest",
+    str(synthetic_tiles),
+    "--draw",
+    "4",
+    "--seeds",
+    "0,1",
+    "--out",
+    str(out),
+    "--pictures",
+    str(png),
+  ]
   done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-3000:]
   r = json.loads(out.read_text())
   m = json.loads(Path(synthetic_tiles).read_text())
   assert r["task"] == "buildings" and r["eval_tiles"] == m["splits"]["test"]["count"]
   assert [(x["mode"], x["seed"], x["tune_tiles"]) for x in r["results"]] == [
-      ("tile", 0, 4), ("tile", 1, 4), ("raster", 0, 4), ("raster", 1, 4)]
+    ("tile", 0, 4),
+    ("tile", 1, 4),
+    ("raster", 0, 4),
+    ("raster", 1, 4),
+  ]
   test = B.load_tiles(str(synthetic_tiles), "test")
   counted = ((test["label"] != 255) & (test["valid"] > 0)).sum()
   for x in r["results"]:

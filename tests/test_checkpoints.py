@@ -4,6 +4,7 @@ Parity with PyTorch (Hugging Face ViTMAE) is in test_parity_transformers.py; her
 is the model's own tensors, exported with `api.to_official` and written the way the official
 repo, timm and our converter write them.
 """
+
 import json
 import logging
 import os
@@ -52,13 +53,15 @@ def assert_holds(model, sd):
 
 
 forward = nnx.jit(lambda model, images, noise: model(images, noise=noise))
-encode = nnx.jit(lambda model, images, layers: model.encode(images, layers),
-                 static_argnames="layers")
+encode = nnx.jit(
+  lambda model, images, layers: model.encode(images, layers), static_argnames="layers"
+)
 
 
 def images_and_noise(config, n=2):
-  images = jax.random.normal(jax.random.key(1), (n, config.img_size, config.img_size,
-                                                 config.in_chans))
+  images = jax.random.normal(
+    jax.random.key(1), (n, config.img_size, config.img_size, config.in_chans)
+  )
   return images, jax.random.uniform(jax.random.key(2), (n, config.num_patches))
 
 
@@ -110,12 +113,14 @@ def test_save_model_refuses_existing_dst_and_overwrite_replaces_it(tiny, sd, tmp
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other.pth"]  # no temp dirs
 
 
-def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, sd, tmp_path,
-                                                                         monkeypatch):
+def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(
+  tiny, sd, tmp_path, monkeypatch
+):
   dst = api.save_model(tiny, tmp_path / "ckpt")
 
   def broken(*args, **kwargs):
     raise OSError("disk full")
+
   monkeypatch.setattr(checkpoints, "_write_config", broken)  # fails after the state is written
   with pytest.raises(OSError, match="disk full"):
     api.save_model(tiny, dst, overwrite=True)
@@ -131,6 +136,7 @@ def test_failed_save_leaves_earlier_checkpoint_intact_and_no_partial_dir(tiny, s
     if Path(target) == dst and str(src).endswith(".tmp"):
       raise OSError("rename failed")
     return rename(src, target)
+
   monkeypatch.setattr(os, "replace", failing_swap)
   with pytest.raises(OSError, match="rename failed"):
     api.save_model(tiny, dst, overwrite=True)
@@ -160,15 +166,26 @@ def test_checkpoint_saved_with_one_array_per_block_loads_stacked(tiny, sd, tmp_p
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda f: f.update({"blocks/2/mlp/fc1/kernel": np.zeros((64, 32), np.float32)}),
-     r"old: blocks/mlp/fc1/kernel: the layers have different shapes \[\(64, 32\), \(64, 256\)\]"),
-    (lambda f: f.pop("blocks/1/norm1/scale"),
-     r"old: blocks/norm1/scale: per-layer arrays of layers \[0, 2, 3\]; expected every layer 0..3"),
-    (lambda f: f.update({k: np.zeros((64, 384), np.float32)
-                         for k in list(f) if k.endswith("attn/qkv/kernel")}),
-     r"(?s)old: state does not match its config.json.*blocks/attn/qkv/kernel: state "
-     r"\(4, 64, 384\) vs model \(4, 64, 192\)")])
+@pytest.mark.parametrize(
+  "edit,match",
+  [
+    (
+      lambda f: f.update({"blocks/2/mlp/fc1/kernel": np.zeros((64, 32), np.float32)}),
+      r"old: blocks/mlp/fc1/kernel: the layers have different shapes \[\(64, 32\), \(64, 256\)\]",
+    ),
+    (
+      lambda f: f.pop("blocks/1/norm1/scale"),
+      r"old: blocks/norm1/scale: per-layer arrays of layers \[0, 2, 3\]; expected every layer 0..3",
+    ),
+    (
+      lambda f: f.update(
+        {k: np.zeros((64, 384), np.float32) for k in list(f) if k.endswith("attn/qkv/kernel")}
+      ),
+      r"(?s)old: state does not match its config.json.*blocks/attn/qkv/kernel: state "
+      r"\(4, 64, 384\) vs model \(4, 64, 192\)",
+    ),
+  ],
+)
 def test_per_layer_checkpoint_with_wrong_shapes_is_a_clear_error(tiny, tmp_path, edit, match):
   old = _write_per_layer(tiny, tmp_path / "old", edit)
   with pytest.raises(api.CheckpointError, match=match):
@@ -206,9 +223,12 @@ def test_official_wrapped_and_timm_bare_state_dicts_load_bit_identically(sd, rgb
 
 def test_sharded_safetensors_directory_loads_and_shards_stay_beside_the_index(sd, tmp_path):
   from safetensors.numpy import save_file
+
   names = sorted(sd)
-  shards = {"model-00001-of-00002.safetensors": names[:40],
-            "model-00002-of-00002.safetensors": names[40:]}
+  shards = {
+    "model-00001-of-00002.safetensors": names[:40],
+    "model-00002-of-00002.safetensors": names[40:],
+  }
   for shard, keys in shards.items():
     save_file({k: sd[k] for k in keys}, tmp_path / shard)
   index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
@@ -231,21 +251,36 @@ def test_half_precision_files_load_as_float32(sd, tmp_path, dtype):
 
 def test_official_names_and_torch_layouts(tiny):
   sd = api.to_official(tiny)
-  assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-          "blocks.3.attn.qkv.weight", "blocks.3.mlp.fc2.bias", "norm.weight", "mask_token",
-          "decoder_pos_embed", "decoder_embed.weight", "decoder_blocks.1.norm2.bias",
-          "decoder_norm.bias", "decoder_pred.weight"} <= set(sd)
+  assert {
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "blocks.3.attn.qkv.weight",
+    "blocks.3.mlp.fc2.bias",
+    "norm.weight",
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_embed.weight",
+    "decoder_blocks.1.norm2.bias",
+    "decoder_norm.bias",
+    "decoder_pred.weight",
+  } <= set(sd)
   assert len(sd) == 4 + 4 * 12 + 2 + 4 + 2 * 12 + 2 + 2
   assert sd["blocks.0.attn.qkv.weight"].shape == (192, 64)  # Linear [out, in]
   assert sd["patch_embed.proj.weight"].shape == (64, 3, 4, 4)  # conv OIHW
   assert tiny.blocks.attn.qkv.kernel[...].shape == (4, 64, 192)  # stacked: [layer, in, out]
   for i in (0, 3):
-    np.testing.assert_array_equal(sd[f"blocks.{i}.attn.qkv.weight"].T,
-                                  np.asarray(tiny.blocks.attn.qkv.kernel[...][i]))
-  np.testing.assert_array_equal(sd["decoder_blocks.1.mlp.fc1.weight"].T,
-                                np.asarray(tiny.decoder_blocks.mlp.fc1.kernel[...][1]))
-  np.testing.assert_array_equal(sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
-                                np.asarray(tiny.patch_embed.proj.kernel[...]))
+    np.testing.assert_array_equal(
+      sd[f"blocks.{i}.attn.qkv.weight"].T, np.asarray(tiny.blocks.attn.qkv.kernel[...][i])
+    )
+  np.testing.assert_array_equal(
+    sd["decoder_blocks.1.mlp.fc1.weight"].T, np.asarray(tiny.decoder_blocks.mlp.fc1.kernel[...][1])
+  )
+  np.testing.assert_array_equal(
+    sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+    np.asarray(tiny.patch_embed.proj.kernel[...]),
+  )
 
 
 def test_missing_unexpected_and_misshaped_keys_are_one_error_naming_the_file(sd, tmp_path):
@@ -278,8 +313,11 @@ def test_finetuned_head_is_unexpected_unless_dropped(sd, tmp_path):
   ft = to_torch(sd)
   ft["head.weight"], ft["head.bias"] = torch.zeros(10, 64), torch.zeros(10)
   torch.save({"model": ft}, tmp_path / "ft.pth")
-  with pytest.raises(api.CheckpointError, match=r"(?s)unexpected \(2\): head.bias, head.weight.*"
-                                                r"drop_head=True"):
+  with pytest.raises(
+    api.CheckpointError,
+    match=r"(?s)unexpected \(2\): head.bias, head.weight.*"
+    r"drop_head=True",
+  ):
     api.from_pretrained(tmp_path / "ft.pth")
   assert_holds(api.from_pretrained(tmp_path / "ft.pth", drop_head=True), sd)
 
@@ -291,8 +329,9 @@ def test_encoder_only_file_needs_the_flag_and_then_initialises_the_decoder(sd, t
   with pytest.raises(api.CheckpointError, match="(?s)missing.*decoder_pred.*encoder_only=True"):
     api.from_pretrained(tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny")
   with caplog.at_level(logging.WARNING):
-    model = api.from_pretrained(tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny",
-                                encoder_only=True, seed=5)
+    model = api.from_pretrained(
+      tmp_path / "mae_pretrain_vit_tiny.pth", config="tiny", encoder_only=True, seed=5
+    )
   assert "decoder is freshly initialised" in caplog.text
   fresh = api.to_official(api.build("tiny", seed=5))
   assert_holds(model, {k: enc.get(k, fresh[k]) for k in fresh})
@@ -300,13 +339,15 @@ def test_encoder_only_file_needs_the_flag_and_then_initialises_the_decoder(sd, t
 
 def test_heads_that_shapes_cannot_show_must_be_given(tmp_path):
   torch.save(to_torch(random_sd(CFG.replace(embed_dim=80, num_heads=5))), tmp_path / "w80.pth")
-  with pytest.raises(api.CheckpointError, match="w80.pth: cannot tell .* embed_dim=80.* pass "
-                                                "num_heads="):
+  with pytest.raises(
+    api.CheckpointError, match="w80.pth: cannot tell .* embed_dim=80.* pass num_heads="
+  ):
     api.from_pretrained(tmp_path / "w80.pth")
 
 
 def test_unknown_layout_and_unknown_file_type_are_clear_errors(tmp_path):
   from safetensors.numpy import save_file
+
   save_file({"foo.weight": np.zeros(3, np.float32)}, tmp_path / "x.safetensors")
   with pytest.raises(api.CheckpointError, match=r"x\.safetensors: neither official"):
     api.from_pretrained(tmp_path / "x.safetensors")
@@ -322,9 +363,10 @@ def test_truncated_file_is_a_clear_error(sd, tmp_path, suffix):
     torch.save({"model": to_torch(sd)}, path)
   else:
     from safetensors.numpy import save_file
+
     save_file(sd, path)
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   with pytest.raises(api.CheckpointError, match=rf"cut\{suffix}: cannot read .*truncated"):
     api.from_pretrained(path)
 
@@ -358,8 +400,11 @@ def test_pickle_that_would_run_code_is_refused_and_runs_nothing(sd, tmp_path, ho
 
 def test_reading_pth_without_torch_says_what_to_install(rgb_pth, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
-  with pytest.raises(api.CheckpointError, match=r"vit_tiny\.pth: reading a PyTorch file needs "
-                                                r"torch"):
+  with pytest.raises(
+    api.CheckpointError,
+    match=r"vit_tiny\.pth: reading a PyTorch file needs "
+    r"torch",
+  ):
     api.from_pretrained(rgb_pth)
 
 
@@ -380,13 +425,17 @@ def test_channel_sum_equals_feeding_the_dem_repeated_to_rgb(tiny, rgb_pth):
   noise = jax.random.uniform(jax.random.key(4), (2, 64))
   _, pred1, _ = forward(dem_model, dem, noise)
   _, pred3, _ = forward(tiny, rgb, noise)
-  np.testing.assert_allclose(np.asarray(pred1),
-                             np.asarray(pred3).reshape(2, 64, 16, 3).mean(-1), atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(pred1), np.asarray(pred3).reshape(2, 64, 16, 3).mean(-1), atol=1e-4
+  )
 
 
 def test_channel_mismatch_without_adaptation_or_with_repeat_is_refused(rgb_pth):
-  with pytest.raises(api.CheckpointError, match="(?s)patch_embed.proj.weight: file .64, 3, 4, 4. "
-                                                "vs model .64, 1, 4, 4.*channel_adapt='sum'"):
+  with pytest.raises(
+    api.CheckpointError,
+    match="(?s)patch_embed.proj.weight: file .64, 3, 4, 4. "
+    "vs model .64, 1, 4, 4.*channel_adapt='sum'",
+  ):
     api.from_pretrained(rgb_pth, in_chans=1)
   with pytest.raises(api.CheckpointError, match="repeat.*keeps the checkpoint's 3"):
     api.from_pretrained(rgb_pth, in_chans=1, channel_adapt="repeat")
@@ -395,7 +444,7 @@ def test_channel_mismatch_without_adaptation_or_with_repeat_is_refused(rgb_pth):
 
 def test_position_tables_are_interpolated_bicubically_on_the_patch_grid(sd, tmp_path):
   # Channel 0 ramps along h, channel 1 along w: a transposed grid would swap them.
-  h, w = np.meshgrid(np.arange(8.), np.arange(8.), indexing="ij")
+  h, w = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
   table = np.zeros((1, 65, 64), np.float32)
   table[0, 0] = 5.0
   table[0, 1:, 0], table[0, 1:, 1] = h.reshape(-1), w.reshape(-1)
@@ -433,7 +482,11 @@ def test_convert_weights_output_loads_back_bit_identically(rgb_pth, tmp_path):
 
 
 def test_convert_weights_help_describes_the_flags():
-  out = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_weights.py"), "--help"],
-                       capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, str(REPO / "scripts" / "convert_weights.py"), "--help"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
   for flag in ("--in-chans", "--channel-adapt", "--encoder-only", "--img-size", "--overwrite"):
     assert flag in out

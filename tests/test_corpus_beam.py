@@ -2,6 +2,7 @@
 tiles hold the rasteriser's raw heights with their metadata, the filters and the held-out rule
 drop what they should, bad sources are quarantined without stopping the build, 1 and 2 workers
 write byte-identical output, and a rerun completes an interrupted build."""
+
 import hashlib
 import json
 import os
@@ -38,9 +39,18 @@ def _cloud(x0, y0, size=48, seed=0):
 
 
 def _geotiff(path, array, crs=CRS, origin=(X0 + 1000, Y0 + 1000), cell=2.0):
-  with rasterio.open(path, "w", driver="GTiff", width=array.shape[1], height=array.shape[0], count=1,
-                     dtype="float32", crs=crs, nodata=np.nan,
-                     transform=rasterio.transform.from_origin(*origin, cell, cell)) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=array.shape[1],
+    height=array.shape[0],
+    count=1,
+    dtype="float32",
+    crs=crs,
+    nodata=np.nan,
+    transform=rasterio.transform.from_origin(*origin, cell, cell),
+  ) as dst:
     dst.write(array.astype(np.float32), 1)
   return path
 
@@ -68,16 +78,21 @@ def _all_inputs(d):
 
 
 def _digest(folder: Path) -> dict[str, str]:
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
 
 
 def _records(folder: Path, source: dict) -> list[dict]:
   """The decoded tiles of one source, from the shards the manifest lists for it."""
   m = json.loads((folder / cb.MANIFEST).read_text())
   files = [str(folder / s["file"]) for s in m["shards"] if s["source"] == source["id"]]
-  return [decode_tile_numpy(r, source["channels"], "float16", TILE)
-          for r in tf.data.TFRecordDataset(files).as_numpy_iterator()]
+  return [
+    decode_tile_numpy(r, source["channels"], "float16", TILE)
+    for r in tf.data.TFRecordDataset(files).as_numpy_iterator()
+  ]
 
 
 def test_bad_sources_are_quarantined_and_good_tiles_hold_raw_heights(inputs, tmp_path):
@@ -87,11 +102,16 @@ def test_bad_sources_are_quarantined_and_good_tiles_hold_raw_heights(inputs, tmp
   assert set(reasons) == {"corrupt.laz", "nocrs.laz"}
   assert "corrupt.laz: not a readable LAS/LAZ file" in reasons["corrupt.laz"]
   assert "nocrs.laz: header has no CRS" in reasons["nocrs.laz"]
-  assert sorted(json.loads(p.read_text())["path"] for p in (out / "quarantine").glob("*.json")) == \
-      sorted(q["path"] for q in m["quarantined"])
+  assert sorted(
+    json.loads(p.read_text())["path"] for p in (out / "quarantine").glob("*.json")
+  ) == sorted(q["path"] for q in m["quarantined"])
   by_name = {Path(s["path"]).name: s for s in m["sources"]}
   assert set(by_name) == {"a.laz", "b.laz", "dem.tif"}
-  assert m["totals"]["tiles"] == sum(s["tiles"] for s in m["sources"]) == sum(s["count"] for s in m["shards"])
+  assert (
+    m["totals"]["tiles"]
+    == sum(s["tiles"] for s in m["sources"])
+    == sum(s["count"] for s in m["shards"])
+  )
 
   # a LiDAR tile is the rasteriser's DSM / nDSM at its window (float16 after a per-tile offset)
   a = by_name["a.laz"]
@@ -103,24 +123,29 @@ def test_bad_sources_are_quarantined_and_good_tiles_hold_raw_heights(inputs, tmp
   assert len(tiles) == a["tiles"] > 0
   for t in tiles:
     col, row, w, h = t["window"]
-    np.testing.assert_allclose(t["elevation"], dsm_a[row:row + h, col:col + w], atol=0.01)
-    np.testing.assert_allclose(t["ndsm"], ndsm_a[row:row + h, col:col + w], atol=0.01)
+    np.testing.assert_allclose(t["elevation"], dsm_a[row : row + h, col : col + w], atol=0.01)
+    np.testing.assert_allclose(t["ndsm"], ndsm_a[row : row + h, col : col + w], atol=0.01)
     x0, y1 = transform @ (col, row)
     np.testing.assert_allclose(t["bounds"], [x0, y1 - h, x0 + w, y1])
     assert t["source"] == a["id"] and t["cell_size"] == 1.0 and "UTM zone 31N" in t["crs_wkt"]
     lo, hi, mean = t["stats"][:3]
-    assert lo == pytest.approx(dsm_a[row:row + h, col:col + w].min(), abs=1e-4) and hi - lo >= 1.0
+    assert (
+      lo == pytest.approx(dsm_a[row : row + h, col : col + w].min(), abs=1e-4) and hi - lo >= 1.0
+    )
     assert lo <= mean <= hi and 0 < t["stats"][4] <= 1
 
 
 def test_filters_and_held_out_blocks_drop_tiles(inputs, tmp_path):
   # a held-out rectangle (given in another CRS: reprojected) over the DEM's tile at row 2, col 3
   from rasterio.warp import transform_bounds
+
   tl = (X0 + 1000 + 3 * TILE * 2.0, Y0 + 1000 - 2 * TILE * 2.0)
   rect = (tl[0] + 4, tl[1] - 10, tl[0] + 10, tl[1] - 4)  # inside tile (2, 3), away from its edges
   rect_ll = transform_bounds(CRS, "EPSG:4326", *rect)
   held = ({"key": "t", "crs": "EPSG:4326", "rects": [list(rect_ll)]},)
-  m = cb.build_corpus_beam([cb.CorpusInput(str(inputs / "dem.tif"))], _opts(tmp_path / "c", held_out=held))
+  m = cb.build_corpus_beam(
+    [cb.CorpusInput(str(inputs / "dem.tif"))], _opts(tmp_path / "c", held_out=held)
+  )
   (src,) = m["sources"]
   assert src["candidates"] == 16 and src["cell_size"] == 2.0
   assert src["skipped"] == {"nodata": 1, "relief": 1, "held_out": 1}
@@ -133,8 +158,11 @@ def test_one_and_two_workers_write_byte_identical_output(inputs, tmp_path):
   one = tmp_path / "one"
   two = tmp_path / "two"
   cb.build_corpus_beam(_all_inputs(inputs), _opts(one))
-  cb.build_corpus_beam(_all_inputs(inputs), _opts(two),
-                       ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  cb.build_corpus_beam(
+    _all_inputs(inputs),
+    _opts(two),
+    ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+  )
   d1, d2 = _digest(one), _digest(two)
   assert any(k.endswith(".tfrecord") for k in d1)
   assert d1 == d2
@@ -166,23 +194,50 @@ def test_rerun_completes_an_interrupted_build_and_skips_finished_sources(inputs,
 
 def cb_host():
   from data_pipelines.atomic import HOST
+
   return HOST
 
 
 def test_cli_builds_with_per_source_crs_and_beam_flags(inputs, tmp_path, capsys):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "prepare_data", Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py")
+    "prepare_data", Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
+  )
   prepare_data = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(prepare_data)
   out = tmp_path / "cli"
-  code = prepare_data.main(["corpus-beam", str(inputs / "a.laz"), "--source", str(inputs / "nocrs.laz"), CRS,
-                            "--out", str(out), "--tile-size", str(TILE), "--held-out", "none",
-                            "--direct_num_workers=1"])
+  code = prepare_data.main(
+    [
+      "corpus-beam",
+      str(inputs / "a.laz"),
+      "--source",
+      str(inputs / "nocrs.laz"),
+      CRS,
+      "--out",
+      str(out),
+      "--tile-size",
+      str(TILE),
+      "--held-out",
+      "none",
+      "--direct_num_workers=1",
+    ]
+  )
   assert code == 0
   m = json.loads((out / cb.MANIFEST).read_text())
   assert m["totals"]["quarantined"] == 0 and m["totals"]["sources"] == 2
   assert "tiles from 2 sources" in capsys.readouterr().out
-  assert prepare_data.main(["corpus-beam", str(tmp_path / "nothing*.laz"), "--out", str(tmp_path / "x"),
-                            "--held-out", "none"]) == 2
+  assert (
+    prepare_data.main(
+      [
+        "corpus-beam",
+        str(tmp_path / "nothing*.laz"),
+        "--out",
+        str(tmp_path / "x"),
+        "--held-out",
+        "none",
+      ]
+    )
+    == 2
+  )
   assert "nothing*.laz: matches no file" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Real data: every labelled area of ../shared/data as tile sets (data_pipelines/areas.py), at the
 leave-one-area-out protocol's common 1 m cells: CRS and grid, label shares against the data
 README, spatially separate splits, AHN2 and AHN3 sharing one split, and the combined sets."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -29,8 +30,10 @@ def _raster(manifest, rel):
 
 def _windows(manifest, split):
   m = read_manifest(str(manifest))
-  return [tuple(decode_tile_numpy(r, [], m["dtype"], m["tile_size"])["window"])
-          for r in tf.data.TFRecordDataset(split_files(m, split)).as_numpy_iterator()]
+  return [
+    tuple(decode_tile_numpy(r, [], m["dtype"], m["tile_size"])["window"])
+    for r in tf.data.TFRecordDataset(split_files(m, split)).as_numpy_iterator()
+  ]
 
 
 def _owners(manifest, shape):
@@ -38,7 +41,7 @@ def _owners(manifest, shape):
   owner = np.zeros(shape, np.uint8)
   for bit, split in ((1, "train"), (2, "val"), (4, "test")):
     for col, row, w, h in _windows(manifest, split):
-      owner[row:row + h, col:col + w] |= bit
+      owner[row : row + h, col : col + w] |= bit
   return owner
 
 
@@ -52,7 +55,9 @@ def _assert_splits_separate(manifest, shape):
 def amsterdam(tmp_path_factory):
   """Reads amsterdam/ahn3/*.laz (7 units), amsterdam/ahn2/*.laz (16), bag_pand.gpkg, ahn_index.geojson."""
   root = tmp_path_factory.mktemp("amsterdam")
-  return {s: prepare_area(f"amsterdam_{s}", root / s, "buildings", 1.0, **QUIET) for s in ("ahn3", "ahn2")}
+  return {
+    s: prepare_area(f"amsterdam_{s}", root / s, "buildings", 1.0, **QUIET) for s in ("ahn3", "ahn2")
+  }
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +85,19 @@ def test_amsterdam_surveys_share_one_1m_grid_in_rd_new(amsterdam):
 def test_amsterdam_labels_match_the_data_readme(amsterdam):
   ahn2 = _raster(amsterdam["ahn2"], "labels/buildings.tif")
   ahn3 = _raster(amsterdam["ahn3"], "labels/buildings.tif")
-  assert (ahn2[ahn2 != 255] == 1).mean() == pytest.approx(0.42, abs=0.02)  # README: 42 % of the AHN2 extent
+  assert (ahn2[ahn2 != 255] == 1).mean() == pytest.approx(
+    0.42, abs=0.02
+  )  # README: 42 % of the AHN2 extent
   assert (ahn2 == 255).mean() < 0.01
   # AHN3's labelled area is its 7 units of 16; in it the footprints are AHN2's
   assert (ahn3 != 255).mean() == pytest.approx(7 / 16, abs=0.01)
   np.testing.assert_array_equal(ahn3[ahn3 != 255], ahn2[ahn3 != 255])
   assert (ahn3[:190, :150] == 255).all()  # unit 1, the top-left one, has no AHN3 file
   # AHN3's LiDAR class 6 against the BAG footprints (README: 83-89 % of class-6 points inside)
-  cls, valid = _raster(amsterdam["ahn3"], "rasters/class.tif"), _raster(amsterdam["ahn3"], "rasters/valid.tif")
+  cls, valid = (
+    _raster(amsterdam["ahn3"], "rasters/class.tif"),
+    _raster(amsterdam["ahn3"], "rasters/valid.tif"),
+  )
   lidar = (cls == 6) & (valid > 0) & (ahn3 != 255)
   assert 0.83 < (ahn3[lidar] == 1).mean() < 0.92
 
@@ -108,7 +118,7 @@ def test_amsterdam_canals_are_invalid_not_ground(amsterdam):
   for r in tf.data.TFRecordDataset(split_files(m, "train")).as_numpy_iterator():
     t = decode_tile_numpy(r, ["elevation"], m["dtype"], m["tile_size"])
     col, row, w, h = t["window"]
-    hole = np.isnan(dsm[row:row + h, col:col + w])
+    hole = np.isnan(dsm[row : row + h, col : col + w])
     assert not t["valid"][hole].any()  # a canal cell is never a valid (ground) pixel
 
 
@@ -123,7 +133,9 @@ def test_ahn2_and_ahn3_share_one_spatial_split(amsterdam):
   # across surveys: a pixel in one survey's test tiles is in no training tile of the other
   test3, test2, train3, train2 = (o & bit > 0 for o, bit in ((o3, 4), (o2, 4), (o3, 1), (o2, 1)))
   assert not (test3 & train2).any() and not (test2 & train3).any()
-  assert (test3 & test2).sum() >= 0.95 * test3.sum()  # the same test blocks, seen by both (measured 1.0)
+  assert (
+    test3 & test2
+  ).sum() >= 0.95 * test3.sum()  # the same test blocks, seen by both (measured 1.0)
   for m in (m3, m2):
     assert all(m["splits"][s]["count"] > 5 for s in ("train", "val", "test"))
     assert 0.35 < m["splits"]["train"]["classes"]["frequencies"]["1"] < 0.6
@@ -143,7 +155,9 @@ def test_gothenburg_rasters_and_label_shares(gothenburg):
     assert share == pytest.approx({"buildings": 0.50, "roads": 0.36}[task], abs=0.01)  # data README
     _assert_splits_separate(manifest, label.shape)
   ndsm = _raster(gothenburg["buildings"], "rasters/ndsm.tif")
-  buildings, paved = (_raster(gothenburg[t], f"labels/{t}.tif") == 1 for t in ("buildings", "roads"))
+  buildings, paved = (
+    _raster(gothenburg[t], f"labels/{t}.tif") == 1 for t in ("buildings", "roads")
+  )
   assert not (buildings & paved).any()
   assert np.median(ndsm[buildings]) > 8 and np.median(ndsm[paved]) < 0.5  # roofs vs streets
   # the trees are back (UMEP's DSM has none): off the roofs the nDSM is the canopy height
@@ -161,9 +175,14 @@ def test_gothenburg_rasters_and_label_shares(gothenburg):
 def test_alexandria_resampled_to_1m_keeps_place_and_labels(tmp_path):
   m1 = prepare_area("alexandria", tmp_path / "a1", "buildings", 1.0, **QUIET)
   m2 = prepare_area("alexandria", tmp_path / "a2", "buildings", **QUIET)  # native 2 m
-  assert json.loads(m2.read_text())["cell_size"] == 2.0 and json.loads(m1.read_text())["cell_size"] == 1.0
-  with rasterio.open(Path(m1).parent.parent / "rasters" / "dsm.tif") as fine, \
-       rasterio.open(shared_file("alexandria/dsm.tif")) as native:
+  assert (
+    json.loads(m2.read_text())["cell_size"] == 2.0
+    and json.loads(m1.read_text())["cell_size"] == 1.0
+  )
+  with (
+    rasterio.open(Path(m1).parent.parent / "rasters" / "dsm.tif") as fine,
+    rasterio.open(shared_file("alexandria/dsm.tif")) as native,
+  ):
     assert fine.crs == native.crs and fine.crs.to_epsg() == 26918
     assert fine.res == (1.0, 1.0) and fine.bounds == native.bounds
     assert fine.shape == (2 * native.height, 2 * native.width)
@@ -200,9 +219,14 @@ def test_registry_and_cli_hold_out_a_whole_area(tmp_path):
   spec = importlib.util.spec_from_file_location("prepare_data", script)
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)
-  assert cli.main(["area", "gothenburg", "--task", "roads", "--holdout", "--out", str(tmp_path / "g")]) == 0
+  assert (
+    cli.main(["area", "gothenburg", "--task", "roads", "--holdout", "--out", str(tmp_path / "g")])
+    == 0
+  )
   m = json.loads((tmp_path / "g" / "roads" / "tiles" / "manifest.json").read_text())
-  assert m["splits"]["test"]["count"] == m["candidates"] == 42  # 6 x 7 windows, none lost to a split edge
+  assert (
+    m["splits"]["test"]["count"] == m["candidates"] == 42
+  )  # 6 x 7 windows, none lost to a split edge
   assert m["splits"]["train"]["count"] == 0 and m["preset"]["place"] == "gothenburg"
 
 
@@ -222,9 +246,16 @@ def test_leave_one_area_out_trains_on_the_other_places_only(amsterdam, gothenbur
   n = sum(len(b["label"]) for b in make_dataset(str(path), "test", global_batch_size=8, **ONE_HOST))
   assert n == 42
   # Amsterdam held out: neither of its surveys may train
-  sets = {"alexandria": alex, "amsterdam_ahn3": amsterdam["ahn3"], "amsterdam_ahn2": amsterdam["ahn2"]}
+  sets = {
+    "alexandria": alex,
+    "amsterdam_ahn3": amsterdam["ahn3"],
+    "amsterdam_ahn2": amsterdam["ahn2"],
+  }
   m = json.loads(leave_one_area_out("amsterdam_ahn3", sets, tmp_path / "loao_ams").read_text())
   assert [x["name"] for x in m["members"]] == ["alexandria", "amsterdam_ahn3"]
   with pytest.raises(DataError, match="goth/tiles/manifest.json: cell size 1 differs from 2"):
-    leave_one_area_out("gothenburg", {"alexandria": prepare_area("alexandria", tmp_path / "a2", **QUIET),
-                                      "gothenburg": held}, tmp_path / "mixed")
+    leave_one_area_out(
+      "gothenburg",
+      {"alexandria": prepare_area("alexandria", tmp_path / "a2", **QUIET), "gothenburg": held},
+      tmp_path / "mixed",
+    )

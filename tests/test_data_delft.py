@@ -1,5 +1,6 @@
 """Real data: the shared Delft AHN3 LiDAR + BGT set (delft/*.laz, delft/bgt_*.sqlite) and IGN
 LiDAR HD (pretrain/*.laz) through the pipeline."""
+
 import json
 
 import numpy as np
@@ -47,6 +48,7 @@ def test_bgt_buildings_agree_with_lidar_class_6(delft):
   assert recall > 0.95  # data README: ~0.99
   # the crop maps only some of the buildings inside its hull: judge precision on those it maps
   import scipy.ndimage as ndi
+
   parts, n = ndi.label(lidar)
   mapped_parts = np.nonzero(ndi.maximum(mapped, parts, np.arange(1, n + 1)))[0] + 1
   lidar_mapped = np.isin(parts, mapped_parts)
@@ -84,6 +86,7 @@ def test_delft_tile_sets_read_back_for_training(delft):
 
 def test_ign_lidar_hd_keeps_its_own_crs(tmp_path):
   from data_pipelines.lidar import las_to_rasters
+
   laz = shared_file("pretrain/test_semis_2023_0299_6802_LA93_IGN69.laz")
   out = las_to_rasters([laz], tmp_path / "ign", cell_size=2.0, progress=False)
   with rasterio.open(out["dsm"]) as dsm:

@@ -1,5 +1,6 @@
 """Real GeoTIFF inputs: Alexandria DSM/DTM + footprints (alexandria/*), SRTM with voids
 (pretrain/N46E008.tif), through labels and tiles."""
+
 import json
 
 import numpy as np
@@ -23,8 +24,10 @@ pytestmark = pytest.mark.realdata
 def _records(manifest, split="train"):
   m = json.loads(manifest.read_text())
   files = [str(manifest.parent / f) for f in m["splits"][split]["files"]]
-  return m, [decode_tile_numpy(r, m["channels"], m["dtype"], m["tile_size"])
-             for r in tf.data.TFRecordDataset(files).as_numpy_iterator()]
+  return m, [
+    decode_tile_numpy(r, m["channels"], m["dtype"], m["tile_size"])
+    for r in tf.data.TFRecordDataset(files).as_numpy_iterator()
+  ]
 
 
 def test_alexandria_footprints_land_on_their_buildings(tmp_path):
@@ -35,7 +38,9 @@ def test_alexandria_footprints_land_on_their_buildings(tmp_path):
   with rasterio.open(shared_file("alexandria/dsm.tif")) as dsm:
     grid = dict(out_shape=dsm.shape, transform=dsm.transform)
     crs = dsm.crs
-  meta, _, wkb, fields = pyogrio.raw.read(shared_file("alexandria/buildings.geojson"), columns=["HEIGHT"])
+  meta, _, wkb, fields = pyogrio.raw.read(
+    shared_file("alexandria/buildings.geojson"), columns=["HEIGHT"]
+  )
   medians, heights = [], []
   for g, h in zip(shapely.from_wkb(wkb), fields[0]):
     g = rasterio.warp.transform_geom(meta["crs"], crs, shapely.geometry.mapping(g))
@@ -58,9 +63,17 @@ def test_srtm_voids_become_invalid_and_float16_keeps_alpine_relief(tmp_path):
   """Reads pretrain/N46E008.tif (Swiss Alps, nodata -32767 in ~7 % of cells)."""
   src = shared_file("pretrain/N46E008.tif")
   # EPSG:4326: the cell size in metres must be stated (3 arc-seconds ~ 90 m at 46 N north-south)
-  manifest = write_tiles(src, tmp_path / "t", tile_size=224, stride=224, min_valid=0.0, dtype="float16",
-                         fractions={"train": 1.0, "val": 0.0, "test": 0.0}, progress=False,
-                         cell_size_m=90.0)
+  manifest = write_tiles(
+    src,
+    tmp_path / "t",
+    tile_size=224,
+    stride=224,
+    min_valid=0.0,
+    dtype="float16",
+    fractions={"train": 1.0, "val": 0.0, "test": 0.0},
+    progress=False,
+    cell_size_m=90.0,
+  )
   m, recs = _records(manifest)
   dem = rasterio.open(src).read(1).astype(np.float32)
   assert len(recs) == 36  # 6 x 6: the last row and column shifted to the edge
@@ -68,7 +81,7 @@ def test_srtm_voids_become_invalid_and_float16_keeps_alpine_relief(tmp_path):
   n_void = 0
   for r in recs:
     col, row, w, h = r["window"]
-    truth = dem[row:row + h, col:col + w]
+    truth = dem[row : row + h, col : col + w]
     void = truth == -32767
     n_void += void.sum()
     np.testing.assert_array_equal(r["valid"] == 0, void)

@@ -1,4 +1,5 @@
 """LAS/LAZ -> DSM/DTM/nDSM/class/valid rasters (synthetic point clouds with known answers)."""
+
 import numpy as np
 import pytest
 import rasterio
@@ -35,8 +36,14 @@ def _read(outputs):
 def test_highest_return_ground_mean_and_filled_holes(tmp_path):
   xyz, cls = _cloud()
   write_las(tmp_path / "a.laz", xyz, cls, crs="EPSG:32631")
-  out = las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False,
-                       dsm_fill_px=2, dtm_fill_px=10)
+  out = las_to_rasters(
+    [tmp_path / "a.laz"],
+    tmp_path / "r",
+    cell_size=1.0,
+    progress=False,
+    dsm_fill_px=2,
+    dtm_fill_px=10,
+  )
   r = _read(out)
   with rasterio.open(out["dsm"]) as d:
     assert d.crs.to_epsg() == 32631 and d.transform.a == 1.0
@@ -60,8 +67,11 @@ def test_windows_and_file_split_do_not_change_the_mosaic(tmp_path):
   write_las(tmp_path / "e.las", xyz[~west], cls[~west], crs="EPSG:32631")
   kw = dict(cell_size=1.0, progress=False, dtm_fill_px=10)
   one = _read(las_to_rasters([tmp_path / "all.laz"], tmp_path / "one", window_px=64, **kw))
-  many = _read(las_to_rasters([tmp_path / "w.laz", tmp_path / "e.las"], tmp_path / "many", window_px=7,
-                              chunk_size=50, **kw))
+  many = _read(
+    las_to_rasters(
+      [tmp_path / "w.laz", tmp_path / "e.las"], tmp_path / "many", window_px=7, chunk_size=50, **kw
+    )
+  )
   for k in one:
     np.testing.assert_array_equal(one[k], many[k], err_msg=k)
 
@@ -72,17 +82,30 @@ def test_given_bounds_fix_the_grid_whatever_the_files_cover(tmp_path):
   part = xyz[:, 0] < X0 + 9
   write_las(tmp_path / "all.laz", xyz, cls, crs="EPSG:32631")
   write_las(tmp_path / "part.laz", xyz[part], cls[part], crs="EPSG:32631")
-  kw = dict(cell_size=1.0, progress=False, dtm_fill_px=10, bounds=(X0 - 4.5, Y0, X0 + 24, Y0 + 20.5))
-  whole, west = (las_to_rasters([tmp_path / f], tmp_path / f[:-4], **kw) for f in ("all.laz", "part.laz"))
+  kw = dict(
+    cell_size=1.0, progress=False, dtm_fill_px=10, bounds=(X0 - 4.5, Y0, X0 + 24, Y0 + 20.5)
+  )
+  whole, west = (
+    las_to_rasters([tmp_path / f], tmp_path / f[:-4], **kw) for f in ("all.laz", "part.laz")
+  )
   with rasterio.open(whole["dsm"]) as a, rasterio.open(west["dsm"]) as b:
-    assert a.transform == b.transform and a.shape == b.shape == (22, 30)  # snapped outward, +1 edge cell
+    assert a.transform == b.transform and a.shape == b.shape == (
+      22,
+      30,
+    )  # snapped outward, +1 edge cell
     assert (a.bounds.left, a.bounds.top) == (X0 - 5, Y0 + 21)
   w, p = _read(whole), _read(west)
   # cell (r, c) of the cloud is at row r + 1, col c + 5; the partial survey's cells agree where it has points
   np.testing.assert_array_equal(w["dsm"][1:21, 5:14], p["dsm"][1:21, 5:14])
   assert p["valid"][:, 14:].sum() == 0 and w["valid"][1:21, 14:25].all()
   with pytest.raises(ValueError, match="empty bounds"):
-    las_to_rasters([tmp_path / "all.laz"], tmp_path / "x", cell_size=1.0, bounds=(X0, Y0, X0, Y0 + 1), progress=False)
+    las_to_rasters(
+      [tmp_path / "all.laz"],
+      tmp_path / "x",
+      cell_size=1.0,
+      bounds=(X0, Y0, X0, Y0 + 1),
+      progress=False,
+    )
 
 
 def test_crs_missing_mismatched_or_given(tmp_path):
@@ -116,5 +139,7 @@ def test_refuses_to_replace_outputs_unless_asked(tmp_path):
   las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False)
   with pytest.raises(FileExistsError, match="dsm.tif already exists"):
     las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=1.0, progress=False)
-  las_to_rasters([tmp_path / "a.laz"], tmp_path / "r", cell_size=2.0, progress=False, overwrite=True)
+  las_to_rasters(
+    [tmp_path / "a.laz"], tmp_path / "r", cell_size=2.0, progress=False, overwrite=True
+  )
   assert rasterio.open(tmp_path / "r" / "dsm.tif").res == (2.0, 2.0)

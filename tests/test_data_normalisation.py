@@ -1,4 +1,5 @@
 """Normalisation modes: the one tf definition, checked against plain NumPy formulas."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,7 +23,9 @@ def test_minmax_is_per_tile_over_valid_pixels(tiles):
   assert out.shape == (4, 96, 96, 3) and np.array_equal(out[..., 0], out[..., 2])
   for i in range(4):
     lo, hi = x[i][valid[i]].min(), x[i][valid[i]].max()
-    np.testing.assert_allclose(out[i, ..., 0][valid[i]], (x[i][valid[i]] - lo) / (hi - lo), atol=1e-6)
+    np.testing.assert_allclose(
+      out[i, ..., 0][valid[i]], (x[i][valid[i]] - lo) / (hi - lo), atol=1e-6
+    )
     assert (out[i, ..., 0][~valid[i]] == 0).all()
   assert (normalise_numpy(np.full((8, 8), 3.0), None, "minmax") == 0).all()  # flat tile, no NaN
 
@@ -42,13 +45,16 @@ def test_relative_height_is_above_the_low_percentile_in_fixed_metres(tiles):
     # 96 x 96 > 4096 pixels: the percentile is taken on every 2nd row and column
     sub = x[i, ::2, ::2][valid[i, ::2, ::2]]
     p2 = np.sort(sub)[int(np.floor(0.02 * (sub.size - 1)))]
-    np.testing.assert_allclose(out[i][valid[i]], np.clip((x[i][valid[i]] - p2) / 20, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(
+      out[i][valid[i]], np.clip((x[i][valid[i]] - p2) / 20, 0, 1), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("shape", [(224, 224), (64, 64), (96, 96), (17, 33), (1, 1)])
 @pytest.mark.parametrize("q", [0.0, 2.0, 10.0, 50.0, 98.0, 100.0])
 def test_percentile_selection_equals_the_full_sort(shape, q):
   from data_pipelines.normalisation import _masked_percentile, sorted_percentile
+
   rng = np.random.default_rng(int(q) * 1000 + shape[0])
   b = 6
   x = (rng.normal(size=(b, *shape)) * 5 + 50).astype(np.float16).astype(np.float32)
@@ -60,7 +66,9 @@ def test_percentile_selection_equals_the_full_sort(shape, q):
   np.testing.assert_array_equal(got, want)  # bit for bit, the empty tile (inf) included
   out = normalise(tf.constant(x), tf.constant(valid), "relative", low_percentile=q).numpy()
   lo = want[:, None, None]
-  np.testing.assert_array_equal(out[..., 0], np.where(valid, np.clip((x - lo) / np.float32(30.0), 0, 1), 0))
+  np.testing.assert_array_equal(
+    out[..., 0], np.where(valid, np.clip((x - lo) / np.float32(30.0), 0, 1), 0)
+  )
 
 
 def test_ndsm_mode_scales_height_above_ground():
@@ -76,7 +84,9 @@ def test_numpy_entry_point_treats_nan_as_invalid_and_matches_batched_tf():
   x[0, 0] = np.nan
   single = normalise_numpy(x, None, "minmax")[..., 0]
   assert single[0, 0] == 0 and single[0, 1] == 0 and single[3, 3] == 1
-  batched = normalise(tf.constant(np.nan_to_num(x)[None]), tf.constant(np.isfinite(x)[None]), "minmax").numpy()
+  batched = normalise(
+    tf.constant(np.nan_to_num(x)[None]), tf.constant(np.isfinite(x)[None]), "minmax"
+  ).numpy()
   np.testing.assert_array_equal(batched[0, ..., 0], single)
   with pytest.raises(ValueError, match="unknown or repeated normalisation mode"):
     normalise_numpy(x, None, "histogram")
@@ -85,8 +95,9 @@ def test_numpy_entry_point_treats_nan_as_invalid_and_matches_batched_tf():
 def test_modes_joined_by_plus_stack_one_channel_per_mode(tiles):
   x, valid = tiles
   ndsm = np.maximum(x - 45.0, 0)
-  both = normalise(tf.constant(x), tf.constant(valid), "relative+ndsm", ndsm=tf.constant(ndsm),
-                   channels=2).numpy()
+  both = normalise(
+    tf.constant(x), tf.constant(valid), "relative+ndsm", ndsm=tf.constant(ndsm), channels=2
+  ).numpy()
   assert both.shape == (4, 96, 96, 2)
   rel = normalise(tf.constant(x), tf.constant(valid), "relative").numpy()[..., 0]
   nd = normalise(tf.constant(x), tf.constant(valid), "ndsm", ndsm=tf.constant(ndsm)).numpy()[..., 0]

@@ -1,4 +1,5 @@
 """The normalisation report's measures, and its main finding on the real Delft data."""
+
 import numpy as np
 import pytest
 

@@ -1,5 +1,6 @@
 """The tf.data reader: batch contract, augmentation on DEM and label together, determinism and
 resumption, per-process sharding, and clear errors on corrupt shards."""
+
 import json
 
 import numpy as np
@@ -20,8 +21,20 @@ def manifest(tmp_path_factory):
   scene = synthetic_scene(192, 192, seed=5, relief_m=0.5, base_m=BASE, n_buildings=20)
   folder = tmp_path_factory.mktemp("reader")
   tifs = write_scene_geotiffs(scene, folder / "tif", label_value=1)
-  return str(write_tiles(tifs["dsm"], folder / "tiles", label=tifs["label"], tile_size=32, stride=16,
-                         block_px=64, min_labelled=0, dtype="float16", tiles_per_shard=8, progress=False))
+  return str(
+    write_tiles(
+      tifs["dsm"],
+      folder / "tiles",
+      label=tifs["label"],
+      tile_size=32,
+      stride=16,
+      block_px=64,
+      min_labelled=0,
+      dtype="float16",
+      tiles_per_shard=8,
+      progress=False,
+    )
+  )
 
 
 def _elevation(batch, manifest):
@@ -80,8 +93,17 @@ def test_processes_read_disjoint_shares_of_an_eval_split(manifest):
   for split, n, shuffle in (("train", 2, True), ("val", 4, False), ("val", 4, True)):
     ids = []
     for p in range(n):  # shuffled without a seed: each process draws its own order
-      ds = make_tf_dataset(manifest, split, global_batch_size=2 * n, augment=False, shuffle=shuffle,
-                           repeat=False, with_meta=True, process_index=p, process_count=n)
+      ds = make_tf_dataset(
+        manifest,
+        split,
+        global_batch_size=2 * n,
+        augment=False,
+        shuffle=shuffle,
+        repeat=False,
+        with_meta=True,
+        process_index=p,
+        process_count=n,
+      )
       ids.append([int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"]])
       assert all(len(b["tile_id"]) <= 2 for b in ds.as_numpy_iterator())  # per-host share
     assert all(ids), split
@@ -90,11 +112,17 @@ def test_processes_read_disjoint_shares_of_an_eval_split(manifest):
 
 def test_file_globs_read_the_same_tiles_as_the_split(manifest):
   from pathlib import Path
+
   pattern = str(Path(manifest).parent / "val-*.tfrecord")
   kw = dict(global_batch_size=4, with_meta=True, **ONE_HOST)
-  by_glob = [int(t) for b in make_tf_dataset(manifest, "val", files=[pattern], **kw).as_numpy_iterator()
-             for t in b["tile_id"]]
-  by_split = [int(t) for b in make_tf_dataset(manifest, "val", **kw).as_numpy_iterator() for t in b["tile_id"]]
+  by_glob = [
+    int(t)
+    for b in make_tf_dataset(manifest, "val", files=[pattern], **kw).as_numpy_iterator()
+    for t in b["tile_id"]
+  ]
+  by_split = [
+    int(t) for b in make_tf_dataset(manifest, "val", **kw).as_numpy_iterator() for t in b["tile_id"]
+  ]
   assert sorted(by_glob) == sorted(by_split) and by_glob
   with pytest.raises(DataError, match="no TFRecord files"):
     make_dataset(manifest, "val", files=[pattern + ".missing"], global_batch_size=4, **ONE_HOST)
@@ -102,9 +130,19 @@ def test_file_globs_read_the_same_tiles_as_the_split(manifest):
 
 def test_few_label_subset_reads_exactly_its_tiles(manifest):
   m = json.load(open(manifest))
-  ds = make_tf_dataset(manifest, "train_10", global_batch_size=4, repeat=False, drop_remainder=False,
-                       with_meta=True, **ONE_HOST)
-  assert sorted(int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"]) == m["subsets"]["train_10"]["tile_ids"]
+  ds = make_tf_dataset(
+    manifest,
+    "train_10",
+    global_batch_size=4,
+    repeat=False,
+    drop_remainder=False,
+    with_meta=True,
+    **ONE_HOST,
+  )
+  assert (
+    sorted(int(t) for b in ds.as_numpy_iterator() for t in b["tile_id"])
+    == m["subsets"]["train_10"]["tile_ids"]
+  )
   with pytest.raises(ValueError, match="split 'train_5000' not in"):
     make_dataset(manifest, "train_5000", global_batch_size=4, **ONE_HOST)
 
@@ -112,6 +150,7 @@ def test_few_label_subset_reads_exactly_its_tiles(manifest):
 def test_truncated_shard_is_an_error_naming_the_file(manifest, tmp_path):
   import shutil
   from pathlib import Path
+
   src = Path(manifest).parent
   dst = tmp_path / "tiles"
   shutil.copytree(src, dst)
@@ -125,10 +164,14 @@ def test_the_eight_symmetries_are_the_dihedral_group():
   import tensorflow as tf
 
   from data_pipelines.augment import SYMMETRIES
+
   x = np.arange(3 * 5 * 5).reshape(3, 5, 5)
   got = [f(tf.constant(x)).numpy() for f in SYMMETRIES]
-  want = [np.stack([np.rot90(t, k) for t in (xi if not tr else xi.T for xi in x)])
-          for tr in (False, True) for k in range(4)]
+  want = [
+    np.stack([np.rot90(t, k) for t in (xi if not tr else xi.T for xi in x)])
+    for tr in (False, True)
+    for k in range(4)
+  ]
   assert len({g.tobytes() for g in got}) == 8
   assert {g.tobytes() for g in got} == {w.tobytes() for w in want}
 
@@ -140,10 +183,15 @@ def test_reader_normalisation_skipping_masks_matches_the_masked_definition(manif
 
   from data_pipelines.normalisation import normalise
   from data_pipelines.tile_records import decode_tile_numpy
+
   m = json.load(open(manifest))
-  files = [str(__import__("pathlib").Path(manifest).parent / f) for f in m["splits"]["train"]["files"]]
-  tiles = [decode_tile_numpy(r, ["elevation"], m["dtype"], 32)
-           for r in tf.data.TFRecordDataset(files).as_numpy_iterator()]
+  files = [
+    str(__import__("pathlib").Path(manifest).parent / f) for f in m["splits"]["train"]["files"]
+  ]
+  tiles = [
+    decode_tile_numpy(r, ["elevation"], m["dtype"], 32)
+    for r in tf.data.TFRecordDataset(files).as_numpy_iterator()
+  ]
   x = np.stack([t["elevation"] for t in tiles])
   v = np.stack([t["valid"] for t in tiles]).astype(bool)
   v[:, :3, :3] = False  # knock out pixels as nodata would
@@ -172,12 +220,20 @@ def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifes
 
   from data_pipelines.normalisation import normalise_numpy
   from data_pipelines.tile_records import decode_tile_numpy
+
   m = json.load(open(manifest))
   files = [str(Path(manifest).parent / f) for f in m["splits"]["val"]["files"]]
-  tiles = {t["tile_id"]: t for t in (decode_tile_numpy(r, ["elevation"], m["dtype"], 32)
-                                      for r in tf.data.TFRecordDataset(files).as_numpy_iterator())}
+  tiles = {
+    t["tile_id"]: t
+    for t in (
+      decode_tile_numpy(r, ["elevation"], m["dtype"], 32)
+      for r in tf.data.TFRecordDataset(files).as_numpy_iterator()
+    )
+  }
   for mode in ("minmax", "zscore", "relative"):
-    ds = make_tf_dataset(manifest, "val", global_batch_size=4, normalisation=mode, with_meta=True, **ONE_HOST)
+    ds = make_tf_dataset(
+      manifest, "val", global_batch_size=4, normalisation=mode, with_meta=True, **ONE_HOST
+    )
     for b in ds.as_numpy_iterator():
       for i, tid in enumerate(b["tile_id"]):
         t = tiles[int(tid)]
@@ -188,8 +244,18 @@ def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifes
 
 
 def test_coarsening_shows_a_share_of_tiles_as_a_2x_coarser_source(manifest):
-  kw = dict(global_batch_size=8, normalisation="zscore", deterministic=True, seed=3, augment=True, **ONE_HOST)
-  plain, coarse = make_dataset(manifest, "train", **kw), make_dataset(manifest, "train", coarsen=0.5, **kw)
+  kw = dict(
+    global_batch_size=8,
+    normalisation="zscore",
+    deterministic=True,
+    seed=3,
+    augment=True,
+    **ONE_HOST,
+  )
+  plain, coarse = (
+    make_dataset(manifest, "train", **kw),
+    make_dataset(manifest, "train", coarsen=0.5, **kw),
+  )
   coarsened = 0
   for _ in range(4):
     a, b = next(plain), next(coarse)
@@ -204,5 +270,10 @@ def test_coarsening_shows_a_share_of_tiles_as_a_2x_coarser_source(manifest):
       assert np.abs(np.diff(y, axis=0)).mean() < np.abs(np.diff(x, axis=0)).mean()  # smoother
   assert 8 <= coarsened <= 24  # about half of 32 tiles
   ev = dict(global_batch_size=8, deterministic=True, **ONE_HOST)
-  evaluation, reference = make_dataset(manifest, "val", coarsen=1.0, **ev), make_dataset(manifest, "val", **ev)
-  np.testing.assert_array_equal(next(evaluation)["image"], next(reference)["image"])  # never at evaluation
+  evaluation, reference = (
+    make_dataset(manifest, "val", coarsen=1.0, **ev),
+    make_dataset(manifest, "val", **ev),
+  )
+  np.testing.assert_array_equal(
+    next(evaluation)["image"], next(reference)["image"]
+  )  # never at evaluation

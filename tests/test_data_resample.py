@@ -1,4 +1,5 @@
 """Resampling a raster to another cell size: same extent and CRS, exact on planes, labels stay classes."""
+
 import numpy as np
 import pytest
 import rasterio
@@ -12,8 +13,18 @@ X0, Y0 = 500_000.0, 5_000_000.0
 
 
 def _write(path, a, cell, nodata=None, crs="EPSG:32631"):
-  with rasterio.open(path, "w", driver="GTiff", width=a.shape[1], height=a.shape[0], count=1, dtype=a.dtype,
-                     crs=crs, transform=rasterio.transform.from_origin(X0, Y0, cell, cell), nodata=nodata) as d:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=a.shape[1],
+    height=a.shape[0],
+    count=1,
+    dtype=a.dtype,
+    crs=crs,
+    transform=rasterio.transform.from_origin(X0, Y0, cell, cell),
+    nodata=nodata,
+  ) as d:
     d.write(a, 1)
   return path
 
@@ -55,7 +66,9 @@ def test_coarsening_averages_elevation_and_takes_the_mode_of_labels(tmp_path):
 
 def test_refining_labels_copies_each_cell(tmp_path):
   lab = np.arange(12, dtype=np.uint8).reshape(3, 4)
-  out = resample_raster(_write(tmp_path / "l.tif", lab, 2.0), tmp_path / "l1.tif", 1.0, kind="label")
+  out = resample_raster(
+    _write(tmp_path / "l.tif", lab, 2.0), tmp_path / "l1.tif", 1.0, kind="label"
+  )
   np.testing.assert_array_equal(rasterio.open(out).read(1), np.kron(lab, np.ones((2, 2), np.uint8)))
 
 

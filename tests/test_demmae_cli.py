@@ -1,5 +1,6 @@
 """The `demmae` tool: declared as a console entry point, lists its commands, runs a stage's
 script with its own --help (exit 0) and refuses an unknown command (exit 2)."""
+
 import os
 import subprocess
 import sys
@@ -32,7 +33,13 @@ def test_help_lists_the_commands_and_unknown_ones_are_refused(capsys):
 @pytest.mark.parametrize("command", ["predict", "finetune", "change"])
 def test_command_help_exits_0(command):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  done = subprocess.run([sys.executable, "-m", "demmae_jax.cli", command, "--help"], cwd=ROOT,
-                        capture_output=True, text=True, env=env, timeout=300)
+  done = subprocess.run(
+    [sys.executable, "-m", "demmae_jax.cli", command, "--help"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "--" in done.stdout and len(done.stdout.splitlines()) > 5

@@ -2,6 +2,7 @@
 sweep on the real Delft data (delft/ahn3_cropped_{1,2}.laz at 0.5 m, BGT buildings from
 delft/bgt_pand.sqlite, via data_pipelines.prepare_delft) runs end to end, writes one result per
 run, skips finished runs on a rerun without touching them, and reports tables and a figure."""
+
 import json
 from pathlib import Path
 
@@ -17,9 +18,17 @@ def protocol(name="tiny", **overrides):
 
 
 def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():
-  cfg = protocol(datasets=("delft_roads",), sizes=(10, 50), seeds=2, arms=("dem_mae", "unet"),
-                 groups=("table1", "norm"), norm_datasets=("delft_roads",), norm_sizes=(50,),
-                 norm_arms=("unet",), norm_modes=("relative",))
+  cfg = protocol(
+    datasets=("delft_roads",),
+    sizes=(10, 50),
+    seeds=2,
+    arms=("dem_mae", "unet"),
+    groups=("table1", "norm"),
+    norm_datasets=("delft_roads",),
+    norm_sizes=(50,),
+    norm_arms=("unet",),
+    norm_modes=("relative",),
+  )
   runs = plan.plan(cfg)
   assert [r.seed for r in runs] == sorted(r.seed for r in runs)
   ids = [r.id for r in runs]
@@ -28,9 +37,22 @@ def test_plan_is_seed_major_and_shares_the_minmax_runs_of_the_ablation():
   assert len(runs) == 2 * (4 + 1)
   assert "delft_roads/relative/unet/n50_s1" in ids
   # a comma list from the command line means the same as a tuple
-  assert plan.plan(protocol(datasets=("delft_roads",), sizes=("10,50",), seeds=2, arms=("dem_mae,unet",),
-                          groups=("table1,norm",), norm_datasets=("delft_roads",), norm_sizes=("50",),
-                          norm_arms=("unet",), norm_modes=("relative",))) == runs
+  assert (
+    plan.plan(
+      protocol(
+        datasets=("delft_roads",),
+        sizes=("10,50",),
+        seeds=2,
+        arms=("dem_mae,unet",),
+        groups=("table1,norm",),
+        norm_datasets=("delft_roads",),
+        norm_sizes=("50",),
+        norm_arms=("unet",),
+        norm_modes=("relative",),
+      )
+    )
+    == runs
+  )
 
 
 def test_disjoint_count_counts_non_overlapping_tiles():
@@ -46,7 +68,7 @@ def test_disjoint_first_draws_take_independent_tiles_before_overlapping_crops():
 
   def disjoint_prefix(order):  # how many leading tiles are pairwise disjoint
     k = 1
-    while k < len(order) and draws.disjoint_count([windows[i] for i in order[:k + 1]]) == k + 1:
+    while k < len(order) and draws.disjoint_count([windows[i] for i in order[: k + 1]]) == k + 1:
       k += 1
     return k
 
@@ -55,7 +77,9 @@ def test_disjoint_first_draws_take_independent_tiles_before_overlapping_crops():
   k = disjoint_prefix(first)
   assert 9 <= k <= 16
   # maximal: every later crop overlaps one of the first k (no independent view left for later)
-  assert all(draws.disjoint_count([windows[j] for j in first[:k]] + [windows[i]]) <= k for i in first[k:])
+  assert all(
+    draws.disjoint_count([windows[j] for j in first[:k]] + [windows[i]]) <= k for i in first[k:]
+  )
   uniform = draws.draw_order(windows, np.random.default_rng(3), "uniform")
   assert disjoint_prefix(uniform) < k // 2  # a uniform draw soon takes overlapping crops
   with pytest.raises(ValueError, match="unknown draw"):
@@ -72,25 +96,44 @@ def test_an_output_folder_refuses_another_protocol(tmp_path):
 def test_each_arm_gets_its_finetuning_preset_and_encoder():
   cfg = protocol("cpu", imagenet="mae_pretrain_vit_base.pth", steps=150, eval_every=50, warmup=20)
   get = lambda arm, norm="minmax": runner.finetune_config(  # noqa: E731
-      cfg, plan.Run("delft_roads", arm, 10, 2, norm), Path("m.json"), "runs/dem_mae_cpu")
+    cfg, plan.Run("delft_roads", arm, 10, 2, norm), Path("m.json"), "runs/dem_mae_cpu"
+  )
   assert (get("dem_mae").preset, get("dem_mae").init) == ("cpu_roads", "runs/dem_mae_cpu")
   assert (get("random_frozen").preset, get("random_frozen").init) == ("cpu_roads", "")
   b = get("imagenet_mae")
-  assert (b.init, b.channel_adapt, tuple(b.model.head.layers)) == ("mae_pretrain_vit_base.pth", "sum", (3, 5, 7, 11))
+  assert (b.init, b.channel_adapt, tuple(b.model.head.layers)) == (
+    "mae_pretrain_vit_base.pth",
+    "sum",
+    (3, 5, 7, 11),
+  )
   assert get("unet").preset == "cpu_unet_roads" and get("unet").model.kind == "unet"
   c = get("dem_mae", "ndsm")
   assert c.data.normalisation.mode == "ndsm" and c.freeze_backbone
-  assert (c.seed, c.data.seed, c.total_steps, c.eval_every_steps, c.checkpoint.every_steps,
-          c.optim.warmup_steps) == (2, 2, 150, 50, 50, 20)
+  assert (
+    c.seed,
+    c.data.seed,
+    c.total_steps,
+    c.eval_every_steps,
+    c.checkpoint.every_steps,
+    c.optim.warmup_steps,
+  ) == (2, 2, 150, 50, 50, 20)
   assert (c.data.train_split, c.data.eval_split, c.data.manifest) == ("train", "val", "m.json")
 
 
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(tmp_path):
-  cfg = protocol(datasets=("delft_buildings",), sizes=(10,), seeds=1, groups=("table1",),
-                 arms=("imagenet_mae", "random_frozen"), steps=1, eval_every=1, warmup=0,
-                 pictures=2)
+  cfg = protocol(
+    datasets=("delft_buildings",),
+    sizes=(10,),
+    seeds=1,
+    groups=("table1",),
+    arms=("imagenet_mae", "random_frozen"),
+    steps=1,
+    eval_every=1,
+    warmup=0,
+    pictures=2,
+  )
   out = tmp_path / "out"
   log: list[str] = []
   counts = runner.sweep(cfg, out, log=log.append)
@@ -100,15 +143,22 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
 
   results = {r["arm"]: r for r in report.load_results(out)}
   assert set(results) == {"random_frozen"}
-  base = json.loads((out / "data" / "delft_buildings" / "prepared" / "tiles" / "manifest.json").read_text())
+  base = json.loads(
+    (out / "data" / "delft_buildings" / "prepared" / "tiles" / "manifest.json").read_text()
+  )
   for r in results.values():
     assert 0.0 <= r["test_iou"] <= 1.0 and r["steps"] == 1 and r["best_step"] == 1
     assert r["preset"] == "tiny" and r["init"] == ""
-    assert r["draw"]["drawn"] == 10 and set(r["draw"]["tile_ids"]) <= set(base["splits"]["train"]["tile_ids"])
+    assert r["draw"]["drawn"] == 10 and set(r["draw"]["tile_ids"]) <= set(
+      base["splits"]["train"]["tile_ids"]
+    )
     assert r["test"]["pixels"] > 0
     assert r["test_boundary_iou"] == r["test"]["boundary"]["iou"] is not None
-    tiles = np.load(runner.result_path(out, plan.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")}))
-                    .with_suffix(".tiles.npz"))
+    tiles = np.load(
+      runner.result_path(
+        out, plan.Run(**{k: r[k] for k in ("dataset", "arm", "size", "seed", "norm")})
+      ).with_suffix(".tiles.npz")
+    )
     assert tiles["pred"].shape == (base["splits"]["test"]["count"], 32, 32)
   # the fixed validation tiles, the whole test area
   m = json.loads((out / "data" / "delft_buildings" / "n10_s0" / "manifest.json").read_text())
@@ -138,8 +188,10 @@ def test_miniature_sweep_on_delft_runs_end_to_end_and_rerun_skips_finished_runs(
   assert "*55.5*" in text and "*27.9*" in text  # the paper's Table 1 beside ours
   assert "1 of the 2 runs this command plans have results" in text
   assert "delft_buildings/minmax/imagenet_mae (n10_s0)" in text and "--imagenet PATH" in text
-  assert ("(c) same, random frozen encoder (control) | "
-          f"{100 * results['random_frozen']['test_iou']:.1f} (1)") in text
+  assert (
+    "(c) same, random frozen encoder (control) | "
+    f"{100 * results['random_frozen']['test_iou']:.1f} (1)"
+  ) in text
   r = results["random_frozen"]
   assert f"| {r['id']} | {100 * r['test_iou']:.1f} | {100 * r['test_boundary_iou']:.1f} |" in text
   assert (tmp_path / "results_iou_vs_tiles.png").stat().st_size > 10_000

@@ -2,6 +2,7 @@
 rasterised at 0.5 m, BGT buildings from delft/bgt_pand.sqlite, via data_pipelines.prepare_delft):
 the frozen encoder keeps its pretrained weights bit for bit and has no optimiser state, the head
 learns, the run resumes, and evaluation and loading refuse a model of another class count."""
+
 import json
 import shutil
 import subprocess
@@ -25,14 +26,27 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 def tiny_config(manifest, init="", **overrides):
   from demmae_jax import config_files
-  return config_files.get_config("finetune", "tiny", **{
-      "data.manifest": str(manifest), "init": init, "total_steps": 48, "eval_every_steps": 24,
-      "checkpoint.every_steps": 24, "log.progress": False, "log.tensorboard": False, **overrides})
+
+  return config_files.get_config(
+    "finetune",
+    "tiny",
+    **{
+      "data.manifest": str(manifest),
+      "init": init,
+      "total_steps": 48,
+      "eval_every_steps": 24,
+      "checkpoint.every_steps": 24,
+      "log.progress": False,
+      "log.tensorboard": False,
+      **overrides,
+    },
+  )
 
 
 @pytest.fixture(scope="module")
 def delft_tiles(tmp_path_factory):
   from data_pipelines.prepare import prepare_delft
+
   out = tmp_path_factory.mktemp("delft") / "buildings"
   return prepare_delft(out, "buildings", tile_size=32, stride=16, progress=False)
 
@@ -75,6 +89,7 @@ def test_head_learns_on_real_tiles(trained):
 
 def test_frozen_backbone_is_untouched_and_has_no_optimizer_state(trained, pretrained):
   import orbax.checkpoint as ocp
+
   workdir, _, _ = trained
   saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "48" / "state")
   opt_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(saved["opt_state"])[0]]
@@ -90,8 +105,9 @@ def test_frozen_backbone_is_untouched_and_has_no_optimizer_state(trained, pretra
     g = got
     for part in p.split("/"):
       g = g[int(part) if part.isdigit() and not isinstance(g, dict) else part]
-    np.testing.assert_array_equal(np.asarray(g.get("value", g) if isinstance(g, dict) else g), w,
-                                  err_msg=p)
+    np.testing.assert_array_equal(
+      np.asarray(g.get("value", g) if isinstance(g, dict) else g), w, err_msg=p
+    )
 
 
 def test_checkpoint_of_another_class_count_is_refused(trained, tmp_path):
@@ -102,23 +118,34 @@ def test_checkpoint_of_another_class_count_is_refused(trained, tmp_path):
   spec["num_classes"], spec["class_names"] = 3, ["background", "building", "road"]
   spec["head"]["num_classes"] = 3
   (other / "segmenter.json").write_text(json.dumps(spec))
-  with pytest.raises(ValueError, match=r"(?s)does not fit the model.*3 classes.*decode_head/cls/kernel: "
-                     r"checkpoint \(1, 1, 32, 2\) vs model \(1, 1, 32, 3\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)does not fit the model.*3 classes.*decode_head/cls/kernel: "
+    r"checkpoint \(1, 1, 32, 2\) vs model \(1, 1, 32, 3\)",
+  ):
     load_trained(other)
 
 
 def test_evaluate_script_writes_metrics_and_pictures(trained, tmp_path):
   workdir, _, _ = trained
   out = tmp_path / "eval"
-  cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), f"--workdir={workdir}",
-         "--split=test", "--pictures=3", f"--out={out}"]
+  cmd = [
+    sys.executable,
+    str(ROOT / "scripts" / "evaluate.py"),
+    f"--workdir={workdir}",
+    "--split=test",
+    "--pictures=3",
+    f"--out={out}",
+  ]
   done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-2000:]
   m = json.loads((out / "metrics.json").read_text())
   cm = np.array(m["confusion_matrix"])
   assert m["iou"] == pytest.approx(cm[1, 1] / (cm[1].sum() + cm[:, 1].sum() - cm[1, 1]))
   assert m["split"] == "test" and cm.sum() == m["pixels"] > 10_000
-  assert (out / "tiles.png").stat().st_size > 10_000 and "IoU (building)" in (out / "metrics.md").read_text()
+  assert (out / "tiles.png").stat().st_size > 10_000 and "IoU (building)" in (
+    out / "metrics.md"
+  ).read_text()
   b = m["boundary"]  # 1 m band at 0.5 m; a boundary pixel is a counted pixel
   assert b["band_px"] == 2 and m["boundary_iou"] == b["intersection"] / b["union"]
   assert 0 < b["union"] < m["pixels"] and f"boundary IoU = {m['boundary_iou']:.4f}" in done.stdout
@@ -130,6 +157,7 @@ def test_finetune_config_rejects_unknown_keys_and_tiles_of_another_size(delft_ti
   with pytest.raises(KeyError, match='Did you mean "channels"'):
     tiny_config(delft_tiles, **{"model.head.chanels": 8})
   from data_pipelines.reader import read_manifest
+
   manifest = read_manifest(str(delft_tiles))
   config = tiny_config(delft_tiles)
   spec = finetune.model_spec(config, manifest, finetune._backbone(config, 64, 1)[0])
@@ -141,13 +169,21 @@ def test_finetune_config_rejects_unknown_keys_and_tiles_of_another_size(delft_ti
 def test_predict_script_keeps_crs_transform_and_agrees_with_labels(trained, delft_tiles, tmp_path):
   """scripts/predict.py on the whole rasterised Delft DSM (528 x 456 px), read back."""
   import rasterio
+
   workdir, _, _ = trained
   root = Path(delft_tiles).parent.parent
   dsm, labels = root / "rasters" / "dsm.tif", root / "labels" / "buildings.tif"
   out = tmp_path / "buildings.tif"
-  cmd = [sys.executable, str(ROOT / "scripts" / "predict.py"), f"--workdir={workdir}",
-         f"--input={dsm}", f"--output={out}", f"--polygons={tmp_path / 'b.gpkg'}",
-         f"--png={tmp_path / 'preview.png'}", "--block=200"]
+  cmd = [
+    sys.executable,
+    str(ROOT / "scripts" / "predict.py"),
+    f"--workdir={workdir}",
+    f"--input={dsm}",
+    f"--output={out}",
+    f"--polygons={tmp_path / 'b.gpkg'}",
+    f"--png={tmp_path / 'preview.png'}",
+    "--block=200",
+  ]
   done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert done.returncode == 0, done.stderr[-3000:]
   with rasterio.open(out) as p, rasterio.open(dsm) as d, rasterio.open(labels) as lab:
@@ -163,8 +199,10 @@ def test_predict_script_keeps_crs_transform_and_agrees_with_labels(trained, delf
   # better than the best constant map on both counts
   assert agree > max(building.mean(), 1 - building.mean()) + 0.03, agree
   assert iou > building.mean() + 0.1, (iou, building.mean())
-  print(f"predict vs labels: agreement {agree:.3f}, building IoU {iou:.3f}, building share "
-        f"{building.mean():.3f}")
+  print(
+    f"predict vs labels: agreement {agree:.3f}, building IoU {iou:.3f}, building share "
+    f"{building.mean():.3f}"
+  )
   assert (tmp_path / "b.gpkg").exists() and (tmp_path / "preview.png").stat().st_size > 10_000
   before = out.read_bytes()
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -176,10 +214,16 @@ def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
   import rasterio
 
   from data_pipelines.shared_data import shared_file
+
   workdir, _, _ = trained
   laz = shared_file("delft/ahn3_cropped_2.laz")
-  cmd = [sys.executable, str(ROOT / "scripts" / "predict.py"), f"--workdir={workdir}",
-         f"--input={laz}", f"--output={tmp_path / 'b.tif'}"]
+  cmd = [
+    sys.executable,
+    str(ROOT / "scripts" / "predict.py"),
+    f"--workdir={workdir}",
+    f"--input={laz}",
+    f"--output={tmp_path / 'b.tif'}",
+  ]
   refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert refused.returncode == 2 and "header has no CRS" in refused.stderr
   assert not (tmp_path / "b.tif").exists()
@@ -193,8 +237,13 @@ def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
   # building grown by the 1 m eave (two 0.5 m cells)
   from demmae_jax import predict
   from demmae_jax.inference.outline import to_roof_outline
-  summary = predict.predict(workdir, laz, predict.Outputs(classes=str(tmp_path / "roof.tif")),
-                            predict.Options(crs="EPSG:28992", outline="roof"))
+
+  summary = predict.predict(
+    workdir,
+    laz,
+    predict.Outputs(classes=str(tmp_path / "roof.tif")),
+    predict.Options(crs="EPSG:28992", outline="roof"),
+  )
   assert summary["outline"].startswith("roof") and summary["input"] == str(laz)
   with rasterio.open(tmp_path / "roof.tif") as p:
     np.testing.assert_array_equal(p.read(1), to_roof_outline(classes, 0.5, 1.0))

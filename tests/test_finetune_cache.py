@@ -2,6 +2,7 @@
 frozen step (loss and head gradients), the cache holds each symmetry's
 features and resumes its batch stream, a cached run on real Delft tiles learns and leaves a
 checkpoint that loads and evaluates as any other, and the settings it cannot serve are refused."""
+
 import json
 import re
 
@@ -21,12 +22,17 @@ from demmae_jax.train.pretrain import model_config
 
 
 def get_config(preset="tiny", **overrides):
-  return config_files.get_config("finetune", preset, **{"log.progress": False,
-                                                        "log.tensorboard": False, **overrides})
+  return config_files.get_config(
+    "finetune", preset, **{"log.progress": False, "log.tensorboard": False, **overrides}
+  )
 
 
 def tiny_task(config):
-  manifest = {"tile_size": 32, "cell_size": 0.5, "label_names": {"0": "background", "1": "building"}}
+  manifest = {
+    "tile_size": 32,
+    "cell_size": 0.5,
+    "label_names": {"0": "background", "1": "building"},
+  }
   backbone = model_config(config.model.backbone).replace(img_size=32, in_chans=1)
   spec = finetune.model_spec(config, manifest, backbone)
   return finetune.Finetune(config, spec, np.array([0.6, 1.4], np.float32))
@@ -37,8 +43,11 @@ def random_batch(n=8, seed=0):
   label = rng.integers(0, 2, (n, 32, 32)).astype(np.int32)
   label[:, :4] = 255  # ignored rows
   valid = (rng.random((n, 32, 32)) > 0.1).astype(np.float32)
-  return {"image": rng.normal(size=(n, 32, 32, 1)).astype(np.float32), "label": label,
-          "valid": valid}
+  return {
+    "image": rng.normal(size=(n, 32, 32, 1)).astype(np.float32),
+    "label": label,
+    "valid": valid,
+  }
 
 
 encoder_maps = nnx.jit(lambda model, images: model.encoder_maps(images))
@@ -46,8 +55,11 @@ encoder_maps = nnx.jit(lambda model, images: model.encoder_maps(images))
 
 def cached(model, batch):
   maps = encoder_maps(model, batch["image"])
-  return {**dict(zip(feature_cache.FEATURE_KEYS, map(np.asarray, maps))),
-          "label": batch["label"], "valid": batch["valid"]}
+  return {
+    **dict(zip(feature_cache.FEATURE_KEYS, map(np.asarray, maps))),
+    "label": batch["label"],
+    "valid": batch["valid"],
+  }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +71,9 @@ def tiny():
 def test_cached_loss_and_head_gradients_equal_the_frozen_step(tiny):
   task, model = tiny
   graphdef, params, rest = nnx.split(model, task.trainable, ...)
-  assert not any("backbone" in sharding.path_str(p)
-                 for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+  assert not any(
+    "backbone" in sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  )
   batch = random_batch()
   key = jax.random.key(3)  # the head's dropout: the same draws in both paths
 
@@ -106,10 +119,13 @@ def test_cache_holds_every_symmetry_and_resumes_its_batches(tiny):
   assert not np.array_equal(first[0]["feature_0"], first[1]["feature_0"])
 
 
-@pytest.mark.parametrize("preset, overrides, match", [
+@pytest.mark.parametrize(
+  "preset, overrides, match",
+  [
     ("tiny", {"freeze_backbone": False}, r"cache_features=True needs freeze_backbone=True"),
     ("tiny_unet", {}, r"cache_features=True .* model.kind='unet' has no encoder"),
-])
+  ],
+)
 def test_cache_refuses_what_it_cannot_serve(preset, overrides, match, tmp_path):
   config = get_config(preset, cache_features=True, **overrides)
   with pytest.raises(ValueError, match=match):
@@ -120,6 +136,7 @@ def test_cache_refuses_what_it_cannot_serve(preset, overrides, match, tmp_path):
 @pytest.fixture(scope="module")
 def delft_tiles(tmp_path_factory):
   from data_pipelines.prepare import prepare_delft
+
   out = tmp_path_factory.mktemp("delft") / "buildings"
   return prepare_delft(out, "buildings", tile_size=32, stride=16, progress=False)
 
@@ -128,8 +145,12 @@ def delft_tiles(tmp_path_factory):
 @pytest.mark.slow
 def test_cached_run_learns_resumes_and_its_checkpoint_evaluates(delft_tiles, tmp_path, capsys):
   workdir = tmp_path / "cached"
-  config = get_config(cache_features=True, total_steps=48, eval_every_steps=24,
-                      **{"checkpoint.every_steps": 24, "data.manifest": str(delft_tiles)})
+  config = get_config(
+    cache_features=True,
+    total_steps=48,
+    eval_every_steps=24,
+    **{"checkpoint.every_steps": 24, "data.manifest": str(delft_tiles)},
+  )
   first = finetune.run(config, workdir, stop_after=24)
   second = finetune.run(config, workdir)  # rebuilds the cache, continues the batch stream
   assert first.step == 24 and second.step == 48 and second.history[0]["step"] > 24
@@ -147,8 +168,10 @@ def test_cached_run_learns_resumes_and_its_checkpoint_evaluates(delft_tiles, tmp
   model, spec, step = load_trained(workdir)
   assert step in (24, 48) and spec["freeze_backbone"]
   eager = build_from_spec(spec, int(config.seed))
-  for a, b in zip(jax.tree.leaves(nnx.state(model.backbone, nnx.Param)),
-                  jax.tree.leaves(nnx.state(eager.backbone, nnx.Param))):
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(model.backbone, nnx.Param)),
+    jax.tree.leaves(nnx.state(eager.backbone, nnx.Param)),
+  ):
     np.testing.assert_array_equal(a, b)
   summary, kept = evaluate_split(model, spec, str(delft_tiles), "val", keep=2)
   assert 0.0 <= summary["accuracy"] <= 1.0 and kept["pred"].shape == (2, 32, 32)

@@ -1,6 +1,7 @@
 """Finetuning sharded over 8 host devices (data 2 x fsdp 4) gives the single-device losses:
 the task runs through the shared loop and sharding rules, not a copy. Real data: Delft tiles
 from delft/ahn3_cropped_{1,2}.laz and delft/bgt_pand.sqlite (data_pipelines.prepare_delft)."""
+
 import json
 import os
 import subprocess
@@ -37,11 +38,17 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.multidevice
 def test_sharded_finetuning_matches_single_device(tmp_path):
   from data_pipelines.prepare import prepare_delft
+
   manifest = prepare_delft(tmp_path / "delft", "buildings", tile_size=32, stride=16, progress=False)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, "-c", CHILD, str(manifest), str(tmp_path),
-                         str(ROOT / "tests")], capture_output=True, text=True, env=env, cwd=ROOT,
-                        timeout=600)
+  done = subprocess.run(
+    [sys.executable, "-c", CHILD, str(manifest), str(tmp_path), str(ROOT / "tests")],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   out = json.loads(done.stdout.split("RESULT ", 1)[1])
   assert out["devices"] == 8 and len(out["one"]) == len(out["eight"]) == 6

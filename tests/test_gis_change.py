@@ -1,6 +1,7 @@
 """Change between two surveys on a synthetic block: the vertical offset is measured on ground and
 removed, then new, demolished, raised and unchanged buildings are told apart; footprints built
 between the surveys are checked against the new/raised polygons."""
+
 import json
 
 import numpy as np
@@ -16,13 +17,27 @@ from demmae_jax.gis import change, cog
 CRS = "EPSG:28992"
 TRANSFORM = from_origin(120000.0, 486000.0, 1.0, 1.0)
 SHAPE = (120, 140)
-BOXES = {"kept": (10, 10, 30, 40), "new": (50, 10, 70, 30), "gone": (10, 60, 30, 80),
-         "raised": (50, 60, 75, 90)}  # rows r0, c0, r1, c1 (cells)
+BOXES = {
+  "kept": (10, 10, 30, 40),
+  "new": (50, 10, 70, 30),
+  "gone": (10, 60, 30, 80),
+  "raised": (50, 60, 75, 90),
+}  # rows r0, c0, r1, c1 (cells)
 
 
 def write(path, data, dtype, nodata=None):
-  with rasterio.open(path, "w", driver="GTiff", width=SHAPE[1], height=SHAPE[0], count=1,
-                     dtype=dtype, crs=CRS, transform=TRANSFORM, nodata=nodata) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=SHAPE[1],
+    height=SHAPE[0],
+    count=1,
+    dtype=dtype,
+    crs=CRS,
+    transform=TRANSFORM,
+    nodata=nodata,
+  ) as dst:
     dst.write(np.asarray(data).astype(dtype), 1)
   return str(path)
 
@@ -39,10 +54,12 @@ def survey(tmp_path, name, buildings: dict, offset: float, seed: int):
   lidar = np.where(classes == 1, 6, 2)
   dsm[:, -5:] = np.nan  # an edge without returns: nodata, never a change
   classes[:, -5:] = 255
-  return change.Survey(write(tmp_path / f"{name}_dsm.tif", dsm, "float32", np.nan),
-                       write(tmp_path / f"{name}_dtm.tif", ground + offset, "float32", np.nan),
-                       write(tmp_path / f"{name}_cls.tif", classes, "uint8", 255),
-                       write(tmp_path / f"{name}_lidar.tif", lidar, "uint8"))
+  return change.Survey(
+    write(tmp_path / f"{name}_dsm.tif", dsm, "float32", np.nan),
+    write(tmp_path / f"{name}_dtm.tif", ground + offset, "float32", np.nan),
+    write(tmp_path / f"{name}_cls.tif", classes, "uint8", 255),
+    write(tmp_path / f"{name}_lidar.tif", lidar, "uint8"),
+  )
 
 
 def box(key):
@@ -56,18 +73,49 @@ def test_change_between_two_surveys(tmp_path):
   a = survey(tmp_path, "a", {"kept": 9.0, "gone": 12.0, "raised": 6.0}, offset=0.0, seed=0)
   b = survey(tmp_path, "b", {"kept": 9.0, "new": 7.0, "raised": 10.0}, offset=0.15, seed=1)
   off = change.vertical_offset(a, b)
-  assert off["median_m"] == pytest.approx(0.15, abs=0.015) and off["ground_from"].startswith("lidar")
+  assert off["median_m"] == pytest.approx(0.15, abs=0.015) and off["ground_from"].startswith(
+    "lidar"
+  )
   fp = tmp_path / "bag.gpkg"
-  pyogrio.raw.write(fp, geometry=np.array(shapely.to_wkb([box(k) for k in BOXES]), dtype=object),
-                    field_data=[np.array([1990.0, 2012.0, 1950.0, 2013.0])], fields=["bouwjaar"],
-                    crs=CRS, layer="pand", geometry_type="Polygon", driver="GPKG")
+  pyogrio.raw.write(
+    fp,
+    geometry=np.array(shapely.to_wkb([box(k) for k in BOXES]), dtype=object),
+    field_data=[np.array([1990.0, 2012.0, 1950.0, 2013.0])],
+    fields=["bouwjaar"],
+    crs=CRS,
+    layer="pand",
+    geometry_type="Polygon",
+    driver="GPKG",
+  )
   out = tmp_path / "change"
-  assert change.main(["--earlier", *a.__dict__.values(), "--later", *b.__dict__.values(),
-                      "--out", str(out), "--footprints", str(fp), "--built_after", "2010",
-                      "--built_before", "2014", "--png", str(tmp_path / "map.png")]) == 0
+  assert (
+    change.main(
+      [
+        "--earlier",
+        *a.__dict__.values(),
+        "--later",
+        *b.__dict__.values(),
+        "--out",
+        str(out),
+        "--footprints",
+        str(fp),
+        "--built_after",
+        "2010",
+        "--built_before",
+        "2014",
+        "--png",
+        str(tmp_path / "map.png"),
+      ]
+    )
+    == 0
+  )
   result = json.loads((out / "change.json").read_text())
-  assert {k: v["polygons"] for k, v in result["changes"].items()} == \
-      {"new": 1, "demolished": 1, "raised": 1, "lowered": 0}
+  assert {k: v["polygons"] for k, v in result["changes"].items()} == {
+    "new": 1,
+    "demolished": 1,
+    "raised": 1,
+    "lowered": 0,
+  }
   assert result["changes"]["raised"]["area_m2"] == pytest.approx(box("raised").area, rel=0.15)
   check = result["footprints"]
   assert (check["built_between_count"], check["built_between_found"]) == (2, 2)
@@ -93,8 +141,17 @@ def test_change_between_two_surveys(tmp_path):
 def test_surveys_on_other_grids_are_refused(tmp_path):
   a = survey(tmp_path, "a", {"kept": 9.0}, 0.0, 0)
   other = tmp_path / "moved.tif"
-  with rasterio.open(other, "w", driver="GTiff", width=SHAPE[1], height=SHAPE[0], count=1,
-                     dtype="float32", crs=CRS, transform=from_origin(120001.0, 486000.0, 1, 1)) as d:
+  with rasterio.open(
+    other,
+    "w",
+    driver="GTiff",
+    width=SHAPE[1],
+    height=SHAPE[0],
+    count=1,
+    dtype="float32",
+    crs=CRS,
+    transform=from_origin(120001.0, 486000.0, 1, 1),
+  ) as d:
     d.write(np.zeros(SHAPE, np.float32), 1)
   with pytest.raises(DataError, match="moved.tif"):
     change.vertical_offset(a, change.Survey(str(other), a.dtm, a.classes))
@@ -103,8 +160,18 @@ def test_surveys_on_other_grids_are_refused(tmp_path):
 def test_change_cli_names_a_missing_file_in_one_line(tmp_path, capsys):
   a = survey(tmp_path, "a", {"kept": 9.0}, 0.0, 0)
   missing = str(tmp_path / "nosuch_dsm.tif")
-  rc = change.main(["--earlier", *a.__dict__.values(), "--later", missing, a.dtm, a.classes,
-                    "--out", str(tmp_path / "c")])
+  rc = change.main(
+    [
+      "--earlier",
+      *a.__dict__.values(),
+      "--later",
+      missing,
+      a.dtm,
+      a.classes,
+      "--out",
+      str(tmp_path / "c"),
+    ]
+  )
   err = capsys.readouterr().err.strip()
   assert rc == 2 and err.startswith("change: error: ") and "nosuch_dsm.tif" in err
   assert len(err.splitlines()) == 1 and not (tmp_path / "c").exists()
@@ -121,10 +188,15 @@ def test_rough_new_objects_are_dropped_as_vegetation(tmp_path):
     dsm.write(z, 1)
     cls.write(c, 1)
   plain = change.write_change(a, b, tmp_path / "plain")
-  filtered = change.write_change(a, b, tmp_path / "filtered", change.ChangeOptions(max_roughness_m=0.2))
+  filtered = change.write_change(
+    a, b, tmp_path / "filtered", change.ChangeOptions(max_roughness_m=0.2)
+  )
   assert plain["changes"]["new"]["polygons"] == 2
-  assert filtered["changes"]["new"] == {"polygons": 1, "area_m2": pytest.approx(box("new").area, rel=0.15),
-                                        "dropped_rough": 1}
+  assert filtered["changes"]["new"] == {
+    "polygons": 1,
+    "area_m2": pytest.approx(box("new").area, rel=0.15),
+    "dropped_rough": 1,
+  }
   meta, _, _, fields = pyogrio.raw.read(tmp_path / "plain" / "change.gpkg")
   rough = dict(zip(meta["fields"], fields))["roughness_after_m"]
   assert sorted(rough)[0] < 0.1 < 0.5 < sorted(rough)[1]  # a roof is smooth, the crown is not

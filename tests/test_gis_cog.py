@@ -1,6 +1,7 @@
 """Prediction rasters are Cloud-Optimized GeoTIFFs: valid by rio-cogeo's validator, with the input's
 CRS and transform, internal overviews, a colour table on the classes and class values (not blends)
 in the classes' overviews."""
+
 import numpy as np
 import pytest
 import rasterio
@@ -28,11 +29,21 @@ def dem_path(tmp_path):
   dem = rng.normal(0.0, 0.3, (600, 700)).astype(np.float32)
   for r in range(10, 590, 40):  # a grid of 10 m 'buildings'
     for c in range(10, 690, 50):
-      dem[r:r + 25, c:c + 30] += 10.0
+      dem[r : r + 25, c : c + 30] += 10.0
   dem[:50, :60] = np.nan  # a nodata corner
   path = tmp_path / "dem.tif"
-  with rasterio.open(path, "w", driver="GTiff", width=700, height=600, count=1, dtype="float32",
-                     crs=CRS, transform=TRANSFORM, nodata=np.nan) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=700,
+    height=600,
+    count=1,
+    dtype="float32",
+    crs=CRS,
+    transform=TRANSFORM,
+    nodata=np.nan,
+  ) as dst:
     dst.write(dem, 1)
   return path, dem
 
@@ -40,8 +51,15 @@ def dem_path(tmp_path):
 def test_prediction_rasters_are_valid_cogs_with_overviews_and_colour_table(tmp_path, dem_path):
   src, dem = dem_path
   opts = predict.PredictOptions(tile=32, overlap=8, batch_size=8, block=200)
-  predict.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
-                         probabilities_path=tmp_path / "p.tif", progress=False)
+  predict.predict_raster(
+    src,
+    tmp_path / "cls.tif",
+    threshold_apply,
+    identity,
+    opts,
+    probabilities_path=tmp_path / "p.tif",
+    progress=False,
+  )
   for name in ("cls.tif", "p.tif"):
     ok, errors, warnings = cog.validate(tmp_path / name, strict=True)
     assert ok and not errors and not warnings, (name, errors, warnings)
@@ -59,15 +77,26 @@ def test_prediction_rasters_are_valid_cogs_with_overviews_and_colour_table(tmp_p
   with rasterio.open(tmp_path / "p.tif") as p:
     assert p.count == 2 and p.descriptions == ("p(background)", "p(foreground)")
     assert p.overviews(2) == [2, 4] and np.isnan(p.nodata)
-    np.testing.assert_allclose(p.read(2)[valid], threshold_apply(dem[valid][:, None])[:, 1], atol=1e-5)
+    np.testing.assert_allclose(
+      p.read(2)[valid], threshold_apply(dem[valid][:, None])[:, 1], atol=1e-5
+    )
 
 
 def test_cog_output_writes_nothing_when_the_block_fails_and_refuses_existing(tmp_path):
   out = tmp_path / "x.tif"
   with pytest.raises(RuntimeError):
     with cog.cog_output(out) as staged:
-      with rasterio.open(staged, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8",
-                         crs=CRS, transform=TRANSFORM) as dst:
+      with rasterio.open(
+        staged,
+        "w",
+        driver="GTiff",
+        width=8,
+        height=8,
+        count=1,
+        dtype="uint8",
+        crs=CRS,
+        transform=TRANSFORM,
+      ) as dst:
         dst.write(np.zeros((8, 8), np.uint8), 1)
       raise RuntimeError("midway")
   assert list(tmp_path.iterdir()) == []
@@ -80,8 +109,17 @@ def test_cog_output_writes_nothing_when_the_block_fails_and_refuses_existing(tmp
 
 def test_a_plain_geotiff_is_not_a_valid_cog(tmp_path):
   path = tmp_path / "plain.tif"  # striped, no overviews: the validator must say so
-  with rasterio.open(path, "w", driver="GTiff", width=1024, height=1024, count=1, dtype="uint8",
-                     crs=CRS, transform=TRANSFORM) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=1024,
+    height=1024,
+    count=1,
+    dtype="uint8",
+    crs=CRS,
+    transform=TRANSFORM,
+  ) as dst:
     dst.write(np.zeros((1024, 1024), np.uint8), 1)
   ok, errors, _ = cog.validate(path)
   assert not ok and errors

@@ -1,6 +1,7 @@
 """Building polygons from a class raster: vectorised across blocks with holes kept, regularised to
 right angles, with heights (nDSM, DSM - DTM, or estimated from the DSM alone), mean probability,
 source and model, written to a GeoPackage."""
+
 import numpy as np
 import pyogrio
 import pytest
@@ -19,16 +20,27 @@ SHAPE = (200, 220)
 
 
 def write(path, data, dtype, nodata=None):
-  with rasterio.open(path, "w", driver="GTiff", width=SHAPE[1], height=SHAPE[0], count=1,
-                     dtype=dtype, crs=CRS, transform=TRANSFORM, nodata=nodata) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=SHAPE[1],
+    height=SHAPE[0],
+    count=1,
+    dtype=dtype,
+    crs=CRS,
+    transform=TRANSFORM,
+    nodata=nodata,
+  ) as dst:
     dst.write(np.asarray(data).astype(dtype), 1)
   return path
 
 
 def scene():
   """A 30 degree rotated L-shaped building with a courtyard, and a rectangle across blocks."""
-  ell = shapely.Polygon([(0, 0), (30, 0), (30, 12), (12, 12), (12, 28), (0, 28)],
-                        [[(3, 3), (8, 3), (8, 8), (3, 8)]])
+  ell = shapely.Polygon(
+    [(0, 0), (30, 0), (30, 12), (12, 12), (12, 28), (0, 28)], [[(3, 3), (8, 3), (8, 8), (3, 8)]]
+  )
   ell = shapely.affinity.rotate(ell, 30, origin=(0, 0))
   ell = shapely.affinity.translate(ell, 1030, 1925)
   rect = shapely.box(1070, 1905, 1100, 1930)  # crosses the 64 px block edges
@@ -38,26 +50,47 @@ def scene():
 def test_polygons_are_right_angled_with_holes_heights_and_probability(tmp_path):
   ell, rect = scene()
   grid = dict(out_shape=SHAPE, transform=TRANSFORM)
-  buildings = rasterio.features.rasterize([ell, rect], fill=0, default_value=1, dtype=np.uint8, **grid)
+  buildings = rasterio.features.rasterize(
+    [ell, rect], fill=0, default_value=1, dtype=np.uint8, **grid
+  )
   classes = write(tmp_path / "classes.tif", buildings, "uint8", 255)
-  rows, cols = np.mgrid[:SHAPE[0], :SHAPE[1]]
+  rows, cols = np.mgrid[: SHAPE[0], : SHAPE[1]]
   ground = 5.0 + 0.05 * cols  # a sloping street
-  roof = np.where(rasterio.features.rasterize([ell], fill=0, default_value=1, dtype=np.uint8, **grid),
-                  12.0, 0.0) + np.where(rasterio.features.rasterize([rect], fill=0, default_value=1,
-                                                                     dtype=np.uint8, **grid), 6.0, 0.0)
+  roof = np.where(
+    rasterio.features.rasterize([ell], fill=0, default_value=1, dtype=np.uint8, **grid), 12.0, 0.0
+  ) + np.where(
+    rasterio.features.rasterize([rect], fill=0, default_value=1, dtype=np.uint8, **grid), 6.0, 0.0
+  )
   dsm = write(tmp_path / "dsm.tif", ground + roof, "float32", np.nan)
   dtm = write(tmp_path / "dtm.tif", ground, "float32", np.nan)
   probs = np.stack([1 - 0.8 * buildings, 0.8 * buildings + 0.1 * (1 - buildings)])
-  with rasterio.open(tmp_path / "p.tif", "w", driver="GTiff", width=SHAPE[1], height=SHAPE[0],
-                     count=2, dtype="float32", crs=CRS, transform=TRANSFORM) as dst:
+  with rasterio.open(
+    tmp_path / "p.tif",
+    "w",
+    driver="GTiff",
+    width=SHAPE[1],
+    height=SHAPE[0],
+    count=2,
+    dtype="float32",
+    crs=CRS,
+    transform=TRANSFORM,
+  ) as dst:
     dst.write(probs.astype(np.float32))
   opts = polygons.PolygonOptions(regularise=True, block=64, min_area_m2=10)
   for kind, source in [("dtm", dict(dsm=dsm, dtm=dtm)), ("dsm", dict(dsm=dsm))]:
     heights = polygons.HeightSource(**source)
     out = tmp_path / f"b_{kind}.gpkg"
-    summary = polygons.write_class_polygons(classes, out, value=1, name="building", opts=opts,
-                                            probabilities=tmp_path / "p.tif", heights=heights,
-                                            source="dsm.tif", model="runs/x")
+    summary = polygons.write_class_polygons(
+      classes,
+      out,
+      value=1,
+      name="building",
+      opts=opts,
+      probabilities=tmp_path / "p.tif",
+      heights=heights,
+      source="dsm.tif",
+      model="runs/x",
+    )
     heights.close()
     assert summary["polygons"] == 2 and summary["regularised"] == 2
     meta, _, wkb, fields = pyogrio.raw.read(out)

@@ -1,6 +1,7 @@
 """A STAC Item per prediction: footprint in WGS84 around the raster, its grid by the projection
 extension, assets with COG media types and relative paths, the classes by the classification
 extension; refused when it exists."""
+
 import json
 
 import numpy as np
@@ -18,14 +19,28 @@ def test_stac_item_describes_the_prediction(tmp_path):
   transform = from_origin(84800.0, 447650.0, 0.5, 0.5)  # Delft, RD New
   out = tmp_path / "pred"
   out.mkdir()
-  with rasterio.open(out / "classes.tif", "w", driver="GTiff", width=60, height=40, count=1,
-                     dtype="uint8", crs="EPSG:28992", transform=transform, nodata=255) as dst:
+  with rasterio.open(
+    out / "classes.tif",
+    "w",
+    driver="GTiff",
+    width=60,
+    height=40,
+    count=1,
+    dtype="uint8",
+    crs="EPSG:28992",
+    transform=transform,
+    nodata=255,
+  ) as dst:
     dst.write(np.zeros((40, 60), np.uint8), 1)
   (out / "b.gpkg").write_bytes(b"x")
-  path = stac.write_item(out / "item.json", {"classes": out / "classes.tif", "probabilities": None,
-                                             "polygons": out / "b.gpkg"},
-                         class_names=["background", "building"], source="/data/dsm.tif",
-                         model="runs/x step 3", properties={"demmae:tta": True})
+  path = stac.write_item(
+    out / "item.json",
+    {"classes": out / "classes.tif", "probabilities": None, "polygons": out / "b.gpkg"},
+    class_names=["background", "building"],
+    source="/data/dsm.tif",
+    model="runs/x step 3",
+    properties={"demmae:tta": True},
+  )
   item = json.loads(path.read_text())
   assert item["type"] == "Feature" and item["stac_version"] == "1.0.0" and item["id"] == "item"
   footprint = shapely.geometry.shape(item["geometry"])
@@ -43,7 +58,16 @@ def test_stac_item_describes_the_prediction(tmp_path):
   assert classes["href"] == "classes.tif" and "cloud-optimized" in classes["type"]
   assert classes["classification:classes"][1] == {"value": 1, "name": "building"}
   assert item["assets"]["polygons"]["type"] == "application/geopackage+sqlite3"
-  assert item["links"][0] == {"rel": "derived_from", "href": "/data/dsm.tif", "title": "elevation input"}
+  assert item["links"][0] == {
+    "rel": "derived_from",
+    "href": "/data/dsm.tif",
+    "title": "elevation input",
+  }
   with pytest.raises(FileExistsError, match="item.json"):
-    stac.write_item(out / "item.json", {"classes": out / "classes.tif"}, class_names=["a", "b"],
-                    source="s", model="m")
+    stac.write_item(
+      out / "item.json",
+      {"classes": out / "classes.tif"},
+      class_names=["a", "b"],
+      source="s",
+      model="m",
+    )

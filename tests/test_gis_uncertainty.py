@@ -1,5 +1,6 @@
 """Uncertainty raster (normalised entropy) and calibration (reliability, ECE) on small synthetic
 rasters whose answers are known."""
+
 import numpy as np
 import pytest
 import rasterio
@@ -15,9 +16,21 @@ TRANSFORM = from_origin(84800.0, 447650.0, 1.0, 1.0)
 def write(path, data, dtype, nodata=None, transform=TRANSFORM):
   data = np.asarray(data)
   data = data[None] if data.ndim == 2 else data
-  with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
-                     count=data.shape[0], dtype=dtype, crs=CRS, transform=transform, nodata=nodata,
-                     tiled=True, blockxsize=64, blockysize=64) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=data.shape[2],
+    height=data.shape[1],
+    count=data.shape[0],
+    dtype=dtype,
+    crs=CRS,
+    transform=transform,
+    nodata=nodata,
+    tiled=True,
+    blockxsize=64,
+    blockysize=64,
+  ) as dst:
     dst.write(data.astype(dtype))
   return path
 
@@ -25,8 +38,9 @@ def write(path, data, dtype, nodata=None, transform=TRANSFORM):
 def test_normalised_entropy_is_0_when_sure_1_when_uniform_and_nan_on_nodata():
   p = np.array([[1.0, 0.5, 0.9, np.nan], [0.0, 0.5, 0.1, np.nan]])
   h = uncertainty.normalised_entropy(p)
-  np.testing.assert_allclose(h[:3], [0.0, 1.0, -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(2)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    h[:3], [0.0, 1.0, -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(2)], rtol=1e-6
+  )
   assert np.isnan(h[3])
   three = uncertainty.normalised_entropy(np.full((3, 2), 1 / 3))
   np.testing.assert_allclose(three, 1.0, rtol=1e-6)
@@ -42,8 +56,9 @@ def test_uncertainty_raster_is_a_cog_on_the_probabilities_grid(tmp_path):
   with rasterio.open(out) as u:
     assert u.crs == rasterio.crs.CRS.from_string(CRS) and u.transform == TRANSFORM
     assert u.overviews(1) == [2]
-    np.testing.assert_allclose(u.read(1), uncertainty.normalised_entropy(np.stack([1 - p1, p1])),
-                               rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+      u.read(1), uncertainty.normalised_entropy(np.stack([1 - p1, p1])), rtol=1e-6, equal_nan=True
+    )
   with pytest.raises(FileExistsError, match="u.tif"):
     uncertainty.write_uncertainty(probs, out)
 
@@ -74,7 +89,9 @@ def test_reliability_of_rasters_skips_ignored_and_nodata_pixels(tmp_path):
   assert rel.total == 128 * 64 and rel.ece() == pytest.approx(0.1, abs=1e-5)
   png = calibration.plot_reliability({"synthetic": rel}, tmp_path / "r.png")
   assert png.read_bytes()[:4] == b"\x89PNG"
-  shifted = write(tmp_path / "l2.tif", labels, "uint8", transform=from_origin(84000.0, 447000.0, 1.0, 1.0))
+  shifted = write(
+    tmp_path / "l2.tif", labels, "uint8", transform=from_origin(84000.0, 447000.0, 1.0, 1.0)
+  )
   with pytest.raises(DataError, match="l2.tif"):
     calibration.reliability_of_rasters(probs, shifted)
 

@@ -1,6 +1,7 @@
 """The ViT-UNet (`models/hybrid.py`): shapes, pixel-level output, the frozen ViT receives no
 gradient, the ViT's features reach the output, and a tiny run on real Delft tiles trains, saves
 its spec and reloads to the same predictions."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,9 @@ def test_vit_unet_rejects_bad_shapes_and_layers():
   with pytest.raises(ValueError, match="multiples of 4"):
     model(jnp.zeros((1, 30, 32, 1)))
   with pytest.raises(ValueError, match="out of range"):
-    hybrid.ViTUNet(mae.build("tiny", in_chans=1), hybrid.HybridConfig(layers=(0, 9)),
-                   rngs=nnx.Rngs(0))
+    hybrid.ViTUNet(
+      mae.build("tiny", in_chans=1), hybrid.HybridConfig(layers=(0, 9)), rngs=nnx.Rngs(0)
+    )
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -55,7 +57,9 @@ def test_vit_features_reach_the_output():
   nnx.update(b.backbone, nnx.state(mae.build("tiny", in_chans=1, seed=5)))
   x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 32, 32, 1)), jnp.float32)
   assert not np.allclose(np.asarray(a(x)), np.asarray(b(x)))
-  np.testing.assert_array_equal(np.asarray(a.vit_proj.kernel.value), np.asarray(b.vit_proj.kernel.value))
+  np.testing.assert_array_equal(
+    np.asarray(a.vit_proj.kernel.value), np.asarray(b.vit_proj.kernel.value)
+  )
 
 
 @pytest.mark.realdata
@@ -66,12 +70,25 @@ def test_hybrid_finetunes_on_real_tiles_and_reloads(tmp_path):
   from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
+
   manifest = prepare_delft(tmp_path / "delft", "buildings", tile_size=32, stride=16, progress=False)
-  config = config_files.get_config("finetune", "tiny", **{
-      "model.kind": "hybrid", "model.hybrid.width": 8, "model.hybrid.vit_channels": 16,
-      "data.manifest": str(manifest), "total_steps": 40, "eval_every_steps": 20,
-      "checkpoint.every_steps": 20, "log.progress": False, "log.tensorboard": False,
-      "data.normalisation.mode": "relative+ndsm", "data.normalisation.channels": 2})
+  config = config_files.get_config(
+    "finetune",
+    "tiny",
+    **{
+      "model.kind": "hybrid",
+      "model.hybrid.width": 8,
+      "model.hybrid.vit_channels": 16,
+      "data.manifest": str(manifest),
+      "total_steps": 40,
+      "eval_every_steps": 20,
+      "checkpoint.every_steps": 20,
+      "log.progress": False,
+      "log.tensorboard": False,
+      "data.normalisation.mode": "relative+ndsm",
+      "data.normalisation.channels": 2,
+    },
+  )
   finetune.run(config, tmp_path / "wd")
   model, spec, step = load_trained(tmp_path / "wd")
   assert spec["kind"] == "hybrid" and spec["backbone"]["in_chans"] == 2 and step in (20, 40)

@@ -1,5 +1,7 @@
-"""`ruff check` (configured in pyproject.toml) finds nothing in the tree: a new finding fails here,
-not only under `make lint` or pre-commit."""
+"""`ruff check` finds nothing and `ruff format` changes nothing (both configured in
+pyproject.toml): a new finding or an unformatted file fails here, not only under `make lint` or
+pre-commit."""
+
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,20 @@ def test_ruff_check_is_clean():
   ruff = _ruff()
   if ruff is None:
     pytest.skip("ruff is not installed (requirements-test.txt pins it; `make venv` installs it)")
-  out = subprocess.run([*ruff, "check", "--no-cache", "--output-format", "concise", *PATHS],
-                       cwd=ROOT, capture_output=True, text=True)
+  out = subprocess.run(
+    [*ruff, "check", "--no-cache", "--output-format", "concise", *PATHS],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format_leaves_the_tree_unchanged():
+  ruff = _ruff()
+  if ruff is None:
+    pytest.skip("ruff is not installed (requirements-test.txt pins it; `make venv` installs it)")
+  out = subprocess.run(
+    [*ruff, "format", "--check", "--no-cache", *PATHS], cwd=ROOT, capture_output=True, text=True
+  )
   assert out.returncode == 0, out.stdout + out.stderr

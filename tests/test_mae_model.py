@@ -1,4 +1,5 @@
 """Behaviour of the Flax MAE that does not need a reference: shapes, masking, sin-cos table."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +91,7 @@ def test_remat_gives_the_same_gradients_with_less_compiled_memory_and_counts_the
   from flax import nnx
 
   from demmae_jax.train import reporting
+
   images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(1), (16, 64))
   out = {}
@@ -98,8 +100,11 @@ def test_remat_gives_the_same_gradients_with_less_compiled_memory_and_counts_the
     grad = jax.jit(jax.grad(lambda s: nnx.merge(graphdef, s)(images, noise=noise)[0]))  # noqa: B023
     traced = grad.trace(state)
     compiled = traced.lower().compile()
-    out[remat] = (compiled(state), compiled.memory_analysis().temp_size_in_bytes,
-                  reporting.jaxpr_flops(traced.jaxpr))
+    out[remat] = (
+      compiled(state),
+      compiled.memory_analysis().temp_size_in_bytes,
+      reporting.jaxpr_flops(traced.jaxpr),
+    )
   for a, b in zip(jax.tree.leaves(out[False][0]), jax.tree.leaves(out[True][0])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
   # Blocks under a rematerialised scan keep only their inputs; the forward runs twice.
@@ -132,8 +137,10 @@ def test_attention_paths_agree_in_forward_and_gradient():
   from flax import nnx
 
   from demmae_jax.models import vit
-  assert vit.attention_kind("auto", jnp.float32) == ("explicit" if jax.default_backend() == "cpu"
-                                                     else vit.attention_kind("auto", jnp.float32))
+
+  assert vit.attention_kind("auto", jnp.float32) == (
+    "explicit" if jax.default_backend() == "cpu" else vit.attention_kind("auto", jnp.float32)
+  )
   with pytest.raises(ValueError, match="attention must be one of"):
     mae.build("tiny", attention="flash")
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -141,8 +148,9 @@ def test_attention_paths_agree_in_forward_and_gradient():
   out = {}
   for kind in ("explicit", "xla"):
     graphdef, state = nnx.split(mae.build("tiny", seed=2, attention=kind))
-    loss, grads = jax.jit(jax.value_and_grad(
-        lambda s, g=graphdef: nnx.merge(g, s)(images, noise=noise)[0]))(state)
+    loss, grads = jax.jit(
+      jax.value_and_grad(lambda s, g=graphdef: nnx.merge(g, s)(images, noise=noise)[0])
+    )(state)
     feats = jax.jit(lambda s, g=graphdef: nnx.merge(g, s).encode(images, (1, 3)))(state)
     out[kind] = (loss, feats, grads)
   (l0, f0, g0), (l1, f1, g1) = out["explicit"], out["xla"]

@@ -4,6 +4,7 @@ recorded and reused on resume; `fit=strict` and plans that cannot fit stop with 
 
 Memory limits are artificial (`memory.limit`), set from XLA's own analysis of the configured step
 (`predicted_peak_bytes` of a reference run) so that it just does not fit."""
+
 import json
 import sys
 import time
@@ -61,7 +62,7 @@ class Smooth(loop.Task):
 
   def loss_fn(self, model, batch, rng):
     x = batch["image"]
-    return jnp.mean((model(x) - x.mean(axis=(1, 2, 3))[:, None, None])**2), {}
+    return jnp.mean((model(x) - x.mean(axis=(1, 2, 3))[:, None, None]) ** 2), {}
 
 
 def _smooth_config(total_steps=STEPS, **memory_keys):
@@ -84,8 +85,9 @@ def test_a_step_too_big_is_split_recorded_reused_or_refused(tmp_path, capsys):
   assert full["grad_accum_steps"] == 1 and full["reason"] == "as configured"
   limit = str(full["predicted_peak_bytes"] - 1)  # the configured step misses by one byte
 
-  auto = loop.train(Smooth(), _smooth_config(STEPS + 1, limit=limit), tmp_path / "auto", _crops,
-                    stop_after=STEPS)
+  auto = loop.train(
+    Smooth(), _smooth_config(STEPS + 1, limit=limit), tmp_path / "auto", _crops, stop_after=STEPS
+  )
   plan = memory.read_plan(tmp_path / "auto")
   assert plan["grad_accum_steps"] > 1 and plan["global_batch"] == 8
   assert plan["micro_batch_per_device"] * plan["grad_accum_steps"] == 8
@@ -93,8 +95,9 @@ def test_a_step_too_big_is_split_recorded_reused_or_refused(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "does not fit" in out and "the global batch is kept" in out
   # The same global batch, so the same losses (a per-example mean: exact up to rounding).
-  np.testing.assert_allclose([h["loss"] for h in auto.history],
-                             [h["loss"] for h in ref.history], rtol=1e-6)
+  np.testing.assert_allclose(
+    [h["loss"] for h in auto.history], [h["loss"] for h in ref.history], rtol=1e-6
+  )
 
   # A resume uses the recorded plan, whatever the memory now.
   again = loop.train(Smooth(), _smooth_config(STEPS + 1), tmp_path / "auto", _crops)
@@ -102,8 +105,11 @@ def test_a_step_too_big_is_split_recorded_reused_or_refused(tmp_path, capsys):
   assert memory.read_plan(tmp_path / "auto") == plan
 
   # strict: no change of plan, one message with the numbers and the flag that fits.
-  with pytest.raises(loop.DoesNotFit, match=rf"strict.*--config.grad_accum_steps="
-                     rf"{plan['grad_accum_steps']}"):
+  with pytest.raises(
+    loop.DoesNotFit,
+    match=rf"strict.*--config.grad_accum_steps="
+    rf"{plan['grad_accum_steps']}",
+  ):
     loop.train(Smooth(), _smooth_config(fit="strict", limit=limit), tmp_path / "strict", _crops)
 
   # A loss the split would change (not a mean over examples): the flag, not a silent change.
@@ -114,8 +120,9 @@ def test_a_step_too_big_is_split_recorded_reused_or_refused(tmp_path, capsys):
 
   # Nothing fits: stopped before any state or checkpoint exists.
   trainer = loop.Trainer(Smooth(), _smooth_config(), loop.shd.make_mesh())
-  floor = memory.Planner(trainer, {"image": np.zeros((8, 32, 32, 1), np.float32)},
-                         log=None).lower_bound()
+  floor = memory.Planner(
+    trainer, {"image": np.zeros((8, 32, 32, 1), np.float32)}, log=None
+  ).lower_bound()
   with pytest.raises(loop.DoesNotFit, match="even the smallest plan .8 micro-batches of 1"):
     loop.train(Smooth(), _smooth_config(limit=str(floor + 1)), tmp_path / "none", _crops)
   t0 = time.perf_counter()
@@ -135,8 +142,9 @@ def exactness(tmp: Path, mesh: dict | None = None, global_batch: int = 8) -> dic
     c = tiny_config(STEPS, **(mesh or {}))
     with c.unlocked():
       c.global_batch = global_batch
-      c.memory.update(margin=0.0, allow_remat=False, min_micro_batch=1,
-                      fit="off" if arm == "ref" else "auto")
+      c.memory.update(
+        margin=0.0, allow_remat=False, min_micro_batch=1, fit="off" if arm == "ref" else "auto"
+      )
       if arm == "auto":
         c.memory.limit = str(out["ref"]["plan"]["predicted_peak_bytes"] - 1)
     losses, params, _ = run_tiny(tmp / arm, STEPS, config=c)
@@ -155,7 +163,7 @@ def _check_exact(out: dict, global_batch: int) -> None:
     b = auto["params"][k]
     if k.endswith("attn/qkv/bias"):  # key biases: zero gradient up to rounding, which Adam scales
       d = a.shape[-1] // 3
-      a, b = np.delete(a, np.s_[d:2 * d], axis=-1), np.delete(b, np.s_[d:2 * d], axis=-1)
+      a, b = np.delete(a, np.s_[d : 2 * d], axis=-1), np.delete(b, np.s_[d : 2 * d], axis=-1)
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
@@ -167,18 +175,26 @@ def _check_exact(out: dict, global_batch: int) -> None:
 @pytest.mark.multidevice
 def test_the_automatic_plan_gives_the_full_batch_losses_on_eight_devices(tmp_path):
   import subprocess
+
   out = tmp_path / "result.npz"
-  args = {"tmp": str(tmp_path), "mesh": {"data": 2, "fsdp": 4}, "global_batch": 16,
-          "out": str(out)}
-  proc = subprocess.run([sys.executable, __file__, json.dumps(args)], env=child_env(8),
-                        capture_output=True, text=True, timeout=600)
+  args = {"tmp": str(tmp_path), "mesh": {"data": 2, "fsdp": 4}, "global_batch": 16, "out": str(out)}
+  proc = subprocess.run(
+    [sys.executable, __file__, json.dumps(args)],
+    env=child_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.with_suffix(".json").read_text())
   with np.load(out) as z:
     for arm in ("ref", "auto"):
       result[arm]["params"] = {k.split("|", 1)[1]: z[k] for k in z.files if k.startswith(arm)}
-  assert result["devices"] == 8 and result["auto"]["plan"]["mesh"] == {"data": 2, "fsdp": 4,
-                                                                        "model": 1}
+  assert result["devices"] == 8 and result["auto"]["plan"]["mesh"] == {
+    "data": 2,
+    "fsdp": 4,
+    "model": 1,
+  }
   _check_exact(result, 16)
 
 

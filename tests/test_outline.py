@@ -1,4 +1,5 @@
 """Building outline conventions (demmae_jax/inference/outline.py): wall-line maps to roof outlines."""
+
 import numpy as np
 import pytest
 import rasterio
@@ -34,8 +35,16 @@ def test_convert_raster_in_blocks_equals_the_whole_raster(tmp_path):
   rng = np.random.default_rng(0)
   classes = (rng.random((130, 170)) > 0.97).astype(np.uint8)
   classes[rng.random(classes.shape) > 0.98] = 255
-  profile = dict(driver="GTiff", width=170, height=130, count=1, dtype="uint8", nodata=255,
-                 crs="EPSG:28992", transform=from_origin(85000, 446000, 0.5, 0.5))
+  profile = dict(
+    driver="GTiff",
+    width=170,
+    height=130,
+    count=1,
+    dtype="uint8",
+    nodata=255,
+    crs="EPSG:28992",
+    transform=from_origin(85000, 446000, 0.5, 0.5),
+  )
   src = tmp_path / "classes.tif"
   with rasterio.open(src, "w", **profile) as dst:
     dst.write(classes, 1)
@@ -46,6 +55,7 @@ def test_convert_raster_in_blocks_equals_the_whole_raster(tmp_path):
     assert r.crs.to_epsg() == 28992 and r.transform == profile["transform"]
     assert r.colormap(1)[1] == (200, 30, 30, 255) and r.nodata == 255
   from demmae_jax.gis import cog
+
   assert cog.validate(tmp_path / "roofs.tif")[0]
   np.testing.assert_array_equal(converted, outline.to_roof_outline(classes, 0.5))
   assert "roof" in tags["outline"]
@@ -68,11 +78,22 @@ def test_eave_agreement_finds_the_width_that_matches_roofs():
 
 def test_unknown_eaves_hides_the_band_inside_each_outline_but_not_at_the_raster_edge(tmp_path):
   from data_pipelines.labels import unknown_eaves
+
   label = _house()
   label[0:8, 0:10] = 1  # a building cut by the raster's edge
   path = tmp_path / "labels.tif"
-  with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8",
-                     nodata=255, crs="EPSG:3007", transform=from_origin(0, 40, 1, 1)) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=50,
+    height=40,
+    count=1,
+    dtype="uint8",
+    nodata=255,
+    crs="EPSG:3007",
+    transform=from_origin(0, 40, 1, 1),
+  ) as dst:
     dst.write(label, 1)
   assert unknown_eaves(path, 1.0) == 2 * 20 + 2 * 18 + 8 + 10 - 1
   with rasterio.open(path) as src:
@@ -86,13 +107,19 @@ def test_unknown_eaves_hides_the_band_inside_each_outline_but_not_at_the_raster_
 def test_gothenburg_trained_beside_wall_lines_loses_its_eave_band(tmp_path):
   from data_pipelines.areas import prepare_area
   from data_pipelines.reader import read_manifest
-  plain = read_manifest(str(prepare_area("gothenburg", tmp_path / "roof", "buildings", progress=False)))
-  walls = read_manifest(str(prepare_area("gothenburg", tmp_path / "wall", "buildings", wall_lines=True,
-                                         progress=False)))
+
+  plain = read_manifest(
+    str(prepare_area("gothenburg", tmp_path / "roof", "buildings", progress=False))
+  )
+  walls = read_manifest(
+    str(prepare_area("gothenburg", tmp_path / "wall", "buildings", wall_lines=True, progress=False))
+  )
   assert plain["preset"]["eaves_unknown"]["cells"] == 0 and plain["preset"]["outline"] == "roof"
   cells = walls["preset"]["eaves_unknown"]["cells"]
-  with rasterio.open(tmp_path / "roof" / "labels" / "buildings.tif") as a, \
-       rasterio.open(tmp_path / "wall" / "labels" / "buildings.tif") as b:
+  with (
+    rasterio.open(tmp_path / "roof" / "labels" / "buildings.tif") as a,
+    rasterio.open(tmp_path / "wall" / "labels" / "buildings.tif") as b,
+  ):
     roof, wall = a.read(1), b.read(1)
   assert cells == ((wall == 255) & (roof == 1)).sum() > 1000
   assert ((wall != roof) <= (roof == 1)).all()  # only building cells changed

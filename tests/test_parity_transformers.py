@@ -8,6 +8,7 @@ mask and every parameter gradient must agree to 1e-4 (float32).
 
 `python tests/test_parity_transformers.py` prints the measured errors (docs/checkpoints.md).
 """
+
 import json
 import shutil
 import sys
@@ -29,17 +30,31 @@ def hf_model(in_chans: int, norm_pix_loss: bool, seed: int = 0):
   """The `tiny` preset as a ViTMAE (official LayerNorm eps and exact gelu), every tensor random:
   weights ~ 1/sqrt(fan_in), norm scales ~ 1, biases, tokens and position tables ~ 0.1."""
   config = transformers.ViTMAEConfig(
-      hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-      image_size=32, patch_size=4, num_channels=in_chans, decoder_hidden_size=32,
-      decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=128,
-      layer_norm_eps=1e-6, hidden_act="gelu", mask_ratio=0.75, norm_pix_loss=norm_pix_loss)
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=256,
+    image_size=32,
+    patch_size=4,
+    num_channels=in_chans,
+    decoder_hidden_size=32,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=128,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu",
+    mask_ratio=0.75,
+    norm_pix_loss=norm_pix_loss,
+  )
   model = transformers.ViTMAEForPreTraining(config).eval()
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
-      std = p[0].numel()**-0.5 if p.ndim >= 2 and name.endswith("weight") else 0.1
-      p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if "norm" in name and
-                                                            name.endswith("weight") else 0.0))
+      std = p[0].numel() ** -0.5 if p.ndim >= 2 and name.endswith("weight") else 0.1
+      p.copy_(
+        torch.randn(p.shape, generator=gen) * std
+        + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+      )
   return model
 
 
@@ -55,10 +70,12 @@ def official_from_hf(hf, get=lambda p: p) -> dict:
     a = layer.attention
     put(f"{prefix}.norm1", layer.layernorm_before)
     put(f"{prefix}.norm2", layer.layernorm_after)
-    sd[f"{prefix}.attn.qkv.weight"] = torch.cat([get(a.q_proj.weight), get(a.k_proj.weight),
-                                                 get(a.v_proj.weight)])
-    sd[f"{prefix}.attn.qkv.bias"] = torch.cat([get(a.q_proj.bias), get(a.k_proj.bias),
-                                               get(a.v_proj.bias)])
+    sd[f"{prefix}.attn.qkv.weight"] = torch.cat(
+      [get(a.q_proj.weight), get(a.k_proj.weight), get(a.v_proj.weight)]
+    )
+    sd[f"{prefix}.attn.qkv.bias"] = torch.cat(
+      [get(a.q_proj.bias), get(a.k_proj.bias), get(a.v_proj.bias)]
+    )
     put(f"{prefix}.attn.proj", a.o_proj)
     put(f"{prefix}.mlp.fc1", layer.mlp.fc1)
     put(f"{prefix}.mlp.fc2", layer.mlp.fc2)
@@ -86,8 +103,11 @@ def write(hf, layout: str, root: Path, encoder_only: bool = False) -> Path:
   if layout == "hf_hub_bin":  # Hub names: vit.encoder.layer.N..., decoder.decoder_layers.N...
     hf.save_pretrained(root / "saved")
     from safetensors.torch import load_file
-    sd = {k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v
-          for k, v in load_file(root / "saved" / "model.safetensors").items()}
+
+    sd = {
+      k.replace("decoder.decoder_encoder.layer.", "decoder.decoder_layers."): v
+      for k, v in load_file(root / "saved" / "model.safetensors").items()
+    }
     assert any(k.startswith("vit.encoder.layer.0.attention.attention.query") for k in sd)
     (root / "hub").mkdir()
     torch.save(sd, root / "hub" / "pytorch_model.bin")
@@ -125,8 +145,12 @@ def forward_errors(layout: str, in_chans: int, norm_pix_loss: bool, root: Path) 
   hf = hf_model(in_chans, norm_pix_loss)
   path = write(hf, layout, root)
   # Files without a config.json do not say which loss they were trained with.
-  model = api.from_pretrained(path, **({} if layout.startswith("hf_") and layout != "hf_v5_bin"
-                                       else {"norm_pix_loss": norm_pix_loss}))
+  model = api.from_pretrained(
+    path,
+    **(
+      {} if layout.startswith("hf_") and layout != "hf_v5_bin" else {"norm_pix_loss": norm_pix_loss}
+    ),
+  )
   assert model.config.norm_pix_loss == norm_pix_loss and model.config.in_chans == in_chans
   images, noise, x, n = inputs(in_chans)
   loss, pred, mask = forward(model, images, noise)
@@ -134,8 +158,11 @@ def forward_errors(layout: str, in_chans: int, norm_pix_loss: bool, root: Path) 
     out = hf(pixel_values=x, noise=n)
     enc = hf.vit(pixel_values=x, noise=n)
   np.testing.assert_array_equal(np.asarray(mask), out.mask.numpy())
-  return {"loss": err(loss, out.loss), "logits": err(pred, out.logits),
-          "last_hidden_state": err(latent(model, images, noise), enc.last_hidden_state)}
+  return {
+    "loss": err(loss, out.loss),
+    "logits": err(pred, out.logits),
+    "last_hidden_state": err(latent(model, images, noise), enc.last_hidden_state),
+  }
 
 
 def encode_errors(layout: str, in_chans: int, root: Path) -> dict:
@@ -144,11 +171,11 @@ def encode_errors(layout: str, in_chans: int, root: Path) -> dict:
   images, _, x, _ = inputs(in_chans)
   hf.config.mask_ratio = 0.0  # keep every patch, in order: HF's blocks then see what encode sees
   with torch.no_grad():
-    out = hf.vit(pixel_values=x, noise=torch.arange(64.).expand(2, 64),
-                 output_hidden_states=True)
+    out = hf.vit(pixel_values=x, noise=torch.arange(64.0).expand(2, 64), output_hidden_states=True)
   assert len(out.hidden_states) == 1 + len(LAYERS)  # [embeddings, block 0, ..., block 3]
-  return {f"block {i}": err(f, out.hidden_states[i + 1])
-          for i, f in zip(LAYERS, encode(model, images))}
+  return {
+    f"block {i}": err(f, out.hidden_states[i + 1]) for i, f in zip(LAYERS, encode(model, images))
+  }
 
 
 def gradient_errors(in_chans: int, norm_pix_loss: bool, root: Path) -> dict:
@@ -164,26 +191,33 @@ def gradient_errors(in_chans: int, norm_pix_loss: bool, root: Path) -> dict:
   theirs = official_from_hf(hf, get=lambda p: p.grad)
   fixed = {"pos_embed", "decoder_pos_embed"}  # sin-cos tables, not trained on either side
   assert all(theirs[k] is None for k in fixed)
-  assert all(theirs[k] is not None and float(theirs[k].abs().max()) > 0
-             for k in theirs if k not in fixed)
+  assert all(
+    theirs[k] is not None and float(theirs[k].abs().max()) > 0 for k in theirs if k not in fixed
+  )
   return {k: err(ours[k], theirs[k]) for k in theirs if k not in fixed}
 
 
-CASES = [(layout, c, npl) for layout in ("hf_safetensors", "official_pth") for c in (1, 3)
-         for npl in (False, True)] + [("hf_hub_bin", 3, False), ("hf_v5_bin", 1, True)]
+CASES = [
+  (layout, c, npl)
+  for layout in ("hf_safetensors", "official_pth")
+  for c in (1, 3)
+  for npl in (False, True)
+] + [("hf_hub_bin", 3, False), ("hf_v5_bin", 1, True)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,in_chans,norm_pix_loss", CASES)
-def test_loss_logits_mask_and_encoder_output_match_transformers(layout, in_chans, norm_pix_loss,
-                                                                tmp_path):
+def test_loss_logits_mask_and_encoder_output_match_transformers(
+  layout, in_chans, norm_pix_loss, tmp_path
+):
   errors = forward_errors(layout, in_chans, norm_pix_loss, tmp_path)
   assert max(errors.values()) <= ATOL, errors
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,in_chans", [("official_pth", 1), ("official_pth", 3),
-                                             ("hf_safetensors", 1)])
+@pytest.mark.parametrize(
+  "layout,in_chans", [("official_pth", 1), ("official_pth", 3), ("hf_safetensors", 1)]
+)
 def test_encode_block_outputs_match_transformers_hidden_states(layout, in_chans, tmp_path):
   errors = encode_errors(layout, in_chans, tmp_path)
   assert max(errors.values()) <= ATOL, errors
@@ -226,26 +260,38 @@ def test_hf_file_with_a_missing_or_unknown_tensor_is_refused_in_its_own_names(tm
     api.from_pretrained(tmp_path / "pytorch_model.bin")
   msg = str(e.value)
   assert "pytorch_model.bin" in msg and "missing (1): blocks.1.attn.qkv.bias" in msg
-  assert ("unexpected (3): vit.layers.0.attention.rotary.weight, "
-          "vit.layers.1.attention.q_proj.bias, vit.layers.1.attention.v_proj.bias") in msg
+  assert (
+    "unexpected (3): vit.layers.0.attention.rotary.weight, "
+    "vit.layers.1.attention.q_proj.bias, vit.layers.1.attention.v_proj.bias"
+  ) in msg
 
 
 def _print_report():
   import tempfile
+
   rows = []
   with tempfile.TemporaryDirectory() as d:
     fresh = lambda: Path(tempfile.mkdtemp(dir=d))  # one directory per case
     for layout, c, npl in CASES:
-      rows += [(f"forward {layout} in_chans={c} norm_pix_loss={npl}", k, v)
-               for k, v in forward_errors(layout, c, npl, fresh()).items()]
+      rows += [
+        (f"forward {layout} in_chans={c} norm_pix_loss={npl}", k, v)
+        for k, v in forward_errors(layout, c, npl, fresh()).items()
+      ]
     for layout, c in (("official_pth", 1), ("official_pth", 3), ("hf_safetensors", 1)):
-      rows += [(f"encode {layout} (encoder only) in_chans={c}", k, v)
-               for k, v in encode_errors(layout, c, fresh()).items()]
+      rows += [
+        (f"encode {layout} (encoder only) in_chans={c}", k, v)
+        for k, v in encode_errors(layout, c, fresh()).items()
+      ]
     for c, npl in ((1, True), (3, False)):
       g = gradient_errors(c, npl, fresh())
       worst = max(g, key=g.get)
-      rows.append((f"gradients in_chans={c} norm_pix_loss={npl}", f"all {len(g)} params "
-                   f"(worst {worst})", g[worst]))
+      rows.append(
+        (
+          f"gradients in_chans={c} norm_pix_loss={npl}",
+          f"all {len(g)} params (worst {worst})",
+          g[worst],
+        )
+      )
   print("| case | quantity | max abs error |\n|---|---|---|")
   for case, q, v in rows:
     print(f"| {case} | {q} | {v:.2e} |")
@@ -259,6 +305,7 @@ def test_gelu_matches_torch_exact_gelu_and_its_gradient():
   import jax
 
   from demmae_jax.models import vit
+
   x = np.random.default_rng(0).normal(scale=4.0, size=20000).astype(np.float32)
   xt = torch.tensor(x, requires_grad=True)
   ref = torch.nn.functional.gelu(xt)

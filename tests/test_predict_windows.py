@@ -2,6 +2,7 @@
 whose answer is known exactly: blending any overlapping windows of a per-pixel function must
 give the function back, so stitching, georeferencing, nodata and block-independence are checked
 without training."""
+
 import numpy as np
 import pyogrio
 import pytest
@@ -19,9 +20,18 @@ TRANSFORM = from_origin(84800.0, 447650.0, 0.5, 0.5)
 def write_tif(path, data, crs=CRS, nodata=None, transform=TRANSFORM):
   data = np.asarray(data, np.float32)
   data = data[None] if data.ndim == 2 else data
-  with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
-                     count=data.shape[0], dtype="float32", crs=crs, transform=transform,
-                     nodata=nodata) as dst:
+  with rasterio.open(
+    path,
+    "w",
+    driver="GTiff",
+    width=data.shape[2],
+    height=data.shape[1],
+    count=data.shape[0],
+    dtype="float32",
+    crs=crs,
+    transform=transform,
+    nodata=nodata,
+  ) as dst:
     dst.write(data)
   return path
 
@@ -63,8 +73,15 @@ def test_predict_keeps_crs_transform_and_recovers_a_per_pixel_model(tmp_path):
   dem, _ = blocks_dem()
   src = write_tif(tmp_path / "dem.tif", dem)
   opts = raster.PredictOptions(tile=16, overlap=6, batch_size=4, block=32)
-  summary = raster.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
-                                   probabilities_path=tmp_path / "p.tif", progress=False)
+  summary = raster.predict_raster(
+    src,
+    tmp_path / "cls.tif",
+    threshold_apply,
+    identity,
+    opts,
+    probabilities_path=tmp_path / "p.tif",
+    progress=False,
+  )
   classes, profile, crs, transform = read(tmp_path / "cls.tif")
   assert crs == rasterio.crs.CRS.from_string(CRS) and transform == TRANSFORM
   assert classes.shape == dem.shape and profile["nodata"] == 255
@@ -86,8 +103,15 @@ def test_output_does_not_depend_on_block_size(tmp_path):
   outs = []
   for block in (16, 40, 4096):
     opts = raster.PredictOptions(tile=16, overlap=8, batch_size=3, block=block)
-    raster.predict_raster(src, tmp_path / f"p{block}.tif", smooth_apply, identity, opts,
-                           probabilities_path=tmp_path / f"prob{block}.tif", progress=False)
+    raster.predict_raster(
+      src,
+      tmp_path / f"p{block}.tif",
+      smooth_apply,
+      identity,
+      opts,
+      probabilities_path=tmp_path / f"prob{block}.tif",
+      progress=False,
+    )
     outs.append(read(tmp_path / f"prob{block}.tif", 2)[0])
   np.testing.assert_array_equal(outs[0], outs[2])
   np.testing.assert_array_equal(outs[1], outs[2])
@@ -100,8 +124,9 @@ def test_nodata_and_nan_pixels_become_output_nodata(tmp_path):
   dem[60:70, 70:90] = -9999.0
   src = write_tif(tmp_path / "dem.tif", dem, nodata=-9999.0)
   opts = raster.PredictOptions(tile=16, overlap=4, batch_size=8, block=24)
-  summary = raster.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
-                                   progress=False)
+  summary = raster.predict_raster(
+    src, tmp_path / "cls.tif", threshold_apply, identity, opts, progress=False
+  )
   classes = read(tmp_path / "cls.tif")[0]
   invalid = (dem == -9999.0) | np.isnan(dem)
   assert (classes[invalid] == 255).all()
@@ -114,7 +139,9 @@ def test_three_band_raster_needs_an_explicit_band(tmp_path):
   src = write_tif(tmp_path / "rgb.tif", np.stack([dem + 100, dem, dem - 100]))
   opts = raster.PredictOptions(tile=16, overlap=4)
   with pytest.raises(DataError, match=r"rgb.tif: has 3 bands .* --band"):
-    raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
+    raster.predict_raster(
+      src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False
+    )
   assert not (tmp_path / "out.tif").exists()
   opts = raster.PredictOptions(tile=16, overlap=4, band=2)
   raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
@@ -126,9 +153,12 @@ def test_raster_without_crs_is_refused_unless_a_crs_is_given(tmp_path):
   src = write_tif(tmp_path / "nocrs.tif", dem, crs=None)
   opts = raster.PredictOptions(tile=16, overlap=4)
   with pytest.raises(DataError, match="nocrs.tif: has no CRS"):
-    raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False)
-  raster.predict_raster(src, tmp_path / "out.tif", threshold_apply, identity, opts, crs=CRS,
-                         progress=False)
+    raster.predict_raster(
+      src, tmp_path / "out.tif", threshold_apply, identity, opts, progress=False
+    )
+  raster.predict_raster(
+    src, tmp_path / "out.tif", threshold_apply, identity, opts, crs=CRS, progress=False
+  )
   assert read(tmp_path / "out.tif")[2] == rasterio.crs.CRS.from_string(CRS)
 
 
@@ -176,8 +206,15 @@ def test_polygons_are_merged_across_blocks(tmp_path, suffix):
   dem, boxes = blocks_dem()
   src = write_tif(tmp_path / "dem.tif", dem)
   opts = raster.PredictOptions(tile=16, overlap=4, block=16)  # every box spans blocks
-  raster.predict_raster(src, tmp_path / "cls.tif", threshold_apply, identity, opts,
-                         polygons_path=tmp_path / f"b{suffix}", progress=False)
+  raster.predict_raster(
+    src,
+    tmp_path / "cls.tif",
+    threshold_apply,
+    identity,
+    opts,
+    polygons_path=tmp_path / f"b{suffix}",
+    progress=False,
+  )
   info = pyogrio.read_info(tmp_path / f"b{suffix}")
   assert info["features"] == len(boxes)
   assert rasterio.crs.CRS.from_user_input(info["crs"]) == rasterio.crs.CRS.from_string(CRS)
@@ -189,6 +226,7 @@ def test_polygons_are_merged_across_blocks(tmp_path, suffix):
 def test_height_above_ground_check_refuses_absolute_heights(tmp_path):
   from data_pipelines.errors import DataError
   from demmae_jax.inference.raster import check_height_above_ground
+
   ndsm, _ = blocks_dem()  # ground ~0 m, 10 m blocks
   write_tif(tmp_path / "ndsm.tif", ndsm)
   check_height_above_ground(tmp_path / "ndsm.tif")

@@ -1,4 +1,5 @@
 """configs/dem_pretrain.py: every preset builds a valid, locked config; base is the paper's."""
+
 import pytest
 
 from demmae_jax.train.pretrain import model_config
@@ -40,17 +41,22 @@ def test_cpu_hr_is_the_cpu_model_on_the_corpus_normalised_as_finetuning_and_othe
   assert hr.data.corpus == "auto" and hr.data.normalisation.mode == "ndsm"
   # the same metres-to-input scale as finetuning reads nDSM tiles with (configs/finetune.py)
   from demmae_jax import config_files
+
   unet = config_files.get_config("finetune", "cpu_unet_buildings")
   assert hr.data.normalisation.scale_m == unet.data.normalisation.scale_m == 30.0
   assert not hr.data.files and not hr.data.lidar_files and not hr.data.eval_files  # the corpus's
   for preset in ("tiny", "cpu", "base", "large"):
     c = dem_pretrain_config(preset)
-    assert c.data.corpus == "" and c.data.normalisation.mode == "minmax" and c.data.corpus_tiles == ""
+    assert (
+      c.data.corpus == "" and c.data.normalisation.mode == "minmax" and c.data.corpus_tiles == ""
+    )
 
 
 def test_cpu_tiles_is_cpu_hr_streamed_from_a_tfrecord_corpus():
   tiles, hr = dem_pretrain_config("cpu_tiles"), dem_pretrain_config("cpu_hr")
   assert tiles.model.to_dict() == hr.model.to_dict() and tiles.total_steps == hr.total_steps
-  assert tiles.data.corpus_tiles == "auto" and tiles.data.corpus == "" and hr.data.corpus_tiles == ""
+  assert (
+    tiles.data.corpus_tiles == "auto" and tiles.data.corpus == "" and hr.data.corpus_tiles == ""
+  )
   assert tiles.data.normalisation.to_dict() == hr.data.normalisation.to_dict()
   assert tiles.data.corpus_cell_size == hr.data.corpus_cell_size == 0.5

@@ -1,6 +1,7 @@
 """The high-resolution pretraining corpus (data_pipelines/pretrain_corpus.py): the val/test blocks
 of the labelled sets the experiments prepare are NaN in it, no RasterCrops crop overlaps them,
 the held-out splits are those of configs/experiments.py and areas.py, the build resumes."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -29,7 +30,9 @@ def test_rect_mask_takes_every_overlapped_cell_and_no_edge_neighbour():
 
 
 def _load(path):
-  spec = importlib.util.spec_from_file_location(Path(path).stem, Path(__file__).parent.parent / path)
+  spec = importlib.util.spec_from_file_location(
+    Path(path).stem, Path(__file__).parent.parent / path
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -37,10 +40,14 @@ def _load(path):
 
 def test_held_out_splits_are_the_protocols_ones():
   from data_pipelines.areas import AREAS
+
   cpu = _load("configs/experiments.py").PROTOCOLS["cpu"]
   specs = {(s.area, s.task, s.cell_size, s.tile_size, s.block_px) for s in pc.HELD_OUT}
   # the cpu protocol's Delft (0.5 m, prepare_delft's default) and Alexandria (2 m) sets
-  for area, cell, tasks in (("delft", 0.5, ("buildings", "roads")), ("alexandria", 2.0, ("buildings",))):
+  for area, cell, tasks in (
+    ("delft", 0.5, ("buildings", "roads")),
+    ("alexandria", 2.0, ("buildings",)),
+  ):
     for task in tasks:
       assert (area, task, cell, cpu["tile_size"], cpu["block_px"]) in specs
   # every labelled area at the leave-one-area-out cell size, with prepare_area's block_px
@@ -50,7 +57,9 @@ def test_held_out_splits_are_the_protocols_ones():
     for task in area.tasks:
       assert (name, task, 1.0, 64, None) in specs, name
   paper = _load("configs/experiments.py").PROTOCOLS["paper"]
-  assert {(s.tile_size, s.block_px) for s in pc.PAPER_HELD_OUT} == {(paper["tile_size"], paper["block_px"])}
+  assert {(s.tile_size, s.block_px) for s in pc.PAPER_HELD_OUT} == {
+    (paper["tile_size"], paper["block_px"])
+  }
   # every labelled place's sources mask it; the unlabelled ones have nothing to mask
   for s in pc.SOURCES:
     labelled = s.place in {a.place for a in AREAS.values()}
@@ -60,11 +69,15 @@ def test_held_out_splits_are_the_protocols_ones():
 
 
 def test_corpus_rasters_pick_the_product_and_keep_eval_apart(tmp_path):
-  sources = [{"role": r, "files": {"dsm": f"{n}/dsm.tif", "ndsm": f"{n}/ndsm.tif"}}
-             for n, r in (("a", "train"), ("b", "eval"), ("c", "train"))]
+  sources = [
+    {"role": r, "files": {"dsm": f"{n}/dsm.tif", "ndsm": f"{n}/ndsm.tif"}}
+    for n, r in (("a", "train"), ("b", "eval"), ("c", "train"))
+  ]
   (tmp_path / pc.CORPUS_JSON).write_text(json.dumps({"sources": sources}))
   train, held = pc.corpus_rasters(tmp_path, "ndsm")
-  assert train == [tmp_path / "a/ndsm.tif", tmp_path / "c/ndsm.tif"] and held == [tmp_path / "b/ndsm.tif"]
+  assert train == [tmp_path / "a/ndsm.tif", tmp_path / "c/ndsm.tif"] and held == [
+    tmp_path / "b/ndsm.tif"
+  ]
   assert pc.corpus_rasters(tmp_path, "relative")[0][0] == tmp_path / "a/dsm.tif"
   with pytest.raises(FileNotFoundError, match="prepare_data.py corpus"):
     pc.corpus_rasters(tmp_path / "none", "ndsm")
@@ -100,6 +113,7 @@ def _tile_rects(manifest_path, splits=("val", "test")):
 
   from data_pipelines.reader import read_manifest, split_files
   from data_pipelines.tile_records import decode_tile_numpy
+
   m = read_manifest(str(manifest_path))
   with rasterio.open(Path(manifest_path).parent / m["sources"]["elevation"]) as src:
     t = src.transform
@@ -117,16 +131,21 @@ def _tile_rects(manifest_path, splits=("val", "test")):
 def test_val_and_test_tiles_of_the_experiments_sets_are_nan_in_the_corpus(corpus, tmp_path):
   from data_pipelines.areas import prepare_area
   from data_pipelines.prepare import prepare_alexandria, prepare_delft
+
   out, manifest = corpus
   by_name = {s["name"]: s for s in manifest["sources"]}
   cpu = _load("configs/experiments.py").PROTOCOLS["cpu"]
   kw = dict(tile_size=cpu["tile_size"], stride=32, block_px=cpu["block_px"], progress=False)
   sets = {  # prepared here as the experiments and leave-one-area-out prepare them (other stride)
-      "delft": [prepare_delft(tmp_path / "d_cpu", "roads", **kw),
-                prepare_area("delft", tmp_path / "d_loao", "buildings", 1.0, progress=False)],
-      "alexandria": [prepare_alexandria(tmp_path / "a_cpu", **kw),
-                     prepare_area("alexandria", tmp_path / "a_loao", "buildings", 1.0, progress=False)],
-      "gothenburg": [prepare_area("gothenburg", tmp_path / "g_loao", "roads", 1.0, progress=False)],
+    "delft": [
+      prepare_delft(tmp_path / "d_cpu", "roads", **kw),
+      prepare_area("delft", tmp_path / "d_loao", "buildings", 1.0, progress=False),
+    ],
+    "alexandria": [
+      prepare_alexandria(tmp_path / "a_cpu", **kw),
+      prepare_area("alexandria", tmp_path / "a_loao", "buildings", 1.0, progress=False),
+    ],
+    "gothenburg": [prepare_area("gothenburg", tmp_path / "g_loao", "roads", 1.0, progress=False)],
   }
   overlapped = 0
   for name, manifests in sets.items():
@@ -171,8 +190,8 @@ def test_no_crop_overlaps_a_held_out_block(corpus, product):
   for step in range(25):  # 1600 crops
     for j in range(64):
       w = src.window(step, j)
-      assert not masks[w.raster][w.y:w.y + w.size, w.x:w.x + w.size].any(), (step, j, w)
-      seen[w.raster][w.y:w.y + w.size, w.x:w.x + w.size] = True
+      assert not masks[w.raster][w.y : w.y + w.size, w.x : w.x + w.size].any(), (step, j, w)
+      seen[w.raster][w.y : w.y + w.size, w.x : w.x + w.size] = True
   assert all(s.any() for s in seen)  # every source was drawn from
   image = src.batch(0)["image"]
   assert np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1
@@ -203,7 +222,9 @@ def test_build_resumes_skipping_finished_sources(corpus, tmp_path, monkeypatch):
   monkeypatch.setattr(pc, "_write", real)
   done = pc.build_corpus(part, 1.0, progress=False, sources=LABELLED[1:])
   drop = lambda r: {k: v for k, v in r.items() if k != "build_seconds"}  # noqa: E731
-  assert [drop(s) for s in done["sources"]] == [drop(s) for s in first["sources"] if s["name"] != "delft"]
+  assert [drop(s) for s in done["sources"]] == [
+    drop(s) for s in first["sources"] if s["name"] != "delft"
+  ]
 
 
 @pytest.mark.realdata
@@ -216,13 +237,25 @@ def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
   from test_train_support import ROOT, child_env
 
   def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=child_env(), capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+      [sys.executable, *args],
+      cwd=ROOT,
+      env=child_env(),
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
 
   corpus = tmp_path / "corpus"
   keep = ("gothenburg", "la_rochelle")  # one labelled place, the evaluation tile
-  out = run("scripts/prepare_data.py", "corpus", "--out", str(corpus), "--exclude",
-            *sorted({s.place for s in pc.SOURCES} - set(keep)))
+  out = run(
+    "scripts/prepare_data.py",
+    "corpus",
+    "--out",
+    str(corpus),
+    "--exclude",
+    *sorted({s.place for s in pc.SOURCES} - set(keep)),
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "gothenburg" in out.stdout and "ign_larochelle   eval" in out.stdout
   manifest = json.loads((corpus / pc.CORPUS_JSON).read_text())
@@ -232,6 +265,7 @@ def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
   # its nDSM is at least the canopy height wherever the canopy raster has a crown
   from data_pipelines.prepare import GOTHENBURG_CANOPY
   from data_pipelines.shared_data import shared_file
+
   with rasterio.open(corpus / "gothenburg" / "ndsm.tif") as g:
     ndsm, bounds = g.read(1), g.bounds
   with rasterio.open(shared_file(GOTHENBURG_CANOPY)) as c:
@@ -241,16 +275,30 @@ def test_cli_builds_a_corpus_that_pretrain_reads_with_eval_held_out(tmp_path):
   assert (ndsm[crowns] >= trees[crowns] - 0.01).all()
   wd = tmp_path / "run"
   cfg = str(ROOT / "configs" / "dem_pretrain.py")
-  out = run("scripts/pretrain.py", f"--config={cfg}:tiny", f"--workdir={wd}", f"--config.data.corpus={corpus}",
-            "--config.data.normalisation.mode=ndsm", "--config.data.normalisation.scale_m=10",
-            "--config.total_steps=4", "--config.optim.warmup_steps=1", "--config.eval_every_steps=2",
-            "--config.log.every_steps=1", "--config.log.progress=False", "--config.log.picture_every_steps=0")
+  out = run(
+    "scripts/pretrain.py",
+    f"--config={cfg}:tiny",
+    f"--workdir={wd}",
+    f"--config.data.corpus={corpus}",
+    "--config.data.normalisation.mode=ndsm",
+    "--config.data.normalisation.scale_m=10",
+    "--config.total_steps=4",
+    "--config.optim.warmup_steps=1",
+    "--config.eval_every_steps=2",
+    "--config.log.every_steps=1",
+    "--config.log.progress=False",
+    "--config.log.picture_every_steps=0",
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   rows = read_jsonl(wd / "metrics.jsonl")
   assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
   assert all(np.isfinite(r["eval_loss"]) for r in rows if "eval_loss" in r)
   # nDSM without a corpus is refused before anything is written
-  out = run("scripts/pretrain.py", f"--config={cfg}:tiny", f"--workdir={tmp_path / 'no'}",
-            "--config.data.normalisation.mode=ndsm")
+  out = run(
+    "scripts/pretrain.py",
+    f"--config={cfg}:tiny",
+    f"--workdir={tmp_path / 'no'}",
+    "--config.data.normalisation.mode=ndsm",
+  )
   assert out.returncode != 0 and "set --config.data.corpus" in out.stderr
   assert not (tmp_path / "no").exists()

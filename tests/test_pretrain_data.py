@@ -1,5 +1,6 @@
 """RasterCrops: deterministic by (seed, step, sample), split over processes without changing
 the global batch, nodata and flat crops redrawn; the shared SRTM .hgt read with its voids."""
+
 import numpy as np
 import pytest
 
@@ -39,6 +40,7 @@ def test_nodata_and_flat_crops_are_redrawn_and_hopeless_rasters_fail_clearly():
 @pytest.mark.realdata
 def test_reads_shared_srtm_hgt_with_voids_as_nan():
   from data_pipelines.shared_data import shared_file
+
   path = shared_file("pretrain/N44W072.hgt")  # New Hampshire, SRTM 3 arc-second
   dem = read_elevation(path)
   assert dem.shape == (1201, 1201)
@@ -55,7 +57,7 @@ def _minmax_before_normalisation_modes(src: RasterCrops, step: int, index: int) 
     r = src.rasters[rng.choice(len(src.rasters), p=src.weights)]
     y = rng.integers(0, r.shape[0] - c + 1)
     x = rng.integers(0, r.shape[1] - c + 1)
-    tile = r[y:y + c, x:x + c]
+    tile = r[y : y + c, x : x + c]
     if np.isnan(tile).any():
       continue
     lo, hi = float(tile.min()), float(tile.max())
@@ -82,13 +84,16 @@ def test_minmax_default_is_bit_identical_to_before(augment):
   src = RasterCrops(_two_rasters(), 24, 16, seed=7, augment=augment)
   for step in (0, 3):
     got = src.batch(step)["image"]
-    want = np.stack([_minmax_before_normalisation_modes(src, step, j) for j in range(16)])[..., None]
+    want = np.stack([_minmax_before_normalisation_modes(src, step, j) for j in range(16)])[
+      ..., None
+    ]
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("mode", ["relative", "ndsm"])
 def test_modes_normalise_the_raw_crop_as_finetuning_does(mode):
   from data_pipelines.normalisation import normalise_numpy
+
   rasters = _two_rasters()
   # 0-25 m above the lowest point: heights like an nDSM's, some above scale_m
   rasters = [(r - np.nanmin(r)) * np.float32(25 / (np.nanmax(r) - np.nanmin(r))) for r in rasters]
@@ -99,8 +104,10 @@ def test_modes_normalise_the_raw_crop_as_finetuning_does(mode):
     w = src.window(2, j)
     raw = src.raw(w)
     # the window, rotated and flipped, is the raw crop
-    cut = rasters[w.raster][w.y:w.y + 32, w.x:w.x + 32]
-    np.testing.assert_array_equal(raw, np.rot90(cut, w.rot)[:, ::-1] if w.flip else np.rot90(cut, w.rot))
+    cut = rasters[w.raster][w.y : w.y + 32, w.x : w.x + 32]
+    np.testing.assert_array_equal(
+      raw, np.rot90(cut, w.rot)[:, ::-1] if w.flip else np.rot90(cut, w.rot)
+    )
     kw = dict(ndsm=raw) if mode == "ndsm" else dict(low_percentile=5.0)
     np.testing.assert_array_equal(images[j], normalise_numpy(raw, None, mode, scale_m=10.0, **kw))
     np.testing.assert_array_equal(images[j, ..., 0], src.sample(2, j))

@@ -1,5 +1,6 @@
 """Continued pretraining from a ported checkpoint: `--config.init=DIR --config.channel_adapt=sum`
 starts from its weights (RGB patch kernel summed to one channel); another architecture is refused."""
+
 import jax
 import numpy as np
 import pytest
@@ -28,9 +29,12 @@ def test_init_from_rgb_checkpoint_sums_the_patch_kernel_and_keeps_every_other_we
   got, want = _flat(state["params"]), _flat(nnx.state(rgb, nnx.Param))
   assert got.keys() == want.keys()
   kernel = want.pop("patch_embed/proj/kernel")  # HWIO: [4, 4, 3, 64]
-  np.testing.assert_allclose(got.pop("patch_embed/proj/kernel"), kernel.sum(2, keepdims=True),
-                             rtol=1e-6)
-  decoder_pred = {k: (got.pop(k), want.pop(k)) for k in ("decoder_pred/kernel", "decoder_pred/bias")}
+  np.testing.assert_allclose(
+    got.pop("patch_embed/proj/kernel"), kernel.sum(2, keepdims=True), rtol=1e-6
+  )
+  decoder_pred = {
+    k: (got.pop(k), want.pop(k)) for k in ("decoder_pred/kernel", "decoder_pred/bias")
+  }
   assert decoder_pred["decoder_pred/kernel"][0].shape == (32, 16)  # one channel out
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

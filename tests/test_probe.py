@@ -1,4 +1,5 @@
 """The few-label probe of an encoder (demmae_jax/probe.py): views, the linear pixel map, a model."""
+
 import numpy as np
 
 from demmae_jax import probe
@@ -38,8 +39,20 @@ def test_linear_map_puts_each_logit_on_its_own_pixel():
 
 
 def test_probe_model_on_a_tiny_mae():
-  model = mae_model.build("tiny", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                          num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-  out = probe.probe_model(model, [_scene(n=2, seed=0), _scene(n=2, seed=2)], _scene(seed=1), steps=50)
+  model = mae_model.build(
+    "tiny",
+    img_size=16,
+    patch_size=4,
+    in_chans=1,
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+  )
+  out = probe.probe_model(
+    model, [_scene(n=2, seed=0), _scene(n=2, seed=2)], _scene(seed=1), steps=50
+  )
   assert len(out["draws"]) == 2 and 0 <= out["iou"] <= 1
   assert out["iou"] > 0.3  # random projections of a patch still carry its pixels

@@ -1,4 +1,5 @@
 """IoU, precision, recall, F1 and the confusion matrix, with ignore index and validity mask."""
+
 import json
 
 import jax
@@ -25,8 +26,9 @@ def test_summary_of_a_known_binary_case():
   # label:      1 1 1 0 0 0 | pred: 1 1 0 1 0 0  -> tp 2, fn 1, fp 1, tn 2
   label = np.array([1, 1, 1, 0, 0, 0, 255])
   pred = np.array([1, 1, 0, 1, 0, 0, 1])
-  s = metrics.summarize(np.asarray(metrics.confusion_matrix(pred, label, 2)),
-                        class_names=["background", "building"])
+  s = metrics.summarize(
+    np.asarray(metrics.confusion_matrix(pred, label, 2)), class_names=["background", "building"]
+  )
   assert s["positive_class"] == "building"
   assert s["iou"] == 2 / 4 and s["per_class"]["background"]["iou"] == 2 / 4
   b = s["per_class"]["building"]
@@ -48,24 +50,25 @@ def _reference_band(mask, width, edge):
   """Independent of the erosion: mask pixels whose chessboard distance to the nearest non-mask
   pixel (beyond the edge too when it is a boundary) is at most `width`."""
   from scipy.ndimage import distance_transform_cdt
+
   pad = np.pad(mask, width + 1, constant_values=edge == "unknown")
-  dist = distance_transform_cdt(pad, metric="chessboard")[width + 1:-width - 1, width + 1:-width - 1]
+  dist = distance_transform_cdt(pad, metric="chessboard")[
+    width + 1 : -width - 1, width + 1 : -width - 1
+  ]
   return mask & (dist <= width)
 
 
 def _square(top, left, side, shape=(48, 48)):
   m = np.zeros(shape, np.uint8)
-  m[top:top + side, left:left + side] = 1
+  m[top : top + side, left : left + side] = 1
   return m
 
 
 def test_inner_band_of_a_hand_worked_square():
   m = _square(1, 1, 3, (5, 5))
-  ring = np.array([[0, 0, 0, 0, 0],
-                   [0, 1, 1, 1, 0],
-                   [0, 1, 0, 1, 0],
-                   [0, 1, 1, 1, 0],
-                   [0, 0, 0, 0, 0]], bool)
+  ring = np.array(
+    [[0, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 0, 1, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]], bool
+  )
   np.testing.assert_array_equal(metrics.inner_band(m, 1), ring)
   np.testing.assert_array_equal(metrics.inner_band(m, 2), m.astype(bool))  # all within 2 px
   # a mask filling the image's left column: the image edge is a boundary only when asked
@@ -77,20 +80,24 @@ def test_inner_band_of_a_hand_worked_square():
 
 def test_inner_band_matches_a_distance_transform_reference_on_random_masks():
   from scipy.ndimage import uniform_filter
+
   masks = uniform_filter(np.random.default_rng(1).random((6, 40, 40)), size=(1, 5, 5)) > 0.5
   for width in (1, 2, 3):
     for edge in ("unknown", "boundary"):
       got = metrics.inner_band(masks, width, edge=edge)  # a batch: tiles must not interact
       for i in range(len(masks)):
-        np.testing.assert_array_equal(got[i], _reference_band(masks[i], width, edge),
-                                      err_msg=f"tile {i} width {width} edge {edge}")
+        np.testing.assert_array_equal(
+          got[i],
+          _reference_band(masks[i], width, edge),
+          err_msg=f"tile {i} width {width} edge {edge}",
+        )
 
 
 def test_boundary_iou_identical_masks_is_one_and_an_empty_pair_is_none():
   label = _square(10, 12, 20)
   b = metrics.BoundaryIoU(2)
   b.update(label, label)
-  assert b.value == 1.0 and b.union == 20 ** 2 - 16 ** 2
+  assert b.value == 1.0 and b.union == 20**2 - 16**2
   empty = metrics.BoundaryIoU(2)
   empty.update(np.zeros((8, 8)), np.zeros((8, 8)))
   assert empty.value is None and empty.summary()["iou"] is None
@@ -100,7 +107,7 @@ def shifted_square_biou(side, width, shift):
   """A square against the same square shifted by `shift` < `width` px along columns: both bands
   are rings of side^2 - (side - 2 width)^2 pixels; they share the top and bottom strips over
   side - shift columns and, on the rows between, width - shift columns on each side."""
-  ring = side ** 2 - (side - 2 * width) ** 2
+  ring = side**2 - (side - 2 * width) ** 2
   inter = 2 * width * (side - shift) + 2 * (width - shift) * (side - 2 * width)
   return inter / (2 * ring - inter)
 
@@ -148,8 +155,8 @@ def test_boundary_iou_skips_ignored_and_invalid_pixels():
 
 
 def test_boundary_iou_accumulates_counts_over_tiles_not_a_mean_of_ratios():
-  a_label, a_pred = _square(8, 8, 20), _square(8, 9, 20)       # 108 / 180
-  b_label, b_pred = _square(8, 8, 30), _square(8, 10, 30)       # 0.5 only at width 3
+  a_label, a_pred = _square(8, 8, 20), _square(8, 9, 20)  # 108 / 180
+  b_label, b_pred = _square(8, 8, 30), _square(8, 10, 30)  # 0.5 only at width 3
   whole = metrics.BoundaryIoU(2)
   whole.update(np.stack([a_pred, b_pred]), np.stack([a_label, b_label]))
   parts = metrics.BoundaryIoU(2)
@@ -164,7 +171,9 @@ def test_boundary_iou_accumulates_counts_over_tiles_not_a_mean_of_ratios():
 def test_band_width_in_pixels_from_metres_or_the_diagonal():
   assert metrics.band_px(1.0, 0.5) == 2 and metrics.band_px(1.0, 2.0) == 1
   assert metrics.band_px(1.0, 0.25) == 4 and metrics.band_px(1.5, 1.0) == 2
-  assert metrics.band_px_from_ratio((64, 64)) == 2 and metrics.band_px_from_ratio((8, 224, 224)) == 6
+  assert (
+    metrics.band_px_from_ratio((64, 64)) == 2 and metrics.band_px_from_ratio((8, 224, 224)) == 6
+  )
   b = metrics.BoundaryIoU.in_metres(0.5)
   assert b.band_px == 2 and b.summary()["band_m"] == 1.0
 

@@ -1,5 +1,6 @@
 """Feature2Pyramid + UperNet (`Segmenter`) and the UNet baseline: shapes, the pooling against
 torch, the frozen backbone, and learning on a real crop (Alexandria nDSM + footprints)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,12 +26,21 @@ def test_segmenter_pyramid_and_logit_shapes():
 
   @nnx.jit
   def run(model, x):
-    return (model.features(x), model(x, with_aux=True, dropout_key=jax.random.key(0)), model(x),
-            model(x))
+    return (
+      model.features(x),
+      model(x, with_aux=True, dropout_key=jax.random.key(0)),
+      model(x),
+      model(x),
+    )
 
   feats, (dropped, aux), plain, again = run(model, x)
   # grid 8 (32 / patch 4) rescaled x4, x2, x1, x0.5
-  assert [f.shape for f in feats] == [(2, 32, 32, 64), (2, 16, 16, 64), (2, 8, 8, 64), (2, 4, 4, 64)]
+  assert [f.shape for f in feats] == [
+    (2, 32, 32, 64),
+    (2, 16, 16, 64),
+    (2, 8, 8, 64),
+    (2, 4, 4, 64),
+  ]
   assert dropped.shape == aux.shape == plain.shape == (2, 32, 32, 3)
   assert np.isfinite(np.asarray(plain)).all()
   # dropout only with a key: without one the call is deterministic
@@ -61,8 +71,9 @@ def test_resize_matches_torch_bilinear_without_align_corners():
   torch = pytest.importorskip("torch")
   x = np.random.default_rng(0).normal(size=(1, 4, 6, 2)).astype(np.float32)
   ours = np.asarray(upernet.resize(jnp.asarray(x), (16, 24)))
-  ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(16, 24),
-                                        mode="bilinear", align_corners=False)
+  ref = torch.nn.functional.interpolate(
+    torch.from_numpy(x).permute(0, 3, 1, 2), size=(16, 24), mode="bilinear", align_corners=False
+  )
   np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
 
@@ -100,23 +111,30 @@ def test_frozen_backbone_gets_no_gradient_and_no_optimizer_state():
     assert not np.any(np.asarray(g))
   after = nnx.state(model.backbone, nnx.Param)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), head_before,
-                         nnx.state(model.decode_head, nnx.Param))
+  changed = jax.tree.map(
+    lambda a, b: not np.array_equal(a, np.asarray(b)),
+    head_before,
+    nnx.state(model.decode_head, nnx.Param),
+  )
   assert all(jax.tree.leaves(changed))
 
 
 def test_unfrozen_backbone_trains_encoder_but_not_the_unused_decoder():
   model = nnx.eval_shape(lambda: tiny_segmenter(freeze=False))
-  paths = ["/".join(map(str, p)) for p, _ in
-           nnx.to_flat_state(nnx.state(model, upernet.trainable_filter(model)))]
+  paths = [
+    "/".join(map(str, p))
+    for p, _ in nnx.to_flat_state(nnx.state(model, upernet.trainable_filter(model)))
+  ]
   assert any(p.startswith("backbone/blocks/attn/") for p in paths)  # stacked: [depth, ...]
-  assert not any("decoder" in p or "mask_token" in p or p.startswith("backbone/norm/")
-                 for p in paths)
+  assert not any(
+    "decoder" in p or "mask_token" in p or p.startswith("backbone/norm/") for p in paths
+  )
 
 
 def test_unet_shapes_and_input_check():
-  model = nnx.eval_shape(lambda: unet.UNet(unet.UNetConfig(num_classes=3, width=8, depth=3),
-                                           rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: unet.UNet(unet.UNetConfig(num_classes=3, width=8, depth=3), rngs=nnx.Rngs(0))
+  )
   out = nnx.eval_shape(lambda m: m(jnp.zeros((2, 32, 48, 1))), model)
   assert out.shape == (2, 32, 48, 3)
   with pytest.raises(ValueError, match="multiples of 8"):
@@ -135,8 +153,11 @@ def alexandria_crops(size=32, n=8, seed=0):
   import shapely
 
   from data_pipelines.shared_data import shared_file
-  with rasterio.open(shared_file("alexandria/dsm.tif")) as dsm, \
-      rasterio.open(shared_file("alexandria/dtm.tif")) as dtm:
+
+  with (
+    rasterio.open(shared_file("alexandria/dsm.tif")) as dsm,
+    rasterio.open(shared_file("alexandria/dtm.tif")) as dtm,
+  ):
     ndsm = dsm.read(1) - dtm.read(1)
     crs, transform, shape = dsm.crs, dsm.transform, dsm.shape
   path = shared_file("alexandria/buildings.geojson")
@@ -146,8 +167,8 @@ def alexandria_crops(size=32, n=8, seed=0):
   label = rasterio.features.rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform)
   rng = np.random.default_rng(seed)
   rows, cols = rng.integers(40, 220 - size, n), rng.integers(55, 238 - size, n)
-  x = np.stack([ndsm[r:r + size, c:c + size] for r, c in zip(rows, cols)])[..., None] / 10.0
-  y = np.stack([label[r:r + size, c:c + size] for r, c in zip(rows, cols)]).astype(np.int32)
+  x = np.stack([ndsm[r : r + size, c : c + size] for r, c in zip(rows, cols)])[..., None] / 10.0
+  y = np.stack([label[r : r + size, c : c + size] for r, c in zip(rows, cols)]).astype(np.int32)
   return jnp.asarray(x, jnp.float32), jnp.asarray(y)
 
 
@@ -158,6 +179,7 @@ def _train(model, x, y, steps, lr):
   def step(model, opt):
     def loss_fn(m):
       return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, opt.wrt))(model)
     opt.update(model, grads)
     return loss

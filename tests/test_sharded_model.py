@@ -2,6 +2,7 @@
 the optimiser state of a run that starts from weights read eagerly is made sharded, and tensor
 parallelism over the 'model' mesh axis (parameter rules + the model's activation constraints)
 gives the 1-device losses and parameters."""
+
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LR_SUM = 3e-3  # 3 steps at lr <= 1e-3
 
-CHILD = r'''
+CHILD = r"""
 import json, re, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -95,16 +96,26 @@ out["one"] = run({"data": 1}, [(".*", "replicate")], jax.devices()[:1])
 out["tp"] = run({"data": 4, "model": 2}, TP + [(".*", "replicate")], None)
 out["fsdp_tp"] = run({"data": 2, "fsdp": 2, "model": 2}, TP + [(".*", "fsdp")], None)
 json.dump(out, open(sys.argv[1], "w"))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def child(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharded") / "out.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-  done = subprocess.run([sys.executable, "-c", CHILD, str(out)], capture_output=True, text=True,
-                        env=env, timeout=1200, cwd=REPO)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(REPO),
+  }
+  done = subprocess.run(
+    [sys.executable, "-c", CHILD, str(out)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=1200,
+    cwd=REPO,
+  )
   assert done.returncode == 0, done.stderr[-4000:]
   return json.loads(out.read_text())
 
@@ -124,6 +135,7 @@ def test_optimizer_state_of_weights_read_eagerly_is_made_sharded(child):
 def test_tensor_parallel_steps_match_one_device(child, run):
   import numpy as np
   from jax.sharding import PartitionSpec as P
+
   one, tp = child["one"], child[run]
   assert tp["specs"]["blocks/mlp/fc1/kernel"] == str(P(None, None, "model"))  # [layer, in, out]
   assert tp["specs"]["blocks/attn/proj/kernel"] == str(P(None, "model", None))
@@ -136,6 +148,6 @@ def test_tensor_parallel_steps_match_one_device(child, run):
       # The key bias has a zero gradient (softmax ignores a shift shared by all keys): both runs
       # move it by Adam-normalised rounding noise, at most the summed lr (it starts at 0).
       d = a.shape[-1] // 3
-      assert np.abs(a[..., d:2 * d]).max() <= LR_SUM and np.abs(b[..., d:2 * d]).max() <= LR_SUM
-      a, b = np.delete(a, np.s_[d:2 * d], -1), np.delete(b, np.s_[d:2 * d], -1)
+      assert np.abs(a[..., d : 2 * d]).max() <= LR_SUM and np.abs(b[..., d : 2 * d]).max() <= LR_SUM
+      a, b = np.delete(a, np.s_[d : 2 * d], -1), np.delete(b, np.s_[d : 2 * d], -1)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=k)

@@ -1,4 +1,5 @@
 """Placement rules: which dimension FSDP shards, what stays replicated, and clear errors."""
+
 import jax
 import numpy as np
 import optax
@@ -44,35 +45,53 @@ def test_rules_first_match_wins_and_explicit_specs_are_checked():
 def test_stacked_blocks_keep_their_layer_axis_whole_and_rules_read_one_layer():
   m = _mesh(2, 2, 2)
   # FSDP picks among one layer's dimensions (the layer axis 12 is never sharded) ...
-  assert shd.spec_for("blocks/mlp/fc1/kernel", (12, 768, 3072), m, min_fsdp_size=1) == \
-      P(None, None, "fsdp")
-  assert shd.spec_for("opt_state/0/mu/decoder_blocks/attn/qkv/bias", (8, 96), m,
-                      min_fsdp_size=1) == P(None, "fsdp")
+  assert shd.spec_for("blocks/mlp/fc1/kernel", (12, 768, 3072), m, min_fsdp_size=1) == P(
+    None, None, "fsdp"
+  )
+  assert shd.spec_for(
+    "opt_state/0/mu/decoder_blocks/attn/qkv/bias", (8, 96), m, min_fsdp_size=1
+  ) == P(None, "fsdp")
   # ... and judges the size of one layer: 12 x 768 elements, 768 per layer, stay replicated.
   assert shd.spec_for("blocks/norm1/scale", (12, 768), m, min_fsdp_size=1024) == P()
   # A rule for one layer's array applies to every layer; naming the layer axis is allowed.
-  rules = ((r"mlp/fc1/kernel$", (None, "model")), (r"fc2/kernel$", (None, "model", None)),
-           (".*", "fsdp"))
-  assert shd.spec_for("params/blocks/mlp/fc1/kernel", (4, 64, 256), m, rules, 1) == \
-      P(None, None, "model")
-  assert shd.spec_for("params/blocks/mlp/fc2/kernel", (4, 256, 64), m, rules, 1) == \
-      P(None, "model", None)
+  rules = (
+    (r"mlp/fc1/kernel$", (None, "model")),
+    (r"fc2/kernel$", (None, "model", None)),
+    (".*", "fsdp"),
+  )
+  assert shd.spec_for("params/blocks/mlp/fc1/kernel", (4, 64, 256), m, rules, 1) == P(
+    None, None, "model"
+  )
+  assert shd.spec_for("params/blocks/mlp/fc2/kernel", (4, 256, 64), m, rules, 1) == P(
+    None, "model", None
+  )
   with pytest.raises(ValueError, match="layer axis"):
     shd.spec_for("blocks/mlp/fc2/kernel", (4, 256, 64), m, ((".*", ("fsdp", None, None)),), 1)
   # Per-layer paths (other models, old checkpoints) are not stacked.
-  assert not shd.is_stacked("blocks/3/attn/qkv/kernel") and shd.is_stacked("x/blocks/attn/proj/bias")
+  assert not shd.is_stacked("blocks/3/attn/qkv/kernel") and shd.is_stacked(
+    "x/blocks/attn/proj/bias"
+  )
 
 
 def test_optimizer_state_is_placed_like_its_parameter():
   """Adam's moments carry the parameter's path as a suffix, so one rule table places both."""
   m = _mesh()
   from flax import nnx
+
   params = nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)), nnx.Param)
   opt = jax.eval_shape(optax.adamw(1e-3).init, params)
-  p_specs = {shd.path_str(k): s.spec for k, s in
-             jax.tree_util.tree_flatten_with_path(shd.tree_shardings(params, m, min_fsdp_size=256))[0]}
-  o_specs = {shd.path_str(k): s.spec for k, s in
-             jax.tree_util.tree_flatten_with_path(shd.tree_shardings(opt, m, min_fsdp_size=256))[0]}
+  p_specs = {
+    shd.path_str(k): s.spec
+    for k, s in jax.tree_util.tree_flatten_with_path(
+      shd.tree_shardings(params, m, min_fsdp_size=256)
+    )[0]
+  }
+  o_specs = {
+    shd.path_str(k): s.spec
+    for k, s in jax.tree_util.tree_flatten_with_path(shd.tree_shardings(opt, m, min_fsdp_size=256))[
+      0
+    ]
+  }
   mu = {k.split("/mu/", 1)[1]: v for k, v in o_specs.items() if "/mu/" in k}
   assert mu == p_specs
   assert p_specs["blocks/mlp/fc1/kernel"] == P(None, None, "fsdp")
@@ -105,11 +124,19 @@ def test_a_batch_that_does_not_divide_the_devices_is_refused():
   import os
   import subprocess
   import sys
-  child = ("import jax; from demmae_jax import sharding as s; m = s.make_mesh(data=-1); "
-           "assert jax.device_count() == 8; print(s.process_batch_rows(m, 16))\n"
-           "try:\n  s.process_batch_rows(m, 9)\nexcept ValueError as e:\n  print('REFUSED', e)")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+
+  child = (
+    "import jax; from demmae_jax import sharding as s; m = s.make_mesh(data=-1); "
+    "assert jax.device_count() == 8; print(s.process_batch_rows(m, 16))\n"
+    "try:\n  s.process_batch_rows(m, 9)\nexcept ValueError as e:\n  print('REFUSED', e)"
+  )
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
+  done = subprocess.run(
+    [sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "(0, 16)" in done.stdout and "REFUSED" in done.stdout and "not divisible" in done.stdout

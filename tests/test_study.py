@@ -1,5 +1,6 @@
 """The product study's bookkeeping (demmae_jax/study.py): aggregation over seeds, the doc block it
 rewrites, the window each arm is scored with, and the arms' configs."""
+
 import json
 
 import pytest
@@ -10,17 +11,35 @@ from demmae_jax import study
 def _result(out, run_id, arm, task, tile, area):
   path = out / "results" / f"{run_id}.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"id": run_id, "arm": arm, "task": task, "tile_iou": tile,
-                              "area_iou": area, "area": {"iou": area, "boundary_iou": area / 2}}))
+  path.write_text(
+    json.dumps(
+      {
+        "id": run_id,
+        "arm": arm,
+        "task": task,
+        "tile_iou": tile,
+        "area_iou": area,
+        "area": {"iou": area, "boundary_iou": area / 2},
+      }
+    )
+  )
 
 
 def test_report_is_mean_and_sample_std_over_seeds(tmp_path):
   for seed, (tile, area) in enumerate([(0.70, 0.79), (0.72, 0.80), (0.74, 0.81)]):
-    _result(tmp_path, f"delft/buildings/unet_ndsm/n10_s{seed}", "unet_ndsm", "buildings", tile, area)
+    _result(
+      tmp_path, f"delft/buildings/unet_ndsm/n10_s{seed}", "unet_ndsm", "buildings", tile, area
+    )
   _result(tmp_path, "loao/roads/gothenburg/unet_ndsm/s0", "unet_ndsm", "roads", 0.5, 0.6)
   text = study.report(tmp_path)
-  assert "| buildings | UNet, nDSM input (recommended) | 72.0 ± 2.0 (3) | 80.0 ± 1.0 (3) | 40.0 ± 0.5 (3) |" in text
-  assert "| roads | gothenburg | UNet, nDSM input (recommended) | 50.0 (1) | 60.0 (1) | 30.0 (1) |" in text
+  assert (
+    "| buildings | UNet, nDSM input (recommended) | 72.0 ± 2.0 (3) | 80.0 ± 1.0 (3) | 40.0 ± 0.5 (3) |"
+    in text
+  )
+  assert (
+    "| roads | gothenburg | UNet, nDSM input (recommended) | 50.0 (1) | 60.0 (1) | 30.0 (1) |"
+    in text
+  )
 
 
 def test_write_into_replaces_only_the_generated_block(tmp_path):
@@ -61,8 +80,10 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
   from data_pipelines.areas import prepare_area
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval
-  manifest = prepare_area("gothenburg", tmp_path / "g", "buildings", cell_size=1.0, holdout=True,
-                          progress=False)
+
+  manifest = prepare_area(
+    "gothenburg", tmp_path / "g", "buildings", cell_size=1.0, holdout=True, progress=False
+  )
   with rasterio.open(tmp_path / "g" / "labels" / "buildings.tif") as src:
     label, profile = src.read(1), src.profile
   walls = ndi.binary_erosion(label == 1, structure=ndi.generate_binary_structure(2, 1))
@@ -72,15 +93,33 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
   kept.parent.mkdir(parents=True)
   with rasterio.open(kept, "w", **{**profile, "dtype": "uint8", "nodata": 255}) as dst:
     dst.write(pred, 1)
-  area = area_eval.score_area(pred, read_manifest(str(manifest)), "test", ("background", "building"))
+  area = area_eval.score_area(
+    pred, read_manifest(str(manifest)), "test", ("background", "building")
+  )
   for rid in (run_id, "loao/buildings/delft/unet_ndsm/s0"):
     path = tmp_path / "out" / "results" / f"{rid}.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"id": rid, "arm": "unet_ndsm", "task": "buildings", "tile_iou": None,
-                                "area_manifest": str(manifest), "area": area, "area_iou": area["iou"]}))
+    path.write_text(
+      json.dumps(
+        {
+          "id": rid,
+          "arm": "unet_ndsm",
+          "task": "buildings",
+          "tile_iou": None,
+          "area_manifest": str(manifest),
+          "area": area,
+          "area_iou": area["iou"],
+        }
+      )
+    )
   assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 1
   rec = json.loads((tmp_path / "out" / "results" / f"{run_id}.json").read_text())
-  assert rec["area_outline"]["iou"] > max(0.9, area["iou"] + 0.1), (area["iou"], rec["area_outline"]["iou"])
-  delft = json.loads((tmp_path / "out" / "results" / "loao/buildings/delft/unet_ndsm/s0.json").read_text())
+  assert rec["area_outline"]["iou"] > max(0.9, area["iou"] + 0.1), (
+    area["iou"],
+    rec["area_outline"]["iou"],
+  )
+  delft = json.loads(
+    (tmp_path / "out" / "results" / "loao/buildings/delft/unet_ndsm/s0.json").read_text()
+  )
   assert "area_outline" not in delft
   assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 0  # already scored

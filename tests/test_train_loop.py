@@ -1,6 +1,7 @@
 """The generic loop with a small regression task (a frozen "backbone" and a "head" predicting the
 mean height of 4 x 4 crops of the real Jacksboro DEM): frozen variables, gradient accumulation,
 NaN handling, keep-best, SIGTERM and workdir identity."""
+
 import json
 import os
 import signal
@@ -35,7 +36,6 @@ def _config(total_steps=4, **kw):
 
 
 class Regressor(nnx.Module):
-
   def __init__(self, rngs):
     self.backbone = nnx.Linear(16, 8, rngs=rngs)
     self.head = nnx.Linear(8, 1, rngs=rngs)
@@ -45,7 +45,6 @@ class Regressor(nnx.Module):
 
 
 class MeanHeight(loop.Task):
-
   def __init__(self, trainable=nnx.Param, evals=None):
     self.trainable = trainable
     self.evals = evals or {}
@@ -74,6 +73,7 @@ def _source(nan_at_step=None, sigterm_at_step=None):
       if step == sigterm_at_step:
         os.kill(os.getpid(), signal.SIGTERM)
       yield b
+
   return batches
 
 
@@ -99,15 +99,18 @@ def test_frozen_variables_have_no_optimizer_state_and_do_not_move(tmp_path):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   one = loop.train(MeanHeight(), _config(3), tmp_path / "one", _source())
   two = loop.train(MeanHeight(), _config(3, grad_accum_steps=2), tmp_path / "two", _source())
-  np.testing.assert_allclose([h["loss"] for h in two.history], [h["loss"] for h in one.history],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [h["loss"] for h in two.history], [h["loss"] for h in one.history], rtol=1e-6
+  )
   a, b = _flat(one.state["params"]), _flat(two.state["params"])
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  with pytest.raises(loop.NonFiniteLoss, match=r"non-finite at step 4.*last good checkpoint is step 2"):
+  with pytest.raises(
+    loop.NonFiniteLoss, match=r"non-finite at step 4.*last good checkpoint is step 2"
+  ):
     loop.train(MeanHeight(), _config(6), tmp_path, _source(nan_at_step=3))
   ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert ckpts == [2]
@@ -138,15 +141,18 @@ def test_best_checkpoint_is_kept_beside_the_last(tmp_path):
   loop.train(task, config, tmp_path, _source())
   ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert ckpts == [2, 5]  # the best (0.9) and the latest
-  _, step = restore(nnx.eval_shape(task.build_model), tmp_path, "best", best_metric=task.best_metric)
+  _, step = restore(
+    nnx.eval_shape(task.build_model), tmp_path, "best", best_metric=task.best_metric
+  )
   assert step == 2
 
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):
   loop.train(MeanHeight(), _config(2), tmp_path, _source())
   with pytest.raises(workdirs.WorkdirConfigMismatch, match=r"optim.lr: 0.01 -> 0.02"):
-    loop.train(MeanHeight(), _config(2, optim={**_config().optim.to_dict(), "lr": 2e-2}), tmp_path,
-               _source())
+    loop.train(
+      MeanHeight(), _config(2, optim={**_config().optim.to_dict(), "lr": 2e-2}), tmp_path, _source()
+    )
   # Logging frequency may change; the finished run is not redone.
   c = _config(2)
   with c.unlocked():
@@ -161,7 +167,9 @@ def test_a_key_added_later_with_its_old_behaviour_does_not_block_resume(tmp_path
   (tmp_path / workdirs.CONFIG_FILE).write_text(json.dumps(stored))
   same = ml_collections.ConfigDict({"model": {"mask_ratio": 0.75, "norm_pix_eps": 1e-6}, "seed": 0})
   assert workdirs.check_config(tmp_path, same)
-  other = ml_collections.ConfigDict({"model": {"mask_ratio": 0.75, "norm_pix_eps": 1e-3}, "seed": 0})
+  other = ml_collections.ConfigDict(
+    {"model": {"mask_ratio": 0.75, "norm_pix_eps": 1e-3}, "seed": 0}
+  )
   with pytest.raises(workdirs.WorkdirConfigMismatch, match="norm_pix_eps"):
     workdirs.check_config(tmp_path, other)
   unknown = ml_collections.ConfigDict({"model": {"mask_ratio": 0.75, "depth_new": 1}, "seed": 0})
@@ -192,7 +200,9 @@ def test_input_wait_is_reported_and_matches_a_known_delay(tmp_path):
   for r in rows["slow"] + rows["fast"]:
     assert {"input_wait_ms", "input_wait_fraction", "step_ms"} <= set(r)
     assert 0 <= r["input_wait_fraction"] <= 1
-    np.testing.assert_allclose(r["input_wait_fraction"], r["input_wait_ms"] / r["step_ms"], rtol=1e-6)
+    np.testing.assert_allclose(
+      r["input_wait_fraction"], r["input_wait_ms"] / r["step_ms"], rtol=1e-6
+    )
   for slow_row, fast_row in zip(rows["slow"], rows["fast"]):
     assert 1e3 * delay <= slow_row["input_wait_ms"] < 1e3 * delay + 30
     assert slow_row["input_wait_ms"] <= slow_row["step_ms"]

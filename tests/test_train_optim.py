@@ -1,5 +1,6 @@
 """The optimiser follows the official MAE recipe: which parameters decay, the lr rule, the
 schedules, and BEiT layer-wise lr decay."""
+
 import functools
 
 import jax
@@ -15,9 +16,21 @@ from demmae_jax.train import optim
 
 
 def _cfg(**kw):
-  c = ml_collections.ConfigDict(dict(base_lr=1.5e-4, lr=None, betas=(0.9, 0.95), eps=1e-8,
-                                     weight_decay=0.05, schedule="cosine", warmup_steps=10,
-                                     min_lr=0.0, power=1.0, clip_grad_norm=0.0, layer_decay=None))
+  c = ml_collections.ConfigDict(
+    dict(
+      base_lr=1.5e-4,
+      lr=None,
+      betas=(0.9, 0.95),
+      eps=1e-8,
+      weight_decay=0.05,
+      schedule="cosine",
+      warmup_steps=10,
+      min_lr=0.0,
+      power=1.0,
+      clip_grad_norm=0.0,
+      layer_decay=None,
+    )
+  )
   c.update(kw)
   return c
 
@@ -28,8 +41,9 @@ def _params():
 
 
 def test_weight_decay_skips_biases_norms_and_special_tokens():
-  yes, no = optim.weight_decay_groups(nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)),
-                                                nnx.Param))
+  yes, no = optim.weight_decay_groups(
+    nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)), nnx.Param)
+  )
   assert "cls_token" in no and "mask_token" in no
   assert "blocks/attn/qkv/bias" in no and "blocks/norm1/scale" in no and "norm/bias" in no
   assert "blocks/attn/qkv/kernel" in yes and "patch_embed/proj/kernel" in yes
@@ -37,23 +51,29 @@ def test_weight_decay_skips_biases_norms_and_special_tokens():
   # Position embeddings are fixed, not parameters: they never reach the optimiser.
   assert not any("pos_embed" in p for p in yes + no)
   # Every decayed array is a matrix (or conv kernel); stacked block arrays are judged per layer.
-  flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-      nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)), nnx.Param))[0]}
+  flat = {
+    path_str(k): v
+    for k, v in jax.tree_util.tree_flatten_with_path(
+      nnx.state(nnx.eval_shape(lambda: mae.build("tiny", in_chans=1)), nnx.Param)
+    )[0]
+  }
   assert all(flat[p].ndim - ("blocks/" in p) >= 2 for p in yes)
 
 
 @pytest.mark.slow
 def test_zero_gradient_step_decays_only_decayed_parameters():
   params = _params()
-  tx, sched = optim.make(_cfg(lr=1e-2, warmup_steps=0, schedule="constant"), params,
-                         total_steps=10, global_batch=8)
+  tx, sched = optim.make(
+    _cfg(lr=1e-2, warmup_steps=0, schedule="constant"), params, total_steps=10, global_batch=8
+  )
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, state, params)
   u = {path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(updates)[0]}
   p = {path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  np.testing.assert_allclose(u["blocks/mlp/fc1/kernel"], -1e-2 * 0.05 * p["blocks/mlp/fc1/kernel"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    u["blocks/mlp/fc1/kernel"], -1e-2 * 0.05 * p["blocks/mlp/fc1/kernel"], rtol=1e-6
+  )
   assert not u["cls_token"].any() and not u["blocks/norm1/scale"].any()
 
 
@@ -87,18 +107,30 @@ def test_layer_decay_scales_updates_by_depth():
   assert optim.vit_layer_id("decoder_blocks/0/mlp/fc1/kernel", 4) == 5
   assert optim.vit_layer_id("norm/scale", 4) == 5
   params = _params()
-  plain, _ = optim.make(_cfg(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0),
-                        params, total_steps=10, global_batch=8)
-  decayed, _ = optim.make(_cfg(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                               layer_decay=0.5), params, total_steps=10, global_batch=8, depth=4)
+  plain, _ = optim.make(
+    _cfg(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0),
+    params,
+    total_steps=10,
+    global_batch=8,
+  )
+  decayed, _ = optim.make(
+    _cfg(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0, layer_decay=0.5),
+    params,
+    total_steps=10,
+    global_batch=8,
+    depth=4,
+  )
   grads = jax.tree.map(jnp.ones_like, params)
   u0, _ = plain.update(grads, plain.init(params), params)
   u1, _ = decayed.update(grads, decayed.init(params), params)
   # One ratio per block along the stacked layer axis (every element of a block the same).
-  ratio = {path_str(k): np.asarray(b).reshape(np.shape(b)[0] if "blocks/" in path_str(k) else 1, -1)
-           / np.asarray(a).reshape(np.shape(a)[0] if "blocks/" in path_str(k) else 1, -1)
-           for (k, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(u0)[0],
-                                     jax.tree_util.tree_flatten_with_path(u1)[0])}
+  ratio = {
+    path_str(k): np.asarray(b).reshape(np.shape(b)[0] if "blocks/" in path_str(k) else 1, -1)
+    / np.asarray(a).reshape(np.shape(a)[0] if "blocks/" in path_str(k) else 1, -1)
+    for (k, a), (_, b) in zip(
+      jax.tree_util.tree_flatten_with_path(u0)[0], jax.tree_util.tree_flatten_with_path(u1)[0]
+    )
+  }
   for r in ratio.values():  # constant within an array's layer
     np.testing.assert_allclose(r, r[:, :1] * np.ones_like(r), rtol=1e-6)
   ratio = {k: r[:, 0] for k, r in ratio.items()}
@@ -117,7 +149,13 @@ def test_clipping_bounds_the_global_gradient_norm():
   params = {"w": jnp.ones((4, 4))}
   grads = {"w": 100 * jnp.ones((4, 4))}
   for clip, expected in ((1.0, 0.25 / 1.25), (0.0, 100 / 101)):
-    tx, _ = optim.make(_cfg(lr=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                            clip_grad_norm=clip, eps=1.0), params, total_steps=5, global_batch=8)
+    tx, _ = optim.make(
+      _cfg(
+        lr=1.0, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_grad_norm=clip, eps=1.0
+      ),
+      params,
+      total_steps=5,
+      global_batch=8,
+    )
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(updates["w"]), -expected, rtol=1e-5)

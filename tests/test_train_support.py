@@ -3,6 +3,7 @@ process (`python tests/test_train_support.py '{json args}'`) for runs that need 
 flags (forced host devices), their own `jax.distributed` process, or to be killed.
 
 Data: random 32 x 32 crops of the real Jacksboro fault DEM that ships with matplotlib."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ GLOBAL_BATCH = 8
 
 def dem_pretrain_config(preset: str = "tiny"):
   from demmae_jax import config_files
+
   return config_files.get_config("dem_pretrain", preset)
 
 
@@ -43,11 +45,13 @@ def tiny_config(total_steps: int, checkpoint_every: int = 1000, **mesh):
 
 def jacksboro_dem() -> np.ndarray:
   from matplotlib import cbook
+
   return np.asarray(cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"], np.float32)
 
 
 def crops(seed: int = 0):
   from data_pipelines.raster_source import RasterCrops
+
   return RasterCrops([jacksboro_dem()], 32, GLOBAL_BATCH, seed=seed)
 
 
@@ -56,6 +60,7 @@ def flat_params(state) -> dict[str, np.ndarray]:
   from jax.experimental import multihost_utils
 
   from demmae_jax.sharding import path_str
+
   leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
   out = {}
   for path, x in leaves:
@@ -65,11 +70,21 @@ def flat_params(state) -> dict[str, np.ndarray]:
   return out
 
 
-def run_tiny(workdir, total_steps, *, mesh=None, devices=None, stop_after=None, delay=0.0,
-             checkpoint_every=1000, config=None):
+def run_tiny(
+  workdir,
+  total_steps,
+  *,
+  mesh=None,
+  devices=None,
+  stop_after=None,
+  delay=0.0,
+  checkpoint_every=1000,
+  config=None,
+):
   """Train the tiny MAE; returns (losses per step, flat final params, Result)."""
   from demmae_jax import sharding
   from demmae_jax.train import loop, pretrain
+
   config = config or tiny_config(total_steps, checkpoint_every, **(mesh or {}))
   m = sharding.make_mesh(**config.mesh, devices=devices)
   rows = sharding.process_batch_rows(m, config.global_batch)
@@ -80,8 +95,9 @@ def run_tiny(workdir, total_steps, *, mesh=None, devices=None, stop_after=None, 
       time.sleep(delay)
       yield b
 
-  result = loop.train(pretrain.MAEPretrain(config), config, workdir, batches, mesh=m,
-                      stop_after=stop_after)
+  result = loop.train(
+    pretrain.MAEPretrain(config), config, workdir, batches, mesh=m, stop_after=stop_after
+  )
   losses = [h["loss"] for h in result.history if "loss" in h]
   return losses, flat_params(result.state), result
 
@@ -89,39 +105,59 @@ def run_tiny(workdir, total_steps, *, mesh=None, devices=None, stop_after=None, 
 def child(args: dict) -> None:
   """Entry point of a child process; writes {losses} JSON and params .npz to args['out']."""
   import jax
+
   if args.get("coordinator"):
     jax.distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
-  devices = jax.devices()[:args["num_devices"]] if args.get("num_devices") else None
-  losses, params, result = run_tiny(args["workdir"], args["steps"], mesh=args.get("mesh"),
-                                    devices=devices, stop_after=args.get("stop_after"),
-                                    delay=args.get("delay", 0.0),
-                                    checkpoint_every=args.get("checkpoint_every", 1000))
+  devices = jax.devices()[: args["num_devices"]] if args.get("num_devices") else None
+  losses, params, result = run_tiny(
+    args["workdir"],
+    args["steps"],
+    mesh=args.get("mesh"),
+    devices=devices,
+    stop_after=args.get("stop_after"),
+    delay=args.get("delay", 0.0),
+    checkpoint_every=args.get("checkpoint_every", 1000),
+  )
   if jax.process_index() == 0 and args.get("out"):
     out = Path(args["out"])
     np.savez(out.with_suffix(".npz"), **params)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"losses": losses, "step": result.step, "devices": jax.device_count(),
-         "param_specs": {k: str(v.sharding.spec) for k, v in
-                         _leaves_with_paths(result.state["params"]).items()}}))
+    out.with_suffix(".json").write_text(
+      json.dumps(
+        {
+          "losses": losses,
+          "step": result.step,
+          "devices": jax.device_count(),
+          "param_specs": {
+            k: str(v.sharding.spec) for k, v in _leaves_with_paths(result.state["params"]).items()
+          },
+        }
+      )
+    )
 
 
 def _leaves_with_paths(tree):
   import jax
 
   from demmae_jax.sharding import path_str
+
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def child_env(num_host_devices: int = 1) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="2",
+    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+  )
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_host_devices}"
   return env
 
 
 def start_child(args: dict, num_host_devices: int = 1, **popen) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, __file__, json.dumps(args)], cwd=ROOT,
-                          env=child_env(num_host_devices), **popen)
+  return subprocess.Popen(
+    [sys.executable, __file__, json.dumps(args)], cwd=ROOT, env=child_env(num_host_devices), **popen
+  )
 
 
 def read_child(out: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -142,6 +178,7 @@ def per_layer_tree(pure: dict, edit=None, leaf: str | None = None) -> dict:
   import jax
 
   from demmae_jax.sharding import path_str
+
   flat = {}
   for p, x in jax.tree_util.tree_flatten_with_path(pure)[0]:
     k = path_str(p)

@@ -1,6 +1,7 @@
 """The tile sets of the labelled sets and, per run, a manifest whose training split is a seeded
 draw of tiles from the training area (nested across sizes), beside fixed validation tiles and
 the whole test area."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ def _tiles(manifest: dict, split: str):
 
   from data_pipelines.reader import split_files
   from data_pipelines.tile_records import decode_tile_numpy
+
   form = (manifest["channels"], manifest["dtype"], int(manifest["tile_size"]))
   for rec in tf.data.TFRecordDataset(split_files(manifest, split)).as_numpy_iterator():
     tile = decode_tile_numpy(rec, *form)
@@ -29,6 +31,7 @@ def _tiles(manifest: dict, split: str):
 
 def _write_records(path: Path, records: list[bytes]) -> None:
   import tensorflow as tf
+
   with atomic_file(path, overwrite=True) as tmp, tf.io.TFRecordWriter(str(tmp)) as w:
     for r in records:
       w.write(r)
@@ -47,12 +50,15 @@ class Data:
       return self._base[dataset]
     from data_pipelines.prepare import prepare_alexandria, prepare_delft
     from data_pipelines.reader import read_manifest
+
     c = self.cfg
     out = self.root / dataset / "prepared"
     path = out / "tiles" / "manifest.json"
     if not path.exists():
       t = time.time()
-      kw = dict(tile_size=int(c.tile_size), stride=int(c.stride), block_px=int(c.block_px), progress=False)
+      kw = dict(
+        tile_size=int(c.tile_size), stride=int(c.stride), block_px=int(c.block_px), progress=False
+      )
       if dataset == "alexandria_buildings":
         prepare_alexandria(out, **kw)
       elif dataset == "delft_buildings_lidar":
@@ -72,12 +78,13 @@ class Data:
       pool = [(tid, window, rec) for tid, window, _, rec in _tiles(m, "train")]
       return m, pool, m["splits"]["train"]["classes"]
     from data_pipelines.tile_stats import class_summary
+
     bgt, noisy = self.base("delft_buildings"), self.base(dataset)
     bp, blocks = bgt["split"]["block_px"], np.asarray(bgt["split"]["block_splits"])
     pool, counts = [], np.zeros(256, np.int64)
     for split in ("train", "val", "test"):
       for tid, (col, row, w, h), label, rec in _tiles(noisy, split):
-        under = blocks[row // bp:(row + h - 1) // bp + 1, col // bp:(col + w - 1) // bp + 1]
+        under = blocks[row // bp : (row + h - 1) // bp + 1, col // bp : (col + w - 1) // bp + 1]
         if (under == 0).all():  # 0 = train in data_pipelines.tiles.SPLITS
           pool.append((tid, (col, row, w, h), rec))
           counts += np.bincount(label.ravel(), minlength=256)
@@ -96,11 +103,14 @@ class Data:
     evalm, pool, classes = self.pool(run.dataset)
     n = len(pool) if run.size == "all" else int(run.size)
     if n > len(pool):
-      raise PoolTooSmall(f"{run.dataset}: {n} training tiles asked, the training area holds "
-                         f"{len(pool)} (tile {self.cfg.tile_size} px, stride {self.cfg.stride})")
+      raise PoolTooSmall(
+        f"{run.dataset}: {n} training tiles asked, the training area holds "
+        f"{len(pool)} (tile {self.cfg.tile_size} px, stride {self.cfg.stride})"
+      )
     # nested draws for one seed: the 10 tiles of seed s are the first 10 of its 50
-    order = draw_order([w for _, w, _ in pool], np.random.default_rng(1000 + run.seed),
-                       str(self.cfg.draw))[:n]
+    order = draw_order(
+      [w for _, w, _ in pool], np.random.default_rng(1000 + run.seed), str(self.cfg.draw)
+    )[:n]
     chosen = [pool[i] for i in sorted(order)]
     folder.mkdir(parents=True, exist_ok=True)
     _write_records(folder / "train.tfrecord", [r for *_, r in chosen])
@@ -108,18 +118,29 @@ class Data:
     m = {k: v for k, v in evalm.items() if k != "_dir"}
     rel = lambda p: os.path.relpath(p, folder)  # noqa: E731
     m["splits"] = {
-        "train": {"files": ["train.tfrecord"], "count": n, "tile_ids": [t for t, *_ in chosen],
-                  "classes": classes},  # the pool's class weights: a 10-tile draw may lack a class
-        "val": {"files": [rel(val_file)], "count": int(self.cfg.val_tiles)},
-        "test": {**evalm["splits"]["test"],
-                 "files": [rel(os.path.join(evalm["_dir"], f)) for f in evalm["splits"]["test"]["files"]]},
+      "train": {
+        "files": ["train.tfrecord"],
+        "count": n,
+        "tile_ids": [t for t, *_ in chosen],
+        "classes": classes,
+      },  # the pool's class weights: a 10-tile draw may lack a class
+      "val": {"files": [rel(val_file)], "count": int(self.cfg.val_tiles)},
+      "test": {
+        **evalm["splits"]["test"],
+        "files": [rel(os.path.join(evalm["_dir"], f)) for f in evalm["splits"]["test"]["files"]],
+      },
     }
     m["subsets"] = {}
-    info = {"pool_tiles": len(pool), "drawn": n, "tile_ids": [t for t, *_ in chosen],
-            "val_tiles": int(self.cfg.val_tiles), "val_pool": evalm["splits"]["val"]["count"],
-            "test_tiles": evalm["splits"]["test"]["count"],
-            "disjoint_train_tiles": disjoint_count([w for _, w, _ in pool]),
-            "disjoint_drawn": disjoint_count([w for _, w, _ in chosen])}
+    info = {
+      "pool_tiles": len(pool),
+      "drawn": n,
+      "tile_ids": [t for t, *_ in chosen],
+      "val_tiles": int(self.cfg.val_tiles),
+      "val_pool": evalm["splits"]["val"]["count"],
+      "test_tiles": evalm["splits"]["test"]["count"],
+      "disjoint_train_tiles": disjoint_count([w for _, w, _ in pool]),
+      "disjoint_drawn": disjoint_count([w for _, w, _ in chosen]),
+    }
     atomic_write_text(info_path, json.dumps(info, indent=1), overwrite=True)
     # last: its presence marks a complete folder
     atomic_write_text(path, json.dumps(m, indent=1), overwrite=True)
@@ -159,7 +180,9 @@ def disjoint_count(windows) -> int:
   """Greedy count of pairwise non-overlapping tiles among `windows` (col, row, w, h): how many
   independent tiles a draw really holds."""
   windows = list(windows)
-  return len(_greedy_disjoint(windows, sorted(range(len(windows)), key=lambda i: windows[i][1::-1])))
+  return len(
+    _greedy_disjoint(windows, sorted(range(len(windows)), key=lambda i: windows[i][1::-1]))
+  )
 
 
 def draw_order(windows, rng: np.random.Generator, how: str = "disjoint_first") -> list[int]:

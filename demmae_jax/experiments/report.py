@@ -1,4 +1,5 @@
 """The results as Markdown tables beside the paper's numbers, and figures."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from demmae_jax.experiments.runner import fmt_seconds, result_path
 
 # Mazumdar et al. 2023, IoU (%) of the positive class; their MAE is ImageNet-pretrained (arm b).
 PAPER_TABLE1 = {
-    "buildings": {"imagenet_mae": (55.5, 69.1, 76.1, 82.1), "unet": (27.9, 55.0, 68.2, 76.5)},
-    "roads": {"imagenet_mae": (37.1, 73.2, 81.3, 82.7), "unet": (23.4, 70.4, 77.9, 78.4)},
+  "buildings": {"imagenet_mae": (55.5, 69.1, 76.1, 82.1), "unet": (27.9, 55.0, 68.2, 76.5)},
+  "roads": {"imagenet_mae": (37.1, 73.2, 81.3, 82.7), "unet": (23.4, 70.4, 77.9, 78.4)},
 }
 PAPER_SIZES = (10, 50, 200, 450)
 PAPER_TABLE2 = {"imagenet_mae": 78.2, "unet": 74.4}
@@ -38,59 +39,103 @@ def _group(results, **keys) -> list[float]:
 def tables(results: list[dict], cfg) -> str:
   """Markdown: Table 1 per labelled set, Table 2, normalisation ablation, run times."""
   lines = []
-  sizes = sorted({r["size"] for r in results if r["size"] != "all"} | set(items(cfg.sizes, int)), key=int)
+  sizes = sorted(
+    {r["size"] for r in results if r["size"] != "all"} | set(items(cfg.sizes, int)), key=int
+  )
   for ds in [d for d in DATASETS if d != "delft_buildings_lidar"]:
     rs = [r for r in results if r["dataset"] == ds and r["norm"] == "minmax"]
     if not rs:
       continue
     task = rs[0]["task"]
     paper = PAPER_TABLE1.get(task, {}) if ds.startswith("delft") else {}
-    lines += [f"### Table 1 analogue: {ds} (test IoU % of the positive class, mean ± std (seeds))", "",
-              "| arm | " + " | ".join(f"{n} tiles" for n in sizes) + " |",
-              "|---|" + "---|" * len(sizes)]
+    lines += [
+      f"### Table 1 analogue: {ds} (test IoU % of the positive class, mean ± std (seeds))",
+      "",
+      "| arm | " + " | ".join(f"{n} tiles" for n in sizes) + " |",
+      "|---|" + "---|" * len(sizes),
+    ]
     for arm in ARMS:
       if any(r["arm"] == arm for r in rs):
-        lines.append(f"| {ARM_NAMES[arm]} | " + " | ".join(_cell(_group(rs, arm=arm, size=n)) for n in sizes) + " |")
-    for arm, label in (("imagenet_mae", "paper: MAE (ImageNet) + UperNet"), ("unet", "paper: UNet")):
+        lines.append(
+          f"| {ARM_NAMES[arm]} | "
+          + " | ".join(_cell(_group(rs, arm=arm, size=n)) for n in sizes)
+          + " |"
+        )
+    for arm, label in (
+      ("imagenet_mae", "paper: MAE (ImageNet) + UperNet"),
+      ("unet", "paper: UNet"),
+    ):
       if arm in paper:
-        lines.append(f"| *{label}* ({task}, their data) | " + " | ".join(
-            f"*{paper[arm][PAPER_SIZES.index(n)]}*" if n in PAPER_SIZES else "" for n in sizes) + " |")
+        lines.append(
+          f"| *{label}* ({task}, their data) | "
+          + " | ".join(
+            f"*{paper[arm][PAPER_SIZES.index(n)]}*" if n in PAPER_SIZES else "" for n in sizes
+          )
+          + " |"
+        )
     lines.append("")
   rs = [r for r in results if r["dataset"] == "delft_buildings_lidar"]
   if rs:
-    lines += ["### Table 2 analogue: trained on LiDAR class 6 (noisy), tested on BGT footprints", "",
-              "| arm | test IoU % | training tiles (independent) |", "|---|---|---|"]
+    lines += [
+      "### Table 2 analogue: trained on LiDAR class 6 (noisy), tested on BGT footprints",
+      "",
+      "| arm | test IoU % | training tiles (independent) |",
+      "|---|---|---|",
+    ]
     for arm in ARMS:
       g = [r for r in rs if r["arm"] == arm]
       if g:
         d = g[0]["draw"]
-        lines.append(f"| {ARM_NAMES[arm]} | {_cell([r['test_iou'] for r in g])} | {d['drawn']} "
-                     f"({d['disjoint_drawn']}) |")
-    lines += [f"| *paper: MAE (ImageNet) + UperNet* (their data) | *{PAPER_TABLE2['imagenet_mae']}* | |",
-              f"| *paper: UNet* (their data) | *{PAPER_TABLE2['unet']}* | |", ""]
+        lines.append(
+          f"| {ARM_NAMES[arm]} | {_cell([r['test_iou'] for r in g])} | {d['drawn']} "
+          f"({d['disjoint_drawn']}) |"
+        )
+    lines += [
+      f"| *paper: MAE (ImageNet) + UperNet* (their data) | *{PAPER_TABLE2['imagenet_mae']}* | |",
+      f"| *paper: UNet* (their data) | *{PAPER_TABLE2['unet']}* | |",
+      "",
+    ]
   rs = [r for r in results if r["dataset"] != "delft_buildings_lidar"]
-  modes = [m for m in ("minmax", "relative", "ndsm", "zscore") if any(r["norm"] == m and m != "minmax" for r in rs)]
+  modes = [
+    m
+    for m in ("minmax", "relative", "ndsm", "zscore")
+    if any(r["norm"] == m and m != "minmax" for r in rs)
+  ]
   if modes:
     modes = ["minmax"] + modes
-    lines += ["### Normalisation ablation (test IoU %, mean ± std (seeds))", "",
-              "| labelled set | tiles | arm | " + " | ".join(modes) + " |", "|---|---|---|" + "---|" * len(modes)]
-    keys = sorted({(r["dataset"], r["size"], r["arm"]) for r in rs if r["norm"] != "minmax"},
-                  key=lambda k: (k[0], int(k[1]), ARMS.index(k[2])))
+    lines += [
+      "### Normalisation ablation (test IoU %, mean ± std (seeds))",
+      "",
+      "| labelled set | tiles | arm | " + " | ".join(modes) + " |",
+      "|---|---|---|" + "---|" * len(modes),
+    ]
+    keys = sorted(
+      {(r["dataset"], r["size"], r["arm"]) for r in rs if r["norm"] != "minmax"},
+      key=lambda k: (k[0], int(k[1]), ARMS.index(k[2])),
+    )
     for ds, n, arm in keys:
-      lines.append(f"| {ds} | {n} | {ARM_NAMES[arm]} | " + " | ".join(
-          _cell(_group(rs, dataset=ds, size=n, arm=arm, norm=m)) for m in modes) + " |")
+      lines.append(
+        f"| {ds} | {n} | {ARM_NAMES[arm]} | "
+        + " | ".join(_cell(_group(rs, dataset=ds, size=n, arm=arm, norm=m)) for m in modes)
+        + " |"
+      )
     lines.append("")
-  lines += ["### Runs", "",
-            "| run | test IoU | boundary IoU | P | R | best val IoU (step) | training tiles (independent) | time |",
-            "|---|---|---|---|---|---|---|---|"]
+  lines += [
+    "### Runs",
+    "",
+    "| run | test IoU | boundary IoU | P | R | best val IoU (step) | training tiles (independent) | time |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in results:
     t = r["test"]["per_class"][r["test"]["positive_class"]]
     pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     # results written before boundary IoU was measured have none
-    lines.append(f"| {r['id']} | {100 * r['test_iou']:.1f} | {pct(r.get('test_boundary_iou'))} | "
-                 f"{pct(t['precision'])} | "
-                 f"{pct(t['recall'])} | {100 * r['val_iou']:.1f} ({r['best_step']}) | "
-                 f"{r['draw']['drawn']} ({r['draw']['disjoint_drawn']}) | {fmt_seconds(r['seconds'])} |")
+    lines.append(
+      f"| {r['id']} | {100 * r['test_iou']:.1f} | {pct(r.get('test_boundary_iou'))} | "
+      f"{pct(t['precision'])} | "
+      f"{pct(t['recall'])} | {100 * r['val_iou']:.1f} ({r['best_step']}) | "
+      f"{r['draw']['drawn']} ({r['draw']['disjoint_drawn']}) | {fmt_seconds(r['seconds'])} |"
+    )
   total = sum(r["seconds"] for r in results)
   lines += ["", f"{len(results)} runs, {fmt_seconds(total)} of finetuning and evaluation in all."]
   return "\n".join(lines)
@@ -99,8 +144,10 @@ def tables(results: list[dict], cfg) -> str:
 def plot(results: list[dict], path: Path) -> Path | None:
   """IoU against training-set size per arm, one panel per labelled set, the paper's dashed."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   rs = [r for r in results if r["size"] != "all" and r["norm"] == "minmax"]
   sets = [d for d in DATASETS if any(r["dataset"] == d for r in rs)]
   if not sets:
@@ -113,13 +160,26 @@ def plot(results: list[dict], path: Path) -> Path | None:
       if not ns:
         continue
       vals = [100 * np.asarray(_group(rs, dataset=ds, arm=arm, size=n)) for n in ns]
-      ax.errorbar(ns, [v.mean() for v in vals], yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
-                  marker="o", capsize=3, color=colours[arm], label=ARM_NAMES[arm])
+      ax.errorbar(
+        ns,
+        [v.mean() for v in vals],
+        yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in vals],
+        marker="o",
+        capsize=3,
+        color=colours[arm],
+        label=ARM_NAMES[arm],
+      )
     task = "roads" if "roads" in ds else "buildings"
     if ds.startswith("delft"):
       for arm, style in (("imagenet_mae", "--"), ("unet", ":")):
-        ax.plot(PAPER_SIZES, PAPER_TABLE1[task][arm], style, color=colours[arm], alpha=0.6,
-                label=f"paper: {'MAE (ImageNet)' if arm != 'unet' else 'UNet'}")
+        ax.plot(
+          PAPER_SIZES,
+          PAPER_TABLE1[task][arm],
+          style,
+          color=colours[arm],
+          alpha=0.6,
+          label=f"paper: {'MAE (ImageNet)' if arm != 'unet' else 'UNet'}",
+        )
     ax.set_xscale("log")
     ax.set_xticks(PAPER_SIZES, [str(n) for n in PAPER_SIZES])
     ax.set_xlabel("training tiles")
@@ -136,20 +196,39 @@ def plot(results: list[dict], path: Path) -> Path | None:
   return path
 
 
-def pictures(out: Path, results: list[dict], path: Path, dataset: str, size, norm: str = "minmax",
-             tiles: int = 3) -> Path | None:
+def pictures(
+  out: Path,
+  results: list[dict],
+  path: Path,
+  dataset: str,
+  size,
+  norm: str = "minmax",
+  tiles: int = 3,
+) -> Path | None:
   """Test tiles: DEM, label, then each arm's prediction (seed 0) for one labelled set and size."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
-  rs = {r["arm"]: r for r in results if r["dataset"] == dataset and r["size"] == size
-        and r["norm"] == norm and r["seed"] == 0}
-  arms = [a for a in ARMS if a in rs
-          and result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz").exists()]
+
+  rs = {
+    r["arm"]: r
+    for r in results
+    if r["dataset"] == dataset and r["size"] == size and r["norm"] == norm and r["seed"] == 0
+  }
+  arms = [
+    a
+    for a in ARMS
+    if a in rs
+    and result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz").exists()
+  ]
   if not arms:
     return None
-  arrays = {a: np.load(result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz")) for a in arms}
+  arrays = {
+    a: np.load(result_path(out, Run(dataset, a, size, 0, norm)).with_suffix(".tiles.npz"))
+    for a in arms
+  }
   first = arrays[arms[0]]
   total = min(len(a["pred"]) for a in arrays.values())
   n = min(tiles, total)
@@ -166,7 +245,9 @@ def pictures(out: Path, results: list[dict], path: Path, dataset: str, size, nor
     panels = [(first["image"][i], "terrain", "DEM"), (label, cmap, "label (grey: ignored)")]
     panels += [(arrays[a]["pred"][i], cmap, f"{a} ({100 * rs[a]['test_iou']:.0f})") for a in arms]
     for ax, (img, cm, title) in zip(axes[i], panels):
-      ax.imshow(img, cmap=cm, interpolation="nearest", **({} if cm == "terrain" else {"vmin": 0, "vmax": 1}))
+      ax.imshow(
+        img, cmap=cm, interpolation="nearest", **({} if cm == "terrain" else {"vmin": 0, "vmax": 1})
+      )
       ax.set_xticks([])
       ax.set_yticks([])
       if i == 0:
@@ -191,27 +272,51 @@ def report(cfg, out: Path, command: str, doc: Path | None = None) -> Path:
   for ds in ("delft_buildings", "delft_roads", "alexandria_buildings"):
     sizes = sorted({r["size"] for r in results if r["dataset"] == ds and r["size"] != "all"})
     if sizes:
-      q = pictures(out, results, doc.with_name(f"results_pred_{ds}.png"), ds, sizes[0],
-                   tiles=max(int(cfg.pictures), 1))
+      q = pictures(
+        out,
+        results,
+        doc.with_name(f"results_pred_{ds}.png"),
+        ds,
+        sizes[0],
+        tiles=max(int(cfg.pictures), 1),
+      )
       if q:
         figs.append(f"![predictions {ds}]({q.name})")
   planned = plan(cfg)
   missing = [r for r in planned if not result_path(out, r).exists()]
-  status = f"**{len(planned) - len(missing)} of the {len(planned)} runs this command plans have results.**"
+  status = (
+    f"**{len(planned) - len(missing)} of the {len(planned)} runs this command plans have results.**"
+  )
   if missing:
     by = {}
     for r in missing:
       by.setdefault(f"{r.dataset}/{r.norm}/{r.arm}", []).append(f"n{r.size}_s{r.seed}")
     status += " Not run yet: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in by.items()) + "."
   if not any(r["arm"] == "imagenet_mae" for r in results):
-    status += (" Arm (b) (ImageNet MAE, the paper's arm) has no result: its weights cannot be "
-               "downloaded here; give them with `--imagenet PATH`.")
-  body = "\n".join([BEGIN, "", status, "", f"Regenerate: `{command}` (reruns skip finished runs; "
-                    f"`--report_only` rebuilds this part from {out}/results).", "",
-                    f"Protocol `{cfg.protocol}`: {cfg.tile_size} px tiles, stride {cfg.stride}, "
-                    f"{cfg.steps} steps of batch {cfg.batch}, validation every {cfg.eval_every} "
-                    f"on {cfg.val_tiles} fixed tiles, best validation checkpoint tested.", "",
-                    tables(results, cfg), "", *figs, "", END])
+    status += (
+      " Arm (b) (ImageNet MAE, the paper's arm) has no result: its weights cannot be "
+      "downloaded here; give them with `--imagenet PATH`."
+    )
+  body = "\n".join(
+    [
+      BEGIN,
+      "",
+      status,
+      "",
+      f"Regenerate: `{command}` (reruns skip finished runs; "
+      f"`--report_only` rebuilds this part from {out}/results).",
+      "",
+      f"Protocol `{cfg.protocol}`: {cfg.tile_size} px tiles, stride {cfg.stride}, "
+      f"{cfg.steps} steps of batch {cfg.batch}, validation every {cfg.eval_every} "
+      f"on {cfg.val_tiles} fixed tiles, best validation checkpoint tested.",
+      "",
+      tables(results, cfg),
+      "",
+      *figs,
+      "",
+      END,
+    ]
+  )
   text = doc.read_text() if doc.exists() else "# Results\n\n"
   if BEGIN in text and END in text:
     head, rest = text.split(BEGIN, 1)

@@ -7,6 +7,7 @@ bins, ECE = sum over bins of (pixels in bin / pixels) x |accuracy - mean confide
 labelled (label != ignore) pixels with finite probabilities count. Read block by block: memory is
 flat in the raster size (the bins are accumulated).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,9 @@ class Reliability:
 
   @classmethod
   def empty(cls, bins: int, low: float = 0.0) -> Reliability:
-    return cls(np.linspace(low, 1.0, bins + 1), np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins))
+    return cls(
+      np.linspace(low, 1.0, bins + 1), np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins)
+    )
 
   def add(self, probs: np.ndarray, labels: np.ndarray, ignore: int = 255) -> None:
     """probs [K, ...] and labels [...] of one block."""
@@ -60,17 +63,29 @@ class Reliability:
     return float(gap.sum() / self.total)
 
   def summary(self) -> dict:
-    return {"ece": self.ece(), "pixels": self.total, "accuracy": float(self.correct.sum() / self.total),
-            "mean_confidence": float(self.confidence.sum() / self.total),
-            "bins": [{"low": float(lo), "high": float(hi), "pixels": int(n),
-                      "confidence": None if not n else float(c / n),
-                      "accuracy": None if not n else float(a / n)}
-                     for lo, hi, n, c, a in zip(self.edges[:-1], self.edges[1:], self.count,
-                                                self.confidence, self.correct)]}
+    return {
+      "ece": self.ece(),
+      "pixels": self.total,
+      "accuracy": float(self.correct.sum() / self.total),
+      "mean_confidence": float(self.confidence.sum() / self.total),
+      "bins": [
+        {
+          "low": float(lo),
+          "high": float(hi),
+          "pixels": int(n),
+          "confidence": None if not n else float(c / n),
+          "accuracy": None if not n else float(a / n),
+        }
+        for lo, hi, n, c, a in zip(
+          self.edges[:-1], self.edges[1:], self.count, self.confidence, self.correct
+        )
+      ],
+    }
 
 
-def reliability_of_rasters(probabilities: str | Path, labels: str | Path, bins: int = 10,
-                           ignore: int = 255) -> Reliability:
+def reliability_of_rasters(
+  probabilities: str | Path, labels: str | Path, bins: int = 10, ignore: int = 255
+) -> Reliability:
   """Top-label reliability of a probability GeoTIFF (one band per class) against a label GeoTIFF
   on the same grid (class indices, `ignore` = unlabelled), block by block."""
   with open_raster(probabilities) as p, open_raster(labels) as lab:
@@ -82,8 +97,9 @@ def reliability_of_rasters(probabilities: str | Path, labels: str | Path, bins: 
   return rel
 
 
-def uncertainty_of_errors(probabilities: str | Path, labels: str | Path, uncertainty: str | Path,
-                          ignore: int = 255) -> dict:
+def uncertainty_of_errors(
+  probabilities: str | Path, labels: str | Path, uncertainty: str | Path, ignore: int = 255
+) -> dict:
   """Is the uncertainty raster high where the prediction is wrong? Mean uncertainty on correct
   and on wrong labelled pixels, and the error rate in the most and least uncertain tenth (from a
   histogram of 100 bins over [0, 1]), block by block."""
@@ -105,24 +121,31 @@ def uncertainty_of_errors(probabilities: str | Path, labels: str | Path, uncerta
   cum = np.cumsum(n) / n.sum()
   # the least and the most uncertain tenth, in whole bins (so each holds at least a tenth)
   low, high = np.concatenate([[True], cum[:-1] < 0.1]), cum > 0.9
-  return {"mean_uncertainty_correct": float((centres * right).sum() / right.sum()),
-          "mean_uncertainty_wrong": float((centres * wrong).sum() / max(wrong.sum(), 1)),
-          "error_rate": float(wrong.sum() / n.sum()),
-          "error_rate_least_uncertain_tenth": float(wrong[low].sum() / max(n[low].sum(), 1)),
-          "error_rate_most_uncertain_tenth": float(wrong[high].sum() / max(n[high].sum(), 1)),
-          "tenths_pixel_shares": [float(n[low].sum() / n.sum()), float(n[high].sum() / n.sum())]}
+  return {
+    "mean_uncertainty_correct": float((centres * right).sum() / right.sum()),
+    "mean_uncertainty_wrong": float((centres * wrong).sum() / max(wrong.sum(), 1)),
+    "error_rate": float(wrong.sum() / n.sum()),
+    "error_rate_least_uncertain_tenth": float(wrong[low].sum() / max(n[low].sum(), 1)),
+    "error_rate_most_uncertain_tenth": float(wrong[high].sum() / max(n[high].sum(), 1)),
+    "tenths_pixel_shares": [float(n[low].sum() / n.sum()), float(n[high].sum() / n.sum())],
+  }
 
 
-def plot_reliability(curves: dict[str, Reliability], out: str | Path, overwrite: bool = False) -> Path:
+def plot_reliability(
+  curves: dict[str, Reliability], out: str | Path, overwrite: bool = False
+) -> Path:
   """Reliability diagram (accuracy against confidence per bin, one line per area, ECE in the
   legend; the diagonal is perfect calibration) and the pixels per bin, to a PNG (atomic)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   from demmae_jax.gis.figures import save_png
-  fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]},
-                                 sharex=True)
+
+  fig, (ax, hist) = plt.subplots(
+    2, 1, figsize=(5.5, 7), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
+  )
   low = min(r.edges[0] for r in curves.values())
   ax.plot([low, 1], [low, 1], color="0.6", ls="--", label="perfectly calibrated")
   for name, r in curves.items():

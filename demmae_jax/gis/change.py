@@ -19,6 +19,7 @@
    in tree crowns. With `max_roughness_m`, polygons whose building surface is rougher are
    dropped (counted as `dropped_rough`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,13 @@ from demmae_jax.gis import cog
 
 NONE, NEW, DEMOLISHED, RAISED, LOWERED, NODATA = 0, 1, 2, 3, 4, 255
 NAMES = {NEW: "new", DEMOLISHED: "demolished", RAISED: "raised", LOWERED: "lowered"}
-COLOURS = {NONE: (235, 235, 235, 255), NEW: (40, 170, 60, 255), DEMOLISHED: (215, 40, 40, 255),
-           RAISED: (40, 90, 215, 255), LOWERED: (240, 150, 20, 255)}
+COLOURS = {
+  NONE: (235, 235, 235, 255),
+  NEW: (40, 170, 60, 255),
+  DEMOLISHED: (215, 40, 40, 255),
+  RAISED: (40, 90, 215, 255),
+  LOWERED: (240, 150, 20, 255),
+}
 GROUND = 2
 
 
@@ -45,7 +51,9 @@ class Survey:
   dsm: str | Path
   dtm: str | Path
   classes: str | Path  # predicted classes (1 = building, 255 = nodata)
-  lidar_class: str | Path | None = None  # class of each cell's top return (las_to_rasters' class.tif)
+  lidar_class: str | Path | None = (
+    None  # class of each cell's top return (las_to_rasters' class.tif)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +100,13 @@ def vertical_offset(a: Survey, b: Survey, opts: ChangeOptions = ChangeOptions())
         win = Window(c, r, min(opts.block, ref.width - c), min(opts.block, ref.height - r))
         za, zb = _read(srcs, a.dsm, win), _read(srcs, b.dsm, win)
         if use_class:
-          ground = (_read(srcs, a.lidar_class, win, np.uint8, 0) == GROUND) & \
-              (_read(srcs, b.lidar_class, win, np.uint8, 0) == GROUND)
+          ground = (_read(srcs, a.lidar_class, win, np.uint8, 0) == GROUND) & (
+            _read(srcs, b.lidar_class, win, np.uint8, 0) == GROUND
+          )
         else:
-          ground = (za - _read(srcs, a.dtm, win) < opts.ground_m) & \
-              (zb - _read(srcs, b.dtm, win) < opts.ground_m)
+          ground = (za - _read(srcs, a.dtm, win) < opts.ground_m) & (
+            zb - _read(srcs, b.dtm, win) < opts.ground_m
+          )
         d = (zb - za)[ground & np.isfinite(za) & np.isfinite(zb)]
         hist += np.histogram(d, edges)[0]
   finally:
@@ -104,14 +114,24 @@ def vertical_offset(a: Survey, b: Survey, opts: ChangeOptions = ChangeOptions())
       s.close()
   n = int(hist.sum())
   if n < 100:
-    raise DataError(a.dsm, f"only {n} ground cells in common with {b.dsm}: the vertical offset "
-                    "cannot be measured (do the surveys overlap?)")
+    raise DataError(
+      a.dsm,
+      f"only {n} ground cells in common with {b.dsm}: the vertical offset "
+      "cannot be measured (do the surveys overlap?)",
+    )
   cdf = np.cumsum(hist) / n
   centres = (edges[:-1] + edges[1:]) / 2
   q = {p: float(centres[np.searchsorted(cdf, p / 100)]) for p in (5, 25, 50, 75, 95)}
-  return {"ground_cells": n, "ground_from": "lidar class 2 in both" if use_class else
-          f"height above DTM < {opts.ground_m} m in both", "median_m": q[50],
-          "iqr_m": q[75] - q[25], "p5_m": q[5], "p95_m": q[95]}
+  return {
+    "ground_cells": n,
+    "ground_from": "lidar class 2 in both"
+    if use_class
+    else f"height above DTM < {opts.ground_m} m in both",
+    "median_m": q[50],
+    "iqr_m": q[75] - q[25],
+    "p5_m": q[5],
+    "p95_m": q[95],
+  }
 
 
 def change_block(srcs, a: Survey, b: Survey, win: Window, offset: float, opts: ChangeOptions):
@@ -128,8 +148,12 @@ def change_block(srcs, a: Survey, b: Survey, win: Window, offset: float, opts: C
   ba, bb = ok & (ca == opts.building), ok & (cb == opts.building)
   dh = np.where(ok, zb - za - offset, np.nan).astype(np.float32)
   up, down = dh > opts.dh_m, dh < -opts.dh_m  # a class change must be a height change too
-  masks = {NEW: bb & ~ba & up, DEMOLISHED: ba & ~bb & down, RAISED: ba & bb & up,
-           LOWERED: ba & bb & down}
+  masks = {
+    NEW: bb & ~ba & up,
+    DEMOLISHED: ba & ~bb & down,
+    RAISED: ba & bb & up,
+    LOWERED: ba & bb & down,
+  }
   codes = np.where(ok, NONE, NODATA).astype(np.uint8)
   square = np.ones((3, 3), bool)
   for code, m in masks.items():
@@ -138,27 +162,47 @@ def change_block(srcs, a: Survey, b: Survey, win: Window, offset: float, opts: C
   return codes[inner], dh[inner]
 
 
-def write_change(a: Survey, b: Survey, out_dir: str | Path, opts: ChangeOptions = ChangeOptions(),
-                 overwrite: bool = False) -> dict:
+def write_change(
+  a: Survey,
+  b: Survey,
+  out_dir: str | Path,
+  opts: ChangeOptions = ChangeOptions(),
+  overwrite: bool = False,
+) -> dict:
   """change.tif (codes), dh.tif (corrected DSM difference) and change.gpkg in `out_dir`; returns
   the offset, the counts and areas per change class."""
   from demmae_jax.gis import polygons
   from demmae_jax.gis.vector_io import write_polygons
+
   out_dir = Path(out_dir)
   offset = vertical_offset(a, b, opts)
   srcs, ref = _open_all(a, b)
-  profile = dict(driver="GTiff", width=ref.width, height=ref.height, crs=ref.crs,
-                 transform=ref.transform, count=1, tiled=True, blockxsize=cog.BLOCK,
-                 blockysize=cog.BLOCK, compress="deflate")
+  profile = dict(
+    driver="GTiff",
+    width=ref.width,
+    height=ref.height,
+    crs=ref.crs,
+    transform=ref.transform,
+    count=1,
+    tiled=True,
+    blockxsize=cog.BLOCK,
+    blockysize=cog.BLOCK,
+    compress="deflate",
+  )
   crs, cell_area = ref.crs, abs(ref.transform.a * ref.transform.e)
   try:
-    with cog.cog_output(out_dir / "change.tif", overwrite, "nearest") as ctmp, \
-        cog.cog_output(out_dir / "dh.tif", overwrite, "average", predictor=3) as dtmp:
-      with rasterio.open(ctmp, "w", **profile, dtype="uint8", nodata=NODATA) as cdst, \
-          rasterio.open(dtmp, "w", **profile, dtype="float32", nodata=float("nan")) as ddst:
+    with (
+      cog.cog_output(out_dir / "change.tif", overwrite, "nearest") as ctmp,
+      cog.cog_output(out_dir / "dh.tif", overwrite, "average", predictor=3) as dtmp,
+    ):
+      with (
+        rasterio.open(ctmp, "w", **profile, dtype="uint8", nodata=NODATA) as cdst,
+        rasterio.open(dtmp, "w", **profile, dtype="float32", nodata=float("nan")) as ddst,
+      ):
         cdst.write_colormap(1, COLOURS)
-        cdst.update_tags(codes=", ".join(f"{k} {v}" for k, v in NAMES.items()),
-                         offset_m=str(offset["median_m"]))
+        cdst.update_tags(
+          codes=", ".join(f"{k} {v}" for k, v in NAMES.items()), offset_m=str(offset["median_m"])
+        )
         ddst.set_band_description(1, "DSM(later) - DSM(earlier) - offset on ground (m)")
         for r in range(0, ref.height, opts.block):
           for c in range(0, ref.width, opts.block):
@@ -170,15 +214,29 @@ def write_change(a: Survey, b: Survey, out_dir: str | Path, opts: ChangeOptions 
     for s in srcs.values():
       s.close()
   geoms, counts = [], {}
-  fields = {k: [] for k in ("change", "area_m2", "dh_median_m", "dh_max_abs_m", "height_before_m",
-                            "height_after_m", "roughness_before_m", "roughness_after_m")}
+  fields = {
+    k: []
+    for k in (
+      "change",
+      "area_m2",
+      "dh_median_m",
+      "dh_max_abs_m",
+      "height_before_m",
+      "height_after_m",
+      "roughness_before_m",
+      "roughness_after_m",
+    )
+  }
   dh_src = polygons.HeightSource(ndsm=out_dir / "dh.tif")
   before = polygons.HeightSource(dsm=a.dsm, dtm=a.dtm)
   after = polygons.HeightSource(dsm=b.dsm, dtm=b.dtm)
   try:
     for code, name in NAMES.items():
-      polys = [g for g in polygons.vectorise(out_dir / "change.tif", code, opts.block)[0]
-               if g.area >= opts.min_area_m2]
+      polys = [
+        g
+        for g in polygons.vectorise(out_dir / "change.tif", code, opts.block)[0]
+        if g.area >= opts.min_area_m2
+      ]
       kept, dropped = [], 0
       for g in polys:
         rough = (_median_roughness(a.dsm, g), _median_roughness(b.dsm, g))
@@ -189,19 +247,33 @@ def write_change(a: Survey, b: Survey, out_dir: str | Path, opts: ChangeOptions 
         kept.append(g)
         d, h0, h1 = dh_src.heights(g), before.heights(g), after.heights(g)
         geoms.append(g)
-        values = [name, g.area, _nan_median(d), _nan_max_abs(d), _nan_median(h0), _nan_median(h1),
-                  *rough]
+        values = [
+          name,
+          g.area,
+          _nan_median(d),
+          _nan_max_abs(d),
+          _nan_median(h0),
+          _nan_median(h1),
+          *rough,
+        ]
         for key, v in zip(fields, values):
           fields[key].append(v)
-      counts[name] = {"polygons": len(kept), "area_m2": float(sum(g.area for g in kept)),
-                      "dropped_rough": dropped}
+      counts[name] = {
+        "polygons": len(kept),
+        "area_m2": float(sum(g.area for g in kept)),
+        "dropped_rough": dropped,
+      }
   finally:
     for s in (dh_src, before, after):
       s.close()
   write_polygons(out_dir / "change.gpkg", geoms, fields, crs, "change", overwrite)
-  return {"offset": offset, "changes": counts, "options": dataclasses.asdict(opts),
-          "cell_area_m2": cell_area, "outputs": [str(out_dir / n) for n in
-                                                 ("change.tif", "dh.tif", "change.gpkg")]}
+  return {
+    "offset": offset,
+    "changes": counts,
+    "options": dataclasses.asdict(opts),
+    "cell_area_m2": cell_area,
+    "outputs": [str(out_dir / n) for n in ("change.tif", "dh.tif", "change.gpkg")],
+  }
 
 
 def _nan_median(a) -> float:
@@ -216,6 +288,7 @@ def _median_roughness(dsm: str | Path, poly) -> float:
   """Median roughness (baselines.roughness) of a DSM's cells inside `poly`."""
   from demmae_jax.baselines import fill_invalid, roughness
   from demmae_jax.gis.polygons import _window_mask
+
   with open_raster(dsm) as src:
     win, mask = _window_mask(poly, src.transform, pad=4)
     z = src.read(1, window=win, boundless=True, masked=True, fill_value=np.nan).astype(np.float32)
@@ -226,10 +299,12 @@ def _median_roughness(dsm: str | Path, poly) -> float:
   return float(np.median(roughness(fill_invalid(z, ok))[mask & ok]))
 
 
-def found_footprints(change_polys, change_names, footprints, min_cover: float = 0.5,
-                     kinds=("new", "raised")) -> np.ndarray:
+def found_footprints(
+  change_polys, change_names, footprints, min_cover: float = 0.5, kinds=("new", "raised")
+) -> np.ndarray:
   """Per footprint: whether change polygons of `kinds` cover at least `min_cover` of it."""
   import shapely
+
   sel = [g for g, n in zip(change_polys, change_names) if n in kinds]
   if not sel:
     return np.zeros(len(footprints), bool)
@@ -239,15 +314,25 @@ def found_footprints(change_polys, change_names, footprints, min_cover: float = 
   return cover >= min_cover
 
 
-def footprint_check(change_gpkg: str | Path, footprints: str | Path, crs, *, layer=None,
-                    year_field: str, built_after: int, built_before: int, area=None,
-                    min_cover: float = 0.5) -> dict:
+def footprint_check(
+  change_gpkg: str | Path,
+  footprints: str | Path,
+  crs,
+  *,
+  layer=None,
+  year_field: str,
+  built_after: int,
+  built_before: int,
+  area=None,
+  min_cover: float = 0.5,
+) -> dict:
   """How many footprints built in (built_after, built_before] (e.g. BAG `bouwjaar` between the
   surveys) are covered >= `min_cover` by new or raised change polygons, against the same share
   among older footprints (false alarms). `area`: only footprints inside it (both surveys valid)."""
   import shapely
 
   from demmae_jax.gis.vector_io import read_polygons
+
   polys, attrs = read_polygons(change_gpkg, crs, None, ["change"])
   fp, fa = read_polygons(footprints, crs, layer, [year_field])
   year = np.asarray(fa[year_field], np.float64)
@@ -261,16 +346,28 @@ def footprint_check(change_gpkg: str | Path, footprints: str | Path, crs, *, lay
   cover = shapely.area(shapely.intersection(fp, union)) / shapely.area(fp)
   on_fp = shapely.unary_union(fp)  # how many change polygons lie on (current) footprints
   share = shapely.area(shapely.intersection(polys, on_fp)) / shapely.area(polys)
-  on_footprints = {n: {"polygons": int((attrs["change"] == n).sum()),
-                       "on_footprints": int(((attrs["change"] == n) & (share >= 0.5)).sum())}
-                   for n in NAMES.values()}
-  return {"field": year_field, "built_between": [built_after + 1, built_before],
-          "footprints_in_area": int(len(fp)), "built_between_count": int(between.sum()),
-          "built_between_found": int((found & between).sum()),
-          "built_between_detail": [{"year": int(y), "area_m2": float(g.area), "cover_new_or_raised":
-                                    float(c)} for g, y, c in zip(fp[between], year[between], cover[between])],
-          "older_count": int(older.sum()), "older_flagged": int((found & older).sum()),
-          "min_cover": min_cover, "change_polygons_half_on_footprints": on_footprints}
+  on_footprints = {
+    n: {
+      "polygons": int((attrs["change"] == n).sum()),
+      "on_footprints": int(((attrs["change"] == n) & (share >= 0.5)).sum()),
+    }
+    for n in NAMES.values()
+  }
+  return {
+    "field": year_field,
+    "built_between": [built_after + 1, built_before],
+    "footprints_in_area": int(len(fp)),
+    "built_between_count": int(between.sum()),
+    "built_between_found": int((found & between).sum()),
+    "built_between_detail": [
+      {"year": int(y), "area_m2": float(g.area), "cover_new_or_raised": float(c)}
+      for g, y, c in zip(fp[between], year[between], cover[between])
+    ],
+    "older_count": int(older.sum()),
+    "older_flagged": int((found & older).sum()),
+    "min_cover": min_cover,
+    "change_polygons_half_on_footprints": on_footprints,
+  }
 
 
 def valid_area(change_tif: str | Path, block: int = 1024):
@@ -278,17 +375,26 @@ def valid_area(change_tif: str | Path, block: int = 1024):
   import shapely
 
   from demmae_jax.gis import polygons
+
   parts = []
   for code in (NONE, *NAMES):
     parts += polygons.vectorise(change_tif, code, block)[0]
   return shapely.unary_union(parts)
 
 
-def plot_change(change_tif: str | Path, change_gpkg: str | Path, out: str | Path, footprints=None,
-                title: str = "", overwrite: bool = False, max_side: int = 2000) -> Path:
+def plot_change(
+  change_tif: str | Path,
+  change_gpkg: str | Path,
+  out: str | Path,
+  footprints=None,
+  title: str = "",
+  overwrite: bool = False,
+  max_side: int = 2000,
+) -> Path:
   """The change map: the area both surveys cover (light grey; decimated read of change.tif), the
   change polygons of change.gpkg filled by class, footprints outlined."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.colors import ListedColormap
@@ -296,6 +402,7 @@ def plot_change(change_tif: str | Path, change_gpkg: str | Path, out: str | Path
 
   from demmae_jax.gis.figures import save_png
   from demmae_jax.gis.vector_io import read_polygons
+
   with open_raster(change_tif) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
     codes = src.read(1, out_shape=(src.height // scale, src.width // scale))
@@ -303,8 +410,14 @@ def plot_change(change_tif: str | Path, change_gpkg: str | Path, out: str | Path
   img = np.ma.masked_equal((codes != NODATA).astype(np.uint8), 0)
   cmap = ListedColormap([(1, 1, 1), np.array(COLOURS[NONE][:3]) / 255]).with_extremes(bad="white")
   fig, ax = plt.subplots(figsize=(9, 9 * codes.shape[0] / codes.shape[1] + 0.5))
-  ax.imshow(img, cmap=cmap, vmin=0, vmax=1, extent=(b.left, b.right, b.bottom, b.top),
-            interpolation="nearest")
+  ax.imshow(
+    img,
+    cmap=cmap,
+    vmin=0,
+    vmax=1,
+    extent=(b.left, b.right, b.bottom, b.top),
+    interpolation="nearest",
+  )
   polys, attrs = read_polygons(change_gpkg, crs, None, ["change"])
   colour = {name: np.array(COLOURS[code]) / 255 for code, name in NAMES.items()}
   for g, name in zip(polys, attrs["change"]):
@@ -329,17 +442,31 @@ def main(argv=None) -> int:
   """python -m demmae_jax.gis.change --earlier DSM DTM CLASSES [LIDAR_CLASS] --later ... --out DIR
   [--footprints F --year_field bouwjaar --built_after 2010 --built_before 2013] [--png map.png]"""
   import argparse
-  p = argparse.ArgumentParser(prog="python -m demmae_jax.gis.change", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  p = argparse.ArgumentParser(
+    prog="python -m demmae_jax.gis.change",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--earlier", nargs="+", required=True, help="DSM DTM CLASSES [LIDAR_CLASS]")
   p.add_argument("--later", nargs="+", required=True, help="DSM DTM CLASSES [LIDAR_CLASS]")
-  p.add_argument("--out", required=True, help="folder for change.tif, dh.tif, change.gpkg, change.json")
+  p.add_argument(
+    "--out", required=True, help="folder for change.tif, dh.tif, change.gpkg, change.json"
+  )
   p.add_argument("--dh_m", type=float, default=ChangeOptions.dh_m)
   p.add_argument("--min_area_m2", type=float, default=ChangeOptions.min_area_m2)
-  p.add_argument("--edge_m", type=float, default=0.0,
-                 help="do not compare cells this close to either survey's nodata (e.g. 5)")
-  p.add_argument("--max_roughness_m", type=float, default=None,
-                 help="drop change polygons whose building surface is rougher (vegetation), e.g. 0.2")
+  p.add_argument(
+    "--edge_m",
+    type=float,
+    default=0.0,
+    help="do not compare cells this close to either survey's nodata (e.g. 5)",
+  )
+  p.add_argument(
+    "--max_roughness_m",
+    type=float,
+    default=None,
+    help="drop change polygons whose building surface is rougher (vegetation), e.g. 0.2",
+  )
   p.add_argument("--footprints", default=None)
   p.add_argument("--layer", default=None)
   p.add_argument("--year_field", default="bouwjaar")
@@ -354,6 +481,7 @@ def main(argv=None) -> int:
   if args.footprints and (args.built_after is None or args.built_before is None):
     p.error("--footprints needs --built_after and --built_before")
   from demmae_jax.train.cli import guarded
+
   return guarded("change", lambda: _run(args, argv))
 
 
@@ -363,9 +491,14 @@ def _run(args, argv) -> int:
   import sys
 
   from data_pipelines.atomic import atomic_file
+
   a, b = Survey(*args.earlier), Survey(*args.later)
-  opts = ChangeOptions(dh_m=args.dh_m, min_area_m2=args.min_area_m2,
-                       max_roughness_m=args.max_roughness_m, edge_m=args.edge_m)
+  opts = ChangeOptions(
+    dh_m=args.dh_m,
+    min_area_m2=args.min_area_m2,
+    max_roughness_m=args.max_roughness_m,
+    edge_m=args.edge_m,
+  )
   result = {"command": " ".join(["python -m demmae_jax.gis.change"] + list(argv or sys.argv[1:]))}
   result.update(write_change(a, b, args.out, opts, args.overwrite))
   out = Path(args.out)
@@ -374,11 +507,18 @@ def _run(args, argv) -> int:
   outlines = None
   if args.footprints:
     area = valid_area(out / "change.tif")
-    result["footprints"] = footprint_check(out / "change.gpkg", args.footprints, crs,
-                                           layer=args.layer, year_field=args.year_field,
-                                           built_after=args.built_after,
-                                           built_before=args.built_before, area=area)
+    result["footprints"] = footprint_check(
+      out / "change.gpkg",
+      args.footprints,
+      crs,
+      layer=args.layer,
+      year_field=args.year_field,
+      built_after=args.built_after,
+      built_before=args.built_before,
+      area=area,
+    )
     from demmae_jax.gis.vector_io import read_polygons
+
     fp, fa = read_polygons(args.footprints, crs, args.layer, [args.year_field])
     year = np.asarray(fa[args.year_field], np.float64)
     sel = (year > args.built_after) & (year <= args.built_before)
@@ -387,9 +527,15 @@ def _run(args, argv) -> int:
     counts = ", ".join(f"{k} {v['polygons']}" for k, v in result["changes"].items())
     rough = "" if opts.max_roughness_m is None else f"; roughness <= {opts.max_roughness_m:g} m"
     rough += f"; {opts.edge_m:g} m from nodata" if opts.edge_m else ""
-    plot_change(out / "change.tif", out / "change.gpkg", args.png, outlines, overwrite=args.overwrite,
-                title=f"building change (offset {result['offset']['median_m']:+.2f} m removed; "
-                      f"|dh| > {opts.dh_m:g} m; >= {opts.min_area_m2:g} m2{rough}):\n{counts}")
+    plot_change(
+      out / "change.tif",
+      out / "change.gpkg",
+      args.png,
+      outlines,
+      overwrite=args.overwrite,
+      title=f"building change (offset {result['offset']['median_m']:+.2f} m removed; "
+      f"|dh| > {opts.dh_m:g} m; >= {opts.min_area_m2:g} m2{rough}):\n{counts}",
+    )
   text = json.dumps(result, indent=1)
   with atomic_file(out / "change.json", args.overwrite) as tmp:
     Path(tmp).write_text(text + "\n")

@@ -1,4 +1,5 @@
 """Figures of the GIS measurements, saved atomically."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,7 @@ def save_png(fig, out: str | Path, overwrite: bool = False, dpi: int = 110) -> P
   import matplotlib.pyplot as plt
 
   from data_pipelines.atomic import atomic_file
+
   fig.tight_layout()
   with atomic_file(out, overwrite) as tmp:
     fig.savefig(tmp, dpi=dpi, format="png")
@@ -17,17 +19,26 @@ def save_png(fig, out: str | Path, overwrite: bool = False, dpi: int = 110) -> P
   return Path(out)
 
 
-def plot_outlines(raster: str | Path, layers, out: str | Path, title: str = "",
-                  overwrite: bool = False, vmax: float = 25.0, max_side: int = 1500) -> Path:
+def plot_outlines(
+  raster: str | Path,
+  layers,
+  out: str | Path,
+  title: str = "",
+  overwrite: bool = False,
+  vmax: float = 25.0,
+  max_side: int = 1500,
+) -> Path:
   """A height raster (read decimated) with polygon outlines over it: `layers` is a list of
   (polygons, colour, label)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
   from matplotlib.lines import Line2D
 
   from data_pipelines.raster_io import open_raster
+
   with open_raster(raster) as src:
     scale = max(1, int(np.ceil(max(src.height, src.width) / max_side)))
     img = src.read(1, out_shape=(src.height // scale, src.width // scale), masked=True)

@@ -10,6 +10,7 @@ a predicted height (e.g. the median nDSM in the predicted polygon) with a refere
 Only objects in the labelled area count: `labelled_fraction` (the share of a polygon's cells whose
 label is not `ignore`) keeps predictions and footprints mostly (>= half) inside it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,10 +46,17 @@ def object_scores(pred, ref, iou_min: float = 0.5) -> dict:
   precision = tp / len(pred) if len(pred) else float("nan")
   recall = tp / len(ref) if len(ref) else float("nan")
   f1 = 2 * tp / (len(pred) + len(ref)) if len(pred) + len(ref) else float("nan")
-  return {"iou_min": iou_min, "predicted": len(pred), "reference": len(ref), "matched": tp,
-          "precision": precision, "recall": recall, "f1": f1,
-          "mean_iou_matched": float(np.mean([p[2] for p in pairs])) if pairs else float("nan"),
-          "pairs": pairs}
+  return {
+    "iou_min": iou_min,
+    "predicted": len(pred),
+    "reference": len(ref),
+    "matched": tp,
+    "precision": precision,
+    "recall": recall,
+    "f1": f1,
+    "mean_iou_matched": float(np.mean([p[2] for p in pairs])) if pairs else float("nan"),
+    "pairs": pairs,
+  }
 
 
 def height_errors(predicted, reference) -> dict:
@@ -59,17 +67,23 @@ def height_errors(predicted, reference) -> dict:
   if len(p) < 2:
     return {"n": int(len(p))}
   e = p - r
-  return {"n": int(len(p)), "bias_m": float(e.mean()), "mae_m": float(np.abs(e).mean()),
-          "median_abs_m": float(np.median(np.abs(e))), "rmse_m": float(np.sqrt((e**2).mean())),
-          "pearson_r": float(np.corrcoef(p, r)[0, 1])}
+  return {
+    "n": int(len(p)),
+    "bias_m": float(e.mean()),
+    "mae_m": float(np.abs(e).mean()),
+    "median_abs_m": float(np.median(np.abs(e))),
+    "rmse_m": float(np.sqrt((e**2).mean())),
+    "pearson_r": float(np.corrcoef(p, r)[0, 1]),
+  }
 
 
 def dissolve(geoms, attrs: dict | None = None, gap_m: float = 0.05):
   """Touching (or closer than `gap_m`) footprints merged into blocks; (blocks, attributes), an
   attribute kept for a block of one footprint and NaN for a merged block."""
   geoms = np.asarray(geoms, dtype=object)
-  blocks = np.asarray(list(shapely.get_parts(shapely.unary_union(shapely.buffer(geoms, gap_m / 2)))),
-                      dtype=object)
+  blocks = np.asarray(
+    list(shapely.get_parts(shapely.unary_union(shapely.buffer(geoms, gap_m / 2)))), dtype=object
+  )
   blocks = shapely.buffer(blocks, -gap_m / 2)
   tree = shapely.STRtree(blocks)
   member = tree.query(shapely.point_on_surface(geoms), predicate="intersects")
@@ -90,6 +104,7 @@ def labelled_fraction(polys, labels, ignore: int = 255) -> np.ndarray:
   """Per polygon: the share of its cells (centres inside) whose label is not `ignore`; cells
   outside the label raster count as unlabelled."""
   from demmae_jax.gis.polygons import _window_mask
+
   out = []
   with open_raster(labels) as src:
     for p in polys:

@@ -16,6 +16,7 @@
 Heights and probabilities are read per polygon over its bounding box only (memory flat in the
 raster size).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,6 +54,7 @@ class PolygonOptions:
 def vectorise(classes: str | Path, value: int, block: int = 1024) -> tuple[list, rasterio.crs.CRS]:
   """Polygons of the cells equal to `value` in a class raster, block by block; (geoms, crs)."""
   from demmae_jax.inference.raster import _Polygons
+
   with open_raster(classes) as src:
     pieces = _Polygons(src.transform, src.width, src.height)
     for r in range(0, src.height, block):
@@ -116,7 +118,9 @@ def regularise(poly, tolerance: float, max_area_change: float = 0.25):
   shell = orthogonal_ring(np.asarray(flat.exterior.coords))
   if shell is None:
     return None
-  holes = [h for h in (orthogonal_ring(np.asarray(r.coords)) for r in flat.interiors) if h is not None]
+  holes = [
+    h for h in (orthogonal_ring(np.asarray(r.coords)) for r in flat.interiors) if h is not None
+  ]
   out = shapely.Polygon(shell, holes)
   if not out.is_valid or abs(out.area - poly.area) > max_area_change * poly.area:
     return None
@@ -133,7 +137,9 @@ def shape_polygons(geoms, opts: PolygonOptions, cell: float) -> tuple[list, int]
     if opts.regularise:
       reg = regularise(g, max(opts.simplify_m, cell), opts.max_area_change)
       done += reg is not None
-      shaped = reg if reg is not None else g.simplify(max(opts.simplify_m, cell), preserve_topology=True)
+      shaped = (
+        reg if reg is not None else g.simplify(max(opts.simplify_m, cell), preserve_topology=True)
+      )
     elif opts.simplify_m > 0:
       shaped = g.simplify(opts.simplify_m, preserve_topology=True)
     out.append(shaped if shaped.is_valid and not shaped.is_empty else g)
@@ -145,8 +151,13 @@ class HeightSource:
   """Height above ground under polygons: `ndsm` (an nDSM raster), `dtm` (DSM - DTM) or `dsm` (the
   DSM above its grey opening, estimated). Rasters are read per polygon window."""
 
-  def __init__(self, dsm: str | Path | None = None, dtm: str | Path | None = None,
-               ndsm: str | Path | None = None, opening_m: float = 25.0):
+  def __init__(
+    self,
+    dsm: str | Path | None = None,
+    dtm: str | Path | None = None,
+    ndsm: str | Path | None = None,
+    opening_m: float = 25.0,
+  ):
     if ndsm is not None:
       self.kind, paths = "ndsm", [ndsm]
     elif dsm is not None and dtm is not None:
@@ -186,6 +197,7 @@ class HeightSource:
       h = self._read(self.srcs[0], win) - self._read(self.srcs[1], win)
     else:
       from demmae_jax.baselines import fill_invalid, height_above_opening
+
       dsm = self._read(self.srcs[0], win)
       ok = np.isfinite(dsm)
       if not ok.any():
@@ -197,10 +209,18 @@ class HeightSource:
 def _window_mask(poly, transform, pad: int = 0):
   """(window over the polygon's bounding box + `pad` cells, cells whose centre is inside)."""
   win = rasterio.windows.from_bounds(*poly.bounds, transform=transform)
-  win = Window(math.floor(win.col_off) - pad, math.floor(win.row_off) - pad,
-               math.ceil(win.width) + 1 + 2 * pad, math.ceil(win.height) + 1 + 2 * pad)
-  mask = rasterio.features.geometry_mask([poly], (int(win.height), int(win.width)),
-                                         rasterio.windows.transform(win, transform), invert=True)
+  win = Window(
+    math.floor(win.col_off) - pad,
+    math.floor(win.row_off) - pad,
+    math.ceil(win.width) + 1 + 2 * pad,
+    math.ceil(win.height) + 1 + 2 * pad,
+  )
+  mask = rasterio.features.geometry_mask(
+    [poly],
+    (int(win.height), int(win.width)),
+    rasterio.windows.transform(win, transform),
+    invert=True,
+  )
   return win, mask
 
 
@@ -209,8 +229,15 @@ def _nan_stat(fn, a):
   return float(fn(a)) if a.size else float("nan")
 
 
-def polygon_attributes(polys, *, heights: HeightSource | None = None, probabilities=None,
-                       band: int | None = None, source: str = "", model: str = "") -> dict:
+def polygon_attributes(
+  polys,
+  *,
+  heights: HeightSource | None = None,
+  probabilities=None,
+  band: int | None = None,
+  source: str = "",
+  model: str = "",
+) -> dict:
   """{field: values} for `polys` (see the module doc); probabilities: a probability raster and
   the (1-based) band of the polygons' class."""
   fields = {"area_m2": [p.area for p in polys], "perimeter_m": [p.length for p in polys]}
@@ -232,20 +259,38 @@ def polygon_attributes(polys, *, heights: HeightSource | None = None, probabilit
   return fields
 
 
-def write_class_polygons(classes: str | Path, out: str | Path, *, value: int, name: str,
-                         opts: PolygonOptions = PolygonOptions(), probabilities=None,
-                         heights: HeightSource | None = None, source: str = "", model: str = "",
-                         overwrite: bool = False) -> dict:
+def write_class_polygons(
+  classes: str | Path,
+  out: str | Path,
+  *,
+  value: int,
+  name: str,
+  opts: PolygonOptions = PolygonOptions(),
+  probabilities=None,
+  heights: HeightSource | None = None,
+  source: str = "",
+  model: str = "",
+  overwrite: bool = False,
+) -> dict:
   """Polygons of class `value` of a class raster with their attributes into `out` (.gpkg or
   .geojson); returns a summary."""
   from demmae_jax.gis.vector_io import check_vector_path, write_polygons
+
   check_vector_path(out)
   geoms, crs = vectorise(classes, value, opts.block)
   with open_raster(classes) as src:
     cell = abs(src.transform.a)
   polys, regular = shape_polygons(geoms, opts, cell)
   fields = {"class": [name] * len(polys)}
-  fields.update(polygon_attributes(polys, heights=heights, probabilities=probabilities,
-                                   band=value + 1, source=source, model=model))
+  fields.update(
+    polygon_attributes(
+      polys,
+      heights=heights,
+      probabilities=probabilities,
+      band=value + 1,
+      source=source,
+      model=model,
+    )
+  )
   write_polygons(out, polys, fields, crs, name, overwrite, geometry_type="Polygon")
   return {"polygons": len(polys), "regularised": regular, "path": str(out)}

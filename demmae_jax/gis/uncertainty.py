@@ -9,6 +9,7 @@ is at least the mean entropy; the difference is the symmetries' mutual informati
 The raster is computed block by block from the probability GeoTIFF (memory flat in its size) and
 written as a Cloud-Optimized GeoTIFF (float32, NaN = nodata, gis/cog.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,14 +40,28 @@ def write_uncertainty(probabilities: str | Path, out: str | Path, overwrite: boo
   the same grid), block by block."""
   with open_raster(probabilities) as src:
     if src.count < 2:
-      raise ValueError(f"{probabilities}: a probability raster has one band per class (>= 2); "
-                       f"it has {src.count}")
-    profile = dict(driver="GTiff", width=src.width, height=src.height, crs=src.crs,
-                   transform=src.transform, count=1, dtype="float32", nodata=float("nan"),
-                   tiled=True, blockxsize=cog.BLOCK, blockysize=cog.BLOCK, compress="deflate")
+      raise ValueError(
+        f"{probabilities}: a probability raster has one band per class (>= 2); it has {src.count}"
+      )
+    profile = dict(
+      driver="GTiff",
+      width=src.width,
+      height=src.height,
+      crs=src.crs,
+      transform=src.transform,
+      count=1,
+      dtype="float32",
+      nodata=float("nan"),
+      tiled=True,
+      blockxsize=cog.BLOCK,
+      blockysize=cog.BLOCK,
+      compress="deflate",
+    )
     with cog.cog_output(out, overwrite, "average", predictor=3) as staged:
       with rasterio.open(staged, "w", **profile) as dst:
-        dst.set_band_description(1, "normalised entropy of the class probabilities (0 sure, 1 unsure)")
+        dst.set_band_description(
+          1, "normalised entropy of the class probabilities (0 sure, 1 unsure)"
+        )
         dst.update_tags(source=Path(probabilities).name, measure="normalised_entropy")
         for _, win in dst.block_windows(1):
           dst.write(normalised_entropy(src.read(window=win)), 1, window=win)

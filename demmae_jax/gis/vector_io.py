@@ -1,6 +1,7 @@
 """Polygons to GeoPackage/GeoJSON, atomically (pyogrio): a temporary beside the target (named like
 data_pipelines.atomic's, so a killed run's is swept by the next write), renamed on success; an
 existing file is refused unless `overwrite`."""
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,18 @@ def layer_name(name: str) -> str:
   return "".join(ch if ch.isalnum() else "_" for ch in name) or "polygons"
 
 
-def write_polygons(path: str | Path, geoms: Sequence, fields: Mapping[str, Sequence], crs,
-                   layer: str, overwrite: bool = False, geometry_type: str = "Polygon") -> Path:
+def write_polygons(
+  path: str | Path,
+  geoms: Sequence,
+  fields: Mapping[str, Sequence],
+  crs,
+  layer: str,
+  overwrite: bool = False,
+  geometry_type: str = "Polygon",
+) -> Path:
   """`geoms` (shapely) with one attribute column per `fields` entry, in `crs` (a rasterio CRS)."""
   import pyogrio.raw
+
   path = Path(path)
   check_vector_path(path)
   refuse_existing(path, overwrite)
@@ -35,13 +44,21 @@ def write_polygons(path: str | Path, geoms: Sequence, fields: Mapping[str, Seque
   path.parent.mkdir(parents=True, exist_ok=True)
   sweep_stale(path.parent)
   tmp = path.with_name(f"{temp_prefix(path.name)}{os.urandom(4).hex()}.tmp{path.suffix}")
-  columns = [np.asarray(v, dtype=object if not len(v) or isinstance(v[0], str) else None)
-             for v in fields.values()]
+  columns = [
+    np.asarray(v, dtype=object if not len(v) or isinstance(v[0], str) else None)
+    for v in fields.values()
+  ]
   try:
-    pyogrio.raw.write(tmp, geometry=np.array(shapely.to_wkb(list(geoms)), dtype=object),
-                      field_data=columns, fields=list(fields), crs=crs.to_wkt(),
-                      layer=layer_name(layer), geometry_type=geometry_type,
-                      driver=DRIVERS[path.suffix.lower()])
+    pyogrio.raw.write(
+      tmp,
+      geometry=np.array(shapely.to_wkb(list(geoms)), dtype=object),
+      field_data=columns,
+      fields=list(fields),
+      crs=crs.to_wkt(),
+      layer=layer_name(layer),
+      geometry_type=geometry_type,
+      driver=DRIVERS[path.suffix.lower()],
+    )
     os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
@@ -57,6 +74,7 @@ def read_polygons(path: str | Path, target_crs, layer=None, fields: Sequence[str
   import rasterio.warp
 
   from data_pipelines.errors import DataError
+
   path = Path(path)
   if not path.exists():
     raise DataError(path, "no such file")
@@ -75,7 +93,9 @@ def read_polygons(path: str | Path, target_crs, layer=None, fields: Sequence[str
   geoms = shapely.from_wkb(wkb)
   src = rasterio.crs.CRS.from_user_input(meta["crs"])
   if src != target_crs:
-    moved = rasterio.warp.transform_geom(src, target_crs, [shapely.geometry.mapping(g) for g in geoms])
+    moved = rasterio.warp.transform_geom(
+      src, target_crs, [shapely.geometry.mapping(g) for g in geoms]
+    )
     geoms = np.array([shapely.geometry.shape(g) for g in moved], dtype=object)
   geoms = shapely.make_valid(geoms)
   keep = ~shapely.is_empty(geoms)

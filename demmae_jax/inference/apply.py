@@ -1,5 +1,6 @@
 """A model as a function of image batches: class probabilities, jitted, optionally averaged over
 the 8 square symmetries (test-time augmentation), optionally fed over all devices."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +43,11 @@ def probabilities_fn(model: nnx.Module, tta: bool = False) -> Callable[[np.ndarr
 def make_apply(model, batch_size: int, tta: bool = False):
   """Batches put on all devices (split over the mesh's batch axes) for the jitted model."""
   from demmae_jax import sharding
+
   mesh = sharding.make_mesh(data=-1)
   if batch_size % sharding.batch_parallelism(mesh):
-    raise ValueError(f"--batch_size {batch_size} must be a multiple of the {jax.device_count()} devices")
+    raise ValueError(
+      f"--batch_size {batch_size} must be a multiple of the {jax.device_count()} devices"
+    )
   probs = probabilities_fn(model, tta=tta)
   return lambda x: probs(jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)))

@@ -10,6 +10,7 @@ class from 0.764 to 0.872 (Delft) and from 0.853 to 0.912 (Amsterdam AHN3), 2 m 
 (0.778, 0.885); 91 % (Delft) and 80 % (Amsterdam) of the footprints' outline cells have a
 class-6 cell right outside them (docs/results_product.md).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,13 @@ from data_pipelines.labels import EAVE_M, disk, eave_cells  # one eave for label
 NODATA = 255
 
 
-def to_roof_outline(classes: np.ndarray, cell_m: float, eave_m: float = EAVE_M, positive: int = 1,
-                    nodata: int = NODATA) -> np.ndarray:
+def to_roof_outline(
+  classes: np.ndarray,
+  cell_m: float,
+  eave_m: float = EAVE_M,
+  positive: int = 1,
+  nodata: int = NODATA,
+) -> np.ndarray:
   """`classes` with every `positive` region grown by the eave (a disk of eave_m / cell_m cells)
   into the other classes; nodata cells stay nodata."""
   r = eave_cells(cell_m, eave_m)
@@ -35,22 +41,43 @@ def to_roof_outline(classes: np.ndarray, cell_m: float, eave_m: float = EAVE_M, 
   return np.where(grown & (classes != nodata), positive, classes).astype(classes.dtype)
 
 
-def convert_raster(src_path: str | Path, dst_path: str | Path, eave_m: float = EAVE_M,
-                   positive: int = 1, block: int = 1024) -> np.ndarray:
+def convert_raster(
+  src_path: str | Path,
+  dst_path: str | Path,
+  eave_m: float = EAVE_M,
+  positive: int = 1,
+  block: int = 1024,
+) -> np.ndarray:
   """A class GeoTIFF (1 m, 0.5 m, ... cells) to roof outlines, block by block with a halo of
   the eave width, so memory stays bounded; the result is the same as on the whole raster. Written
   as the predictor writes its classes (a COG with the colour table, atomically); `dst_path` may
   be `src_path`. Returns the cells per class value."""
   from demmae_jax.gis import cog
+
   with rasterio.open(src_path) as src:
     cell = abs(src.transform.a)
     r = eave_cells(cell, eave_m)
     nodata = NODATA if src.nodata is None else int(src.nodata)
     counts = np.zeros(256, np.int64)
-    profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8",
-                   nodata=nodata, crs=src.crs, transform=src.transform, tiled=True,
-                   blockxsize=256, blockysize=256, compress="deflate", BIGTIFF="IF_SAFER")
-    with cog.cog_output(dst_path, True, "nearest") as staged, rasterio.open(staged, "w", **profile) as dst:
+    profile = dict(
+      driver="GTiff",
+      width=src.width,
+      height=src.height,
+      count=1,
+      dtype="uint8",
+      nodata=nodata,
+      crs=src.crs,
+      transform=src.transform,
+      tiled=True,
+      blockxsize=256,
+      blockysize=256,
+      compress="deflate",
+      BIGTIFF="IF_SAFER",
+    )
+    with (
+      cog.cog_output(dst_path, True, "nearest") as staged,
+      rasterio.open(staged, "w", **profile) as dst,
+    ):
       try:
         dst.write_colormap(1, src.colormap(1))
       except ValueError:  # no colour table
@@ -63,15 +90,16 @@ def convert_raster(src_path: str | Path, dst_path: str | Path, eave_m: float = E
           part = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
           out = to_roof_outline(part, cell, eave_m, positive, nodata)
           h, w = min(block, src.height - row), min(block, src.width - col)
-          core = out[row - r0:row - r0 + h, col - c0:col - c0 + w]
+          core = out[row - r0 : row - r0 + h, col - c0 : col - c0 + w]
           dst.write(core, 1, window=Window(col, row, w, h))
           counts += np.bincount(core.ravel(), minlength=256)[:256]
       dst.update_tags(**{**src.tags(), "outline": f"roof (walls grown by {eave_m:g} m)"})
   return counts
 
 
-def eave_agreement(footprints: np.ndarray, roofs: np.ndarray, cell_m: float,
-                   widths_m=(0.0, 1.0, 2.0)) -> dict:
+def eave_agreement(
+  footprints: np.ndarray, roofs: np.ndarray, cell_m: float, widths_m=(0.0, 1.0, 2.0)
+) -> dict:
   """How footprints (1 = building, 255 = unknown) agree with an independent roof mask (bool, e.g.
   LiDAR class 6) when grown by each width: {"iou": {width: IoU}, "outside_share": share of the
   footprints' outline cells with a roof cell right outside them}. The width with the best IoU is

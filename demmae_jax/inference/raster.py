@@ -13,6 +13,7 @@ filled (rasterio.fill) only so that windows can be fed to the network, and their
 are written as nodata (255 for classes, NaN for probabilities). Windows with no valid pixel are
 skipped. A raster with no valid pixel at all is an error (DataError), and nothing is written.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,7 +62,7 @@ def hann_weights(tile: int) -> np.ndarray:
   """[tile, tile] separable Hann window sampled at pixel centres: high in the middle, small but
   non-zero at the edges (so pixels on the raster's border, seen by one window only, keep a
   weight), which hides the seams of overlapping windows."""
-  w = np.sin(np.pi * (np.arange(tile) + 0.5) / tile)**2
+  w = np.sin(np.pi * (np.arange(tile) + 0.5) / tile) ** 2
   return np.outer(w, w).astype(np.float32)
 
 
@@ -81,7 +82,9 @@ class PredictOptions:
     if not 0 <= self.overlap < self.tile:
       raise ValueError(f"overlap must be in [0, tile={self.tile}); got {self.overlap}")
     if self.block < 1 or self.batch_size < 1:
-      raise ValueError(f"block and batch_size must be positive; got {self.block}, {self.batch_size}")
+      raise ValueError(
+        f"block and batch_size must be positive; got {self.block}, {self.batch_size}"
+      )
 
 
 def open_elevation(path: str | Path, band: int | None = None, crs=None):
@@ -93,8 +96,11 @@ def open_elevation(path: str | Path, band: int | None = None, crs=None):
     stack.callback(src.close)
     band = elevation_band(src, band)
     if src.crs is None and crs is None:
-      raise DataError(path, "has no CRS, so the output could not be georeferenced; pass --crs "
-                      "(e.g. EPSG:28992) if you know it")
+      raise DataError(
+        path,
+        "has no CRS, so the output could not be georeferenced; pass --crs "
+        "(e.g. EPSG:28992) if you know it",
+      )
     if src.transform.is_identity:
       raise DataError(path, "has no geotransform (identity); the output could not be placed")
     stack.pop_all()
@@ -115,14 +121,19 @@ def _fill_holes(dem: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """Interpolate holes from the valid pixels (inverse distance, reaching across the window)."""
   if valid.all():
     return dem
-  return rasterio.fill.fillnodata(np.where(valid, dem, 0).astype(np.float32),
-                                  mask=valid.astype(np.uint8), max_search_distance=sum(dem.shape))
+  return rasterio.fill.fillnodata(
+    np.where(valid, dem, 0).astype(np.float32),
+    mask=valid.astype(np.uint8),
+    max_search_distance=sum(dem.shape),
+  )
 
 
 def _read_region(src, band: int, rows: tuple[int, int], cols: tuple[int, int], tile: int):
   """DEM and validity for [rows) x [cols), padded (invalid) up to one tile when the raster is
   smaller than a tile."""
-  win = Window(cols[0], rows[0], min(cols[1], src.width) - cols[0], min(rows[1], src.height) - rows[0])
+  win = Window(
+    cols[0], rows[0], min(cols[1], src.width) - cols[0], min(rows[1], src.height) - rows[0]
+  )
   dem = read_band(src, window=win, band=band, out_dtype=np.float32)
   valid = (read_masks(src, band, window=win) > 0) & np.isfinite(dem)
   if src.nodata is not None and not np.isnan(src.nodata):
@@ -135,8 +146,17 @@ def _read_region(src, band: int, rows: tuple[int, int], cols: tuple[int, int], t
   return dem, valid
 
 
-def predict_block(src, band: int, win: Window, apply: ApplyFn, normalise: Normalise, opts: PredictOptions,
-                  offsets: tuple[list[int], list[int]], num_classes: int, progress=None):
+def predict_block(
+  src,
+  band: int,
+  win: Window,
+  apply: ApplyFn,
+  normalise: Normalise,
+  opts: PredictOptions,
+  offsets: tuple[list[int], list[int]],
+  num_classes: int,
+  progress=None,
+):
   """Blended probabilities [h, w, K] (NaN where no valid window reached) and the input's validity
   [h, w] for one output block."""
   t, weights = opts.tile, hann_weights(opts.tile)
@@ -151,10 +171,10 @@ def predict_block(src, band: int, win: Window, apply: ApplyFn, normalise: Normal
   def flush(batch, places):
     pad = [batch[-1]] * (opts.batch_size - len(batch))  # a fixed shape: one compile
     dems, valids = (np.stack([b[i] for b in batch + pad]) for i in (0, 1))
-    probs = np.asarray(apply(normalise(dems, valids).astype(np.float32)))[:len(batch)]
+    probs = np.asarray(apply(normalise(dems, valids).astype(np.float32)))[: len(batch)]
     for (y, x0), p in zip(places, probs):
-      acc[y:y + t, x0:x0 + t] += p * weights[..., None]
-      wsum[y:y + t, x0:x0 + t] += weights
+      acc[y : y + t, x0 : x0 + t] += p * weights[..., None]
+      wsum[y : y + t, x0 : x0 + t] += weights
     if progress is not None:
       progress.update(len(batch))
 
@@ -162,12 +182,12 @@ def predict_block(src, band: int, win: Window, apply: ApplyFn, normalise: Normal
   for oy in rows:
     for ox in cols:
       y, x0 = oy - top, ox - left
-      v = valid[y:y + t, x0:x0 + t]
+      v = valid[y : y + t, x0 : x0 + t]
       if not v.any():
         if progress is not None:
           progress.update(1)
         continue
-      batch.append((_fill_holes(dem[y:y + t, x0:x0 + t], v), v))
+      batch.append((_fill_holes(dem[y : y + t, x0 : x0 + t], v), v))
       places.append((y, x0))
       if len(batch) == opts.batch_size:
         flush(batch, places)
@@ -175,7 +195,11 @@ def predict_block(src, band: int, win: Window, apply: ApplyFn, normalise: Normal
   if batch:
     flush(batch, places)
   y, x0 = r0 - top, c0 - left
-  acc, wsum, valid = acc[y:y + h, x0:x0 + w], wsum[y:y + h, x0:x0 + w], valid[y:y + h, x0:x0 + w]
+  acc, wsum, valid = (
+    acc[y : y + h, x0 : x0 + w],
+    wsum[y : y + h, x0 : x0 + w],
+    valid[y : y + h, x0 : x0 + w],
+  )
   with np.errstate(invalid="ignore", divide="ignore"):
     probs = acc / wsum[..., None]
   probs[~valid | (wsum == 0)] = np.nan
@@ -186,15 +210,25 @@ def count_windows(height, width, opts: PredictOptions) -> int:
   offsets = [window_offsets(n, opts.tile, opts.tile - opts.overlap) for n in (height, width)]
   total = 0
   for win in _blocks(height, width, opts.block):
-    total += len(_touching(offsets[0], win.row_off, win.row_off + win.height, opts.tile)) * \
-        len(_touching(offsets[1], win.col_off, win.col_off + win.width, opts.tile))
+    total += len(_touching(offsets[0], win.row_off, win.row_off + win.height, opts.tile)) * len(
+      _touching(offsets[1], win.col_off, win.col_off + win.width, opts.tile)
+    )
   return total
 
 
-def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
-                   normalise: Normalise, opts: PredictOptions, *, probabilities_path=None,
-                   polygons_path=None, crs=None, overwrite: bool = False,
-                   progress: bool = True) -> dict:
+def predict_raster(
+  src_path: str | Path,
+  dst_path: str | Path,
+  apply: ApplyFn,
+  normalise: Normalise,
+  opts: PredictOptions,
+  *,
+  probabilities_path=None,
+  polygons_path=None,
+  crs=None,
+  overwrite: bool = False,
+  progress: bool = True,
+) -> dict:
   """Classes (uint8, nodata 255, colour table) to `dst_path`, optionally probabilities (float32, one band per
   class, nodata NaN) and positive-class polygons (GeoJSON or GeoPackage by extension). Same CRS,
   transform and size as the input; rasters are Cloud-Optimized GeoTIFFs with internal overviews
@@ -212,32 +246,51 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
     src, band = open_elevation(src_path, opts.band, crs)
     stack.enter_context(src)
     out_crs = src.crs if src.crs is not None else rasterio.crs.CRS.from_user_input(crs)
-    profile = dict(driver="GTiff", width=src.width, height=src.height, crs=out_crs,
-                   transform=src.transform, tiled=True, blockxsize=256, blockysize=256,
-                   compress="deflate", BIGTIFF="IF_SAFER")
+    profile = dict(
+      driver="GTiff",
+      width=src.width,
+      height=src.height,
+      crs=out_crs,
+      transform=src.transform,
+      tiled=True,
+      blockxsize=256,
+      blockysize=256,
+      compress="deflate",
+      BIGTIFF="IF_SAFER",
+    )
     # streamed into a tiled GeoTIFF, copied into a Cloud-Optimized GeoTIFF when all went well
     tmp = stack.enter_context(cog.cog_output(dst_path, overwrite, "nearest"))
-    dst = stack.enter_context(rasterio.open(tmp, "w", **profile, count=1, dtype="uint8",
-                                            nodata=CLASS_NODATA))
+    dst = stack.enter_context(
+      rasterio.open(tmp, "w", **profile, count=1, dtype="uint8", nodata=CLASS_NODATA)
+    )
     dst.write_colormap(1, _colormap(num_classes))
     prob = None
     if probabilities_path is not None:
-      ptmp = stack.enter_context(cog.cog_output(probabilities_path, overwrite, "average", predictor=3))
-      prob = stack.enter_context(rasterio.open(ptmp, "w", **profile, count=num_classes,
-                                               dtype="float32", nodata=float("nan"), predictor=3))
+      ptmp = stack.enter_context(
+        cog.cog_output(probabilities_path, overwrite, "average", predictor=3)
+      )
+      prob = stack.enter_context(
+        rasterio.open(
+          ptmp, "w", **profile, count=num_classes, dtype="float32", nodata=float("nan"), predictor=3
+        )
+      )
       for i, name in enumerate(opts.class_names):
         prob.set_band_description(i + 1, f"p({name})")
     polygons = _Polygons(src.transform, src.width, src.height) if polygons_path else None
-    offsets = (window_offsets(src.height, opts.tile, opts.tile - opts.overlap),
-               window_offsets(src.width, opts.tile, opts.tile - opts.overlap))
+    offsets = (
+      window_offsets(src.height, opts.tile, opts.tile - opts.overlap),
+      window_offsets(src.width, opts.tile, opts.tile - opts.overlap),
+    )
     windows = count_windows(src.height, src.width, opts)
-    bar = stack.enter_context(tqdm(total=windows, unit="win", disable=not progress,
-                                   desc=f"predict {Path(src_path).name}"))  # closed on errors too
+    bar = stack.enter_context(
+      tqdm(total=windows, unit="win", disable=not progress, desc=f"predict {Path(src_path).name}")
+    )  # closed on errors too
     counts = np.zeros(num_classes, np.int64)
     nodata_pixels = 0
     for win in _blocks(src.height, src.width, opts.block):
-      probs, ok = predict_block(src, band, win, apply, _checked(normalise, src_path), opts, offsets,
-                                num_classes, bar)
+      probs, ok = predict_block(
+        src, band, win, apply, _checked(normalise, src_path), opts, offsets, num_classes, bar
+      )
       classes = np.where(ok, np.nan_to_num(probs).argmax(-1), CLASS_NODATA).astype(np.uint8)
       dst.write(classes, 1, window=win)
       if prob is not None:
@@ -248,14 +301,21 @@ def predict_raster(src_path: str | Path, dst_path: str | Path, apply: ApplyFn,
       nodata_pixels += int((~ok).sum())
     bar.close()
     if not counts.sum():  # raised before the outputs are committed: nothing is written
-      raise DataError(src_path, "has no valid pixel (every pixel is nodata, NaN or inf): there is "
-                      "nothing to predict, so no output was written")
+      raise DataError(
+        src_path,
+        "has no valid pixel (every pixel is nodata, NaN or inf): there is "
+        "nothing to predict, so no output was written",
+      )
     if polygons is not None:
       polygons.write(polygons_path, out_crs, opts.class_names[opts.positive], overwrite)
-  return {"classes": str(dst_path), "probabilities": str(probabilities_path) if prob else None,
-          "polygons": str(polygons_path) if polygons_path else None,
-          "pixels_per_class": dict(zip(opts.class_names, counts.tolist())),
-          "nodata_pixels": nodata_pixels, "windows": windows}
+  return {
+    "classes": str(dst_path),
+    "probabilities": str(probabilities_path) if prob else None,
+    "polygons": str(polygons_path) if polygons_path else None,
+    "pixels_per_class": dict(zip(opts.class_names, counts.tolist())),
+    "nodata_pixels": nodata_pixels,
+    "windows": windows,
+  }
 
 
 def _checked(normalise: Normalise, path) -> Normalise:
@@ -266,6 +326,7 @@ def _checked(normalise: Normalise, path) -> Normalise:
     if not np.isfinite(x).all():
       raise DataError(path, "normalisation gave non-finite values; the elevation is unusable")
     return x
+
   return run
 
 
@@ -289,12 +350,20 @@ class _Polygons:
     if not mask.any():
       return
     t = rasterio.windows.transform(win, self.transform)
-    inner = (win.row_off > 0, win.col_off > 0, win.row_off + win.height < self.height,
-             win.col_off + win.width < self.width)
+    inner = (
+      win.row_off > 0,
+      win.col_off > 0,
+      win.row_off + win.height < self.height,
+      win.col_off + win.width < self.width,
+    )
     for geom, _ in rasterio.features.shapes(mask.astype(np.uint8), mask=mask, transform=t):
       ys, xs = _pixel_bounds(geom, t)
-      touches = (inner[0] and ys[0] <= 0) or (inner[1] and xs[0] <= 0) or \
-          (inner[2] and ys[1] >= win.height) or (inner[3] and xs[1] >= win.width)
+      touches = (
+        (inner[0] and ys[0] <= 0)
+        or (inner[1] and xs[0] <= 0)
+        or (inner[2] and ys[1] >= win.height)
+        or (inner[3] and xs[1] >= win.width)
+      )
       (self.edge if touches else self.done).append(shapely.geometry.shape(geom))
 
   def geometries(self) -> list:
@@ -304,16 +373,24 @@ class _Polygons:
 
   def write(self, path, crs, name: str, overwrite: bool):
     geoms = self.geometries()
-    vector_io.write_polygons(path, geoms, {"class": [name] * len(geoms),
-                                           "area": [g.area for g in geoms]}, crs, name, overwrite)
+    vector_io.write_polygons(
+      path,
+      geoms,
+      {"class": [name] * len(geoms), "area": [g.area for g in geoms]},
+      crs,
+      name,
+      overwrite,
+    )
 
 
 def _pixel_bounds(geom, transform):
   """(row min, row max), (col min, col max) of a GeoJSON polygon in the window's pixel grid."""
   xy = np.asarray(geom["coordinates"][0])
   cols, rows = ~transform @ (xy[:, 0], xy[:, 1])
-  return (math.floor(np.min(rows) + 1e-6), math.ceil(np.max(rows) - 1e-6)), \
-      (math.floor(np.min(cols) + 1e-6), math.ceil(np.max(cols) - 1e-6))
+  return (math.floor(np.min(rows) + 1e-6), math.ceil(np.max(rows) - 1e-6)), (
+    math.floor(np.min(cols) + 1e-6),
+    math.ceil(np.max(cols) - 1e-6),
+  )
 
 
 # An nDSM holds the ground at ~0 m: over a city block or a field at least a few per cent of the
@@ -323,7 +400,9 @@ NDSM_GROUND_SHARE = 0.02
 NDSM_GROUND_M = 1.0
 
 
-def check_height_above_ground(path: str | Path, band: int | None = None, sample_px: int = 1024) -> None:
+def check_height_above_ground(
+  path: str | Path, band: int | None = None, sample_px: int = 1024
+) -> None:
   """Refuse a raster that cannot be height above ground: its lowest `NDSM_GROUND_SHARE` of cells
   (read decimated to at most `sample_px` a side) lie above `NDSM_GROUND_M` or far below 0."""
   with open_raster(path) as src:
@@ -337,7 +416,10 @@ def check_height_above_ground(path: str | Path, band: int | None = None, sample_
     return
   low = float(np.quantile(values, NDSM_GROUND_SHARE))
   if low > NDSM_GROUND_M or low < -NDSM_GROUND_M:
-    raise DataError(path, f"is not height above ground: {NDSM_GROUND_SHARE:.0%} of its cells are "
-                    f"{'above' if low > 0 else 'below'} {low:.1f} m, while an nDSM has its ground at "
-                    f"0 m. This model reads an nDSM: pass --dtm (terrain on the same grid, the nDSM "
-                    f"is DSM - DTM), a LiDAR .las/.laz, or an nDSM raster")
+    raise DataError(
+      path,
+      f"is not height above ground: {NDSM_GROUND_SHARE:.0%} of its cells are "
+      f"{'above' if low > 0 else 'below'} {low:.1f} m, while an nDSM has its ground at "
+      f"0 m. This model reads an nDSM: pass --dtm (terrain on the same grid, the nDSM "
+      f"is DSM - DTM), a LiDAR .las/.laz, or an nDSM raster",
+    )

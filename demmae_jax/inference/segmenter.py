@@ -3,6 +3,7 @@ needed to rebuild the model and feed it (architecture, classes, normalisation, t
 size), so evaluation and prediction need only the workdir, never the pretraining checkpoint.
 The spec is written by `demmae_jax.train.finetune.model_spec`.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ SPEC_FILE = "segmenter.json"
 def read_spec(workdir: str | Path) -> dict:
   path = Path(workdir) / SPEC_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a finetuning workdir "
-                            f"(made by scripts/finetune.py)")
+    raise FileNotFoundError(
+      f"{path} not found: {workdir} is not a finetuning workdir (made by scripts/finetune.py)"
+    )
   return json.loads(path.read_text())
 
 
@@ -30,20 +32,32 @@ def build_from_spec(spec: dict, seed: int = 0, backbone_state=None) -> nnx.Modul
   rngs = nnx.Rngs(params=seed)
   if spec["kind"] == "unet":
     u = spec["unet"]
-    return unet_model.UNet(unet_model.UNetConfig(in_chans=spec["normalisation"]["channels"],
-                                                 num_classes=spec["num_classes"], width=u["width"],
-                                                 depth=u["depth"]), rngs=rngs)
-  backbone = mae_model.MaskedAutoencoder(mae_model.MAEConfig(**spec["backbone"]),
-                                         rngs=nnx.Rngs(params=seed + 1))
+    return unet_model.UNet(
+      unet_model.UNetConfig(
+        in_chans=spec["normalisation"]["channels"],
+        num_classes=spec["num_classes"],
+        width=u["width"],
+        depth=u["depth"],
+      ),
+      rngs=rngs,
+    )
+  backbone = mae_model.MaskedAutoencoder(
+    mae_model.MAEConfig(**spec["backbone"]), rngs=nnx.Rngs(params=seed + 1)
+  )
   if backbone_state is not None:
     nnx.update(backbone, jax.tree.map(jnp.array, backbone_state))  # a copy: the loop donates state
   if spec["kind"] == "hybrid":
     h = spec["hybrid"]
-    return hybrid_model.ViTUNet(backbone, hybrid_model.HybridConfig(**{**h, "layers": tuple(h["layers"])}),
-                                freeze_backbone=spec["freeze_backbone"], rngs=rngs)
+    return hybrid_model.ViTUNet(
+      backbone,
+      hybrid_model.HybridConfig(**{**h, "layers": tuple(h["layers"])}),
+      freeze_backbone=spec["freeze_backbone"],
+      rngs=rngs,
+    )
   head = spec["head"]
-  head = upernet.HeadConfig(**{**head, "layers": tuple(head["layers"]),
-                               "pool_scales": tuple(head["pool_scales"])})
+  head = upernet.HeadConfig(
+    **{**head, "layers": tuple(head["layers"]), "pool_scales": tuple(head["pool_scales"])}
+  )
   return upernet.Segmenter(backbone, head, freeze_backbone=spec["freeze_backbone"], rngs=rngs)
 
 
@@ -52,30 +66,43 @@ def check_spec_against_data(spec: dict, manifest: dict, source: str) -> None:
   weights = manifest["splits"]["train"].get("classes", {}).get("frequencies", {})
   labels = [int(k) for k in weights]
   if labels and max(labels) >= spec["num_classes"]:
-    raise ValueError(f"{source}: the tiles hold label {max(labels)} but the model has "
-                     f"{spec['num_classes']} classes ({spec['class_names']})")
+    raise ValueError(
+      f"{source}: the tiles hold label {max(labels)} but the model has "
+      f"{spec['num_classes']} classes ({spec['class_names']})"
+    )
   if manifest["tile_size"] != spec["tile_size"]:
-    raise ValueError(f"{source}: tiles are {manifest['tile_size']} px but the model was built for "
-                     f"{spec['tile_size']} px")
+    raise ValueError(
+      f"{source}: tiles are {manifest['tile_size']} px but the model was built for "
+      f"{spec['tile_size']} px"
+    )
 
 
 def reader_options(spec: dict) -> dict:
   """The tile reader's normalisation arguments for the model `spec` describes."""
   n = spec["normalisation"]
-  return dict(normalisation=n["mode"], channels=n["channels"], scale_m=n["scale_m"],
-              low_percentile=n["low_percentile"])
+  return dict(
+    normalisation=n["mode"],
+    channels=n["channels"],
+    scale_m=n["scale_m"],
+    low_percentile=n["low_percentile"],
+  )
 
 
 def input_normalise(spec: dict):
   """The model's input normalisation on predictor windows: (dem, valid) -> [B, t, t, C]; for an
   nDSM model the raster predicted on must be the nDSM itself."""
   from data_pipelines.normalisation import normalise_numpy, parse_mode
+
   n = spec["normalisation"]
   modes = parse_mode(n["mode"])
   if len(modes) > 1:
     raise ValueError(f"the predictor reads one raster; a model on {n['mode']!r} needs several")
-  kw = dict(stats=n["stats"], scale_m=n["scale_m"], low_percentile=n["low_percentile"],
-            channels=n["channels"])
+  kw = dict(
+    stats=n["stats"],
+    scale_m=n["scale_m"],
+    low_percentile=n["low_percentile"],
+    channels=n["channels"],
+  )
   if modes[0] == "ndsm":
     return lambda dem, valid: normalise_numpy(dem, valid, "ndsm", ndsm=dem, **kw)
   return lambda dem, valid: normalise_numpy(dem, valid, modes[0], **kw)
@@ -104,13 +131,18 @@ def check_window(spec: dict, window: int) -> None:
   if window != spec["tile_size"]:
     modes = spec["normalisation"]["mode"].split("+")
     if any(m not in WINDOW_FREE_NORMALISATIONS for m in modes):
-      raise ValueError(f"the model normalises each {spec['tile_size']} px tile by its own statistics "
-                       f"({spec['normalisation']['mode']}): predict with windows of that size, not "
-                       f"{window} (larger windows need a per-pixel normalisation: ndsm or zscore)")
+      raise ValueError(
+        f"the model normalises each {spec['tile_size']} px tile by its own statistics "
+        f"({spec['normalisation']['mode']}): predict with windows of that size, not "
+        f"{window} (larger windows need a per-pixel normalisation: ndsm or zscore)"
+      )
   m = window_multiple(spec)
   if m is None and window != spec["tile_size"]:
-    raise ValueError(f"a {spec['kind']} model takes windows of its tile size "
-                     f"({spec['tile_size']} px) only, not {window}")
+    raise ValueError(
+      f"a {spec['kind']} model takes windows of its tile size "
+      f"({spec['tile_size']} px) only, not {window}"
+    )
   if m is not None and (window % m or window < m):
-    raise ValueError(f"prediction windows of a {spec['kind']} model must be multiples of {m} px; "
-                     f"got {window}")
+    raise ValueError(
+      f"prediction windows of a {spec['kind']} model must be multiples of {m} px; got {window}"
+    )

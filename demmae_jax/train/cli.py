@@ -15,6 +15,7 @@
 returns its exit code (tests); `guarded(prog, fn, debug)` is the same contract for the argparse
 scripts (prepare_data, convert_weights).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,11 @@ from pathlib import Path
 from absl import app, flags, logging
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-EXPECTED = (ValueError, OSError, FloatingPointError)  # DataError, CheckpointError, ... are ValueErrors
+EXPECTED = (
+  ValueError,
+  OSError,
+  FloatingPointError,
+)  # DataError, CheckpointError, ... are ValueErrors
 EXIT_ERROR, EXIT_BUG, EXIT_SIGTERM, EXIT_INTERRUPT = 2, 1, 128 + signal.SIGTERM, 130
 
 _DEBUG = flags.DEFINE_bool("debug", False, "On an error, also print the Python traceback.")
@@ -72,20 +77,32 @@ def message(e: BaseException) -> str:
   return " ".join(text.split())
 
 
-def guarded(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
-            on_terminate: Callable[[], str] | None = None) -> int:
+def guarded(
+  prog: str,
+  fn: Callable[[], int | None],
+  *,
+  debug: bool = False,
+  on_terminate: Callable[[], str] | None = None,
+) -> int:
   """Run `fn` under the contract above; returns the exit code."""
   try:
     with sigterm_raises():
       rc = fn()
     return 0 if rc is None else int(rc)
   except Terminated:
-    note = on_terminate() if on_terminate else ("stopped before finishing; its outputs were not "
-                                                "written and its temporaries were removed")
+    note = (
+      on_terminate()
+      if on_terminate
+      else (
+        "stopped before finishing; its outputs were not written and its temporaries were removed"
+      )
+    )
     print(f"{prog}: stopped by SIGTERM: {note}", file=sys.stderr, flush=True)
     return EXIT_SIGTERM
   except KeyboardInterrupt:
-    print(f"{prog}: interrupted: outputs not finished were not written", file=sys.stderr, flush=True)
+    print(
+      f"{prog}: interrupted: outputs not finished were not written", file=sys.stderr, flush=True
+    )
     return EXIT_INTERRUPT
   except app.UsageError as e:
     print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
@@ -97,8 +114,12 @@ def guarded(prog: str, fn: Callable[[], int | None], *, debug: bool = False,
     return EXIT_ERROR
   except Exception as e:  # a bug: show everything
     traceback.print_exc()
-    print(f"{prog}: internal error (a bug, not a problem with your input; please report it with "
-          f"the traceback above): {e.__class__.__name__}: {message(e)}", file=sys.stderr, flush=True)
+    print(
+      f"{prog}: internal error (a bug, not a problem with your input; please report it with "
+      f"the traceback above): {e.__class__.__name__}: {message(e)}",
+      file=sys.stderr,
+      flush=True,
+    )
     return EXIT_BUG
 
 
@@ -136,15 +157,18 @@ def _override_error(e: Exception, argv: list[str]) -> str:
   overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
   text = str(e).replace("\\n", " ").replace("\\'", "").replace("'", "")  # a KeyError's repr inside
   key = " ".join(text.split())
-  return (f"bad config override ({e.__class__.__name__}: {key}); the overrides given: {overrides}. "
-          f"Keys are checked against the config file: a typo is not a new key. Print the "
-          f"config's keys with --helpfull or read the config file.")
+  return (
+    f"bad config override ({e.__class__.__name__}: {key}); the overrides given: {overrides}. "
+    f"Keys are checked against the config file: a typo is not a new key. Print the "
+    f"config's keys with --helpfull or read the config file."
+  )
 
 
 def _config_file_missing(argv: list[str]) -> str | None:
   """The message for a config file that did not load (config_flags defers that error until the
   config is first used, e.g. by a `--config.key=value` override), or None."""
   from ml_collections import config_flags
+
   for name in list(flags.FLAGS):
     flag = flags.FLAGS[name]
     if not config_flags.config_flags.is_config_flag(flag):
@@ -165,8 +189,10 @@ def _config_file_missing(argv: list[str]) -> str | None:
     hint = ""
     if not Path(filename).is_absolute() and (PROJECT_ROOT / filename).exists():
       hint = f"; did you mean {PROJECT_ROOT / filename}?"
-    return (f"{filename}: config file not found (relative paths are taken from the current "
-            f"folder, {os.getcwd()}){hint}")
+    return (
+      f"{filename}: config file not found (relative paths are taken from the current "
+      f"folder, {os.getcwd()}){hint}"
+    )
   return None
 
 

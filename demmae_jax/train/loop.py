@@ -13,6 +13,7 @@ Randomness in a step is `fold_in(rng, step)` (and `fold_in(., microbatch)`): a r
 draws the same masks as an uninterrupted one. Batches come from `batches(start_step)`, an
 iterator of this process's rows of each global batch as NumPy dicts, starting at `start_step`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,6 +43,7 @@ BatchSource = Callable[[int], Iterator[Batch]]
 
 class Task:
   """Subclass and override. Everything a run needs to know about the model and its loss."""
+
   trainable: Any = nnx.Param  # nnx filter of the variables the optimiser updates
   best_metric: str | None = None  # eval metric whose best checkpoint is kept
   best_mode: str = "max"
@@ -64,8 +66,9 @@ class Task:
   def build_model(self) -> nnx.Module:
     raise NotImplementedError
 
-  def loss_fn(self, model: nnx.Module, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss_fn(
+    self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, metrics of scalars); pure and jittable; randomness only from `rng`."""
     raise NotImplementedError
 
@@ -77,8 +80,9 @@ class Task:
     """Called on every process every `eval_every_steps`; returns scalars (optional)."""
     return {}
 
-  def picture_arrays(self, model: nnx.Module, batch: dict[str, jax.Array],
-                     rng: jax.Array) -> dict[str, jax.Array]:
+  def picture_arrays(
+    self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array
+  ) -> dict[str, jax.Array]:
     """Arrays to draw (jitted by the loop, gathered to every host); {} for no pictures."""
     return {}
 
@@ -106,8 +110,14 @@ def _tree_where(ok, new, old):
 class Trainer:
   """Placement, optimiser and compiled step for one (task, config, mesh)."""
 
-  def __init__(self, task: Task, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-               grad_accum_steps: int | None = None):
+  def __init__(
+    self,
+    task: Task,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    *,
+    grad_accum_steps: int | None = None,
+  ):
     """`grad_accum_steps` replaces the config's (the memory plan's choice)."""
     self.task, self.config, self.mesh = task, config, mesh
     self.global_batch = int(config.global_batch)
@@ -119,26 +129,38 @@ class Trainer:
     self.graphdef, params, rest = nnx.split(model, task.trainable, ...)
     if not jax.tree.leaves(params):
       raise ValueError("the task's `trainable` filter selects no variables: nothing to train")
-    self.tx, self.schedule = optim.make(config.optim, params, total_steps=int(config.total_steps),
-                                        global_batch=self.global_batch,
-                                        depth=task.layer_decay_depth())
-    abstract = {"params": params, "rest": rest,
-                "opt_state": jax.eval_shape(self.tx.init, params),
-                "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    self.tx, self.schedule = optim.make(
+      config.optim,
+      params,
+      total_steps=int(config.total_steps),
+      global_batch=self.global_batch,
+      depth=task.layer_decay_depth(),
+    )
+    abstract = {
+      "params": params,
+      "rest": rest,
+      "opt_state": jax.eval_shape(self.tx.init, params),
+      "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
     rules = [tuple(r) for r in config.sharding.rules]
-    self.state_shardings = shd.tree_shardings(abstract, mesh, rules,
-                                              int(config.sharding.min_fsdp_size))
+    self.state_shardings = shd.tree_shardings(
+      abstract, mesh, rules, int(config.sharding.min_fsdp_size)
+    )
     self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-        self.state_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract,
+      self.state_shardings,
+    )
     self.rng = jax.random.key(int(config.seed))
     self._pictures = None
 
   def _check_accum(self, accum: int) -> int:
     par = shd.batch_parallelism(self.mesh)
     if accum < 1 or self.global_batch % (par * accum):
-      raise ValueError(f"global_batch {self.global_batch} must be divisible by data x fsdp "
-                       f"({par}) x grad_accum_steps ({accum})")
+      raise ValueError(
+        f"global_batch {self.global_batch} must be divisible by data x fsdp "
+        f"({par}) x grad_accum_steps ({accum})"
+      )
     return accum
 
   def with_accum(self, accum: int) -> Trainer:
@@ -154,10 +176,16 @@ class Trainer:
     weights read are then placed by the rules, and the optimiser state is made by a jitted
     `tx.init` whose outputs are placed likewise (each device makes only its shards of it, never
     the whole state on one device)."""
+
     def init(model):
       _, params, rest = nnx.split(model, self.task.trainable, ...)
-      return {"params": params, "rest": rest, "opt_state": self.tx.init(params),
-              "step": jnp.zeros((), jnp.int32)}
+      return {
+        "params": params,
+        "rest": rest,
+        "opt_state": self.tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+      }
+
     if self.task.jit_init:
       return jax.jit(lambda: init(self.task.build_model()), out_shardings=self.state_shardings)()
     model, self._eager_model = self._eager_model or self.task.build_model(), None
@@ -165,9 +193,12 @@ class Trainer:
     del model
     sh = self.state_shardings
     params, rest = jax.device_put(params, sh["params"]), jax.device_put(rest, sh["rest"])
-    return {"params": params, "rest": rest,
-            "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
-            "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
+    return {
+      "params": params,
+      "rest": rest,
+      "opt_state": jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params),
+      "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]),
+    }
 
   def model(self, state: dict) -> nnx.Module:
     return nnx.merge(self.graphdef, state["params"], state["rest"])
@@ -177,9 +208,13 @@ class Trainer:
     """One optimiser step on one global batch (pure; jitted by `compile`)."""
     step_rng = jax.random.fold_in(rng, state["step"])
     if self.task.per_example_rng:  # travels with its row through the micro-batch split below
-      batch = {**batch, "_rng": jax.lax.with_sharding_constraint(
+      batch = {
+        **batch,
+        "_rng": jax.lax.with_sharding_constraint(
           jax.vmap(jax.random.fold_in, (None, 0))(step_rng, jnp.arange(self.global_batch)),
-          NamedSharding(self.mesh, P(shd.BATCH_AXES)))}
+          NamedSharding(self.mesh, P(shd.BATCH_AXES)),
+        ),
+      }
 
     def key_for(micro, i):
       return micro.pop("_rng") if self.task.per_example_rng else jax.random.fold_in(step_rng, i)
@@ -190,6 +225,7 @@ class Trainer:
         loss, aux = self.task.loss_fn(model, micro, key)
         _, _, new_rest = nnx.split(model, self.task.trainable, ...)
         return loss, (aux, new_rest)
+
       (loss, (aux, new_rest)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
       return loss, aux, new_rest, grads
 
@@ -201,9 +237,12 @@ class Trainer:
       # Micro-batch i takes rows i, i + accum, ...: each device splits its own rows, so the
       # reshape moves no data between devices.
       micro = jax.tree.map(
-          lambda x: jax.lax.with_sharding_constraint(
-              x.reshape(-1, self.accum, *x.shape[1:]).swapaxes(0, 1),
-              NamedSharding(self.mesh, P(None, shd.BATCH_AXES, *[None] * (x.ndim - 1)))), batch)
+        lambda x: jax.lax.with_sharding_constraint(
+          x.reshape(-1, self.accum, *x.shape[1:]).swapaxes(0, 1),
+          NamedSharding(self.mesh, P(None, shd.BATCH_AXES, *[None] * (x.ndim - 1))),
+        ),
+        batch,
+      )
 
       def body(carry, xs):
         rest, gsum, lsum, asum = carry
@@ -214,14 +253,18 @@ class Trainer:
         return (rest, add(gsum, grads), lsum + loss, add(asum, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state["params"])
+
       def first_micro():
         mb = jax.tree.map(lambda x: x[0], micro)
         return grads_on(state["params"], state["rest"], mb, key_for(mb, 0))[1]
+
       first_aux = jax.eval_shape(first_micro)
       aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first_aux)
       (rest, grads, loss, aux), _ = jax.lax.scan(
-          body, (state["rest"], zeros, jnp.zeros((), jnp.float32), aux0),
-          (jnp.arange(self.accum), micro))
+        body,
+        (state["rest"], zeros, jnp.zeros((), jnp.float32), aux0),
+        (jnp.arange(self.accum), micro),
+      )
       scale = 1.0 / self.accum
       grads = jax.tree.map(lambda g: g * scale, grads)
       loss, aux = loss * scale, jax.tree.map(lambda a: a * scale, aux)
@@ -231,33 +274,47 @@ class Trainer:
     params = optax.apply_updates(state["params"], updates)
     # A non-finite loss or gradient leaves the state as it was; the host stops the run.
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = {"params": _tree_where(ok, params, state["params"]),
-                 "rest": _tree_where(ok, rest, state["rest"]),
-                 "opt_state": _tree_where(ok, opt_state, state["opt_state"]),
-                 "step": state["step"] + 1}
-    out = {"loss": loss, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
-           "finite": ok, **aux}
+    new_state = {
+      "params": _tree_where(ok, params, state["params"]),
+      "rest": _tree_where(ok, rest, state["rest"]),
+      "opt_state": _tree_where(ok, opt_state, state["opt_state"]),
+      "step": state["step"] + 1,
+    }
+    out = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": self.schedule(state["step"]),
+      "finite": ok,
+      **aux,
+    }
     return new_state, out
 
   def jitted_step(self, batch_example: dict):
-    batch_shardings = {k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch_example.items()}
+    batch_shardings = {
+      k: shd.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch_example.items()
+    }
 
     def step(state, batch, rng):
       # The mesh in context while tracing: the model's activation constraints for the 'model'
       # axis read it (demmae_jax/models/partitioning.py).
       with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
         return self.train_step(state, batch, rng)
-    return jax.jit(step,
-                   in_shardings=(self.state_shardings, batch_shardings, shd.replicated(self.mesh)),
-                   out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
-                   donate_argnums=(0,))
+
+    return jax.jit(
+      step,
+      in_shardings=(self.state_shardings, batch_shardings, shd.replicated(self.mesh)),
+      out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+      donate_argnums=(0,),
+    )
 
   def trace(self, batch_example: dict):
     """The step traced for batches shaped like `batch_example` (arrays or ShapeDtypeStructs;
     only the trailing dimensions count, the leading one is the global batch): `.jaxpr` to count
     FLOPs, `.lower().compile()` to run."""
-    abstract_batch = {k: jax.ShapeDtypeStruct((self.global_batch,) + tuple(np.shape(v)[1:]),
-                                              v.dtype) for k, v in batch_example.items()}
+    abstract_batch = {
+      k: jax.ShapeDtypeStruct((self.global_batch,) + tuple(np.shape(v)[1:]), v.dtype)
+      for k, v in batch_example.items()
+    }
     return self.jitted_step(batch_example).trace(self.abstract_state, abstract_batch, self.rng)
 
   def compile(self, batch_example: dict):
@@ -267,17 +324,26 @@ class Trainer:
   # ------------------------------------------------------------------ pictures
   def pictures(self, state: dict, batch: dict, step: int) -> dict[str, Any]:
     if self._pictures is None:
-      self._pictures = jax.jit(lambda s, b, r: self.task.picture_arrays(self.model(s), b, r),
-                               out_shardings=shd.replicated(self.mesh))
+      self._pictures = jax.jit(
+        lambda s, b, r: self.task.picture_arrays(self.model(s), b, r),
+        out_shardings=shd.replicated(self.mesh),
+      )
     arrays = self._pictures(state, batch, jax.random.fold_in(self.rng, step))
     if not arrays or jax.process_index() != 0:
       return {}
     return self.task.draw(jax.device_get(arrays), step)
 
 
-def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
-          batches: BatchSource, *, mesh: jax.sharding.Mesh | None = None,
-          stop_after: int | None = None, workdir_files: dict[str, str] | None = None) -> Result:
+def train(
+  task: Task,
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  batches: BatchSource,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
+  stop_after: int | None = None,
+  workdir_files: dict[str, str] | None = None,
+) -> Result:
   """Train `task` to `config.total_steps` in `workdir`, resuming from its latest checkpoint.
   `stop_after` ends the run early after that many steps in this call (tests, demos).
   Nothing is written before the config has validated (the Trainer is built first): a config that
@@ -291,9 +357,13 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     for name, text in (workdir_files or {}).items():
       atomic_write_text(workdir / name, text, overwrite=True)
   total = int(config.total_steps)
-  ckpt = workdirs.Checkpointer(workdir / "checkpoints", keep=int(config.checkpoint.keep),
-                                    best_metric=task.best_metric, best_mode=task.best_mode,
-                                    async_save=bool(config.checkpoint.get("async_save", True)))
+  ckpt = workdirs.Checkpointer(
+    workdir / "checkpoints",
+    keep=int(config.checkpoint.keep),
+    best_metric=task.best_metric,
+    best_mode=task.best_mode,
+    async_save=bool(config.checkpoint.get("async_save", True)),
+  )
   is_main = jax.process_index() == 0
   rows = shd.process_batch_rows(mesh, trainer.global_batch)
   # ---------------------------------------------------------------- memory plan, then state
@@ -309,8 +379,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     return Result(state, start, [])
   # The writer first: its imports (tensorboardX, ~150 MiB of RSS) are then in the host memory
   # the plan sees as taken.
-  writer = reporting.MetricWriter(workdir, resume_step=start or 0,
-                                  tensorboard=bool(config.log.get("tensorboard", True)))
+  writer = reporting.MetricWriter(
+    workdir, resume_step=start or 0, tensorboard=bool(config.log.get("tensorboard", True))
+  )
   try:
     source = iter(batches(start or 0))
     first = next(source)
@@ -343,9 +414,11 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
   peak, peak_note = reporting.peak_flops_per_device()
   peak_total = peak * jax.device_count()
   if is_main:
-    print(f"train: {total} steps of {trainer.global_batch} on mesh {dict(mesh.shape)}, "
-          f"resuming at {start}; {flops_per_step / 1e9:.2f} GFLOP/step; peak {peak_note}",
-          flush=True)
+    print(
+      f"train: {total} steps of {trainer.global_batch} on mesh {dict(mesh.shape)}, "
+      f"resuming at {start}; {flops_per_step / 1e9:.2f} GFLOP/step; peak {peak_note}",
+      flush=True,
+    )
 
   log_every = int(config.log.every_steps)
   pic_every = int(config.log.get("picture_every_steps", 0) or 0)
@@ -368,15 +441,19 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     for s, m in zip(steps, fetched):
       if not bool(m["finite"]):
         raise NonFiniteLoss(
-            f"loss or gradient became non-finite at step {s + 1} (loss={float(m['loss'])}, "
-            f"grad_norm={float(m['grad_norm'])}); stopping. The last good checkpoint is step "
-            f"{ckpt.latest_step()} in {workdir / 'checkpoints'} (the state was not updated by "
-            f"the bad step). Lower the lr, enable clip_grad_norm, or check the input for NaN.")
+          f"loss or gradient became non-finite at step {s + 1} (loss={float(m['loss'])}, "
+          f"grad_norm={float(m['grad_norm'])}); stopping. The last good checkpoint is step "
+          f"{ckpt.latest_step()} in {workdir / 'checkpoints'} (the state was not updated by "
+          f"the bad step). Lower the lr, enable clip_grad_norm, or check the input for NaN."
+        )
     now = time.perf_counter()
     row = {}
     if fetched:
-      row = {k: float(np.mean([np.asarray(m[k], np.float64) for m in fetched]))
-             for k in fetched[-1] if k != "finite"}
+      row = {
+        k: float(np.mean([np.asarray(m[k], np.float64) for m in fetched]))
+        for k in fetched[-1]
+        if k != "finite"
+      }
       row["lr"] = float(fetched[-1]["lr"])
       dt = now - t_last
       row["images_per_s"] = steps_since * trainer.global_batch / dt
@@ -391,14 +468,24 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       writer.write(step, row)
       history.append({"step": step, **row})
       if progress is not None and "loss" in row:
-        progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
-                             img_s=f"{row.get('images_per_s', 0):.1f}")
+        progress.set_postfix(
+          loss=f"{row.get('loss', float('nan')):.4g}", img_s=f"{row.get('images_per_s', 0):.1f}"
+        )
     t_last, steps_since, waited = now, 0, 0.0
     return row
 
   def save(step: int, metrics: dict | None = None) -> None:
-    ckpt.save(step, state, {"step": step, "global_batch": trainer.global_batch,
-                            "seed": int(config.seed), "batches_consumed": step}, metrics)
+    ckpt.save(
+      step,
+      state,
+      {
+        "step": step,
+        "global_batch": trainer.global_batch,
+        "seed": int(config.seed),
+        "batches_consumed": step,
+      },
+      metrics,
+    )
 
   # ---------------------------------------------------------------- loop
   step = start
@@ -433,8 +520,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
       if stop["signal"] is not None:
         preempted = True
         if is_main:
-          print(f"train: signal {stop['signal']} received; saved step {step} and stopped",
-                flush=True)
+          print(
+            f"train: signal {stop['signal']} received; saved step {step} and stopped", flush=True
+          )
         break
       if done_here or step >= total:
         break
@@ -448,7 +536,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str | Path,
     ckpt.close()
     writer.close()
     if is_main and pic_every and history:
-      keys = ["loss"] + sorted({k for h in history for k in h if k.startswith("eval_") and "loss" in k})
+      keys = ["loss"] + sorted(
+        {k for h in history for k in h if k.startswith("eval_") and "loss" in k}
+      )
       reporting.plot_history(writer.path, workdir / "pictures" / "loss.png", tuple(keys))
     for sig, handler in previous.items():
       signal.signal(sig, handler)
@@ -462,22 +552,26 @@ def _check_stacked_layout(ckpt: workdirs.Checkpointer, step: int, workdir: Path)
   old = sorted({p for p in ckpt.variable_shapes(step) if checkpoints.is_per_layer(p)})
   if old:
     raise ValueError(
-        f"{workdir}: checkpoint step {step} stores the transformer blocks one array per block "
-        f"(e.g. {old[0]}), as runs did before the blocks were stacked; it cannot be resumed. "
-        f"Its weights load as they are: export them (demmae export --workdir {workdir} --out DIR) "
-        f"and start a new run from DIR (--config.init=DIR), or evaluate / predict with it")
+      f"{workdir}: checkpoint step {step} stores the transformer blocks one array per block "
+      f"(e.g. {old[0]}), as runs did before the blocks were stacked; it cannot be resumed. "
+      f"Its weights load as they are: export them (demmae export --workdir {workdir} --out DIR) "
+      f"and start a new run from DIR (--config.init=DIR), or evaluate / predict with it"
+    )
 
 
 def _check_local_batch(batch: Batch, rows: tuple[int, int]) -> None:
   n = rows[1] - rows[0]
   for k, v in batch.items():
     if np.shape(v)[0] != n:
-      raise ValueError(f"batch[{k!r}] has {np.shape(v)[0]} rows; this process feeds rows "
-                       f"{rows[0]}:{rows[1]} of the global batch ({n} rows)")
+      raise ValueError(
+        f"batch[{k!r}] has {np.shape(v)[0]} rows; this process feeds rows "
+        f"{rows[0]}:{rows[1]} of the global batch ({n} rows)"
+      )
 
 
 def _progress(total: int, start: int, enabled: bool):
   if not enabled:
     return None
   from tqdm import tqdm
+
   return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)

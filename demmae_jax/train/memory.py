@@ -22,6 +22,7 @@ optimiser state alone exceed the memory, it stops before compiling anything.
 The chosen plan is written to `workdir/memory_plan.json`; a resumed run on the same mesh uses it
 as it is (another machine's plan that does not fit here is an error naming the file).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,9 +82,10 @@ def host_available() -> tuple[int, str]:
     found.append((kb * 1024, "MemAvailable"))
   except (OSError, AttributeError):
     found.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"))
-  for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                        "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+  for limit, usage in (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+  ):
     try:
       cap = Path(limit).read_text().strip()
       if cap != "max" and int(cap) < 2**60:
@@ -97,8 +99,9 @@ def host_rss() -> tuple[int, int]:
   """(current, peak) resident memory of this process in bytes."""
   try:
     status = Path("/proc/self/status").read_text()
-    rss, hwm = (int(re.search(rf"^{k}:\s+(\d+)", status, re.M).group(1)) * 1024
-                for k in ("VmRSS", "VmHWM"))
+    rss, hwm = (
+      int(re.search(rf"^{k}:\s+(\d+)", status, re.M).group(1)) * 1024 for k in ("VmRSS", "VmHWM")
+    )
     return rss, hwm
   except (OSError, AttributeError):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -144,6 +147,7 @@ def budget(mesh, config) -> tuple[int, int, str]:
   total, note = device_memory(local, mem.get("limit") or None)
   if jax.process_count() > 1:  # every process must make the same plan
     from jax.experimental import multihost_utils
+
     total = int(np.min(multihost_utils.process_allgather(np.int64(total))))
     note += ", the smallest over processes"
   margin = float(mem.get("margin", 0.1))
@@ -155,13 +159,15 @@ def state_bytes(abstract_state: Any, part: str | None = None) -> int:
   """Bytes of the train state per device (or of one part: params, rest, opt_state), from the
   shard shapes of its placement."""
   tree = abstract_state if part is None else abstract_state[part]
-  return sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize
-             for s in jax.tree.leaves(tree))
+  return sum(
+    int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize for s in jax.tree.leaves(tree)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
   """Per-device bytes of one compiled train step."""
+
   argument: int  # XLA: train state + batch + rng, as placed
   output: int
   alias: int  # outputs written in place of donated arguments (the state)
@@ -180,19 +186,25 @@ class StepMemory:
 
   def describe(self) -> str:
     extra = self.output - self.alias  # 0 but for the step counter when the state is donated
-    return (f"parameters {fmt(self.params)}, optimiser state {fmt(self.opt_state)}, other state "
-            f"{fmt(self.rest)}, batch {fmt(self.batch)}, activations + gradients + temporaries "
-            f"{fmt(self.temp)}" + (f", undonated outputs {fmt(extra)}" if extra > MiB else ""))
+    return (
+      f"parameters {fmt(self.params)}, optimiser state {fmt(self.opt_state)}, other state "
+      f"{fmt(self.rest)}, batch {fmt(self.batch)}, activations + gradients + temporaries "
+      f"{fmt(self.temp)}" + (f", undonated outputs {fmt(extra)}" if extra > MiB else "")
+    )
 
 
 def step_memory(compiled, abstract_state) -> StepMemory:
   """XLA's memory analysis of a compiled train step, beside its state's own sizes."""
   m = compiled.memory_analysis()
-  return StepMemory(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
-                    alias=int(m.alias_size_in_bytes), temp=int(m.temp_size_in_bytes),
-                    params=state_bytes(abstract_state, "params"),
-                    opt_state=state_bytes(abstract_state, "opt_state"),
-                    rest=state_bytes(abstract_state, "rest"))
+  return StepMemory(
+    argument=int(m.argument_size_in_bytes),
+    output=int(m.output_size_in_bytes),
+    alias=int(m.alias_size_in_bytes),
+    temp=int(m.temp_size_in_bytes),
+    params=state_bytes(abstract_state, "params"),
+    opt_state=state_bytes(abstract_state, "opt_state"),
+    rest=state_bytes(abstract_state, "rest"),
+  )
 
 
 def measure(trainer, example: dict) -> tuple[StepMemory, Any, Any]:
@@ -233,13 +245,23 @@ class Plan:
 
   def record(self, config, mesh) -> dict:
     t = self.trial
-    return {"grad_accum_steps": t.accum, "remat": t.remat_on, "micro_batch_per_device": t.micro,
-            "global_batch": int(config.global_batch), "mesh": dict(mesh.shape),
-            "device_kind": mesh.devices.flat[0].device_kind, "predicted_peak_bytes": t.memory.peak,
-            "usable_bytes": self.usable, "device_bytes": self.device, "memory_note": self.note,
-            "memory": dataclasses.asdict(t.memory), "reason": self.reason,
-            "host_rss_at_plan_bytes": host_rss()[0], "host_peak_rss_at_plan_bytes": host_rss()[1],
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+      "grad_accum_steps": t.accum,
+      "remat": t.remat_on,
+      "micro_batch_per_device": t.micro,
+      "global_batch": int(config.global_batch),
+      "mesh": dict(mesh.shape),
+      "device_kind": mesh.devices.flat[0].device_kind,
+      "predicted_peak_bytes": t.memory.peak,
+      "usable_bytes": self.usable,
+      "device_bytes": self.device,
+      "memory_note": self.note,
+      "memory": dataclasses.asdict(t.memory),
+      "reason": self.reason,
+      "host_rss_at_plan_bytes": host_rss()[0],
+      "host_peak_rss_at_plan_bytes": host_rss()[1],
+      "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 class Planner:
@@ -257,6 +279,7 @@ class Planner:
     self.allow_remat = bool(mem.get("allow_remat", True))
     self.usable, self.device, self.note = budget(trainer.mesh, config)
     from demmae_jax import sharding as shd
+
     self.rows = trainer.global_batch // shd.batch_parallelism(trainer.mesh)
     self.accum0 = trainer.accum
     self.remat0 = getattr(trainer.task, "remat", None)
@@ -282,15 +305,28 @@ class Planner:
         trainer = self.base.with_accum(accum)
       else:
         from demmae_jax.train.loop import Trainer
-        trainer = Trainer(self._task(remat), self.base.config, self.base.mesh,
-                          grad_accum_steps=accum)
+
+        trainer = Trainer(
+          self._task(remat), self.base.config, self.base.mesh, grad_accum_steps=accum
+        )
       mem, traced, compiled = measure(trainer, self.example)
-      t = Trial(accum, remat, self.remat0 if remat is None else remat, self.rows // accum, mem,
-                trainer, traced, compiled, time.perf_counter() - t0)
+      t = Trial(
+        accum,
+        remat,
+        self.remat0 if remat is None else remat,
+        self.rows // accum,
+        mem,
+        trainer,
+        traced,
+        compiled,
+        time.perf_counter() - t0,
+      )
       if self.trials or not self.fits(t):  # the configured plan fitting needs no line of its own
-        self.log(f"memory: {self._name(t)}: {fmt(mem.peak)} per device "
-                 f"({'fits' if self.fits(t) else 'does not fit'} in {fmt(self.usable)}; "
-                 f"compiled in {t.seconds:.0f} s)")
+        self.log(
+          f"memory: {self._name(t)}: {fmt(mem.peak)} per device "
+          f"({'fits' if self.fits(t) else 'does not fit'} in {fmt(self.usable)}; "
+          f"compiled in {t.seconds:.0f} s)"
+        )
       self.trials[key] = t
     return self.trials[key]
 
@@ -299,8 +335,9 @@ class Planner:
 
   def _name(self, t: Trial) -> str:
     r = t.remat_on
-    return (f"{t.accum} micro-batch{'es' if t.accum > 1 else ''} of {t.micro} per device"
-            + ("" if r is None else f", remat {'on' if r else 'off'}"))
+    return f"{t.accum} micro-batch{'es' if t.accum > 1 else ''} of {t.micro} per device" + (
+      "" if r is None else f", remat {'on' if r else 'off'}"
+    )
 
   def flags(self, t: Trial) -> str:
     out = [f"--config.grad_accum_steps={t.accum}"] if t.accum != self.accum0 else []
@@ -322,8 +359,11 @@ class Planner:
     sizes = [m for m in range(1, self.rows + 1) if self.rows % m == 0]
     while True:
       slope = (hi.memory.peak - lo.memory.peak) / (hi.micro - lo.micro)
-      inside = [m for m in sizes if lo.micro < m < hi.micro
-                and lo.memory.peak + slope * (m - lo.micro) <= self.usable]
+      inside = [
+        m
+        for m in sizes
+        if lo.micro < m < hi.micro and lo.memory.peak + slope * (m - lo.micro) <= self.usable
+      ]
       if not inside:
         return lo
       t = self.trial(self.rows // max(inside), remat)
@@ -338,20 +378,25 @@ class Planner:
   def choose(self, recorded: dict | None = None) -> Plan:
     """The plan to train with (see the module doc); raises DoesNotFit."""
     b = self.base
-    self.log(f"memory: planning the step of global batch {b.global_batch} on mesh "
-             f"{dict(b.mesh.shape)} ({self.rows} rows per device); {fmt(self.usable)} usable per "
-             f"device ({self.note}); fit={self.mode}")
+    self.log(
+      f"memory: planning the step of global batch {b.global_batch} on mesh "
+      f"{dict(b.mesh.shape)} ({self.rows} rows per device); {fmt(self.usable)} usable per "
+      f"device ({self.note}); fit={self.mode}"
+    )
     if recorded is not None:
       remat = recorded.get("remat")
-      t = self.trial(int(recorded["grad_accum_steps"]),
-                     None if remat is None or remat == self.remat0 else bool(remat))
+      t = self.trial(
+        int(recorded["grad_accum_steps"]),
+        None if remat is None or remat == self.remat0 else bool(remat),
+      )
       reason = f"the plan recorded in the workdir ({recorded.get('time', '?')})"
       if not self.fits(t) and self.mode != "off":
         raise DoesNotFit(
-            f"the workdir's memory plan ({PLAN_FILE}: {self._name(t)}) needs {fmt(t.memory.peak)} "
-            f"per device and {fmt(self.usable)} is usable here ({self.note}). Delete {PLAN_FILE} "
-            f"to plan again for this machine (the global batch and the losses stay the same), or "
-            f"set --config.memory.fit=off to try anyway.")
+          f"the workdir's memory plan ({PLAN_FILE}: {self._name(t)}) needs {fmt(t.memory.peak)} "
+          f"per device and {fmt(self.usable)} is usable here ({self.note}). Delete {PLAN_FILE} "
+          f"to plan again for this machine (the global batch and the losses stay the same), or "
+          f"set --config.memory.fit=off to try anyway."
+        )
       return self._plan(t, reason, recorded=True)
     if self.mode != "off" and self.lower_bound() > self.usable:
       raise DoesNotFit(self._too_big(None))
@@ -361,17 +406,23 @@ class Planner:
     best = self.search()
     if best is None:
       raise DoesNotFit(self._too_big(self.smallest()))
-    needs = (f"as configured ({self._name(first)}) the step needs {fmt(first.memory.peak)} per "
-             f"device, {fmt(self.usable)} is usable ({self.note})")
-    chosen = (f"{self._name(best)}: {fmt(best.memory.peak)} per device")
+    needs = (
+      f"as configured ({self._name(first)}) the step needs {fmt(first.memory.peak)} per "
+      f"device, {fmt(self.usable)} is usable ({self.note})"
+    )
+    chosen = f"{self._name(best)}: {fmt(best.memory.peak)} per device"
     if self.mode == "strict":
-      raise DoesNotFit(f"{needs}, and memory.fit=strict forbids changing the plan. The plan that "
-                       f"fits: {chosen}: add {self.flags(best)} (or drop "
-                       f"--config.memory.fit=strict to let the run choose it).")
+      raise DoesNotFit(
+        f"{needs}, and memory.fit=strict forbids changing the plan. The plan that "
+        f"fits: {chosen}: add {self.flags(best)} (or drop "
+        f"--config.memory.fit=strict to let the run choose it)."
+      )
     if best.accum != self.accum0 and not getattr(b.task, "accumulation_exact", True):
-      raise DoesNotFit(f"{needs}. Splitting the batch would fit ({chosen}) but this task's loss is "
-                       f"not a mean over examples, so micro-batches would change it slightly: "
-                       f"choose it yourself with {self.flags(best)}.")
+      raise DoesNotFit(
+        f"{needs}. Splitting the batch would fit ({chosen}) but this task's loss is "
+        f"not a mean over examples, so micro-batches would change it slightly: "
+        f"choose it yourself with {self.flags(best)}."
+      )
     return self._plan(best, f"{needs}; the global batch is kept: {chosen}")
 
   def search(self) -> Trial | None:
@@ -398,9 +449,11 @@ class Planner:
     m = self.base.abstract_state
     state, grads = state_bytes(m), state_bytes(m, "params")
     if t is None:
-      what = (f"the train state alone (parameters {fmt(state_bytes(m, 'params'))} + optimiser "
-              f"state {fmt(state_bytes(m, 'opt_state'))} + other {fmt(state_bytes(m, 'rest'))}) "
-              f"plus its gradients take {fmt(self.lower_bound())} per device")
+      what = (
+        f"the train state alone (parameters {fmt(state_bytes(m, 'params'))} + optimiser "
+        f"state {fmt(state_bytes(m, 'opt_state'))} + other {fmt(state_bytes(m, 'rest'))}) "
+        f"plus its gradients take {fmt(self.lower_bound())} per device"
+      )
       peak = self.lower_bound()
     else:
       what = f"even the smallest plan ({self._name(t)}) needs {fmt(t.memory.peak)} per device"
@@ -412,19 +465,27 @@ class Planner:
     hint = ""
     if room > 0 and math.ceil(sharded * fsdp / room) > fsdp:
       n = math.ceil(sharded * fsdp / room)
-      hint = (f" Sharding parameters, gradients and optimiser state over "
-              f"{'about' if t else 'at least'} {n} devices (--config.mesh.fsdp={n} on a machine "
-              f"with them) " + ("would fit." if t else "would fit them; activations come on top."))
+      hint = (
+        f" Sharding parameters, gradients and optimiser state over "
+        f"{'about' if t else 'at least'} {n} devices (--config.mesh.fsdp={n} on a machine "
+        f"with them) " + ("would fit." if t else "would fit them; activations come on top.")
+      )
     if t is not None and peak <= self.device:
-      hint += (f" It would fit in the margin kept free: --config.memory.margin="
-               f"{max(0.0, 1 - peak / self.device) // 0.01 / 100:.2f} (at your own risk).")
+      hint += (
+        f" It would fit in the margin kept free: --config.memory.margin="
+        f"{max(0.0, 1 - peak / self.device) // 0.01 / 100:.2f} (at your own risk)."
+      )
     tried = "splitting the batch" + (" or rematerialising" if self.can_remat() else "")
     if not self.allow_remat and self.remat0 is False and self._task(True) is not None:
-      hint += (f" Remat was not tried (memory.allow_remat=False): "
-               f"--config.{self.base.task.remat_flag}=True may fit.")
-    return (f"{what}; {fmt(self.usable)} is usable per device ({self.note}). No {tried} makes "
-            f"this step fit here.{hint} Otherwise use a smaller model or image size, or a device "
-            f"with more memory.")
+      hint += (
+        f" Remat was not tried (memory.allow_remat=False): "
+        f"--config.{self.base.task.remat_flag}=True may fit."
+      )
+    return (
+      f"{what}; {fmt(self.usable)} is usable per device ({self.note}). No {tried} makes "
+      f"this step fit here.{hint} Otherwise use a smaller model or image size, or a device "
+      f"with more memory."
+    )
 
   def _plan(self, t: Trial, reason: str, recorded: bool = False) -> Plan:
     fits = self.fits(t)
@@ -433,10 +494,12 @@ class Planner:
         other.trainer._eager_model = None  # a file-initialised model kept for nothing
     p = Plan(t, self.usable, self.device, self.note, reason, fits, self.flags(t), recorded)
     head = self.usable - t.memory.peak
-    self.log(f"memory plan: {self._name(t)} (grad_accum_steps {t.accum}); per device "
-             f"{t.memory.describe()} -> peak {fmt(t.memory.peak)} of {fmt(self.usable)} usable, "
-             f"headroom {fmt(head)}{'' if fits else ' (DOES NOT FIT; memory.fit=off)'}; why: "
-             f"{reason}")
+    self.log(
+      f"memory plan: {self._name(t)} (grad_accum_steps {t.accum}); per device "
+      f"{t.memory.describe()} -> peak {fmt(t.memory.peak)} of {fmt(self.usable)} usable, "
+      f"headroom {fmt(head)}{'' if fits else ' (DOES NOT FIT; memory.fit=off)'}; why: "
+      f"{reason}"
+    )
     return p
 
 
@@ -445,35 +508,56 @@ def read_plan(workdir: str | Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def plan(trainer, example: dict, workdir: str | Path | None = None, *,
-         log: Callable[[str], None] | None = echo) -> Plan:
+def plan(
+  trainer,
+  example: dict,
+  workdir: str | Path | None = None,
+  *,
+  log: Callable[[str], None] | None = echo,
+) -> Plan:
   """The plan for `trainer`'s step: the workdir's recorded one when it was made for the same
   global batch and mesh, else a new one (see the module doc)."""
   recorded = read_plan(workdir) if workdir is not None else None
-  if recorded is not None and (recorded.get("global_batch") != trainer.global_batch
-                               or recorded.get("mesh") != dict(trainer.mesh.shape)):
+  if recorded is not None and (
+    recorded.get("global_batch") != trainer.global_batch
+    or recorded.get("mesh") != dict(trainer.mesh.shape)
+  ):
     if log:
-      log(f"memory: {PLAN_FILE} was made for global batch {recorded.get('global_batch')} on mesh "
-          f"{recorded.get('mesh')}; planning again for this mesh")
+      log(
+        f"memory: {PLAN_FILE} was made for global batch {recorded.get('global_batch')} on mesh "
+        f"{recorded.get('mesh')}; planning again for this mesh"
+      )
     recorded = None
   return Planner(trainer, example, log=log).choose(recorded)
 
 
 def write_plan(workdir: str | Path, plan_: Plan, config, mesh) -> None:
   from data_pipelines.atomic import atomic_write_text
+
   if jax.process_index() == 0 and not plan_.recorded:
-    atomic_write_text(Path(workdir) / PLAN_FILE, json.dumps(plan_.record(config, mesh), indent=1),
-                      overwrite=True)
+    atomic_write_text(
+      Path(workdir) / PLAN_FILE, json.dumps(plan_.record(config, mesh), indent=1), overwrite=True
+    )
 
 
-def dry_run(task, config, example: dict, mesh, workdir: str | Path | None = None, *,
-            log: Callable[[str], None] | None = echo) -> Plan:
+def dry_run(
+  task,
+  config,
+  example: dict,
+  mesh,
+  workdir: str | Path | None = None,
+  *,
+  log: Callable[[str], None] | None = echo,
+) -> Plan:
   """The plan a training run of `task` would make (or reuse from `workdir`), printed; nothing is
   allocated, trained or written. Raises DoesNotFit as the run would."""
   from demmae_jax.train.loop import Trainer
+
   p = plan(Trainer(task, config, mesh), example, workdir, log=log)
   if log:
-    log(f"dry run: the step needs {fmt(p.trial.memory.peak)} per device of {fmt(p.usable)} usable; "
-        f"the same command without --dry_run trains with this plan"
-        + (f" (as {p.flags} would)" if p.flags else ""))
+    log(
+      f"dry run: the step needs {fmt(p.trial.memory.peak)} per device of {fmt(p.usable)} usable; "
+      f"the same command without --dry_run trains with this plan"
+      + (f" (as {p.flags} would)" if p.flags else "")
+    )
   return p

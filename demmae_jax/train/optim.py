@@ -10,6 +10,7 @@ update by decay^(depth - i); it multiplies the whole update, weight decay includ
 reference code does with per-group `lr_scale`. The blocks are stored stacked, so a block array's
 scale is a vector along its leading layer axis (one rate per block).
 """
+
 from __future__ import annotations
 
 import re
@@ -42,21 +43,27 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int, global_batch: int
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps, end_value=end)
   if cfg.schedule == "polynomial":
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup),
-         optax.polynomial_schedule(peak, end, float(cfg.get("power", 1.0)), total_steps - warmup)],
-        [warmup])
+      [
+        optax.linear_schedule(0.0, peak, warmup),
+        optax.polynomial_schedule(peak, end, float(cfg.get("power", 1.0)), total_steps - warmup),
+      ],
+      [warmup],
+    )
   if cfg.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
-                                 optax.constant_schedule(peak)], [warmup])
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+    )
   raise ValueError(f"unknown schedule {cfg.schedule!r}: use 'cosine', 'polynomial' or 'constant'")
 
 
 def decay_mask(params):
   """True where weight decay applies: arrays of rank >= 2 that are not special tokens (the rank
   of one layer for the stacked blocks: their biases and norms do not decay)."""
+
   def one(path, x):
     p = path_str(path)
     return x.ndim - is_stacked(p) >= 2 and p.rsplit("/", 1)[-1] not in NO_DECAY_NAMES
+
   return jax.tree_util.tree_map_with_path(one, params)
 
 
@@ -74,17 +81,25 @@ def vit_layer_id(path: str, depth: int) -> int:
 def layer_scales(params, decay: float, depth: int):
   """decay^(depth + 1 - layer id) per array; for the stacked encoder blocks ('blocks/...', [n,
   ...]) a float32 array [n, 1, ...]: block i's rate at index i."""
+
   def one(path, x):
     p = path_str(path)
     if is_stacked(p) and re.search(r"(^|/)blocks/", p):  # the encoder's (not the decoder's)
       ids = np.arange(1, x.shape[0] + 1)
-      return (decay**(depth + 1 - ids)).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
-    return decay**(depth + 1 - vit_layer_id(p, depth))
+      return (decay ** (depth + 1 - ids)).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    return decay ** (depth + 1 - vit_layer_id(p, depth))
+
   return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make(cfg: ml_collections.ConfigDict, params, *, total_steps: int, global_batch: int,
-         depth: int | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(
+  cfg: ml_collections.ConfigDict,
+  params,
+  *,
+  total_steps: int,
+  global_batch: int,
+  depth: int | None = None,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, schedule). `params` (arrays or shapes) fixes the decay and layer-scale masks;
   `depth` is needed only for layer-wise lr decay."""
   sched = schedule(cfg, total_steps, global_batch)

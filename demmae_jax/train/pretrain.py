@@ -6,6 +6,7 @@ reproducible across restarts and device counts. Pictures show, per sample: the D
 input (removed patches grey), the reconstruction (visible patches pasted back, as the official
 MAE visualisation) and the absolute error on the removed patches.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,12 @@ class MAEPretrain(Task):
   per_example_rng = True
   remat_flag = "model.remat"
 
-  def __init__(self, config: ml_collections.ConfigDict, num_pictures: int = 4,
-               eval_batch: dict[str, np.ndarray] | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    num_pictures: int = 4,
+    eval_batch: dict[str, np.ndarray] | None = None,
+  ):
     """`eval_batch`: fixed held-out images (the same on every process) for `evaluate`."""
     self.config = config
     self.mae_config = model_config(config.model)
@@ -60,13 +65,19 @@ class MAEPretrain(Task):
   def build_model(self) -> mae_model.MaskedAutoencoder:
     init = self.config.get("init") or ""
     if not init:
-      return mae_model.MaskedAutoencoder(self.mae_config,
-                                         rngs=nnx.Rngs(params=int(self.config.seed)))
+      return mae_model.MaskedAutoencoder(
+        self.mae_config, rngs=nnx.Rngs(params=int(self.config.seed))
+      )
     from demmae_jax import api  # the ported-checkpoint reader (another module's I/O)
+
     # The architecture is the config's: a checkpoint of another one is refused by shape.
-    return api.from_pretrained(init, config=self.mae_config, seed=int(self.config.seed),
-                               channel_adapt=self.config.get("channel_adapt") or None,
-                               encoder_only=bool(self.config.get("init_encoder_only", False)))
+    return api.from_pretrained(
+      init,
+      config=self.mae_config,
+      seed=int(self.config.seed),
+      channel_adapt=self.config.get("channel_adapt") or None,
+      encoder_only=bool(self.config.get("init_encoder_only", False)),
+    )
 
   def loss_fn(self, model, batch, rng):
     loss, _, mask = model(batch["image"], key=rng)
@@ -79,36 +90,42 @@ class MAEPretrain(Task):
       return {}
     if self._eval is None:
       self._eval = nnx.jit(_eval_losses)
-    loss, baseline = self._eval(model, jnp.asarray(self.eval_batch["image"]),
-                                jax.random.key(20231))
+    loss, baseline = self._eval(model, jnp.asarray(self.eval_batch["image"]), jax.random.key(20231))
     out = {"loss": float(loss)}
     if not self.mae_config.norm_pix_loss:
       out["visible_mean_loss"] = float(baseline)
     return out
 
   def picture_arrays(self, model, batch, rng):
-    images = batch["image"][:self.num_pictures]
+    images = batch["image"][: self.num_pictures]
     _, pred, mask = model(images, key=rng)
     c = model.config
     pred = pred.astype(jnp.float32)
     if c.norm_pix_loss:  # back to pixel values with each patch's own statistics
       target = patchify(images, c.patch_size)
       mean = target.mean(-1, keepdims=True)
-      std = (target.var(-1, keepdims=True, ddof=1) + 1e-6)**0.5
+      std = (target.var(-1, keepdims=True, ddof=1) + 1e-6) ** 0.5
       pred = pred * std + mean
     grid = (images.shape[1] // c.patch_size, images.shape[2] // c.patch_size)
-    pixel_mask = unpatchify(jnp.repeat(mask[..., None], c.patch_size**2 * c.in_chans, -1),
-                            c.patch_size, c.in_chans, grid)
+    pixel_mask = unpatchify(
+      jnp.repeat(mask[..., None], c.patch_size**2 * c.in_chans, -1), c.patch_size, c.in_chans, grid
+    )
     recon = unpatchify(pred, c.patch_size, c.in_chans, grid)
-    return {"image": images, "mask": pixel_mask,
-            "pasted": images * (1 - pixel_mask) + recon * pixel_mask}
+    return {
+      "image": images,
+      "mask": pixel_mask,
+      "pasted": images * (1 - pixel_mask) + recon * pixel_mask,
+    }
 
   def draw(self, arrays, step):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    image, mask, pasted = (np.asarray(arrays[k], np.float32)[..., 0]
-                           for k in ("image", "mask", "pasted"))
+
+    image, mask, pasted = (
+      np.asarray(arrays[k], np.float32)[..., 0] for k in ("image", "mask", "pasted")
+    )
     n = image.shape[0]
     fig, axes = plt.subplots(n, 4, figsize=(8, 2 * n + 0.4), squeeze=False)
     for i in range(n):
@@ -119,8 +136,12 @@ class MAEPretrain(Task):
       cmap.set_bad("0.6")  # grey: removed patches in the input, visible ones in the error
       err_cmap = plt.get_cmap("magma").copy()
       err_cmap.set_bad("0.6")
-      panels = [(image[i], cmap, lo, hi), (masked, cmap, lo, hi), (pasted[i], cmap, lo, hi),
-                (error, err_cmap, 0, max(hi - lo, 1e-6) * 0.5)]
+      panels = [
+        (image[i], cmap, lo, hi),
+        (masked, cmap, lo, hi),
+        (pasted[i], cmap, lo, hi),
+        (error, err_cmap, 0, max(hi - lo, 1e-6) * 0.5),
+      ]
       for ax, (img, cm, vmin, vmax) in zip(axes[i], panels):
         ax.imshow(img, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_xticks([])
@@ -137,10 +158,10 @@ def dry_run(config: ml_collections.ConfigDict, workdir, mesh) -> int:
   recorded), printed; no data is read, nothing is trained or written."""
   from demmae_jax import sharding
   from demmae_jax.train import memory
+
   a, b = sharding.process_batch_rows(mesh, int(config.global_batch))
   m = model_config(config.model)
-  example = {"image": jax.ShapeDtypeStruct((b - a, m.img_size, m.img_size, m.in_chans),
-                                           np.float32)}
+  example = {"image": jax.ShapeDtypeStruct((b - a, m.img_size, m.img_size, m.in_chans), np.float32)}
   memory.dry_run(MAEPretrain(config), config, example, mesh, workdir)
   return 0
 
@@ -149,15 +170,22 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   """The data section's mistakes that would otherwise show only after setup (ValueError)."""
   from data_pipelines.pretrain_corpus import CORPUS_JSON
   from data_pipelines.raster_source import NORMALISATIONS
+
   d = config.data
-  tiles = bool(d.corpus_tiles)  # TFRecord corpora (data_pipelines/corpus_reader.py) join modes by "+"
+  tiles = bool(
+    d.corpus_tiles
+  )  # TFRecord corpora (data_pipelines/corpus_reader.py) join modes by "+"
   if not tiles and d.normalisation.mode not in NORMALISATIONS:
     raise ValueError(f"data.normalisation.mode must be one of {NORMALISATIONS}")
   if d.normalisation.mode == "ndsm" and not (d.corpus or tiles):
-    raise ValueError("normalisation 'ndsm' reads nDSM rasters: set --config.data.corpus (e.g. auto)")
+    raise ValueError(
+      "normalisation 'ndsm' reads nDSM rasters: set --config.data.corpus (e.g. auto)"
+    )
   if d.corpus not in ("", "auto") and not (Path(d.corpus) / CORPUS_JSON).exists():
-    raise ValueError(f"{d.corpus} holds no {CORPUS_JSON}: build it with "
-                     f"scripts/prepare_data.py corpus --out {d.corpus}")
+    raise ValueError(
+      f"{d.corpus} holds no {CORPUS_JSON}: build it with "
+      f"scripts/prepare_data.py corpus --out {d.corpus}"
+    )
 
 
 def lidar_dsm(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
@@ -168,10 +196,15 @@ def lidar_dsm(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
 
   from data_pipelines.lidar import las_to_rasters
   from data_pipelines.shared_data import shared_file
+
   out = workdir / "lidar_dsm"
   if jax.process_index() == 0 and not (out / "dsm.tif").exists():
-    las_to_rasters([shared_file(f) for f in config.data.lidar_files], out,
-                   cell_size=config.data.lidar_cell_size, progress=False)
+    las_to_rasters(
+      [shared_file(f) for f in config.data.lidar_files],
+      out,
+      cell_size=config.data.lidar_cell_size,
+      progress=False,
+    )
   multihost_utils.sync_global_devices("lidar_dsm")
   return [out / "dsm.tif"]
 
@@ -182,6 +215,7 @@ def corpus_files(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list
   from jax.experimental import multihost_utils
 
   from data_pipelines.pretrain_corpus import CORPUS_JSON, build_corpus, corpus_rasters
+
   auto = config.data.corpus == "auto"
   path = workdir / "corpus" if auto else Path(config.data.corpus)
   if auto and jax.process_index() == 0 and not (path / CORPUS_JSON).exists():
@@ -190,8 +224,13 @@ def corpus_files(config: ml_collections.ConfigDict, workdir: Path) -> tuple[list
   return corpus_rasters(path, config.data.normalisation.mode)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
-        stop_after: int | None = None):
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | Path,
+  *,
+  mesh=None,
+  stop_after: int | None = None,
+):
   """Pretrain as `config` says in `workdir` (resuming it); returns the loop's Result. Training
   crops come from the config's rasters (plus its LiDAR, rasterised into the workdir) or corpus;
   evaluation, when configured, on fixed crops of the held-out rasters."""
@@ -199,6 +238,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   from data_pipelines.shared_data import shared_file
   from demmae_jax import sharding, workdirs
   from demmae_jax.train import loop
+
   check_data(config)
   workdir = Path(workdir)
   mesh = mesh or sharding.make_mesh(**config.mesh)
@@ -208,6 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
   norm = dict(normalisation=n.mode, scale_m=n.scale_m, low_percentile=n.low_percentile)
   if config.data.corpus_tiles:  # a Beam-built TFRecord corpus, streamed
     from data_pipelines.corpus_reader import pretrain_sources
+
     source, eval_batch = pretrain_sources(config, workdir)
     eval_files = ()
   else:
@@ -217,24 +258,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, mesh=None,
       files = [shared_file(f) for f in config.data.files] + lidar_dsm(config, workdir)
       eval_files = [shared_file(f) for f in config.data.eval_files]
     crops = dict(crop=config.model.img_size, min_relief=config.data.min_relief, **norm)
-    source = RasterCrops.from_files(files, global_batch=config.global_batch, seed=config.data.seed,
-                                    augment=config.data.augment, **crops)
+    source = RasterCrops.from_files(
+      files,
+      global_batch=config.global_batch,
+      seed=config.data.seed,
+      augment=config.data.augment,
+      **crops,
+    )
     eval_batch = None
   if config.eval_every_steps and eval_files:
-    held_out = RasterCrops.from_files(eval_files, global_batch=config.data.eval_samples,
-                                      seed=config.data.seed + 1, augment=False, **crops)
+    held_out = RasterCrops.from_files(
+      eval_files,
+      global_batch=config.data.eval_samples,
+      seed=config.data.seed + 1,
+      augment=False,
+      **crops,
+    )
     eval_batch = held_out.batch(0)
-  return loop.train(MAEPretrain(config, eval_batch=eval_batch), config, workdir,
-                    lambda start: source.batches(start, rows), mesh=mesh, stop_after=stop_after)
+  return loop.train(
+    MAEPretrain(config, eval_batch=eval_batch),
+    config,
+    workdir,
+    lambda start: source.batches(start, rows),
+    mesh=mesh,
+    stop_after=stop_after,
+  )
 
 
-def export(workdir: str | Path, out: str | Path, *, step: int | None = None,
-           overwrite: bool = False) -> tuple[Path, int]:
+def export(
+  workdir: str | Path, out: str | Path, *, step: int | None = None, overwrite: bool = False
+) -> tuple[Path, int]:
   """(directory, step): the MAE of pretraining run `workdir` at `step` (default: the latest),
   written whole (the decoder is small; finetuning reads the encoder only) as a checkpoint that
   `api.from_pretrained` loads: orbax `state/` + `config.json`, atomically."""
   from data_pipelines.atomic import check_outputs
   from demmae_jax import api
+
   workdir, out = Path(workdir), Path(out)
   check_outputs([out], [workdir])  # `out` replaced as a whole must not be or hold the workdir
   if out.exists() and not overwrite:
@@ -243,19 +302,22 @@ def export(workdir: str | Path, out: str | Path, *, step: int | None = None,
   return api.save_model(model, out, overwrite=overwrite), step
 
 
-def restore_mae(workdir: str | Path, step: int | None = None
-                ) -> tuple[mae_model.MaskedAutoencoder, int]:
+def restore_mae(
+  workdir: str | Path, step: int | None = None
+) -> tuple[mae_model.MaskedAutoencoder, int]:
   """(the MAE of pretraining run `workdir` at `step` (default: the latest), that step). The
   architecture is the run's config.json's; its init file is not read (the checkpoint holds every
   weight)."""
   from demmae_jax import workdirs
   from demmae_jax.inference.restore import restore
+
   config_file = Path(workdir) / workdirs.CONFIG_FILE
   if not config_file.is_file():
     raise FileNotFoundError(f"{config_file} not found: not a pretraining workdir")
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-  model = nnx.eval_shape(lambda: mae_model.MaskedAutoencoder(model_config(config.model),
-                                                             rngs=nnx.Rngs(params=0)))
+  model = nnx.eval_shape(
+    lambda: mae_model.MaskedAutoencoder(model_config(config.model), rngs=nnx.Rngs(params=0))
+  )
   return restore(model, workdir, "latest" if step is None else step)
 
 
@@ -264,5 +326,5 @@ def _eval_losses(model, images, key):
   target = patchify(images.astype(jnp.float32), model.config.patch_size)  # [N, L, p*p*C]
   visible = 1.0 - mask
   mean = (target.mean(-1) * visible).sum(1) / visible.sum(1)  # per image, visible pixels
-  per_patch = ((target - mean[:, None, None])**2).mean(-1)
+  per_patch = ((target - mean[:, None, None]) ** 2).mean(-1)
   return loss, (per_patch * mask).sum() / mask.sum()

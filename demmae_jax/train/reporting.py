@@ -7,6 +7,7 @@ achieved FLOP/s over the peak of the devices, from the table below. CPUs have no
 figure and these machines change host between sessions, so the CPU peak is worked out from the
 host itself (`cpu_peak_per_core`), times the cores a CPU device may use.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,14 @@ from data_pipelines.atomic import atomic_file
 
 # Dense bfloat16 peak FLOP/s per device (vendor data sheets).
 PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,  # Trillium
-    "NVIDIA A100": 312e12,
-    "NVIDIA H100": 989e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,  # v5e
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,  # Trillium
+  "NVIDIA A100": 312e12,
+  "NVIDIA H100": 989e12,
 }
 CPU_PEAK_ENV = "DEMMAE_CPU_PEAK_GFLOPS"  # per core; overrides what /proc/cpuinfo implies
 
@@ -66,8 +67,10 @@ def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     per_core = cpu_peak_per_core()
     source = f"${CPU_PEAK_ENV}" if os.environ.get(CPU_PEAK_ENV) else "/proc/cpuinfo"
-    return (per_core * cores / jax.local_device_count(),
-            f"CPU peak {per_core / 1e9:.1f} GFLOP/s/core ({source}) x {cores} cores")
+    return (
+      per_core * cores / jax.local_device_count(),
+      f"CPU peak {per_core / 1e9:.1f} GFLOP/s/core ({source}) x {cores} cores",
+    )
   return float("nan"), f"no peak known for {kind!r}"
 
 
@@ -116,14 +119,18 @@ class MetricWriter:
     if not self.active:
       return
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      kept = [
+        line
+        for line in self.path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= resume_step
+      ]
       tmp = self.path.with_name(f".{self.path.name}.tmp")
       tmp.write_text("".join(line + "\n" for line in kept))
       os.replace(tmp, self.path)
     self.file = open(self.path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
@@ -156,6 +163,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def save_figure(fig, path: Path) -> None:
   """Write a matplotlib figure atomically (temporary file, then rename) and close it."""
   import matplotlib.pyplot as plt
+
   try:
     with atomic_file(path, overwrite=True) as tmp:
       fig.savefig(tmp, dpi=fig.dpi, format=Path(path).suffix.lstrip(".") or "png")
@@ -166,8 +174,10 @@ def save_figure(fig, path: Path) -> None:
 def plot_history(jsonl: Path, png: Path, keys: tuple[str, ...] = ("loss",)) -> None:
   """Curves of `keys` against step from a metrics.jsonl, as a PNG (written atomically)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   rows = read_jsonl(jsonl)
   fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
   for k in keys:
