@@ -11,6 +11,7 @@ without them the command says so.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -53,7 +54,16 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    return _dispatch(list(sys.argv[1:] if argv is None else argv))
+  except BrokenPipeError:
+    # the reader went away (`demmae predict --help | head`): stop quietly, as a Unix filter does;
+    # stdout goes to devnull so that the interpreter's exit flush does not raise again
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _dispatch(argv: list[str]) -> int:
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(usage())
     return 0

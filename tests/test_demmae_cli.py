@@ -43,3 +43,18 @@ def test_command_help_exits_0(command):
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "--" in done.stdout and len(done.stdout.splitlines()) > 5
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+  """`demmae --help | head -0`: the reader is gone before the help is written; no traceback."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  child = subprocess.Popen(
+    [sys.executable, "-m", "demmae_jax.cli", "--help"],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  child.stdout.close()  # closed before the child can write: its print hits EPIPE
+  err = child.stderr.read().decode()
+  assert child.wait() == 0 and "Traceback" not in err, err
