@@ -95,6 +95,9 @@ def test_two_process_distributed_run_matches_single_device(reference, tmp_path):
         "coordinator": coordinator,
         "num_processes": 2,
         "process_id": i,
+        # above an int32 of bytes: the processes agree on the smallest budget through a 32-bit
+        # gather, which once wrapped this to a negative budget
+        "memory_limit": "3GiB",
       },
       num_host_devices=2,
       stdout=-1,

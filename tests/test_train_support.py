@@ -106,6 +106,8 @@ def child(args: dict) -> None:
   """Entry point of a child process; writes {losses} JSON and params .npz to args['out']."""
   import jax
 
+  if args.get("memory_limit"):  # what the memory plan takes as one device's memory
+    os.environ["DEMMAE_MEMORY_LIMIT"] = args["memory_limit"]
   if args.get("coordinator"):
     jax.distributed.initialize(args["coordinator"], args["num_processes"], args["process_id"])
   devices = jax.devices()[: args["num_devices"]] if args.get("num_devices") else None

@@ -148,7 +148,9 @@ def budget(mesh, config) -> tuple[int, int, str]:
   if jax.process_count() > 1:  # every process must make the same plan
     from jax.experimental import multihost_utils
 
-    total = int(np.min(multihost_utils.process_allgather(np.int64(total))))
+    # in MiB: without jax_enable_x64 the gather is 32-bit, and bytes past 2 GiB would wrap
+    mib = multihost_utils.process_allgather(np.int32(min(total // MiB, 2**31 - 1)))
+    total = int(np.min(mib)) * MiB
     note += ", the smallest over processes"
   margin = float(mem.get("margin", 0.1))
   return int(total * (1 - margin)), total, note + (f"; {margin:.0%} kept free" if margin else "")
