@@ -81,7 +81,11 @@ def _rasters(path, out):
 
 def test_copc_is_read_by_bounds_into_the_same_rasters(crop, tmp_path, monkeypatch):
   laz, copc, n = crop
-  assert not lidar.inspect_las(laz).copc and lidar.inspect_las(copc).copc
+  # the COPC info VLR decides, not the name
+  (tmp_path / "named.copc.laz").write_bytes(laz.read_bytes())
+  (tmp_path / "named.laz").write_bytes(copc.read_bytes())
+  assert not lidar.inspect_las(tmp_path / "named.copc.laz").copc
+  assert lidar.inspect_las(tmp_path / "named.laz").copc
   decoded = []  # points lazrs decompresses for COPC queries (before laspy's bounds filter)
   decompress = laspy.copc.lazrs.decompress_points_with_chunk_table
 
@@ -104,8 +108,8 @@ def test_corpus_tiles_from_copc_equal_the_plain_laz_tiles(crop, tmp_path):
   tiles = {}
   for path in crop[:2]:
     opts = cb.BuildOptions(
-      out_dir=str(tmp_path / path.name), cell_size=CELL, tile_size=64, window_px=WINDOW
-    )
+      out_dir=str(tmp_path / path.name), cell_size=CELL, tile_size=64, window_px=200
+    )  # 2 x 2 windows: the builder's DTM halo is 200 cells, so fewer windows keep the test fast
     src = cb.expand_inputs([cb.CorpusInput(str(path))])[0]
     record = cb.build_source(src, opts)
     assert "reason" not in record, record
@@ -123,15 +127,24 @@ def test_corpus_tiles_from_copc_equal_the_plain_laz_tiles(crop, tmp_path):
 
 @pytest.mark.parametrize(
   "damage, problem",
-  [("hierarchy", "the COPC hierarchy has no root node"), ("points", "")],
+  [
+    ("hierarchy", "the COPC hierarchy has no root node"),
+    ("count", "the COPC hierarchy holds [0-9]+ points, the header [0-9]+"),
+    ("points", ""),
+  ],
 )
 def test_corrupt_copc_names_the_file_and_the_problem(crop, tmp_path, damage, problem):
   data = bytearray(crop[1].read_bytes())
   with laspy.CopcReader.open(crop[1]) as reader:
     start, size = reader.copc_info.hierarchy_root_offset, reader.copc_info.hierarchy_root_size
-    if damage == "points":  # the compressed points of the first nodes
-      start, size = reader.header.offset_to_point_data + 8, 4000
-  data[start : start + size] = b"\xff" * size
+    fill = b"\xff"  # hierarchy keys no reader can find
+    if damage == "points":  # the compressed points of the first nodes (zeros fail fastest)
+      start, size, fill = reader.header.offset_to_point_data + 8, 4000, b"\x00"
+  if damage == "count":  # one point more in the first hierarchy entry (key, offset, size, count)
+    count = int.from_bytes(data[start + 28 : start + 32], "little", signed=True)
+    data[start + 28 : start + 32] = (count + 1).to_bytes(4, "little", signed=True)
+  else:
+    data[start : start + size] = fill * size
   (tmp_path / "bad.copc.laz").write_bytes(data)
   match = f"bad.copc.laz: failed while reading points, the file is corrupt or truncated .*{problem}"
   with pytest.raises(DataError, match=match):
