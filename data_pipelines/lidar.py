@@ -3,7 +3,9 @@
 Several files form one mosaic on a grid snapped to multiples of the cell size. The grid is
 processed in output windows (plus a halo so that interpolation sees across window edges); each
 window streams the points of the files that overlap it with laspy's chunk_iterator, so memory is
-bounded by the window size and the chunk size, not by the size of the point cloud.
+bounded by the window size and the chunk size, not by the size of the point cloud. COPC files
+(found by their COPC info VLR) are read by bounds instead: each window decompresses only the octree
+nodes that overlap it, with laspy's CopcReader.
 
 Per cell: DSM = highest return, class = class of that highest return, DTM = mean height of ground
 points (ASPRS class 2), with gaps (under buildings, water) interpolated by rasterio.fill.fillnodata;
@@ -13,6 +15,7 @@ filled are 0 there, so every interpolated value is recorded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -44,6 +47,12 @@ class LidarFile:
   bounds: tuple[float, float, float, float]  # xmin, ymin, xmax, ymax
   crs: rasterio.crs.CRS
   point_count: int
+  copc: bool = False  # a COPC info VLR in the header: read by bounds
+
+
+# points handed to the window accumulators per file path, for tests and benchmarks: a LAZ is read
+# whole for every window it overlaps, a COPC file only around each window
+points_read: collections.Counter[str] = collections.Counter()
 
 
 def inspect_las(path: str | Path, crs: str | None = None) -> LidarFile:
@@ -70,6 +79,7 @@ def inspect_las(path: str | Path, crs: str | None = None) -> LidarFile:
     (float(mins[0]), float(mins[1]), float(maxs[0]), float(maxs[1])),
     final,
     int(header.point_count),
+    any(isinstance(v, laspy.copc.CopcInfoVlr) for v in header.vlrs),
   )
 
 
@@ -94,14 +104,16 @@ def _check_las_header(path: Path) -> None:
 
 
 def _header_crs(path: Path, header: laspy.LasHeader) -> rasterio.crs.CRS | None:
-  """CRS from the WKT or GeoTIFF-keys VLR, read with GDAL (laspy's parse_crs needs pyproj)."""
-  for vlr in header.vlrs:
+  """CRS from the WKT or GeoTIFF-keys VLR, read with GDAL (laspy's parse_crs needs pyproj). LAS 1.4
+  may keep the WKT in an extended VLR (copclib writes it there)."""
+  vlrs = [*header.vlrs, *(header.evlrs or [])]
+  for vlr in vlrs:
     if isinstance(vlr, laspy.vlrs.known.WktCoordinateSystemVlr) and vlr.string.strip("\x00 "):
       try:
         return rasterio.crs.CRS.from_wkt(vlr.string.strip("\x00 "))
       except rasterio.errors.CRSError as e:
         raise DataError(path, f"unreadable WKT CRS in the header ({e})") from e
-  for vlr in header.vlrs:
+  for vlr in vlrs:
     if isinstance(vlr, laspy.vlrs.known.GeoKeyDirectoryVlr):
       keys = {k.id: k.value_offset for k in vlr.geo_keys}
       code = keys.get(3072) or keys.get(2048)  # ProjectedCSTypeGeoKey, GeographicTypeGeoKey
@@ -202,18 +214,66 @@ def _stream_points(lf: LidarFile, acc: _WindowAccumulator, chunk_size: int) -> N
   if fx0 > bx1 or fx1 < bx0 or fy0 > by1 or fy1 < by0:
     return
   try:
-    with laspy.open(lf.path) as reader:
-      for points in reader.chunk_iterator(chunk_size):
-        acc.add(
-          np.asarray(points.x),
-          np.asarray(points.y),
-          np.asarray(points.z),
-          np.asarray(points.classification, dtype=np.uint8),
-        )
-  except (laspy.errors.LaspyException, OSError, ValueError, RuntimeError) as e:
+    for points in _copc_points(lf, acc) if lf.copc else _laz_chunks(lf, chunk_size):
+      points_read[str(lf.path)] += len(points)
+      acc.add(
+        np.asarray(points.x),
+        np.asarray(points.y),
+        np.asarray(points.z),
+        np.asarray(points.classification, dtype=np.uint8),
+      )
+  except (
+    laspy.errors.LaspyException,
+    OSError,
+    ValueError,
+    RuntimeError,  # lazrs.LazrsError among them
+    struct.error,  # a corrupt COPC hierarchy page
+  ) as e:
     raise DataError(
       lf.path, f"failed while reading points, the file is corrupt or truncated ({e})"
     ) from e
+
+
+def _laz_chunks(lf: LidarFile, chunk_size: int):
+  with laspy.open(lf.path) as reader:
+    yield from reader.chunk_iterator(chunk_size)
+
+
+def _copc_points(lf: LidarFile, acc: _WindowAccumulator):
+  """The points of the COPC nodes around the window. The query is one cell wider than the window
+  (laspy rounds its bounds to the integer grid) and takes every representable Z (the LAZ path does
+  not trust the header's z range either); the accumulator drops what falls outside exactly as for
+  a LAZ, so both give the same rasters."""
+  bx0, by0, bx1, by1 = acc.bounds()
+  with laspy.CopcReader.open(lf.path) as reader:
+    _check_copc_hierarchy(lf.path, reader)
+    scale, offset = reader.header.scales[2], reader.header.offsets[2]
+    z0, z1 = offset + scale * (-(2**31) + 1), offset + scale * (2**31 - 1)
+    yield reader.query(
+      bounds=laspy.Bounds(
+        mins=np.array([bx0 - acc.cell, by0 - acc.cell, z0]),
+        maxs=np.array([bx1 + acc.cell, by1 + acc.cell, z1]),
+      )
+    )
+
+
+def _check_copc_hierarchy(path: Path, reader: laspy.CopcReader) -> None:
+  """laspy skips hierarchy entries it cannot find: a corrupt hierarchy would read as no points."""
+  entries = reader.root_page.entries
+  root = laspy.copc.VoxelKey()
+  root.level = 0
+  size = path.stat().st_size
+  if root not in entries:
+    raise ValueError("the COPC hierarchy has no root node")
+  for key, e in entries.items():
+    if e.point_count < -1 or e.offset < 0 or e.byte_size < 0 or e.offset + e.byte_size > size:
+      raise ValueError(f"COPC hierarchy entry {key} points outside the file ({e})")
+  if all(e.point_count >= 0 for e in entries.values()):  # one page: it counts every point
+    total = sum(e.point_count for e in entries.values())
+    if total != reader.header.point_count:
+      raise ValueError(
+        f"the COPC hierarchy holds {total} points, the header {reader.header.point_count}"
+      )
 
 
 def _fill(values: np.ndarray, known: np.ndarray, distance: float) -> np.ndarray:
