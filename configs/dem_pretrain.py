@@ -1,7 +1,7 @@
 """Masked DEM pretraining: `python scripts/pretrain.py --config configs/dem_pretrain.py:PRESET`.
 
 Presets:
-  tiny  a 4-block ViT on 32 x 32 crops: the demo and the tests (seconds on a CPU);
+  tiny  a 4-block ViT on 32 x 32 crops: the tests (seconds on a CPU);
   cpu   a 6-block ViT on 64 x 64 tiles streamed by tf.data from a TFRecord corpus of the shared
         data (data_pipelines/corpus_beam.py, built into WORKDIR/corpus_tiles on first use: 64 px
         tiles, stride 32, every evaluation split's val/test blocks dropped; La Rochelle as
