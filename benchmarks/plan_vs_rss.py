@@ -1,6 +1,6 @@
 """The memory plan's prediction against the memory a run really takes, on CPU (host RSS).
 
-  .venv/bin/python benchmarks/plan_vs_rss.py --presets tiny cpu --steps 3
+  .venv/bin/python benchmarks/plan_vs_rss.py --presets tiny cpu_rasters --steps 3
   .venv/bin/python benchmarks/plan_vs_rss.py --workdirs runs/base_as_typed   # a run made already
 
 For each `configs/dem_pretrain.py` preset it runs `scripts/pretrain.py` for a few steps in a fresh
@@ -73,7 +73,7 @@ def summarise(name: str, workdir: Path) -> dict:
 
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--presets", nargs="*", default=["tiny", "cpu"])
+  ap.add_argument("--presets", nargs="*", default=["tiny", "cpu_rasters"])
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--workdirs", nargs="*", default=[], help="summarise runs made already")
   ap.add_argument("extra", nargs="*", help="after --: overrides for every run")

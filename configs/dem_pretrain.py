@@ -1,19 +1,24 @@
 """Masked DEM pretraining: `python scripts/pretrain.py --config configs/dem_pretrain.py:PRESET`.
 
 Presets:
-  tiny  a 4-block ViT on 32 x 32 crops: the demo and the tests (seconds on a CPU);
-  cpu   a 6-block ViT on 64 x 64 crops of the shared SRTM, the Alexandria DSM and a DSM
-        rasterised from the IGN LiDAR tiles: a real run whose loss visibly falls in ~15 minutes
-        on 2 CPU cores (docs/pretraining.md);
+  tiny  a 4-block ViT on 32 x 32 crops: the tests (seconds on a CPU);
+  cpu   a 6-block ViT on 64 x 64 tiles streamed by tf.data from a TFRecord corpus of the shared
+        data (data_pipelines/corpus_beam.py, built into WORKDIR/corpus_tiles on first use: 64 px
+        tiles, stride 32, every evaluation split's val/test blocks dropped; La Rochelle as
+        held-out loss), normalised "ndsm" as finetuning does; `--config.data.corpus_tiles=DIR`
+        reads a built corpus instead (docs/pretraining.md). Workdirs of the former `cpu_tiles`
+        preset resume with it (the same values; workdirs compare values, not preset names);
+  cpu_rasters the cpu model on rasters read whole into memory (data_pipelines/raster_source.py):
+        the shared SRTM, the Alexandria DSM and a DSM rasterised from the IGN LiDAR tiles, Delft
+        held out, per-crop minmax; what `cpu` was until 2026-11-30, and what configs/experiments.py
+        and docs/results.md measured with;
   cpu_hr the cpu model on the high-resolution corpus (data_pipelines/pretrain_corpus.py: the
         0.5-2 m LiDAR / DSMs, every evaluation split's val/test blocks NaN), built into
         WORKDIR/corpus, normalised as finetuning does ("ndsm", 30 m; "relative" reads the DSMs);
         held-out loss on the IGN La Rochelle tile, which is never trained on;
-  cpu_tiles the cpu model streamed by tf.data from a TFRecord corpus of the shared data
-        (data_pipelines/corpus_beam.py, built into WORKDIR/corpus_tiles on first use: 64 px tiles,
-        stride 32, evaluation splits' val/test blocks dropped; La Rochelle as held-out loss),
-        normalised "ndsm" as cpu_hr;
-  base  the paper's ViT-B/16 on 224 x 224 single-channel DEMs, bfloat16 compute, FSDP;
+  base  the paper's ViT-B/16 on 224 x 224 single-channel DEMs, bfloat16 compute, FSDP, streamed
+        from the TFRecord corpora named by --config.data.corpus_tiles=gs://BUCKET/corpus/*
+        (required: a run without it stops at start);
   large ViT-L/16, the same recipe.
 Override anything with --config.key=value (e.g. --config.total_steps=100); unknown keys are an
 error. Initialise from a ported MAE checkpoint with --config.init=PATH (RGB weights are adapted
@@ -34,6 +39,10 @@ PRETRAIN_LIDAR = (
   "pretrain/test_semis_2023_0300_6802_LA93_IGN69.laz",
 )
 
+# Data from the TFRecord corpora of data.corpus_tiles only; base and large name none, so their run
+# stops at start until --config.data.corpus_tiles is given (train/pretrain.py check_data).
+NO_RASTERS = dict(files=(), lidar_files=(), eval_files=())
+
 PRESETS = {
   "tiny": dict(
     model=dict(preset="tiny", img_size=32, patch_size=4, in_chans=1),
@@ -46,7 +55,7 @@ PRESETS = {
     picture_every=25,
     eval_every=25,
   ),
-  "cpu": dict(
+  "cpu_rasters": dict(
     model=dict(
       preset="tiny",
       img_size=64,
@@ -78,6 +87,7 @@ PRESETS = {
     log_every=50,
     picture_every=2000,
     eval_every=2000,
+    data=NO_RASTERS,
   ),
   "large": dict(
     model=dict(
@@ -91,12 +101,13 @@ PRESETS = {
     log_every=50,
     picture_every=2000,
     eval_every=2000,
+    data=NO_RASTERS,
   ),
 }
 # The cpu run on the high-resolution corpus; Delft at 0.5 m (the cpu experiments' tile cell),
 # the other sources at their own (Amsterdam, Gothenburg 1 m; Alexandria, IGN 2 m).
 PRESETS["cpu_hr"] = {
-  **PRESETS["cpu"],
+  **PRESETS["cpu_rasters"],
   "data": dict(
     corpus="auto",
     corpus_cell_size=0.5,
@@ -110,14 +121,12 @@ PRESETS["cpu_hr"] = {
 
 # The cpu run streamed from TFRecord tiles (data_pipelines/corpus_reader.py) instead of rasters
 # in memory; a built corpus folder can be named instead of "auto" (--config.data.corpus_tiles=DIR).
-PRESETS["cpu_tiles"] = {
-  **PRESETS["cpu"],
+PRESETS["cpu"] = {
+  **PRESETS["cpu_rasters"],
   "data": dict(
     corpus_tiles="auto",
     corpus_cell_size=0.5,
-    files=(),
-    lidar_files=(),
-    eval_files=(),
+    **NO_RASTERS,
     normalisation=dict(mode="ndsm", scale_m=30.0),
   ),
 }

@@ -4,11 +4,13 @@
 Protocols:
   cpu    the CPU-scale miniature run on the 2 shared cores (docs/results.md says why it is a fair
          one): 64 px tiles (32 m at 0.5 m), the 6-block 192-wide ViT (patch 8) of
-         configs/dem_pretrain.py:cpu, UperNet 64 channels, UNet width 16, 300 steps of batch 8;
+         configs/dem_pretrain.py:cpu_rasters (the raster recipe its results were measured
+         with), UperNet 64 channels, UNet width 16, 300 steps of batch 8;
   tiny   the test's: 32 px tiles, the 4-block tiny ViT, a few steps;
   paper  Mazumdar et al.'s recipe for accelerators: ViT-B/16 encoder (pretrain it with
-         configs/dem_pretrain.py:base), 224 px tiles, UperNet 512 channels, UNet width 64,
-         3000 steps of batch 8, validation every 150 keeping the best IoU.
+         configs/dem_pretrain.py:base --config.data.corpus_tiles=CORPUS and pass the export as
+         --encoder), 224 px tiles, UperNet 512 channels, UNet width 64, 3000 steps of batch 8,
+         validation every 150 keeping the best IoU.
 Everything is overridable: --config.steps=150, --config.sizes=10,50, --config.seeds=1, ...
 """
 
@@ -28,7 +30,7 @@ PROTOCOLS = {
     upernet="cpu_{task}",
     unet="cpu_unet_{task}",
     encoder="runs/dem_mae_cpu",
-    pretrain_preset="cpu",
+    pretrain_preset="cpu_rasters",  # the encoder docs/results.md measured
     imagenet_layers=(3, 5, 7, 11),
   ),
   "tiny": dict(

@@ -77,10 +77,16 @@ def _with_added_keys(old: dict, new: dict) -> dict:
   return old
 
 
+# Keys a restart may change. "preset" is only the name of the values that follow: presets get
+# renamed (dem_pretrain's raster `cpu` became `cpu_rasters`, `cpu_tiles` became `cpu`), and a run
+# resumes under the new name of the same values, while the old name with new values is refused.
+IGNORED = ("log", "distributed", "memory", "preset")
+
+
 def check_config(
   workdir: Path,
   config: ml_collections.ConfigDict,
-  ignore: tuple[str, ...] = ("log", "distributed", "memory"),
+  ignore: tuple[str, ...] = IGNORED,
 ) -> bool:
   """Refuse a workdir that holds a run of a different config (keys in `ignore`, e.g. logging
   frequencies, may change between restarts), or that cannot be written. Writes nothing; True if
@@ -107,7 +113,7 @@ def check_config(
 def check_or_store_config(
   workdir: Path,
   config: ml_collections.ConfigDict,
-  ignore: tuple[str, ...] = ("log", "distributed", "memory"),
+  ignore: tuple[str, ...] = IGNORED,
 ) -> None:
   """Store the config in a fresh workdir; in an existing one, refuse a different config (keys in
   `ignore`, e.g. logging frequencies or the memory limit to plan for, may change). Call it

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole chain on the real data in ../shared/data, at CPU scale (about 10 minutes on 2 cores):
-#   Delft LiDAR + BGT footprints -> tiles; masked pretraining on real elevation that excludes
-#   Delft (SRTM, Alexandria DSM, IGN LiDAR), its reconstructions as pictures; the recommended
-#   segmentation model (UNet on height above ground, docs/results_product.md) trained on Delft
-#   buildings; evaluation on the spatially separate test area, per tile and over the area as the
-#   predictor maps it; prediction over the Delft nDSM to a GeoTIFF, polygons and a PNG.
+#   Delft LiDAR + BGT footprints -> tiles; masked pretraining (configs/dem_pretrain.py:cpu)
+#   streamed from a TFRecord corpus of the shared SRTM, LiDAR and DSMs built on first use, which
+#   drops every tile touching an evaluation split's val/test blocks (Delft's test area among them),
+#   its reconstructions as pictures; the recommended segmentation model (UNet on height above
+#   ground, docs/results_product.md) trained on Delft buildings; evaluation on the spatially
+#   separate test area, per tile and over the area as the predictor maps it; prediction over the
+#   Delft nDSM to a GeoTIFF, polygons and a PNG.
 # Every run writes to a new folder (runs/demo/<UTC time>), so nothing earlier is overwritten.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,9 @@ step() { printf '\n=== [%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 step "1/6 Delft LiDAR + BGT buildings -> 0.5 m rasters and 64 px tiles"
 $PY scripts/prepare_data.py delft --out "$OUT/data" --task buildings
 
-step "2/6 masked pretraining on real elevation (Delft held out), $PRETRAIN_STEPS steps"
+step "2/6 masked pretraining on a corpus of the shared elevation, $PRETRAIN_STEPS steps; held out:
+  every evaluation split's val/test blocks (Delft's test area of step 5 included; Delft's training
+  blocks are pretrained on) and the IGN La Rochelle tile (the held-out loss)"
 $PY scripts/pretrain.py --config configs/dem_pretrain.py:cpu --workdir "$OUT/pretrain" \
   --config.total_steps="$PRETRAIN_STEPS" --config.optim.warmup_steps=40 \
   --config.log.picture_every_steps=200

@@ -50,7 +50,7 @@ def main(argv):
   from demmae_jax.train import loop, pretrain
 
   workdir = Path(_WORKDIR.value)
-  pretrain.check_data(config)
+  pretrain.check_data(config, reads=not _DRY_RUN.value)
   d = config.distributed
   sharding.maybe_initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
   mesh = sharding.make_mesh(**config.mesh)

@@ -166,12 +166,20 @@ def dry_run(config: ml_collections.ConfigDict, workdir, mesh) -> int:
   return 0
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """The data section's mistakes that would otherwise show only after setup (ValueError)."""
+def check_data(config: ml_collections.ConfigDict, *, reads: bool = True) -> None:
+  """The data section's mistakes that would otherwise show only after setup (ValueError).
+  `reads=False` (a dry run, which reads no data) allows a config without a data source."""
   from data_pipelines.pretrain_corpus import CORPUS_JSON
   from data_pipelines.raster_source import NORMALISATIONS
 
   d = config.data
+  if reads and not (d.corpus_tiles or d.corpus or d.files or d.lidar_files):
+    raise ValueError(
+      f"no pretraining data: preset {config.get('preset', '')!r} reads TFRecord corpora "
+      "(scripts/prepare_data.py corpus-beam); name them with "
+      "--config.data.corpus_tiles=gs://BUCKET/corpus/* (comma-separated globs or corpus "
+      "folders, local or gs://)"
+    )
   tiles = bool(
     d.corpus_tiles
   )  # TFRecord corpora (data_pipelines/corpus_reader.py) join modes by "+"
