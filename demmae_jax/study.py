@@ -50,6 +50,13 @@ ARMS = {
     "cpu_hybrid_{task}",
     {"data.normalisation.mode": "ndsm", "freeze_backbone": False, "init": "{encoder}"},
   ),
+  # the same two encoders kept frozen (the stem and decoder learn): what the encoder's features
+  # give without finetuning washing them out, as the few-label probe measures them
+  "hybrid_frozen_random": ("cpu_hybrid_{task}", {"data.normalisation.mode": "ndsm"}),
+  "hybrid_frozen_dem": (
+    "cpu_hybrid_{task}",
+    {"data.normalisation.mode": "ndsm", "init": "{encoder}"},
+  ),
 }
 DEM_ENCODER = "runs/dem_mae_hr"
 ARM_NAMES = {
@@ -59,6 +66,8 @@ ARM_NAMES = {
   "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
   "hybrid_random": "ViT-UNet, nDSM, random encoder (finetuned)",
   "hybrid_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (finetuned)",
+  "hybrid_frozen_random": "ViT-UNet, nDSM, random encoder (frozen)",
+  "hybrid_frozen_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (frozen)",
   "height_rule": "height rule, no learning (tuned on the training tiles)",
 }
 RECOMMENDED = "unet_ndsm"

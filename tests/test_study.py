@@ -64,8 +64,11 @@ def test_every_arm_builds_a_valid_finetuning_config(arm, tmp_path):
   c = study.finetune_config(arm, "roads", tmp_path / "m.json", seed=2)
   assert c.seed == 2 and c.data.seed == 2 and c.total_steps == study.RECIPE["total_steps"]
   assert c.data.manifest == str(tmp_path / "m.json")
-  if arm == "hybrid_dem":
+  if arm.endswith("_dem"):
     assert c.init == study.DEM_ENCODER
+  if arm.startswith("hybrid"):  # the pairs differ only in the encoder's start (and frozen or not)
+    assert c.freeze_backbone == ("frozen" in arm)
+    assert c.data.normalisation.mode == "ndsm"
 
 
 @pytest.mark.realdata

@@ -7,7 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-runs = {"city corpus, plain MSE": "docs/probe_runs/city_plain_{t}.json",
+runs = {"city corpus, plain MSE, 8,000 steps": "docs/probe_runs/city_long_{t}.json",
+        "city corpus, plain MSE": "docs/probe_runs/city_plain_{t}.json",
         "city corpus, norm-pixel targets": "docs/probe_runs/city_normpix_{t}.json",
         "all corpus (79 % rural), plain MSE": "docs/probe_runs/cpu_hr_last_block.json"}
 missing = {("roads", "all corpus (79 % rural), plain MSE")}  # its roads probe was not run
