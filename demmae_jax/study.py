@@ -39,6 +39,13 @@ ARMS = {
   # the paper's head (Feature2Pyramid + UperNet) on a frozen encoder, as `make demo` trained it
   # until now; random encoder weights: docs/results.md measured the DEM-pretrained one no better
   "upernet_frozen": ("cpu_{task}", {}),
+  # ... on height above ground, random or DEM-pretrained (DEM_ENCODER): the encoder is the only
+  # path from the input to the head, as in the few-label probe
+  "upernet_frozen_ndsm": ("cpu_{task}", {"data.normalisation.mode": "ndsm"}),
+  "upernet_frozen_ndsm_dem": (
+    "cpu_{task}",
+    {"data.normalisation.mode": "ndsm", "init": "{encoder}"},
+  ),
   # the ViT-UNet (models/hybrid.py), encoder finetuned, from random weights ...
   "hybrid_random": (
     "cpu_hybrid_{task}",
@@ -64,6 +71,8 @@ ARM_NAMES = {
   "unet_ndsm": "UNet, nDSM input (recommended)",
   "unet_ndsm_coarsen": "UNet, nDSM input, half the training tiles 2x coarsened",
   "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
+  "upernet_frozen_ndsm": "frozen random encoder + UperNet, nDSM",
+  "upernet_frozen_ndsm_dem": "frozen DEM-pretrained encoder + UperNet, nDSM",
   "hybrid_random": "ViT-UNet, nDSM, random encoder (finetuned)",
   "hybrid_dem": "ViT-UNet, nDSM, DEM-pretrained encoder (finetuned)",
   "hybrid_frozen_random": "ViT-UNet, nDSM, random encoder (frozen)",

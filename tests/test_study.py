@@ -69,6 +69,8 @@ def test_every_arm_builds_a_valid_finetuning_config(arm, tmp_path):
   if arm.startswith("hybrid"):  # the pairs differ only in the encoder's start (and frozen or not)
     assert c.freeze_backbone == ("frozen" in arm)
     assert c.data.normalisation.mode == "ndsm"
+  if arm.startswith("upernet_frozen_ndsm"):
+    assert c.freeze_backbone and c.data.normalisation.mode == "ndsm"
 
 
 @pytest.mark.realdata
