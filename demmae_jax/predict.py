@@ -46,7 +46,7 @@ class Outputs:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  step: str | int = "best"  # checkpoint: best, latest or a step number
+  step: str | int = "best"  # checkpoint: best, latest or a step number (int or its digits)
   band: int | None = None  # the band holding the elevation (required if several)
   crs: str | None = None  # CRS of an input without one
   cell_size_m: float | None = None  # the input's cell size when its CRS does not say

@@ -122,7 +122,7 @@ def main(argv):
   from demmae_jax.gis.polygons import PolygonOptions
 
   options = predict.Options(
-    step=_STEP.value if _STEP.value in ("best", "latest") else int(_STEP.value),
+    step=_STEP.value,
     band=_BAND.value,
     crs=_CRS.value,
     cell_size_m=_CELL_M.value,
