@@ -119,6 +119,30 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
   assert all(np.isfinite(v).all() for v in _flat(nnx.state(model)).values())
 
 
+def test_a_nonfinite_step_returns_the_state_it_was_given_bit_for_bit():
+  trainer = loop.Trainer(MeanHeight(), _config(), loop.shd.make_mesh())
+  batch = next(_source()(0))
+  step = trainer.compile(batch)
+  bad = dict(batch, image=batch["image"].copy())
+  bad["image"][0, 0, 0, 0] = np.nan
+  state = trainer.init_state()
+  before = jax.tree.map(np.asarray, state)  # the step donates its input
+  after, metrics = step(state, bad, trainer.rng)
+  assert not bool(metrics["finite"])
+  for k in ("params", "rest", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, after[k]), before[k])
+  assert int(after["step"]) == 1
+  good, metrics = step(after, batch, trainer.rng)
+  good, metrics = step(good, batch, trainer.rng)  # the schedule's warm-up starts at lr 0
+  assert bool(metrics["finite"])
+  moved = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b),
+    jax.tree.map(np.asarray, good["params"]),
+    before["params"],
+  )
+  assert all(jax.tree.leaves(moved))
+
+
 def test_sigterm_saves_then_a_restart_finishes_the_run(tmp_path):
   first = loop.train(MeanHeight(), _config(6), tmp_path, _source(sigterm_at_step=2))
   # The signal arrives while batch 2 is fetched; step 3 completes, is saved, and the run stops.

@@ -103,10 +103,6 @@ class Result:
   preempted: bool = False
 
 
-def _tree_where(ok, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-
 class Trainer:
   """Placement, optimiser and compiled step for one (task, config, mesh)."""
 
@@ -270,16 +266,20 @@ class Trainer:
       loss, aux = loss * scale, jax.tree.map(lambda a: a * scale, aux)
 
     grad_norm = optim.global_norm(grads)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # A non-finite loss or gradient leaves the state as it was; the host stops the run.
+    # A non-finite loss or gradient leaves the state as it was; the host stops the run. A cond
+    # rather than a select: the update runs only when it is kept, and no pass over the old and
+    # new state picks between them (9 % of the MAE-B step on CPU, docs/performance.md).
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = {
-      "params": _tree_where(ok, params, state["params"]),
-      "rest": _tree_where(ok, rest, state["rest"]),
-      "opt_state": _tree_where(ok, opt_state, state["opt_state"]),
-      "step": state["step"] + 1,
-    }
+
+    def update():
+      updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+      return optax.apply_updates(state["params"], updates), rest, opt_state
+
+    def keep():
+      return state["params"], state["rest"], state["opt_state"]
+
+    params, rest, opt_state = jax.lax.cond(ok, update, keep)
+    new_state = {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}
     out = {
       "loss": loss,
       "grad_norm": grad_norm,
