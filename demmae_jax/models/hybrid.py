@@ -10,6 +10,7 @@ pretraining help" is the same architecture with pretrained against random ViT we
 
 `freeze_backbone=True` stops gradients at the ViT (only the convolutional parts train).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,26 +34,39 @@ class HybridConfig:
 
 
 class ViTUNet(nnx.Module):
-
-  def __init__(self, backbone: MaskedAutoencoder, config: HybridConfig, *,
-               freeze_backbone: bool = True, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: MaskedAutoencoder,
+    config: HybridConfig,
+    *,
+    freeze_backbone: bool = True,
+    rngs: nnx.Rngs,
+  ):
     p = backbone.config.patch_size
     depth = int(round(math.log2(p)))
     if 2**depth != p:
       raise ValueError(f"the ViT-UNet needs a power-of-two patch size, got {p}")
     bad = [i for i in config.layers if not 0 <= i < backbone.config.depth]
     if bad or not config.layers:
-      raise ValueError(f"layers {config.layers} out of range for a {backbone.config.depth}-block ViT")
+      raise ValueError(
+        f"layers {config.layers} out of range for a {backbone.config.depth}-block ViT"
+      )
     self.backbone, self.config, self.freeze_backbone = backbone, config, freeze_backbone
     self.depth = depth
     w = [config.width * 2**i for i in range(depth + 1)]
-    self.down = nnx.List([DoubleConv(backbone.config.in_chans, w[0], rngs=rngs)] +
-                         [DoubleConv(w[i], w[i + 1], rngs=rngs) for i in range(depth)])
+    self.down = nnx.List(
+      [DoubleConv(backbone.config.in_chans, w[0], rngs=rngs)]
+      + [DoubleConv(w[i], w[i + 1], rngs=rngs) for i in range(depth)]
+    )
     d = backbone.config.embed_dim * len(config.layers)
     self.vit_proj = nnx.Conv(d, config.vit_channels, (1, 1), rngs=rngs)
     self.fuse = DoubleConv(w[depth] + config.vit_channels, w[depth], rngs=rngs)
-    self.up = nnx.List([nnx.ConvTranspose(w[i + 1], w[i], (2, 2), strides=(2, 2), padding="VALID",
-                                          rngs=rngs) for i in reversed(range(depth))])
+    self.up = nnx.List(
+      [
+        nnx.ConvTranspose(w[i + 1], w[i], (2, 2), strides=(2, 2), padding="VALID", rngs=rngs)
+        for i in reversed(range(depth))
+      ]
+    )
     self.up_conv = nnx.List([DoubleConv(2 * w[i], w[i], rngs=rngs) for i in reversed(range(depth))])
     self.cls = nnx.Conv(w[0], config.num_classes, (1, 1), rngs=rngs)
 
@@ -65,16 +79,23 @@ class ViTUNet(nnx.Module):
     maps = upernet.token_maps(self.backbone, images, self.config.layers, self.freeze_backbone)
     return jnp.concatenate(maps, -1).astype(jnp.float32)
 
-  def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None,
-               with_aux: bool = False):
+  def __call__(
+    self, images: jax.Array, *, dropout_key: jax.Array | None = None, with_aux: bool = False
+  ):
     del dropout_key  # no dropout: the convolutions are small and the ViT has none
     if with_aux:
       raise ValueError("the ViT-UNet has no auxiliary head")
     p = self.backbone.config.patch_size
-    if images.ndim != 4 or images.shape[-1] != self.in_chans or images.shape[1] % p \
-        or images.shape[2] % p:
-      raise ValueError(f"ViT-UNet input must be NHWC [N, H, W, {self.in_chans}] with H and W "
-                       f"multiples of {p}; got {tuple(images.shape)}")
+    if (
+      images.ndim != 4
+      or images.shape[-1] != self.in_chans
+      or images.shape[1] % p
+      or images.shape[2] % p
+    ):
+      raise ValueError(
+        f"ViT-UNet input must be NHWC [N, H, W, {self.in_chans}] with H and W "
+        f"multiples of {p}; got {tuple(images.shape)}"
+      )
     skips = unet.contract(self.down, images)
     x = self.fuse(jnp.concatenate([skips[-1], self.vit_proj(self.vit_map(images))], -1))
     return self.cls(unet.expand(self.up, self.up_conv, x, skips))

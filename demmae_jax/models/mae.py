@@ -1,17 +1,27 @@
 """Masked Autoencoder (He et al. 2021) in Flax NNX, reading top-down like the official model file:
 patchify, random masking, encoder, decoder, loss."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from demmae_jax.models.vit import (Block, FixedEmbedding, PatchEmbed, _layer_norm, _linear,
-                                   patchify, run_blocks, sincos_2d, stack_blocks)
+from demmae_jax.models.vit import (
+  Block,
+  FixedEmbedding,
+  PatchEmbed,
+  _layer_norm,
+  _linear,
+  patchify,
+  run_blocks,
+  sincos_2d,
+  stack_blocks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,22 +57,38 @@ class MAEConfig:
   def num_patches(self) -> int:
     return self.grid_size**2
 
-  def replace(self, **overrides) -> "MAEConfig":
+  def replace(self, **overrides) -> MAEConfig:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
     if unknown:
-      raise TypeError(f"unknown MAE config fields {sorted(unknown)}; "
-                      f"known: {[f.name for f in dataclasses.fields(self)]}")
+      raise TypeError(
+        f"unknown MAE config fields {sorted(unknown)}; "
+        f"known: {[f.name for f in dataclasses.fields(self)]}"
+      )
     return dataclasses.replace(self, **overrides)
 
 
 PRESETS = {
-    "tiny": MAEConfig(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
-                      decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4),
-    "small": MAEConfig(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256,
-                       decoder_depth=4, decoder_num_heads=8),
-    "base": MAEConfig(),
-    "large": MAEConfig(embed_dim=1024, depth=24, num_heads=16),
-    "huge": MAEConfig(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+  "tiny": MAEConfig(
+    img_size=32,
+    patch_size=4,
+    embed_dim=64,
+    depth=4,
+    num_heads=4,
+    decoder_embed_dim=32,
+    decoder_depth=2,
+    decoder_num_heads=4,
+  ),
+  "small": MAEConfig(
+    embed_dim=384,
+    depth=12,
+    num_heads=6,
+    decoder_embed_dim=256,
+    decoder_depth=4,
+    decoder_num_heads=8,
+  ),
+  "base": MAEConfig(),
+  "large": MAEConfig(embed_dim=1024, depth=24, num_heads=16),
+  "huge": MAEConfig(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
 
 
@@ -85,20 +111,38 @@ class MaskedAutoencoder(nnx.Module):
     self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, c.embed_dim)))
     self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(c.embed_dim, c.grid_size))[None])
     # Blocks are stored stacked: every array has a leading layer axis of length depth.
-    self.blocks = stack_blocks([Block(c.embed_dim, c.num_heads, c.mlp_ratio, dtype=dtype,
-                                      rngs=rngs, attention=c.attention) for _ in range(c.depth)])
+    self.blocks = stack_blocks(
+      [
+        Block(c.embed_dim, c.num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs, attention=c.attention)
+        for _ in range(c.depth)
+      ]
+    )
     self.norm = _layer_norm(c.embed_dim, dtype=dtype, rngs=rngs)
     # --- decoder
     self.decoder_embed = _linear(c.embed_dim, c.decoder_embed_dim, dtype=dtype, rngs=rngs)
-    self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, c.decoder_embed_dim)))
+    self.mask_token = nnx.Param(
+      0.02 * jax.random.normal(rngs.params(), (1, 1, c.decoder_embed_dim))
+    )
     self.decoder_pos_embed = FixedEmbedding(
-        jnp.asarray(sincos_2d(c.decoder_embed_dim, c.grid_size))[None])
-    self.decoder_blocks = stack_blocks([
-        Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio, dtype=dtype, rngs=rngs,
-              attention=c.attention) for _ in range(c.decoder_depth)])
+      jnp.asarray(sincos_2d(c.decoder_embed_dim, c.grid_size))[None]
+    )
+    self.decoder_blocks = stack_blocks(
+      [
+        Block(
+          c.decoder_embed_dim,
+          c.decoder_num_heads,
+          c.mlp_ratio,
+          dtype=dtype,
+          rngs=rngs,
+          attention=c.attention,
+        )
+        for _ in range(c.decoder_depth)
+      ]
+    )
     self.decoder_norm = _layer_norm(c.decoder_embed_dim, dtype=dtype, rngs=rngs)
-    self.decoder_pred = _linear(c.decoder_embed_dim, c.patch_size**2 * c.in_chans, dtype=dtype,
-                                rngs=rngs)
+    self.decoder_pred = _linear(
+      c.decoder_embed_dim, c.patch_size**2 * c.in_chans, dtype=dtype, rngs=rngs
+    )
 
   # ------------------------------------------------------------------ masking
   def random_masking(self, x: jax.Array, noise: jax.Array):
@@ -115,14 +159,22 @@ class MaskedAutoencoder(nnx.Module):
 
   def _check_images(self, images: jax.Array):
     c = self.config
-    if images.ndim != 4 or images.shape[-1] != c.in_chans or images.shape[1] % c.patch_size \
-        or images.shape[2] % c.patch_size:
-      raise ValueError(f"images must be NHWC [N, H, W, {c.in_chans}] with H and W multiples of "
-                       f"{c.patch_size}; got shape {tuple(images.shape)}")
+    if (
+      images.ndim != 4
+      or images.shape[-1] != c.in_chans
+      or images.shape[1] % c.patch_size
+      or images.shape[2] % c.patch_size
+    ):
+      raise ValueError(
+        f"images must be NHWC [N, H, W, {c.in_chans}] with H and W multiples of "
+        f"{c.patch_size}; got shape {tuple(images.shape)}"
+      )
     if images.shape[1] != c.img_size or images.shape[2] != c.img_size:
-      raise ValueError(f"images are {images.shape[1]}x{images.shape[2]} but the model was built "
-                       f"for {c.img_size}x{c.img_size}; build it with img_size=... (position "
-                       f"embeddings are interpolated when loading a checkpoint)")
+      raise ValueError(
+        f"images are {images.shape[1]}x{images.shape[2]} but the model was built "
+        f"for {c.img_size}x{c.img_size}; build it with img_size=... (position "
+        f"embeddings are interpolated when loading a checkpoint)"
+      )
 
   # ------------------------------------------------------------------ encoder
   def _embed(self, images):
@@ -154,8 +206,9 @@ class MaskedAutoencoder(nnx.Module):
   def forward_decoder(self, x, ids_restore):
     x = self.decoder_embed(x)
     n, length = ids_restore.shape
-    mask_tokens = jnp.broadcast_to(self.mask_token.value.astype(x.dtype),
-                                   (n, length + 1 - x.shape[1], x.shape[-1]))
+    mask_tokens = jnp.broadcast_to(
+      self.mask_token.value.astype(x.dtype), (n, length + 1 - x.shape[1], x.shape[-1])
+    )
     x_ = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     x_ = jnp.take_along_axis(x_, ids_restore[:, :, None], axis=1)  # unshuffle
     x = jnp.concatenate([x[:, :1], x_], axis=1) + self.decoder_pos_embed.value.astype(x.dtype)
@@ -168,12 +221,13 @@ class MaskedAutoencoder(nnx.Module):
     if self.config.norm_pix_loss:
       mean = target.mean(axis=-1, keepdims=True)
       var = target.var(axis=-1, keepdims=True, ddof=1)  # torch's unbiased .var(), as official
-      target = (target - mean) / (var + self.config.norm_pix_eps)**0.5
-    loss = ((pred.astype(jnp.float32) - target)**2).mean(axis=-1)
+      target = (target - mean) / (var + self.config.norm_pix_eps) ** 0.5
+    loss = ((pred.astype(jnp.float32) - target) ** 2).mean(axis=-1)
     return (loss * mask).sum() / mask.sum()
 
-  def __call__(self, images: jax.Array, noise: jax.Array | None = None,
-               key: jax.Array | None = None):
+  def __call__(
+    self, images: jax.Array, noise: jax.Array | None = None, key: jax.Array | None = None
+  ):
     """Returns (loss, pred [N, L, p*p*C], mask [N, L], 1 = removed). Pass `noise` [N, L] (as the
     official code and Hugging Face allow) or a PRNG `key` to draw it: one key for the batch, or
     [N] keys, one per image (its mask then does not depend on the other images)."""

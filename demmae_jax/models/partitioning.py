@@ -9,6 +9,7 @@ and the MLP's hidden units over 'model' (Megatron: qkv and fc1 kernels split by 
 fc2 by input, as the parameter rules for the 'model' axis put them); token and embedding
 dimensions are not split.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,9 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 LOGICAL_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("heads", "model"),
-    ("mlp", "model"),
+  ("batch", ("data", "fsdp")),
+  ("heads", "model"),
+  ("mlp", "model"),
 )
 
 

@@ -4,6 +4,7 @@ Same call as `upernet.Segmenter` (`logits = model(images)`, [N, H, W, classes]) 
 task, evaluation and predictor treat both alike. GroupNorm for the same reason as the UperNet head
 (batch 8). Input height and width must be multiples of 2**depth.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,6 @@ class UNetConfig:
 
 
 class DoubleConv(nnx.Module):
-
   def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
     self.norm1 = group_norm(cout, rngs=rngs)
@@ -60,29 +60,43 @@ class UNet(nnx.Module):
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
     self.config = config
     widths = [config.width * 2**i for i in range(config.depth + 1)]
-    self.down = nnx.List([DoubleConv(config.in_chans, widths[0], rngs=rngs)] +
-                         [DoubleConv(widths[i], widths[i + 1], rngs=rngs)
-                          for i in range(config.depth)])
-    self.up = nnx.List([nnx.ConvTranspose(widths[i + 1], widths[i], (2, 2), strides=(2, 2),
-                                          padding="VALID", rngs=rngs)
-                        for i in reversed(range(config.depth))])
-    self.up_conv = nnx.List([DoubleConv(2 * widths[i], widths[i], rngs=rngs)
-                             for i in reversed(range(config.depth))])
+    self.down = nnx.List(
+      [DoubleConv(config.in_chans, widths[0], rngs=rngs)]
+      + [DoubleConv(widths[i], widths[i + 1], rngs=rngs) for i in range(config.depth)]
+    )
+    self.up = nnx.List(
+      [
+        nnx.ConvTranspose(
+          widths[i + 1], widths[i], (2, 2), strides=(2, 2), padding="VALID", rngs=rngs
+        )
+        for i in reversed(range(config.depth))
+      ]
+    )
+    self.up_conv = nnx.List(
+      [DoubleConv(2 * widths[i], widths[i], rngs=rngs) for i in reversed(range(config.depth))]
+    )
     self.cls = nnx.Conv(widths[0], config.num_classes, (1, 1), rngs=rngs)
 
   @property
   def in_chans(self) -> int:
     return self.config.in_chans
 
-  def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None,
-               with_aux: bool = False):
+  def __call__(
+    self, images: jax.Array, *, dropout_key: jax.Array | None = None, with_aux: bool = False
+  ):
     del dropout_key  # the classic UNet has no dropout
     if with_aux:
       raise ValueError("the UNet has no auxiliary head")
     step = 2**self.config.depth
-    if images.ndim != 4 or images.shape[-1] != self.config.in_chans or images.shape[1] % step \
-        or images.shape[2] % step:
-      raise ValueError(f"UNet input must be NHWC [N, H, W, {self.config.in_chans}] with H and W "
-                       f"multiples of {step}; got {tuple(images.shape)}")
+    if (
+      images.ndim != 4
+      or images.shape[-1] != self.config.in_chans
+      or images.shape[1] % step
+      or images.shape[2] % step
+    ):
+      raise ValueError(
+        f"UNet input must be NHWC [N, H, W, {self.config.in_chans}] with H and W "
+        f"multiples of {step}; got {tuple(images.shape)}"
+      )
     skips = contract(self.down, images)
     return self.cls(expand(self.up, self.up_conv, skips[-1], skips))

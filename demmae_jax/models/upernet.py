@@ -2,16 +2,18 @@
 
 The common MAE/BEiT segmentation recipe (mmseg `Feature2Pyramid`, `UPerHead`, `FCNHead`), NHWC.
 
-Normalisation: GroupNorm (32 groups, at least 8 channels each) where mmseg uses SyncBatchNorm. The paper's batch is 8 small
-tiles, too few for stable batch statistics, and BatchNorm would need running averages (mutable
-state in the step) and cross-device sync under sharding; GroupNorm depends on one sample only, so
-training, evaluation and the overlapping windows of the predictor all see the same function.
+Normalisation: GroupNorm (32 groups, at least 8 channels each) where mmseg uses SyncBatchNorm.
+The paper's batch is 8 small tiles, too few for stable batch statistics, and BatchNorm would need
+running averages (mutable state in the step) and cross-device sync under sharding; GroupNorm
+depends on one sample only, so training, evaluation and the overlapping windows of the predictor
+all see the same function.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,13 @@ def group_norm(channels: int, *, rngs: nnx.Rngs, groups: int = 32, min_group_siz
   """GroupNorm with the most groups (<= `groups`) that divide `channels` and keep at least
   `min_group_size` channels each: a 1x1 map (the pyramid pooling's scale-1 branch) then still has
   statistics; with one channel per group it would normalise to a constant and learn nothing."""
-  groups = max([g for g in range(1, min(groups, channels) + 1)
-                if channels % g == 0 and channels // g >= min(min_group_size, channels)])
+  groups = max(
+    [
+      g
+      for g in range(1, min(groups, channels) + 1)
+      if channels % g == 0 and channels // g >= min(min_group_size, channels)
+    ]
+  )
   return nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-5, rngs=rngs)
 
 
@@ -72,14 +79,17 @@ class Feature2Pyramid(nnx.Module):
   RESCALES = (4, 2, 1, 0.5)
 
   def __init__(self, embed_dim: int, *, rngs: nnx.Rngs):
-    up = lambda: nnx.ConvTranspose(embed_dim, embed_dim, (2, 2), strides=(2, 2), padding="VALID",
-                                   rngs=rngs)
+    up = lambda: nnx.ConvTranspose(
+      embed_dim, embed_dim, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs
+    )
     self.up4_a, self.up4_norm, self.up4_b = up(), group_norm(embed_dim, rngs=rngs), up()
     self.up2 = up()
 
   def __call__(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
     if len(maps) != 4:
-      raise ValueError(f"Feature2Pyramid takes 4 maps (one per rescale {self.RESCALES}), got {len(maps)}")
+      raise ValueError(
+        f"Feature2Pyramid takes 4 maps (one per rescale {self.RESCALES}), got {len(maps)}"
+      )
     x4 = self.up4_b(vit.gelu(self.up4_norm(self.up4_a(maps[0]))))
     x2 = self.up2(maps[1])
     x05 = nnx.max_pool(maps[3], (2, 2), strides=(2, 2), padding="VALID")
@@ -91,13 +101,22 @@ class UperHead(nnx.Module):
   """UperNet (Xiao et al. 2018) as mmseg's UPerHead: pyramid pooling on the coarsest level, FPN
   laterals with a top-down path, 3x3 FPN convs, fusion of all levels, dropout, 1x1 classifier."""
 
-  def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int, *,
-               pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: Sequence[int],
+    channels: int,
+    num_classes: int,
+    *,
+    pool_scales: Sequence[int] = (1, 2, 3, 6),
+    dropout: float = 0.1,
+    rngs: nnx.Rngs,
+  ):
     self.pool_scales = tuple(pool_scales)
     self.dropout = dropout
     self.psp = nnx.List([ConvNormAct(in_channels[-1], channels, 1, rngs=rngs) for _ in pool_scales])
-    self.psp_bottleneck = ConvNormAct(in_channels[-1] + len(pool_scales) * channels, channels, 3,
-                                      rngs=rngs)
+    self.psp_bottleneck = ConvNormAct(
+      in_channels[-1] + len(pool_scales) * channels, channels, 3, rngs=rngs
+    )
     self.lateral = nnx.List([ConvNormAct(c, channels, 1, rngs=rngs) for c in in_channels[:-1]])
     self.fpn = nnx.List([ConvNormAct(channels, channels, 3, rngs=rngs) for _ in in_channels[:-1]])
     self.fpn_bottleneck = ConvNormAct(len(in_channels) * channels, channels, 3, rngs=rngs)
@@ -105,7 +124,9 @@ class UperHead(nnx.Module):
 
   def pyramid_pooling(self, x):
     hw = x.shape[1:3]
-    pooled = [resize(conv(adaptive_avg_pool(x, s)), hw) for s, conv in zip(self.pool_scales, self.psp)]
+    pooled = [
+      resize(conv(adaptive_avg_pool(x, s)), hw) for s, conv in zip(self.pool_scales, self.psp)
+    ]
     return self.psp_bottleneck(jnp.concatenate([x, *pooled], axis=-1))
 
   def __call__(self, feats: Sequence[jax.Array], dropout_key: jax.Array | None = None):
@@ -121,8 +142,9 @@ class UperHead(nnx.Module):
 class FCNHead(nnx.Module):
   """Auxiliary head (mmseg FCNHead, one 3x3 conv, no input concat) for deep supervision."""
 
-  def __init__(self, in_channels: int, channels: int, num_classes: int, *, dropout: float = 0.1,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, in_channels: int, channels: int, num_classes: int, *, dropout: float = 0.1, rngs: nnx.Rngs
+  ):
     self.dropout = dropout
     self.conv = ConvNormAct(in_channels, channels, 3, rngs=rngs)
     self.cls = nnx.Conv(channels, num_classes, (1, 1), rngs=rngs)
@@ -151,8 +173,9 @@ class HeadConfig:
   aux_index: int = 2  # pyramid level read by the auxiliary head (mmseg: 2)
 
 
-def token_maps(backbone: MaskedAutoencoder, images: jax.Array, layers: Sequence[int],
-               frozen: bool) -> list[jax.Array]:
+def token_maps(
+  backbone: MaskedAutoencoder, images: jax.Array, layers: Sequence[int], frozen: bool
+) -> list[jax.Array]:
   """The tokens of encoder blocks `layers` as NHWC maps [N, H/p, W/p, D] (cls token dropped),
   behind stop_gradient when `frozen`: what every head on the ViT reads."""
   c = backbone.config
@@ -173,8 +196,14 @@ class Segmenter(nnx.Module):
   hold only the head (see `trainable_filter`).
   """
 
-  def __init__(self, backbone: MaskedAutoencoder, head: HeadConfig, *, freeze_backbone: bool = True,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    backbone: MaskedAutoencoder,
+    head: HeadConfig,
+    *,
+    freeze_backbone: bool = True,
+    rngs: nnx.Rngs,
+  ):
     if len(head.layers) != 4:
       raise ValueError(f"the neck needs 4 encoder blocks, got layers={head.layers}")
     bad = [i for i in head.layers if not 0 <= i < backbone.config.depth]
@@ -185,10 +214,19 @@ class Segmenter(nnx.Module):
     self.freeze_backbone = freeze_backbone
     d = backbone.config.embed_dim
     self.neck = Feature2Pyramid(d, rngs=rngs)
-    self.decode_head = UperHead([d] * 4, head.channels, head.num_classes,
-                                pool_scales=head.pool_scales, dropout=head.dropout, rngs=rngs)
-    self.aux_head = (FCNHead(d, head.aux_channels, head.num_classes, dropout=head.dropout, rngs=rngs)
-                     if head.aux_channels else None)
+    self.decode_head = UperHead(
+      [d] * 4,
+      head.channels,
+      head.num_classes,
+      pool_scales=head.pool_scales,
+      dropout=head.dropout,
+      rngs=rngs,
+    )
+    self.aux_head = (
+      FCNHead(d, head.aux_channels, head.num_classes, dropout=head.dropout, rngs=rngs)
+      if head.aux_channels
+      else None
+    )
 
   @property
   def in_chans(self) -> int:
@@ -207,8 +245,9 @@ class Segmenter(nnx.Module):
     """The pyramid: 4 NHWC maps at 1/4, 1/8, 1/16, 1/32 of the input for patch 16."""
     return self._pyramid(self.encoder_maps(images))
 
-  def head(self, maps: Sequence[jax.Array], *, dropout_key: jax.Array | None = None,
-           with_aux: bool = False):
+  def head(
+    self, maps: Sequence[jax.Array], *, dropout_key: jax.Array | None = None, with_aux: bool = False
+  ):
     """Neck and heads on `encoder_maps`' output: logits [N, H, W, classes] (and the auxiliary
     head's with `with_aux=True`), H and W the input's (map size x patch)."""
     feats = self._pyramid(maps)
@@ -222,15 +261,22 @@ class Segmenter(nnx.Module):
       raise ValueError("with_aux=True but the model has no auxiliary head (aux_channels=0)")
     return logits, resize(self.aux_head(feats[self.head_config.aux_index], keys[1]), hw)
 
-  def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None,
-               with_aux: bool = False):
+  def __call__(
+    self, images: jax.Array, *, dropout_key: jax.Array | None = None, with_aux: bool = False
+  ):
     return self.head(self.encoder_maps(images), dropout_key=dropout_key, with_aux=with_aux)
 
 
 # Backbone parts the segmenter never uses: the MAE decoder and the encoder's final norm (the neck
 # reads block outputs before it). Unfrozen, they would only collect weight decay.
-UNUSED_BACKBONE_PARTS = ("decoder_embed", "mask_token", "decoder_blocks", "decoder_norm",
-                         "decoder_pred", "norm")
+UNUSED_BACKBONE_PARTS = (
+  "decoder_embed",
+  "mask_token",
+  "decoder_blocks",
+  "decoder_norm",
+  "decoder_pred",
+  "norm",
+)
 
 
 def _unused_backbone_part(path, _) -> bool:

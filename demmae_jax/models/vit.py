@@ -6,9 +6,10 @@ Transformer blocks are stored stacked, one Block whose arrays have a leading lay
 in `demmae_jax.checkpoints` stacks on load and unstacks on export, a transpose per tensor besides.
 Arrays are NHWC / [batch, tokens, width]; parameters are float32, compute in `dtype`.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,16 @@ class PatchEmbed(nnx.Module):
   def __init__(self, patch: int, in_chans: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
     self.patch = patch
     self.dtype = dtype
-    self.proj = nnx.Conv(in_chans, embed_dim, (patch, patch), strides=(patch, patch),
-                         padding="VALID", dtype=dtype, rngs=rngs,
-                         kernel_init=_xavier_uniform_conv(patch, in_chans, embed_dim))
+    self.proj = nnx.Conv(
+      in_chans,
+      embed_dim,
+      (patch, patch),
+      strides=(patch, patch),
+      padding="VALID",
+      dtype=dtype,
+      rngs=rngs,
+      kernel_init=_xavier_uniform_conv(patch, in_chans, embed_dim),
+    )
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = patchify(images, self.patch).astype(self.dtype)
@@ -92,14 +100,20 @@ def _xavier_uniform_conv(patch, in_chans, embed_dim):
     fan_in, fan_out = patch * patch * in_chans, embed_dim
     limit = np.sqrt(6.0 / (fan_in + fan_out))
     return jax.random.uniform(key, shape, dtype, -limit, limit)
+
   return init
 
 
 def _linear(din, dout, *, dtype, rngs):
   # Official MAE init: xavier_uniform weights, zero bias.
-  return nnx.Linear(din, dout, dtype=dtype, rngs=rngs,
-                    kernel_init=nnx.initializers.xavier_uniform(),
-                    bias_init=nnx.initializers.zeros_init())
+  return nnx.Linear(
+    din,
+    dout,
+    dtype=dtype,
+    rngs=rngs,
+    kernel_init=nnx.initializers.xavier_uniform(),
+    bias_init=nnx.initializers.zeros_init(),
+  )
 
 
 ATTENTION = ("auto", "explicit", "xla", "cudnn")
@@ -125,7 +139,6 @@ def attention_kind(choice: str, dtype) -> str:
 
 
 class Attention(nnx.Module):
-
   def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
     attention_kind(attention, dtype)  # a bad name fails at build
     self.num_heads, self.attention, self.dtype = num_heads, attention, dtype
@@ -136,23 +149,28 @@ class Attention(nnx.Module):
     b, t, d = x.shape
     head_dim = d // self.num_heads
     # Heads over the mesh's 'model' axis when there is one (partitioning.py); else no-ops.
-    qkv = constrain(self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim),
-                    "batch", None, None, "heads", None)
+    qkv = constrain(
+      self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim), "batch", None, None, "heads", None
+    )
     if attention_kind(self.attention, self.dtype) == "explicit":
       qkv = qkv.transpose(2, 0, 3, 1, 4)
       q, k, v = qkv[0] * head_dim**-0.5, qkv[1], qkv[2]  # [B, heads, T, head_dim]
-      weights = constrain(jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1),
-                          "batch", "heads", None, None)
+      weights = constrain(
+        jax.nn.softmax(q @ k.swapaxes(-1, -2), axis=-1), "batch", "heads", None, None
+      )
       out = constrain(weights @ v, "batch", "heads", None, None).transpose(0, 2, 1, 3)
     else:  # [B, T, heads, head_dim], the layout jax.nn.dot_product_attention takes
-      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                         implementation=attention_kind(self.attention, self.dtype))
+      out = jax.nn.dot_product_attention(
+        qkv[:, :, 0],
+        qkv[:, :, 1],
+        qkv[:, :, 2],
+        implementation=attention_kind(self.attention, self.dtype),
+      )
       out = constrain(out, "batch", None, "heads", None)
     return constrain(self.proj(out.reshape(b, t, d)), "batch", None, None)
 
 
 class Mlp(nnx.Module):
-
   def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
     self.fc1 = _linear(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = _linear(hidden, dim, dtype=dtype, rngs=rngs)
@@ -169,8 +187,16 @@ def _layer_norm(dim, *, dtype, rngs):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs,
-               attention: str = "auto"):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+    attention: str = "auto",
+  ):
     self.norm1 = _layer_norm(dim, dtype=dtype, rngs=rngs)
     self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, attention=attention)
     self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
@@ -194,9 +220,14 @@ def num_layers(blocks: Block) -> int:
   return int(jax.tree.leaves(nnx.state(blocks))[0].shape[0])
 
 
-def run_blocks(blocks: Block, x: jax.Array, *, remat: bool = False,
-               keep: Sequence[int] = (), unroll: bool | None = None
-               ) -> tuple[jax.Array, dict[int, jax.Array]]:
+def run_blocks(
+  blocks: Block,
+  x: jax.Array,
+  *,
+  remat: bool = False,
+  keep: Sequence[int] = (),
+  unroll: bool | None = None,
+) -> tuple[jax.Array, dict[int, jax.Array]]:
   """Apply stacked `blocks` in order as one `lax.scan` over their layer axis; return the final
   tokens and the outputs of the blocks in `keep` (only the blocks up to the last of `keep` run
   then). With `remat` each step is rematerialised (`jax.checkpoint` of the scan body): the
