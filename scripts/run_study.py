@@ -56,6 +56,19 @@ def main(argv=None) -> int:
     "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)",
   )
   p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
+  p.add_argument(
+    "--figure",
+    default=None,
+    metavar="PNG",
+    help="draw finished runs' kept test-area maps over the DSM and against their labels into "
+    "this PNG (no training); the runs are --figure_runs",
+  )
+  p.add_argument(
+    "--figure_runs",
+    default=None,
+    help="comma list of run ids for --figure, as under OUT/results (e.g. "
+    "delft/buildings/upernet_frozen_ndsm/n10_s1)",
+  )
   a = p.parse_args(argv)
   from demmae_jax import study
 
@@ -68,6 +81,18 @@ def main(argv=None) -> int:
     return 2
   if a.encoder:
     study.DEM_ENCODER = a.encoder
+  if a.figure:
+    runs = a.figure_runs.split(",") if a.figure_runs else []
+    missing = [r for r in runs if not (out / "results" / f"{r}.json").exists()]
+    if not runs or missing:
+      print(
+        f"error: --figure needs --figure_runs naming finished runs under {out / 'results'}"
+        + (f"; not finished: {missing}" if missing else ""),
+        file=sys.stderr,
+      )
+      return 2
+    print(study.figure(out, Path(a.figure), runs))
+    return 0
   if not (a.report_only or a.rescore):  # rescoring never trains
     for group in a.groups.split(","):
       if group == "delft":

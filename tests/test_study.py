@@ -75,9 +75,9 @@ def test_every_arm_builds_a_valid_finetuning_config(arm, tmp_path):
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_path):
-  """Gothenburg's labels outline roofs: a map one cell inside them (what a model trained on wall
-  lines draws) scores higher once grown by the eave; a wall-line area is left alone."""
+def _wall_line_run(tmp_path):
+  """A finished LOAO run on Gothenburg whose kept map is its roof outlines shrunk by one cell,
+  and a Delft run record beside it: (study folder, the Gothenburg run id, its area scores)."""
   import numpy as np
   import rasterio
   import scipy.ndimage as ndi
@@ -117,6 +117,13 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
         }
       )
     )
+  return tmp_path / "out", run_id, area
+
+
+def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_path):
+  """Gothenburg's labels outline roofs: a map one cell inside them (what a model trained on wall
+  lines draws) scores higher once grown by the eave; a wall-line area is left alone."""
+  _, run_id, area = _wall_line_run(tmp_path)
   assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 1
   rec = json.loads((tmp_path / "out" / "results" / f"{run_id}.json").read_text())
   assert rec["area_outline"]["iou"] > max(0.9, area["iou"] + 0.1), (
@@ -128,3 +135,25 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
   )
   assert "area_outline" not in delft
   assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 0  # already scored
+
+
+def test_run_study_draws_the_kept_maps_of_finished_runs_and_names_unfinished_ones(tmp_path, capsys):
+  import importlib.util
+  from pathlib import Path
+
+  import matplotlib.image
+
+  script = Path(__file__).resolve().parents[1] / "scripts" / "run_study.py"
+  spec = importlib.util.spec_from_file_location("_script_run_study", script)
+  run_study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run_study)
+  out, run_id, _ = _wall_line_run(tmp_path)
+  png = tmp_path / "fig.png"
+  argv = ["--out", str(out), "--figure", str(png)]
+  assert run_study.main([*argv, "--figure_runs", f"{run_id},delft/buildings/x/n10_s0"]) == 2
+  assert "not finished: ['delft/buildings/x/n10_s0']" in capsys.readouterr().err
+  assert not png.exists()
+  assert run_study.main([*argv, "--figure_runs", run_id]) == 0
+  img = matplotlib.image.imread(png)
+  assert img.shape[0] > 300 and img.shape[1] > 700  # one row, two panels
+  assert img[..., :3].std() > 0.05  # drawn, not blank
