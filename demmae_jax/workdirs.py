@@ -227,8 +227,9 @@ class Checkpointer:
     """{"params/<path>" or "rest/<path>": shape} of the model variables saved at `step`, read from
     the checkpoint's metadata (no array is loaded)."""
     try:
-      saved = ocp.StandardCheckpointer().metadata(self.step_dir(step) / "state")
-      saved = getattr(saved, "item_metadata", saved)
+      # The handler reads the item's own metadata; a standalone Checkpointer would also look for
+      # the step's _CHECKPOINT_METADATA inside the item folder and warn that it is missing.
+      saved = ocp.StandardCheckpointHandler().metadata(self.step_dir(step) / "state")
       tree = getattr(saved, "tree", saved)
       flat = jax.tree_util.tree_flatten_with_path(
         {k: tree[k] for k in ("params", "rest")}, is_leaf=lambda x: hasattr(x, "shape")

@@ -143,6 +143,14 @@ def test_a_nonfinite_step_returns_the_state_it_was_given_bit_for_bit():
   assert all(jax.tree.leaves(moved))
 
 
+def test_restoring_a_trained_model_logs_no_orbax_warning(tmp_path, caplog):
+  loop.train(MeanHeight(), _config(2), tmp_path, _source())
+  with caplog.at_level("WARNING"):
+    model, step = restore(nnx.eval_shape(MeanHeight().build_model), tmp_path)
+  assert step == 2
+  assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_sigterm_saves_then_a_restart_finishes_the_run(tmp_path):
   first = loop.train(MeanHeight(), _config(6), tmp_path, _source(sigterm_at_step=2))
   # The signal arrives while batch 2 is fetched; step 3 completes, is saved, and the run stops.
