@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from demmae_jax import cli
+from demmae_jax import __main__ as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_entry_point_is_declared_and_every_command_has_a_target():
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-  assert project["scripts"]["demmae"] == "demmae_jax.cli:main"
+  assert project["scripts"]["demmae"] == "demmae_jax.__main__:main"
   for name, ((kind, target), _) in cli.COMMANDS.items():
     if kind == "script":
       assert (ROOT / "scripts" / target).exists(), name
@@ -34,7 +34,7 @@ def test_help_lists_the_commands_and_unknown_ones_are_refused(capsys):
 def test_command_help_exits_0(command):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   done = subprocess.run(
-    [sys.executable, "-m", "demmae_jax.cli", command, "--help"],
+    [sys.executable, "-m", "demmae_jax", command, "--help"],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -49,7 +49,7 @@ def test_help_into_a_closed_pipe_exits_quietly():
   """`demmae --help | head -0`: the reader is gone before the help is written; no traceback."""
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   child = subprocess.Popen(
-    [sys.executable, "-m", "demmae_jax.cli", "--help"],
+    [sys.executable, "-m", "demmae_jax", "--help"],
     cwd=ROOT,
     env=env,
     stdout=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""`demmae`: one command-line tool for every stage (pyproject [project.scripts]).
+"""`demmae` (also `python -m demmae_jax`): one command-line tool for every stage (pyproject [project.scripts]).
 
   demmae COMMAND [ARGS...]     runs the stage's script or module with ARGS
   demmae --help                lists the commands;  demmae COMMAND --help  the command's flags
