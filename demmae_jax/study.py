@@ -167,6 +167,11 @@ def finetune_config(arm: str, task: str, manifest: str | Path, seed: int, **over
   return c
 
 
+def result_path(out: Path, run_id: str) -> Path:
+  """Where the result JSON of run `run_id` (e.g. delft/roads/unet_ndsm/n10_s0) is, once finished."""
+  return Path(out) / "results" / f"{run_id}.json"
+
+
 def run_one(
   run_id: str,
   arm: str,
@@ -184,7 +189,7 @@ def run_one(
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.train import finetune
 
-  path = out / "results" / f"{run_id}.json"
+  path = result_path(out, run_id)
   if path.exists():
     return json.loads(path.read_text())
   workdir = out / "workdirs" / run_id
@@ -238,7 +243,7 @@ def rule_one(
   from data_pipelines.reader import read_manifest
   from demmae_jax import baselines
 
-  path = out / "results" / f"{run_id}.json"
+  path = result_path(out, run_id)
   if path.exists():
     return json.loads(path.read_text())
   t0 = time.time()
@@ -643,7 +648,13 @@ def train_recommended(
 def figure(out: Path, path: Path, runs: list[str]) -> Path:
   """For each run id: its held-out area's DSM with the label's outlines (cyan) and the
   prediction's (red), and the prediction against the label (true positive white, false positive
-  red, false negative blue, unlabelled grey)."""
+  red, false negative blue, unlabelled grey). A run not finished under `out` is a ValueError."""
+  missing = [r for r in runs if not result_path(out, r).exists()]
+  if not runs or missing:
+    raise ValueError(
+      f"a figure needs finished runs under {Path(out) / 'results'}"
+      + (f"; not finished: {missing}" if missing else "")
+    )
   import matplotlib
 
   matplotlib.use("Agg")
@@ -655,7 +666,7 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
 
   fig, axes = plt.subplots(len(runs), 2, figsize=(12, 6 * len(runs)), squeeze=False)
   for row, run_id in zip(axes, runs):
-    rec = json.loads((Path(out) / "results" / f"{run_id}.json").read_text())
+    rec = json.loads(result_path(out, run_id).read_text())
     m = read_manifest(rec["area_manifest"])
     with rasterio.open(Path(out) / "workdirs" / run_id / "test_area_classes.tif") as src:
       pred = src.read(1)

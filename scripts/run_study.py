@@ -82,16 +82,11 @@ def main(argv=None) -> int:
   if a.encoder:
     study.DEM_ENCODER = a.encoder
   if a.figure:
-    runs = a.figure_runs.split(",") if a.figure_runs else []
-    missing = [r for r in runs if not (out / "results" / f"{r}.json").exists()]
-    if not runs or missing:
-      print(
-        f"error: --figure needs --figure_runs naming finished runs under {out / 'results'}"
-        + (f"; not finished: {missing}" if missing else ""),
-        file=sys.stderr,
-      )
+    try:
+      print(study.figure(out, Path(a.figure), a.figure_runs.split(",") if a.figure_runs else []))
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
       return 2
-    print(study.figure(out, Path(a.figure), runs))
     return 0
   if not (a.report_only or a.rescore):  # rescoring never trains
     for group in a.groups.split(","):
