@@ -8,7 +8,6 @@ are benchmarks/kill_trials.py, results in docs/bad_inputs.md; one SIGTERM and on
 of tiles and predict run here as subprocesses (marked slow)."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from data_pipelines.synthetic import synthetic_scene, write_las, write_scene_geo
 from data_pipelines.tile_records import encode_tile
 from data_pipelines.tile_writer import write_tiles
 from demmae_jax.train import cli
+from script_support import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -39,14 +39,7 @@ SIZE = 128  # scene side in pixels, 0.5 m cells
 
 
 # ------------------------------------------------------------------------------ helpers
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-prepare_data = _load("prepare_data")
+prepare_data = load_script("prepare_data")
 
 
 def run_absl_script(name, *args):
@@ -58,7 +51,7 @@ def run_absl_script(name, *args):
   before, saved = set(flags.FLAGS), sys.argv
   sys.argv = argv  # config_flags registers the --config.* overrides it finds in sys.argv
   try:
-    module = _load(name)
+    module = load_script(name)
     return cli.execute(getattr(module, "guarded_main", module.main), argv)
   finally:
     sys.argv = saved

@@ -199,13 +199,9 @@ def cb_host():
 
 
 def test_cli_builds_with_per_source_crs_and_beam_flags(inputs, tmp_path, capsys):
-  import importlib.util
+  from script_support import load_script
 
-  spec = importlib.util.spec_from_file_location(
-    "prepare_data", Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
-  )
-  prepare_data = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(prepare_data)
+  prepare_data = load_script("prepare_data")
   out = tmp_path / "cli"
   code = prepare_data.main(
     [

@@ -2,7 +2,6 @@
 leave-one-area-out protocol's common 1 m cells: CRS and grid, label shares against the data
 README, spatially separate splits, AHN2 and AHN3 sharing one split, and the combined sets."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from data_pipelines.errors import DataError
 from data_pipelines.reader import make_dataset, read_manifest, split_files
 from data_pipelines.shared_data import shared_file
 from data_pipelines.tile_records import decode_tile_numpy
+from script_support import load_script
 
 pytestmark = pytest.mark.realdata
 ONE_HOST = dict(process_index=0, process_count=1)
@@ -215,10 +215,7 @@ def test_registry_and_cli_hold_out_a_whole_area(tmp_path):
   assert {a.place for a in AREAS.values()} == {"delft", "alexandria", "amsterdam", "gothenburg"}
   with pytest.raises(ValueError, match="has no 'roads' labels"):
     prepare_area("amsterdam_ahn3", tmp_path / "x", "roads")
-  script = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
-  spec = importlib.util.spec_from_file_location("prepare_data", script)
-  cli = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(cli)
+  cli = load_script("prepare_data")
   assert (
     cli.main(["area", "gothenburg", "--task", "roads", "--holdout", "--out", str(tmp_path / "g")])
     == 0

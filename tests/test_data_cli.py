@@ -1,19 +1,15 @@
 """scripts/prepare_data.py: lidar -> labels -> tiles -> check on synthetic inputs, clean errors."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pyogrio
 import shapely
 
 from data_pipelines.synthetic import write_las
+from script_support import load_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
-spec = importlib.util.spec_from_file_location("prepare_data", SCRIPT)
-prepare_data = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prepare_data)
+prepare_data = load_script("prepare_data")
 
 X0, Y0 = 500_000.0, 5_000_000.0
 

@@ -138,15 +138,11 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
 
 
 def test_run_study_draws_the_kept_maps_of_finished_runs_and_names_unfinished_ones(tmp_path, capsys):
-  import importlib.util
-  from pathlib import Path
-
   import matplotlib.image
 
-  script = Path(__file__).resolve().parents[1] / "scripts" / "run_study.py"
-  spec = importlib.util.spec_from_file_location("_script_run_study", script)
-  run_study = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(run_study)
+  from script_support import load_script
+
+  run_study = load_script("run_study")
   out, run_id, _ = _wall_line_run(tmp_path)
   png = tmp_path / "fig.png"
   argv = ["--out", str(out), "--figure", str(png)]
