@@ -25,12 +25,22 @@ import numpy as np
 from data_pipelines.atomic import atomic_file, atomic_write_text
 from demmae_jax import config_files
 
+# `make model`'s recipe (train_recommended): ~5x the study's steps, as the pooled areas hold ~20x
+# the tiles of 10-tile runs
+MODEL_RECIPE = {
+  "total_steps": 1500,
+  "eval_every_steps": 100,
+  "checkpoint.every_steps": 100,
+  "optim.warmup_steps": 50,
+}
 # arm -> (configs/finetune.py preset, overrides); {task} is buildings or roads.
 ARMS = {
   # docs/results.md's best model at 10 tiles: the UNet on per-tile min-max heights
   "unet_minmax": ("cpu_unet_{task}", {}),
   # the same UNet on height above ground (nDSM / 30 m): heights mean the same in every tile
   "unet_ndsm": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm"}),
+  # ... with `make model`'s recipe: what the recommended model gives where it never trained
+  "unet_ndsm_model": ("cpu_unet_{task}", {"data.normalisation.mode": "ndsm", **MODEL_RECIPE}),
   # ... trained with half its tiles shown as a 2x coarser source would give them (data.coarsen)
   "unet_ndsm_coarsen": (
     "cpu_unet_{task}",
@@ -69,6 +79,7 @@ DEM_ENCODER = "runs/dem_mae_hr"
 ARM_NAMES = {
   "unet_minmax": "UNet, per-tile min-max input (today's best, docs/results.md)",
   "unet_ndsm": "UNet, nDSM input (recommended)",
+  "unet_ndsm_model": "UNet, nDSM input, `make model`'s recipe (1,500 steps)",
   "unet_ndsm_coarsen": "UNet, nDSM input, half the training tiles 2x coarsened",
   "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
   "upernet_frozen_ndsm": "frozen random encoder + UperNet, nDSM",
@@ -220,7 +231,7 @@ def run_one(
     "area_iou": area["iou"],
     "seconds": round(time.time() - t0, 1),
     "area_predict": area_predict(spec),
-    "recipe": RECIPE,
+    "recipe": {**RECIPE, **{k: v for k, v in ARMS[arm][1].items() if k in MODEL_RECIPE}},
   }
   atomic_write_text(path, json.dumps(rec, indent=1))
   log(f"{run_id}: tile IoU {tiles['iou']:.3f}, area IoU {area['iou']:.3f} ({rec['seconds']:.0f} s)")
@@ -570,16 +581,22 @@ def report(out: Path) -> str:
 
 
 # ------------------------------------------------------------------------------ the product model
-MODEL_STEPS = 1500  # ~5x the study's recipe: the pooled areas hold ~20x the tiles of 10-tile runs
+MODEL_STEPS = MODEL_RECIPE["total_steps"]
 
 
 def train_recommended(
-  out: Path, task: str, *, steps: int = MODEL_STEPS, seed: int = 0, log=print
+  out: Path,
+  task: str,
+  *,
+  arm: str = RECOMMENDED,
+  steps: int = MODEL_STEPS,
+  seed: int = 0,
+  log=print,
 ) -> Path:
-  """The recommended model for `task` trained on every labelled area of the shared data at 1 m
-  (their training blocks; validation on their validation blocks), scored on each area's test
-  blocks over the area as `predict` maps it. Writes OUT/<task> (a finetuning workdir for
-  `scripts/predict.py --workdir`) and OUT/<task>/test_areas.json; resumable."""
+  """The recommended model for `task` (or another arm of ARMS) trained on every labelled area of
+  the shared data at 1 m (their training blocks; validation on their validation blocks), scored
+  on each area's test blocks over the area as `predict` maps it. Writes OUT/<task> (a finetuning
+  workdir for `scripts/predict.py --workdir`) and OUT/<task>/test_areas.json; resumable."""
   from data_pipelines.areas import prepare_area
   from data_pipelines.combine import combine_tile_sets
   from demmae_jax import area_eval
@@ -610,13 +627,11 @@ def train_recommended(
     combine_tile_sets(list(manifests.values()), pooled)
   workdir = out / task
   config = finetune_config(
-    RECOMMENDED,
+    arm,
     task,
     pooled / "manifest.json",
     seed,
-    total_steps=steps,
-    eval_every_steps=100,
-    **{"checkpoint.every_steps": 100, "optim.warmup_steps": 50},
+    **{**MODEL_RECIPE, "total_steps": steps},
   )
   config.log.progress = True
   t0 = time.time()
@@ -633,6 +648,7 @@ def train_recommended(
     json.dumps(
       {
         "seconds": round(time.time() - t0),
+        "arm": arm,
         "steps": steps,
         "area_predict": AREA_PREDICT,
         "scores": scores,

@@ -25,14 +25,37 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="models", help="output folder (default: models)")
   p.add_argument("--tasks", default="buildings,roads", help="comma list of buildings, roads")
   p.add_argument("--steps", type=int, default=None, help="training steps per model")
+  p.add_argument(
+    "--arm",
+    default=None,
+    help="train this arm of demmae_jax/study.py's ARMS instead of the recommended one",
+  )
+  p.add_argument(
+    "--encoder",
+    default=None,
+    help="exported DEM-pretrained encoder for the arms that start from one (default: "
+    "study.DEM_ENCODER)",
+  )
   a = p.parse_args(argv)
   from demmae_jax import study
+
+  arm = a.arm or study.RECOMMENDED
+  if arm not in study.ARMS:
+    print(f"error: unknown arm {arm!r}: one of {', '.join(study.ARMS)}", file=sys.stderr)
+    return 2
+  if a.encoder:
+    if not Path(a.encoder).is_dir():
+      print(f"error: --encoder {a.encoder}: no such folder", file=sys.stderr)
+      return 2
+    study.DEM_ENCODER = a.encoder
 
   for task in a.tasks.split(","):
     if task not in study.LOAO_AREAS:
       print(f"error: unknown task {task!r}: buildings or roads", file=sys.stderr)
       return 2
-    workdir = study.train_recommended(Path(a.out), task, steps=a.steps or study.MODEL_STEPS)
+    workdir = study.train_recommended(
+      Path(a.out), task, arm=arm, steps=a.steps or study.MODEL_STEPS
+    )
     print(f"{task}: model in {workdir} (scripts/predict.py --workdir {workdir})")
   return 0
 

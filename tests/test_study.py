@@ -62,7 +62,8 @@ def test_area_windows_follow_the_normalisation_and_the_architecture():
 @pytest.mark.parametrize("arm", sorted(study.ARMS))
 def test_every_arm_builds_a_valid_finetuning_config(arm, tmp_path):
   c = study.finetune_config(arm, "roads", tmp_path / "m.json", seed=2)
-  assert c.seed == 2 and c.data.seed == 2 and c.total_steps == study.RECIPE["total_steps"]
+  recipe = study.MODEL_RECIPE if arm.endswith("_model") else study.RECIPE
+  assert c.seed == 2 and c.data.seed == 2 and c.total_steps == recipe["total_steps"]
   assert c.data.manifest == str(tmp_path / "m.json")
   if arm.endswith("_dem"):
     assert c.init == study.DEM_ENCODER
