@@ -3,7 +3,9 @@
 The JAX side is `loop.Trainer(MAEPretrain(config), ...)`'s compiled step, the function
 scripts/pretrain.py runs (masks, the config's AdamW and schedule, gradient norm, NaN guard, donated
 state) for `configs/dem_pretrain.py:<preset>` in float32; the PyTorch side is
-`transformers.ViTMAEForPreTraining` of the same shapes with `torch.optim.AdamW`. Prints, from one
+`transformers.ViTMAEForPreTraining` of the same shapes doing the same step (`torch.optim.AdamW`
+without decay on biases and norms, a cosine schedule, the global gradient norm, no update on a
+non-finite loss or gradient). Prints, from one
 run on the same machine: images/s of each step and their ratio, the float32 matmul rate of this CPU
 in JAX and in PyTorch (the practical roofline), the FLOPs of the step (jaxpr count, XLA's cost
 analysis, analytic) and each step's fraction of the roofline. The steps take turns (`--rounds`),
@@ -287,7 +289,15 @@ def torch_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
     layer_norm_eps=1e-6,
   )
   model = ViTMAEForPreTraining(hf).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+  # The Trainer's step, as PyTorch code would write it: decay on matrices only (optim.decay_mask),
+  # a cosine schedule, the global gradient norm, and no update on a non-finite loss or gradient.
+  params = [p for p in model.parameters() if p.requires_grad]
+  groups = [
+    {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+  ]
+  opt = torch.optim.AdamW(groups, lr=1.5e-4, betas=(0.9, 0.95))
+  sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100_000)
   pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   tnoise = torch.from_numpy(noise)
 
@@ -295,7 +305,10 @@ def torch_step(config: mae.MAEConfig, images: np.ndarray, noise: np.ndarray):
     opt.zero_grad(set_to_none=True)
     loss = model(pixel_values=pixels, noise=tnoise).loss
     loss.backward()
-    opt.step()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+      opt.step()
+    sched.step()
 
   return run
 
