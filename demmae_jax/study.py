@@ -639,8 +639,9 @@ def train_recommended(
   if result.preempted:
     raise KeyboardInterrupt(f"{workdir}: stopped by a signal; rerun to resume")
   model = load_trained(workdir)[:2]
+  predict = area_predict(model[1])
   scores = {
-    area: area_eval.evaluate_area(workdir, m, model=model, **AREA_PREDICT)
+    area: area_eval.evaluate_area(workdir, m, model=model, **predict)
     for area, m in manifests.items()
   }
   atomic_write_text(
@@ -650,7 +651,7 @@ def train_recommended(
         "seconds": round(time.time() - t0),
         "arm": arm,
         "steps": steps,
-        "area_predict": AREA_PREDICT,
+        "area_predict": predict,
         "scores": scores,
       },
       indent=1,
