@@ -46,6 +46,10 @@ ARMS = {
     "cpu_unet_{task}",
     {"data.normalisation.mode": "ndsm", "data.coarsen": 0.5},
   ),
+  "unet_ndsm_coarsen_model": (
+    "cpu_unet_{task}",
+    {"data.normalisation.mode": "ndsm", "data.coarsen": 0.5, **MODEL_RECIPE},
+  ),
   # the paper's head (Feature2Pyramid + UperNet) on a frozen encoder, as `make demo` trained it
   # until now; random encoder weights: docs/results.md measured the DEM-pretrained one no better
   "upernet_frozen": ("cpu_{task}", {}),
@@ -81,6 +85,7 @@ ARM_NAMES = {
   "unet_ndsm": "UNet, nDSM input (recommended)",
   "unet_ndsm_model": "UNet, nDSM input, `make model`'s recipe (1,500 steps)",
   "unet_ndsm_coarsen": "UNet, nDSM input, half the training tiles 2x coarsened",
+  "unet_ndsm_coarsen_model": "UNet, nDSM input, 2x coarsened half, `make model`'s recipe",
   "upernet_frozen": "frozen encoder + UperNet (the paper's arm; `make demo` until now)",
   "upernet_frozen_ndsm": "frozen random encoder + UperNet, nDSM",
   "upernet_frozen_ndsm_dem": "frozen DEM-pretrained encoder + UperNet, nDSM",
