@@ -31,6 +31,7 @@ from demmae_jax.inference.segmenter import (
   check_window,
   input_normalise,
   input_raster_name,
+  min_height_m,
 )
 
 
@@ -61,6 +62,7 @@ def predict_area(
     overlap=window // 4 if overlap is None else overlap,
     batch_size=batch_size,
     class_names=tuple(spec["class_names"]),
+    min_height=min_height_m(spec),
   )
   apply = probabilities_fn(model, tta=tta)
   return predictor.predict_raster(
@@ -86,7 +88,7 @@ def test_area_mask(manifest: dict, shape: tuple[int, int], split: str = "test") 
   return full[: shape[0], : shape[1]]
 
 
-def _source(manifest: dict, name: str) -> Path:
+def source_path(manifest: dict, name: str) -> Path:
   rel = manifest.get("sources", {}).get(name)
   if not rel:
     raise DataError(manifest["_dir"], f"the tile set records no {name!r} raster")
@@ -116,7 +118,7 @@ def evaluate_area(
     model = load_trained(workdir)[:2]
   spec = model[1]
   check_spec_against_data(spec, manifest, str(manifest_path))
-  raster = _source(manifest, input_raster_name(spec))
+  raster = source_path(manifest, input_raster_name(spec))
   with tempfile.TemporaryDirectory(prefix="area_eval_") as tmp:
     out = Path(keep_prediction) if keep_prediction else Path(tmp) / "classes.tif"
     predict_area(workdir, raster, out, window=window, tta=tta, overwrite=True, model=model)
@@ -127,13 +129,13 @@ def evaluate_area(
 
 def score_area(pred: np.ndarray, manifest: dict, split: str = "test", class_names=None) -> dict:
   """Metrics of a class map `pred` (255 = no prediction) on the split's labelled valid pixels."""
-  with rasterio.open(_source(manifest, "label")) as src:
+  with rasterio.open(source_path(manifest, "label")) as src:
     label = src.read(1)
   if label.shape != pred.shape:
     raise ValueError(f"prediction {pred.shape} and labels {label.shape} differ in shape")
   valid = np.ones(label.shape, bool)
   if manifest.get("sources", {}).get("valid"):
-    with rasterio.open(_source(manifest, "valid")) as src:
+    with rasterio.open(source_path(manifest, "valid")) as src:
       valid = src.read(1) > 0
   area = test_area_mask(manifest, label.shape, split) & valid & (pred != predictor.CLASS_NODATA)
   k = max(2, len(class_names or ()))

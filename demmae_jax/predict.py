@@ -59,6 +59,9 @@ class Options:
   block: int = 1024  # output block side in pixels (sets the memory)
   outline: str = "wall"  # building outlines as wall lines (the labels') or roof edges ("roof")
   eave_m: float = 1.0  # eave width for outline="roof" (1 m measured on AHN3)
+  # building models on nDSM: cells lower than this above ground are background (None: the model's
+  # segmenter.min_height_m, 2 m; 0: off)
+  min_height_m: float | None = None
   polygon: PolygonOptions = PolygonOptions()
   overwrite: bool = False
 
@@ -76,6 +79,7 @@ def predict(
     check_window,
     input_normalise,
     input_raster_name,
+    min_height_m,
     read_spec,
   )
 
@@ -100,6 +104,14 @@ def predict(
     raise ValueError(
       f"{workdir}: --outline roof is for building models, this one maps {spec['class_names'][1]!r}"
     )
+  gate = min_height_m(spec)
+  if o.min_height_m is not None:
+    if o.min_height_m and gate is None:
+      raise ValueError(
+        f"{workdir}: --min_height_m is for building models on height above ground; this one "
+        f"maps {spec['class_names'][1]!r} from {spec['normalisation']['mode']!r} input"
+      )
+    gate = o.min_height_m or None
   point_cloud = Path(source).suffix.lower() in (".las", ".laz")
   if not point_cloud:  # the raster checked before the model loads
     src, _ = raster.open_elevation(source, o.band, o.crs)
@@ -117,6 +129,7 @@ def predict(
     block=o.block,
     band=o.band,
     class_names=tuple(spec["class_names"]),
+    min_height=gate,
   )
   model_name = f"{workdir} step {step}"
   with scratch_dir(outputs.classes) as scratch:

@@ -203,6 +203,7 @@ def run_one(
   from demmae_jax import area_eval
   from demmae_jax.inference.evaluate import evaluate_split
   from demmae_jax.inference.restore import load_trained
+  from demmae_jax.inference.segmenter import min_height_m
   from demmae_jax.train import finetune
 
   path = result_path(out, run_id)
@@ -236,6 +237,7 @@ def run_one(
     "area_iou": area["iou"],
     "seconds": round(time.time() - t0, 1),
     "area_predict": area_predict(spec),
+    "min_height_m": min_height_m(spec),
     "recipe": {**RECIPE, **{k: v for k, v in ARMS[arm][1].items() if k in MODEL_RECIPE}},
   }
   atomic_write_text(path, json.dumps(rec, indent=1))
@@ -463,8 +465,6 @@ def outline_scores(out: Path, log=print) -> int:
   of every finished run (models from their kept maps, the rule rerun from its tuned parameters)
   after converting its wall-line map to roof outlines (inference.outline, the eave measured on
   training data): `area_outline`. No training; returns how many were added."""
-  import rasterio
-
   from data_pipelines.areas import get_area
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval, baselines
@@ -486,11 +486,9 @@ def outline_scores(out: Path, log=print) -> int:
           f"{path}: the rule rerun scores {again:.4f}, not its {rec['area_iou']:.4f}"
         )
     else:
-      kept = Path(out) / "workdirs" / rec["id"] / "test_area_classes.tif"
-      if not kept.exists():
+      pred = _kept_map(out, rec, m)
+      if pred is None:
         continue
-      with rasterio.open(kept) as src:
-        pred = src.read(1)
     roofs = outline.to_roof_outline(pred, float(m["cell_size"]))
     rec["area_outline"] = area_eval.score_area(roofs, m, "test", rec["area"]["per_class"].keys())
     rec["outline"] = {"convention": "roof", "eave_m": outline.EAVE_M}
@@ -499,6 +497,67 @@ def outline_scores(out: Path, log=print) -> int:
       f"{rec['id']}: area IoU {rec['area_iou']:.3f} -> {rec['area_outline']['iou']:.3f} as roof outlines"
     )
     n += 1
+  return n
+
+
+def _kept_map(out: Path, rec: dict, manifest: dict) -> np.ndarray | None:
+  """A finished model run's kept test-area map as its record scores it: with the height gate
+  (`rec["min_height_m"]`) applied, which a map kept before the gate lacks (gating twice changes
+  nothing). None when no map was kept."""
+  import rasterio
+
+  from demmae_jax.area_eval import source_path
+  from demmae_jax.inference.raster import gate_classes
+  from demmae_jax.inference.segmenter import input_raster_name, read_spec
+
+  workdir = Path(out) / "workdirs" / rec["id"]
+  kept = workdir / "test_area_classes.tif"
+  if not kept.exists():
+    return None
+  with rasterio.open(kept) as src:
+    pred = src.read(1)
+  if rec.get("min_height_m"):
+    name = input_raster_name(read_spec(workdir))
+    with rasterio.open(source_path(manifest, name)) as src:
+      pred = gate_classes(pred, src.read(1, masked=True), float(rec["min_height_m"]))
+  return pred
+
+
+def gate_scores(out: Path, log=print) -> int:
+  """Score the finished model runs from before the predictor's height gate
+  (segmenter.min_height_m) with it, from their kept maps: no training, the same pixels with the
+  gate applied. The earlier scores stay as `area_ungated` (and `area_outline_ungated`); returns
+  how many runs were updated."""
+  from data_pipelines.reader import read_manifest
+  from demmae_jax import area_eval
+  from demmae_jax.inference import outline
+  from demmae_jax.inference.segmenter import min_height_m, read_spec
+
+  n = 0
+  for path in sorted((Path(out) / "results").rglob("*.json")):
+    rec = json.loads(path.read_text())
+    workdir = Path(out) / "workdirs" / rec["id"]
+    if rec["arm"] == "height_rule" or "min_height_m" in rec or not workdir.exists():
+      continue
+    rec["min_height_m"] = min_height_m(read_spec(workdir))
+    if rec["min_height_m"] is not None:
+      m = read_manifest(rec["area_manifest"])
+      pred = _kept_map(out, rec, m)
+      if pred is None:
+        continue
+      classes = rec["area"]["per_class"].keys()
+      rec["area_ungated"], rec["area"] = rec["area"], area_eval.score_area(pred, m, "test", classes)
+      rec["area_iou"] = rec["area"]["iou"]
+      if "area_outline" in rec:
+        roofs = outline.to_roof_outline(pred, float(m["cell_size"]))
+        rec["area_outline_ungated"] = rec["area_outline"]
+        rec["area_outline"] = area_eval.score_area(roofs, m, "test", classes)
+      log(
+        f"{rec['id']}: area IoU {rec['area_ungated']['iou']:.3f} -> {rec['area_iou']:.3f} with "
+        f"the {rec['min_height_m']:g} m height gate"
+      )
+      n += 1
+    atomic_write_text(path, json.dumps(rec, indent=1), overwrite=True)
   return n
 
 
@@ -684,7 +743,7 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
   import rasterio
 
   from data_pipelines.reader import read_manifest
-  from demmae_jax.area_eval import _source
+  from demmae_jax.area_eval import source_path
 
   fig, axes = plt.subplots(len(runs), 2, figsize=(12, 6 * len(runs)), squeeze=False)
   for row, run_id in zip(axes, runs):
@@ -692,9 +751,9 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
     m = read_manifest(rec["area_manifest"])
     with rasterio.open(Path(out) / "workdirs" / run_id / "test_area_classes.tif") as src:
       pred = src.read(1)
-    with rasterio.open(_source(m, "label")) as src:
+    with rasterio.open(source_path(m, "label")) as src:
       label = src.read(1)
-    with rasterio.open(_source(m, "elevation")) as src:
+    with rasterio.open(source_path(m, "elevation")) as src:
       dsm = src.read(1, masked=True).astype(np.float32).filled(np.nan)
     lo, hi = np.nanpercentile(dsm, [2, 98])
     row[0].imshow(dsm, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")

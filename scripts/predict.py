@@ -73,6 +73,12 @@ _OUTLINE = flags.DEFINE_enum(
 _EAVE = flags.DEFINE_float(
   "eave_m", 1.0, "Eave width for --outline roof (m; 1 m measured on AHN3)."
 )
+_MIN_HEIGHT = flags.DEFINE_float(
+  "min_height_m",
+  None,
+  "Building models on height above ground: cells lower than this are background whatever the "
+  "network says (default 2 m, demmae_jax/inference/segmenter.py; 0 turns it off).",
+)
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
 _CRS = flags.DEFINE_string("crs", None, "CRS of an input without one, e.g. EPSG:28992.")
@@ -135,6 +141,7 @@ def main(argv):
     block=_BLOCK.value,
     outline=_OUTLINE.value,
     eave_m=_EAVE.value,
+    min_height_m=_MIN_HEIGHT.value,
     polygon=PolygonOptions(
       simplify_m=_SIMPLIFY.value, regularise=_REGULARISE.value, min_area_m2=_MIN_AREA.value
     ),

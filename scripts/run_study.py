@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     action="store_true",
     help="recompute area scores of finished runs "
     "from their kept maps, and on areas whose labels outline roofs also as roof "
-    "outlines (no training)",
+    "outlines; building maps of runs from before the predictor's height gate with the gate "
+    "(no training)",
   )
   p.add_argument(
     "--doc",
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
   if a.rescore:
     study.rescore(out)
     study.outline_scores(out)
+    study.gate_scores(out)
   text = study.report(out)
   print(text)
   if a.doc:

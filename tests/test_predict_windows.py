@@ -234,3 +234,47 @@ def test_height_above_ground_check_refuses_absolute_heights(tmp_path):
     write_tif(tmp_path / name, ndsm + offset)
     with pytest.raises(DataError, match=f"{name}.*not height above ground"):
       check_height_above_ground(tmp_path / name)
+
+
+def test_min_height_overrules_the_positive_class_on_low_cells_only(tmp_path):
+  """A 'model' that calls everything above 0.5 m a building: with min_height 2 m the low boxes
+  and the ground become background, the tall ones stay; probabilities still sum to one; nodata
+  stays nodata; gate_classes on the ungated map gives the same classes."""
+  dem, boxes = blocks_dem()
+  dem[3:12, 3:15] = 1.2  # the first box only 1.2 m tall
+  dem[60:64, 40:50] = -9999.0
+  src = write_tif(tmp_path / "dem.tif", dem, nodata=-9999.0)
+
+  def low_apply(x):
+    p = 1.0 / (1.0 + np.exp(-20.0 * (x[..., 0] - 0.5)))
+    return np.stack([1 - p, p], axis=-1).astype(np.float32)
+
+  maps = {}
+  for h in (None, 2.0):
+    opts = raster.PredictOptions(tile=16, overlap=4, batch_size=4, block=32, min_height=h)
+    raster.predict_raster(
+      src, tmp_path / f"c{h}.tif", low_apply, identity, opts,
+      probabilities_path=tmp_path / f"p{h}.tif", progress=False,
+    )  # fmt: skip
+    maps[h] = read(tmp_path / f"c{h}.tif")[0]
+  nodata = dem == -9999.0
+  assert (maps[None][3:12, 3:15] == 1).all()  # the ungated map calls the low box a building
+  expected = np.where(nodata, 255, dem >= 2.0).astype(np.uint8)
+  np.testing.assert_array_equal(maps[2.0], expected)
+  with rasterio.open(tmp_path / "p2.0.tif") as f:
+    probs = f.read()
+  np.testing.assert_allclose(probs.sum(0)[~nodata], 1.0, atol=1e-5)
+  assert (probs[1][~nodata & (dem < 2.0)] == 0).all()
+  masked = np.ma.masked_array(dem, nodata)
+  np.testing.assert_array_equal(raster.gate_classes(maps[None], masked, 2.0), maps[2.0])
+
+
+def test_only_building_models_on_height_above_ground_get_the_height_gate():
+  from demmae_jax.inference.segmenter import MIN_BUILDING_HEIGHT_M, min_height_m
+
+  def spec(mode, positive):
+    return {"normalisation": {"mode": mode}, "class_names": ["background", positive]}
+
+  assert min_height_m(spec("ndsm", "building")) == MIN_BUILDING_HEIGHT_M
+  assert min_height_m(spec("ndsm", "road")) is None  # roads lie on the ground
+  assert min_height_m(spec("minmax", "building")) is None  # a DSM's heights are not above ground

@@ -138,6 +138,45 @@ def test_outline_scores_convert_wall_line_maps_on_roof_outlined_areas_only(tmp_p
   assert study.outline_scores(tmp_path / "out", log=lambda *_: None) == 0  # already scored
 
 
+def test_gate_scores_rescore_kept_maps_with_the_height_gate_once(tmp_path):
+  """A kept map from before the height gate that also calls the bare ground a building: the
+  rescoring removes those cells (the walls' score comes back), keeps the old score beside, also
+  redoes the roof-outline score, and leaves a run without a workdir, and itself, alone."""
+  import numpy as np
+  import rasterio
+
+  from data_pipelines.reader import read_manifest
+  from demmae_jax import area_eval
+
+  out, run_id, walls = _wall_line_run(tmp_path)
+  path = out / "results" / f"{run_id}.json"
+  rec = json.loads(path.read_text())
+  m = read_manifest(rec["area_manifest"])
+  workdir = out / "workdirs" / run_id
+  kept = workdir / "test_area_classes.tif"
+  with rasterio.open(area_eval.source_path(m, "ndsm")) as src:
+    ground = src.read(1) < 0.5
+  with rasterio.open(kept, "r+") as dst:
+    dst.write(np.where(ground, 1, dst.read(1)).astype(np.uint8), 1)
+    blobs = dst.read(1)
+  rec["area"] = area_eval.score_area(blobs, m, "test", ("background", "building"))
+  rec["area_iou"] = rec["area"]["iou"]
+  path.write_text(json.dumps(rec))
+  assert study.outline_scores(out, log=lambda *_: None) == 1
+  rec = json.loads(path.read_text())
+  (workdir / "segmenter.json").write_text(
+    json.dumps({"normalisation": {"mode": "ndsm"}, "class_names": ["background", "building"]})
+  )
+  assert study.gate_scores(out, log=lambda *_: None) == 1
+  gated = json.loads(path.read_text())
+  assert gated["min_height_m"] == 2.0 and gated["area_ungated"]["iou"] == rec["area_iou"]
+  assert rec["area_iou"] < walls["iou"] - 0.2  # the ground blobs cost the ungated map
+  assert abs(gated["area_iou"] - walls["iou"]) < 0.02, (gated["area_iou"], walls["iou"])
+  assert gated["area_outline_ungated"] == rec["area_outline"]
+  assert gated["area_outline"]["iou"] > rec["area_outline"]["iou"] + 0.2
+  assert study.gate_scores(out, log=lambda *_: None) == 0  # scored once
+
+
 def test_run_study_draws_the_kept_maps_of_finished_runs_and_names_unfinished_ones(tmp_path, capsys):
   import matplotlib.image
 

@@ -183,10 +183,10 @@ def run_split_labels(args) -> dict:
 
   from data_pipelines.atomic import atomic_file
   from data_pipelines.reader import read_manifest
-  from demmae_jax.area_eval import _source, test_area_mask
+  from demmae_jax.area_eval import source_path, test_area_mask
 
   manifest = read_manifest(args.manifest)
-  with rasterio.open(_source(manifest, "label")) as src:
+  with rasterio.open(source_path(manifest, "label")) as src:
     labels, profile = src.read(1), src.profile
   inside = test_area_mask(manifest, labels.shape, args.split)
   labels = np.where(inside, labels, 255).astype(np.uint8)

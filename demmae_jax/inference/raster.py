@@ -48,6 +48,22 @@ Normalise = Callable[[np.ndarray, np.ndarray], np.ndarray]
 ApplyFn = Callable[[np.ndarray], np.ndarray]
 
 
+def below(heights: np.ndarray, min_height: float) -> np.ndarray:
+  """Cells of a height-above-ground raster (masked or NaN cells never count) lower than
+  `min_height`."""
+  h = np.ma.filled(np.ma.asarray(heights, dtype=np.float64), np.nan)
+  with np.errstate(invalid="ignore"):
+    return h < min_height
+
+
+def gate_classes(classes: np.ndarray, heights: np.ndarray, min_height: float, positive: int = 1):
+  """A class map with its `positive` cells lower than `min_height` set to background (0): what
+  `predict_raster` with `min_height` gives for a two-class model."""
+  return np.where((classes == positive) & below(heights, min_height), 0, classes).astype(
+    classes.dtype
+  )
+
+
 def window_offsets(size: int, tile: int, stride: int) -> list[int]:
   """Window starts covering [0, size): every `stride`, the last snapped to size - tile."""
   if size <= tile:
@@ -75,6 +91,9 @@ class PredictOptions:
   band: int | None = None  # None: the raster must have exactly one band
   class_names: tuple[str, ...] = ("background", "foreground")
   positive: int = 1  # the class polygonised
+  # input cells lower than this (the input must be height above ground, in metres) are never the
+  # positive class (segmenter.min_height_m); None: the network's map as it is
+  min_height: float | None = None
   # GDAL's block cache defaults to 5 % of RAM and keeps every block read: capped, memory stays flat.
   gdal_cache_mb: int = 64
 
@@ -291,6 +310,10 @@ def predict_raster(
       probs, ok = predict_block(
         src, band, win, apply, _checked(normalise, src_path), opts, offsets, num_classes, bar
       )
+      if opts.min_height is not None:
+        low = below(src.read(band, window=win, masked=True), opts.min_height)
+        probs[low, 0] += probs[low, opts.positive]  # the mass moves to the background class
+        probs[low, opts.positive] = 0.0
       classes = np.where(ok, np.nan_to_num(probs).argmax(-1), CLASS_NODATA).astype(np.uint8)
       dst.write(classes, 1, window=win)
       if prob is not None:
