@@ -690,6 +690,11 @@ def train_recommended(
   if not (pooled / "manifest.json").exists():
     combine_tile_sets(list(manifests.values()), pooled)
   workdir = out / task
+  if (workdir / "test_areas.json").exists():  # finished: a rerun reports, never overwrites
+    done = json.loads((workdir / "test_areas.json").read_text())
+    for area, sc in done["scores"].items():
+      log(f"{task} model on {area}'s test blocks: IoU {sc['iou']:.3f} (finished earlier)")
+    return workdir
   config = finetune_config(
     arm,
     task,
