@@ -754,8 +754,9 @@ def figure(out: Path, path: Path, runs: list[str]) -> Path:
   for row, run_id in zip(axes, runs):
     rec = json.loads(result_path(out, run_id).read_text())
     m = read_manifest(rec["area_manifest"])
-    with rasterio.open(Path(out) / "workdirs" / run_id / "test_area_classes.tif") as src:
-      pred = src.read(1)
+    pred = _kept_map(out, rec, m)  # as its record scores it (the height gate applied)
+    if pred is None:
+      raise ValueError(f"{run_id}: no test-area map was kept")
     with rasterio.open(source_path(m, "label")) as src:
       label = src.read(1)
     with rasterio.open(source_path(m, "elevation")) as src:
