@@ -106,6 +106,8 @@ def predict(
     )
   gate = min_height_m(spec)
   if o.min_height_m is not None:
+    if o.min_height_m < 0:
+      raise ValueError(f"--min_height_m must be >= 0 (0 turns the gate off), not {o.min_height_m}")
     if o.min_height_m and gate is None:
       raise ValueError(
         f"{workdir}: --min_height_m is for building models on height above ground; this one "

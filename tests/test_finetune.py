@@ -248,3 +248,13 @@ def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
   with rasterio.open(tmp_path / "roof.tif") as p:
     np.testing.assert_array_equal(p.read(1), to_roof_outline(classes, 0.5, 1.0))
     assert "roof" in p.tags()["outline"]
+  # the height gate is for building models on height above ground (this one reads the DSM)
+  for value, message in ((2.0, "is for building models on height above ground"), (-1.0, ">= 0")):
+    with pytest.raises(ValueError, match=message):
+      predict.predict(
+        workdir,
+        laz,
+        predict.Outputs(classes=str(tmp_path / "gated.tif")),
+        predict.Options(crs="EPSG:28992", min_height_m=value),
+      )
+  assert not (tmp_path / "gated.tif").exists()
