@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
+from inspect import signature
 from pathlib import Path
 
 from data_pipelines.amsterdam import prepare_amsterdam
@@ -126,6 +127,11 @@ def prepare_area(
     raise ValueError(f"area {name!r} has no {task!r} labels; its tasks: {', '.join(area.tasks)}")
   cell_size = area.native_cell_size if cell_size is None else float(cell_size)
   block_px = block_px or area.block_px.get((cell_size, tile_size))
+  if (
+    kwargs.get("max_density") is not None
+    and "max_density" not in signature(area.prepare).parameters
+  ):
+    raise ValueError(f"area {name!r} cannot be thinned: max_density needs its LiDAR points")
   if holdout:
     kwargs["fractions"] = HOLDOUT
   if wall_lines and area.outline == "roof" and task == "buildings":

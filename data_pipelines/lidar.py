@@ -11,6 +11,12 @@ Per cell: DSM = highest return, class = class of that highest return, DTM = mean
 points (ASPRS class 2), with gaps (under buildings, water) interpolated by rasterio.fill.fillnodata;
 nDSM = max(DSM - DTM, 0). `valid` = 1 where the cell held at least one return; DSM holes that were
 filled are 0 there, so every interpolated value is recorded.
+
+`max_density` thins a denser survey to that many points per m2 first. The highest of ~15 returns
+per cell draws a tree crown as smooth as a roof; of ~3 it is ragged: a model that learned crowns
+from sparse surveys calls dense crowns buildings (docs/results_product.md). Which points are kept
+depends on each point's own coordinates only (a hash), so every window, halo, chunk size and
+reading path (LAZ or COPC) keeps the same ones.
 """
 
 from __future__ import annotations
@@ -208,7 +214,38 @@ class _WindowAccumulator:
     self.ground_count += np.bincount(cell[ground], minlength=n).astype(np.int32)
 
 
-def _stream_points(lf: LidarFile, acc: _WindowAccumulator, chunk_size: int) -> None:
+def keep_fraction(lf: LidarFile, max_density: float | None) -> float:
+  """The share of `lf`'s points to keep so that it holds at most `max_density` points per m2 of
+  its header's extent (1: all)."""
+  if max_density is None:
+    return 1.0
+  if not max_density > 0:
+    raise ValueError(f"max_density must be a positive number of points per m2, got {max_density}")
+  x0, y0, x1, y1 = lf.bounds
+  m2 = max((x1 - x0) * (y1 - y0), 1e-9) * metres_per_unit(lf.crs, lf.path, flag=None) ** 2
+  return min(1.0, max_density * m2 / lf.point_count)
+
+
+def thinned(points, fraction: float):
+  """The points whose coordinate hash falls below `fraction` (all of them at 1)."""
+  if fraction >= 1.0:
+    return points
+  key = (
+    np.asarray(points.X, np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    ^ np.asarray(points.Y, np.int64).astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+    ^ np.asarray(points.Z, np.int64).astype(np.uint64) * np.uint64(0x165667B19E3779F9)
+  )
+  key ^= key >> np.uint64(31)  # splitmix64's finaliser: every input bit reaches the top bits
+  key *= np.uint64(0xBF58476D1CE4E5B9)
+  key ^= key >> np.uint64(27)
+  key *= np.uint64(0x94D049BB133111EB)
+  key ^= key >> np.uint64(31)
+  return points[(key >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction]
+
+
+def _stream_points(
+  lf: LidarFile, acc: _WindowAccumulator, chunk_size: int, fraction: float = 1.0
+) -> None:
   bx0, by0, bx1, by1 = acc.bounds()
   fx0, fy0, fx1, fy1 = lf.bounds
   if fx0 > bx1 or fx1 < bx0 or fy0 > by1 or fy1 < by0:
@@ -216,6 +253,7 @@ def _stream_points(lf: LidarFile, acc: _WindowAccumulator, chunk_size: int) -> N
   try:
     for points in _copc_points(lf, acc) if lf.copc else _laz_chunks(lf, chunk_size):
       points_read[str(lf.path)] += len(points)
+      points = thinned(points, fraction)
       acc.add(
         np.asarray(points.x),
         np.asarray(points.y),
@@ -306,11 +344,13 @@ def las_to_rasters(
   overwrite: bool = False,
   progress: bool = True,
   bounds: tuple[float, float, float, float] | None = None,
+  max_density: float | None = None,
 ) -> dict[str, Path]:
   """Rasterise a mosaic of LAS/LAZ files; returns {product: GeoTIFF path} (see module doc).
 
   `bounds` (xmin, ymin, xmax, ymax in the CRS) fixes the grid's extent instead of the files'
-  union; points outside it are dropped.
+  union; points outside it are dropped. `max_density` (points per m2) thins denser files to it
+  (module doc); the rasters' `max_density` tag records it.
 
   `dsm_fill_px` bounds which DSM holes get interpolated (beyond it: NaN, invalid); `dtm_fill_px`
   must exceed half the widest building in cells, since the DTM is interpolated under roofs.
@@ -323,6 +363,7 @@ def las_to_rasters(
     refuse_existing(path, overwrite)
   files = [inspect_las(p, crs) for p in paths]
   metres_per_unit(files[0].crs, files[0].path, flag=None)  # --cell-size in degrees: refused
+  fractions = [keep_fraction(f, max_density) for f in files]
   grid = mosaic_grid(files, cell_size, bounds)
   halo = int(math.ceil(dtm_fill_px))
   profile = dict(
@@ -366,8 +407,8 @@ def las_to_rasters(
         window.height + 2 * halo,
       )
       acc = _WindowAccumulator(haloed, grid.transform)
-      for lf in files:
-        _stream_points(lf, acc, chunk_size)
+      for lf, fraction in zip(files, fractions):
+        _stream_points(lf, acc, chunk_size, fraction)
       h, w = acc.shape
       hit = np.isfinite(acc.top).reshape(h, w)
       dsm = _fill(acc.top.reshape(h, w), hit, dsm_fill_px)
@@ -389,6 +430,10 @@ def las_to_rasters(
       for p in PRODUCTS:
         sinks[p].write(arrays[p][crop], 1, window=window)
     for p in PRODUCTS:
-      sinks[p].update_tags(source=";".join(f.path.name for f in files), cell_size=str(cell_size))
+      sinks[p].update_tags(
+        source=";".join(f.path.name for f in files),
+        cell_size=str(cell_size),
+        max_density=str(max_density),
+      )
       sinks[p].close()
   return outputs

@@ -56,6 +56,7 @@ def prepare_delft(
   overwrite: bool = False,
   progress: bool = True,
   fractions: Mapping[str, float] | None = None,
+  max_density: float | None = None,
 ) -> Path:
   """Delft AHN3 LiDAR + BGT polygons -> `out_dir`/{rasters, labels, tiles}; returns the manifest.
 
@@ -64,7 +65,8 @@ def prepare_delft(
   outside the convex hull of both BGT layers (the crop's mapped area, ~56 % of the LiDAR block)
   are 255 = ignore. Tiles carry elevation (DSM), validity, label, and DTM/nDSM channels.
   `min_valid` is 0.75 because at 0.5 m ~6 % of cells get no return (scan gaps, interpolated but
-  marked invalid) besides the canal's; 0.9 would drop a quarter of the tiles.
+  marked invalid) besides the canal's; 0.9 would drop a quarter of the tiles. `max_density`
+  thins the 14.6 points/m2 survey first (lidar.las_to_rasters), e.g. to Amsterdam's 3.4.
   """
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -87,6 +89,7 @@ def prepare_delft(
       overwrite,
       progress,
       fractions,
+      max_density,
     )
 
 
@@ -117,6 +120,7 @@ def _prepare_delft(
   overwrite,
   progress,
   fractions,
+  max_density,
 ) -> Path:
   with atomic_dir(out_dir, overwrite) as tmp:
     rasters = las_to_rasters(
@@ -125,6 +129,7 @@ def _prepare_delft(
       cell_size=cell_size,
       crs=DELFT_CRS,
       progress=progress,
+      max_density=max_density,
     )
     label_tif = tmp / "labels" / f"{task}.tif"
     conflicts = None
@@ -165,6 +170,7 @@ def _prepare_delft(
           "label_source": label_source,
           "laz": list(DELFT_LAZ),
           "crs": DELFT_CRS,
+          "max_density": max_density,
           "label_conflicts_ignored": conflicts,
           "road_functions": list(DELFT_ROAD_FUNCTIONS) if task == "roads" else None,
           "labelled_area": (

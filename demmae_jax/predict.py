@@ -62,6 +62,9 @@ class Options:
   # building models on nDSM: cells lower than this above ground are background (None: the model's
   # segmenter.min_height_m, 2 m; 0: off)
   min_height_m: float | None = None
+  # LAS/LAZ input: thin a denser survey to this many points per m2 before rasterising (None: all
+  # points; data_pipelines/lidar.py says why)
+  max_density: float | None = None
   polygon: PolygonOptions = PolygonOptions()
   overwrite: bool = False
 
@@ -115,6 +118,8 @@ def predict(
       )
     gate = o.min_height_m or None
   point_cloud = Path(source).suffix.lower() in (".las", ".laz")
+  if o.max_density is not None and not point_cloud:
+    raise ValueError(f"--max_density thins a LAS/LAZ point cloud; {source} is a raster")
   if not point_cloud:  # the raster checked before the model loads
     src, _ = raster.open_elevation(source, o.band, o.crs)
     src.close()
@@ -141,7 +146,13 @@ def predict(
       from data_pipelines.raster_io import metres_per_unit
 
       unit = metres_per_unit(inspect_las(source, o.crs).crs, source, "--cell_size_m")
-      rasters = las_to_rasters([source], scratch, cell_size=spec["cell_size"] / unit, crs=o.crs)
+      rasters = las_to_rasters(
+        [source],
+        scratch,
+        cell_size=spec["cell_size"] / unit,
+        crs=o.crs,
+        max_density=o.max_density,
+      )
       # an nDSM model reads height above the LiDAR's own ground
       source_used = str(rasters["ndsm" if input_raster_name(spec) == "ndsm" else "dsm"])
       dtm = str(rasters["dtm"])  # building heights above the LiDAR's own ground

@@ -500,6 +500,88 @@ def outline_scores(out: Path, log=print) -> int:
   return n
 
 
+def thinned_holdout(out: Path, held_out: str, max_density: float, task="buildings", log=print):
+  """The finished leave-one-area-out runs of `held_out` (models and the rule, as trained and
+  tuned) scored again on the held-out area rasterised from its points thinned to `max_density`
+  points per m2 (lidar.las_to_rasters): how much of a score is the survey's density. The thinned
+  rasters are only the input: the same pixels are scored against the same labels as before (the
+  area's labels take unknown cells from LiDAR classes, which thinning would move). No training;
+  results under OUT/thinned/d{max_density}/ (skipped once there); returns their records."""
+  import tempfile
+
+  import rasterio
+
+  from data_pipelines.areas import prepare_area
+  from data_pipelines.reader import read_manifest
+  from demmae_jax import area_eval, baselines
+  from demmae_jax.inference.restore import load_trained
+  from demmae_jax.inference.segmenter import input_raster_name
+
+  folder = Path(out) / "data" / "areas" / task / f"{held_out}_holdout_d{max_density:g}"
+  manifest = folder / "tiles" / "manifest.json"
+  if not manifest.exists():
+    log(f"data: preparing {held_out} {task} at {LOAO_CELL:g} m, {max_density:g} points/m2")
+    prepare_area(
+      held_out,
+      folder,
+      task,
+      cell_size=LOAO_CELL,
+      tile_size=LOAO_TILE,
+      stride=LOAO_STRIDE,
+      holdout=True,
+      progress=False,
+      max_density=max_density,
+    )
+  thin = read_manifest(str(manifest))
+  recs = []
+  for path in sorted((Path(out) / "results" / "loao" / task / held_out).rglob("*.json")):
+    rec = json.loads(path.read_text())
+    target = Path(out) / "thinned" / f"d{max_density:g}" / f"{rec['id']}.json"
+    if target.exists():
+      recs.append(json.loads(target.read_text()))
+      continue
+    classes = rec["area"]["per_class"].keys()
+    m = read_manifest(rec["area_manifest"])
+    if rec["arm"] == "height_rule":
+      pred = baselines.apply(baselines.Rule(**rec["rule"]), baselines.raster_scene(str(manifest)))
+      pred = pred[0].astype(np.uint8)
+    else:
+      workdir = Path(out) / "workdirs" / rec["id"]
+      model, spec, _ = load_trained(workdir)
+      raster = area_eval.source_path(thin, input_raster_name(spec))
+      with tempfile.TemporaryDirectory(prefix="thinned_") as tmp:
+        area_eval.predict_area(
+          workdir, raster, Path(tmp) / "c.tif", model=(model, spec), **area_predict(spec)
+        )
+        with rasterio.open(Path(tmp) / "c.tif") as src:
+          pred = src.read(1)
+    area = area_eval.score_area(pred, m, "test", classes)
+    done = {
+      "id": rec["id"],
+      "arm": rec["arm"],
+      "max_density": max_density,
+      "input_manifest": str(manifest),
+      "area_manifest": rec["area_manifest"],
+      "area": area,
+      "area_iou": area["iou"],
+      "native_area_iou": rec["area_iou"],
+    }
+    atomic_write_text(target, json.dumps(done, indent=1))
+    log(f"{rec['id']}: area IoU {rec['area_iou']:.3f} -> {area['iou']:.3f} at {max_density:g}/m2")
+    recs.append(done)
+  return recs
+
+
+def thinned_table(recs: list[dict]) -> str:
+  """Markdown: per arm, the held-out area's IoU as surveyed and thinned (mean ± std, runs)."""
+  rows = ["| arm | as surveyed | thinned |", "|---|---|---|"]
+  for arm in dict.fromkeys(r["arm"] for r in recs):
+    mine = [r for r in recs if r["arm"] == arm]
+    native, thin = (_cell([r[k] for r in mine]) for k in ("native_area_iou", "area_iou"))
+    rows.append(f"| {ARM_NAMES.get(arm, arm)} | {native} | {thin} |")
+  return "\n".join(rows)
+
+
 def _kept_map(out: Path, rec: dict, manifest: dict) -> np.ndarray | None:
   """A finished model run's kept test-area map as its record scores it: with the height gate
   (`rec["min_height_m"]`) applied, which a map kept before the gate lacks (gating twice changes

@@ -79,6 +79,12 @@ _MIN_HEIGHT = flags.DEFINE_float(
   "Building models on height above ground: cells lower than this are background whatever the "
   "network says (default 2 m, demmae_jax/inference/segmenter.py; 0 turns it off).",
 )
+_MAX_DENSITY = flags.DEFINE_float(
+  "max_density",
+  None,
+  "LAS/LAZ input: thin a denser survey to this many points per m2 before rasterising, to the "
+  "density the model learnt from (a dense survey draws tree crowns as smooth as roofs).",
+)
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
 _CRS = flags.DEFINE_string("crs", None, "CRS of an input without one, e.g. EPSG:28992.")
@@ -142,6 +148,7 @@ def main(argv):
     outline=_OUTLINE.value,
     eave_m=_EAVE.value,
     min_height_m=_MIN_HEIGHT.value,
+    max_density=_MAX_DENSITY.value,
     polygon=PolygonOptions(
       simplify_m=_SIMPLIFY.value, regularise=_REGULARISE.value, min_area_m2=_MIN_AREA.value
     ),

@@ -92,6 +92,13 @@ def main(argv=None) -> int:
   p.add_argument(
     "--window-px", type=int, default=2048, help="output window processed at once (memory bound)"
   )
+  p.add_argument(
+    "--max-density",
+    type=float,
+    default=None,
+    help="thin denser files to this many points per m2 first (a fixed, coordinate-hashed "
+    "subset), e.g. 3.4 to match the Amsterdam surveys the study's models learnt crowns from",
+  )
   p.add_argument("--overwrite", action="store_true")
 
   p = sub.add_parser("labels", help="vector layers -> label GeoTIFF on a DEM grid")
@@ -301,6 +308,7 @@ def _run(a: argparse.Namespace) -> int:
       crs=a.crs,
       window_px=a.window_px,
       overwrite=a.overwrite,
+      max_density=a.max_density,
     )
     print("\n".join(f"{k}: {v}" for k, v in out.items()))
   elif a.command == "labels":

@@ -56,6 +56,14 @@ def main(argv=None) -> int:
     help="also write the tables into this Markdown file, "
     "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)",
   )
+  p.add_argument(
+    "--thinned_holdout",
+    default=None,
+    metavar="AREA=DENSITY",
+    help="score the finished leave-one-area-out building runs of AREA (models and rule, no "
+    "training) again on AREA rasterised from its points thinned to DENSITY points/m2, e.g. "
+    "delft=3.4 (Amsterdam's density): how much of a score is the survey's density",
+  )
   p.add_argument("--report_only", action="store_true", help="print the tables of the results there")
   p.add_argument(
     "--figure",
@@ -88,6 +96,15 @@ def main(argv=None) -> int:
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
+    return 0
+  if a.thinned_holdout:
+    area, _, density = a.thinned_holdout.partition("=")
+    try:
+      recs = study.thinned_holdout(out, area, float(density))
+    except ValueError as e:
+      print(f"error: --thinned_holdout {a.thinned_holdout}: {e}", file=sys.stderr)
+      return 2
+    print(study.thinned_table(recs))
     return 0
   if not (a.report_only or a.rescore):  # rescoring never trains
     for group in a.groups.split(","):

@@ -209,12 +209,24 @@ def test_delft_at_1m_uses_its_measured_blocks(tmp_path):
   conflicts = manifest["preset"]["label_conflicts_ignored"]
   assert 1500 < conflicts["missing"] < 2500 and conflicts["extra"] < 200
   _assert_splits_separate(m, shape)
+  # thinned to Amsterdam's 3.4 points/m2: the same grid, fewer cells with a return
+  t = prepare_area("delft", tmp_path / "t", "buildings", 1.0, max_density=3.4, **QUIET)
+  assert json.loads(t.read_text())["preset"]["max_density"] == 3.4
+  dense, sparse = (Path(x).parent.parent for x in (m, t))
+  with (
+    rasterio.open(dense / "rasters" / "valid.tif") as a,
+    rasterio.open(sparse / "rasters" / "valid.tif") as b,
+  ):
+    dense_valid, sparse_valid = a.read(1).mean(), b.read(1).mean()  # water: no returns in either
+    assert b.shape == shape and 0.75 < sparse_valid < dense_valid - 0.05
 
 
 def test_registry_and_cli_hold_out_a_whole_area(tmp_path):
   assert {a.place for a in AREAS.values()} == {"delft", "alexandria", "amsterdam", "gothenburg"}
   with pytest.raises(ValueError, match="has no 'roads' labels"):
     prepare_area("amsterdam_ahn3", tmp_path / "x", "roads")
+  with pytest.raises(ValueError, match="alexandria.*cannot be thinned"):
+    prepare_area("alexandria", tmp_path / "x", max_density=1.0)
   cli = load_script("prepare_data")
   assert (
     cli.main(["area", "gothenburg", "--task", "roads", "--holdout", "--out", str(tmp_path / "g")])

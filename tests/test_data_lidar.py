@@ -143,3 +143,49 @@ def test_refuses_to_replace_outputs_unless_asked(tmp_path):
     [tmp_path / "a.laz"], tmp_path / "r", cell_size=2.0, progress=False, overwrite=True
   )
   assert rasterio.open(tmp_path / "r" / "dsm.tif").res == (2.0, 2.0)
+
+
+def _dense_cloud(per_m2=16, size=20, seed=0):
+  """`per_m2` random points per m2: ground at 1 m, a 4 x 4 m roof at 9 m over cells [10:14]."""
+  rng = np.random.default_rng(seed)
+  n = per_m2 * size * size
+  x, y = rng.uniform(0, size, n), rng.uniform(0, size, n)
+  roof = (x >= 10) & (x < 14) & (size - y >= 10) & (size - y < 14)
+  z = np.where(roof, 9.0, 1.0) + rng.uniform(0, 0.1, n)
+  return np.c_[X0 + x, Y0 + y, z], np.where(roof, 6, 2)
+
+
+def test_max_density_keeps_that_share_of_points_whatever_the_windows(tmp_path):
+  import laspy
+
+  from data_pipelines.lidar import keep_fraction, thinned
+
+  xyz, cls = _dense_cloud()
+  write_las(tmp_path / "a.laz", xyz, cls, crs="EPSG:32631")
+  lf = inspect_las(tmp_path / "a.laz")
+  assert keep_fraction(lf, 4.0) == pytest.approx(4.0 * 20 * 20 / len(xyz), rel=0.02)
+  assert keep_fraction(lf, 100.0) == 1.0 and keep_fraction(lf, None) == 1.0
+  kept = thinned(laspy.read(tmp_path / "a.laz").points, 0.25)
+  assert 0.22 < len(kept) / len(xyz) < 0.28
+  kw = dict(cell_size=1.0, progress=False, dtm_fill_px=10, max_density=4.0)
+  one = las_to_rasters([tmp_path / "a.laz"], tmp_path / "one", window_px=64, **kw)
+  many = las_to_rasters([tmp_path / "a.laz"], tmp_path / "many", window_px=7, chunk_size=50, **kw)
+  full = _read(
+    las_to_rasters([tmp_path / "a.laz"], tmp_path / "full", **{**kw, "max_density": None})
+  )
+  one, many = _read(one), _read(many)
+  for k in one:  # the same points kept in every window, halo and chunk
+    np.testing.assert_array_equal(one[k], many[k], err_msg=k)
+  # 16 returns a cell hit every cell; ~4 leave some empty (e^-4: 2 %); the roof stays a roof
+  inner = np.s_[2:18, 2:18]
+  assert full["valid"][inner].all() and 0.9 < one["valid"][inner].mean() < 1.0
+  assert (one["ndsm"][10:14, 10:14] > 7.5).all() and one["class"][11, 11] == 6
+  with rasterio.open(tmp_path / "one" / "dsm.tif") as src:
+    assert src.tags()["max_density"] == "4.0"
+  untouched = _read(
+    las_to_rasters([tmp_path / "a.laz"], tmp_path / "big", **{**kw, "max_density": 99})
+  )
+  for k in full:  # a density above the survey's keeps every point
+    np.testing.assert_array_equal(full[k], untouched[k], err_msg=k)
+  with pytest.raises(ValueError, match="max_density"):
+    las_to_rasters([tmp_path / "a.laz"], tmp_path / "bad", **{**kw, "max_density": 0})

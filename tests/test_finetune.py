@@ -248,6 +248,23 @@ def test_predict_script_rasterises_a_laz_input_first(trained, tmp_path):
   with rasterio.open(tmp_path / "roof.tif") as p:
     np.testing.assert_array_equal(p.read(1), to_roof_outline(classes, 0.5, 1.0))
     assert "roof" in p.tags()["outline"]
+  # thinned to 2 points/m2 first (0.5 a cell): a sparser DSM, so another map on the same grid
+  predict.predict(
+    workdir,
+    laz,
+    predict.Outputs(classes=str(tmp_path / "thin.tif")),
+    predict.Options(crs="EPSG:28992", max_density=2.0),
+  )
+  with rasterio.open(tmp_path / "thin.tif") as p:
+    thin = p.read(1)
+  assert thin.shape == classes.shape and 0.01 < (thin != classes).mean() < 0.5
+  with pytest.raises(ValueError, match="thins a LAS/LAZ point cloud"):
+    predict.predict(
+      workdir,
+      str(tmp_path / "b.tif"),
+      predict.Outputs(classes=str(tmp_path / "x.tif")),
+      predict.Options(max_density=2.0),
+    )
   # the height gate is for building models on height above ground (this one reads the DSM)
   for value, message in ((2.0, "is for building models on height above ground"), (-1.0, ">= 0")):
     with pytest.raises(ValueError, match=message):

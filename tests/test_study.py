@@ -1,8 +1,10 @@
 """The product study's bookkeeping (demmae_jax/study.py): aggregation over seeds, the doc block it
 rewrites, the window each arm is scored with, and the arms' configs."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from demmae_jax import study
@@ -193,3 +195,37 @@ def test_run_study_draws_the_kept_maps_of_finished_runs_and_names_unfinished_one
   img = matplotlib.image.imread(png)
   assert img.shape[0] > 300 and img.shape[1] > 700  # one row, two panels
   assert img[..., :3].std() > 0.05  # drawn, not blank
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_thinned_holdout_rescores_the_rule_on_a_thinned_survey_against_the_same_labels(tmp_path):
+  """The rule's LOAO record on Delft, rerun on Delft rasterised from fewer points: a density above
+  the survey's gives back its score exactly; Amsterdam's 3.4 points/m2 changes it; both are
+  kept and not redone."""
+  from data_pipelines.areas import prepare_area
+  from data_pipelines.reader import read_manifest
+  from demmae_jax import area_eval, baselines
+
+  out = tmp_path / "out"
+  holdout = out / "data" / "areas" / "buildings" / "delft_holdout"
+  manifest = prepare_area("delft", holdout, "buildings", 1.0, holdout=True, progress=False)
+  rule = baselines.Rule("buildings", window_m=60, height_m=3, max_roughness_m=0.4, min_area_m2=100)
+  pred = baselines.apply(rule, baselines.raster_scene(str(manifest)))[0].astype(np.uint8)
+  area = area_eval.score_area(pred, read_manifest(str(manifest)), "test")
+  run_id = "loao/buildings/delft/height_rule/s0"
+  path = study.result_path(out, run_id)
+  path.parent.mkdir(parents=True)
+  rec = {"id": run_id, "arm": "height_rule", "rule": dataclasses.asdict(rule)}
+  path.write_text(
+    json.dumps({**rec, "area_manifest": str(manifest), "area": area, "area_iou": area["iou"]})
+  )
+  quiet = lambda *_: None  # noqa: E731
+  (same,) = study.thinned_holdout(out, "delft", 1000.0, log=quiet)
+  assert same["area_iou"] == same["native_area_iou"] == area["iou"]
+  (thin,) = study.thinned_holdout(out, "delft", 3.4, log=quiet)
+  assert abs(thin["area_iou"] - area["iou"]) > 0.02 and thin["area_manifest"] == str(manifest)
+  assert study.thinned_holdout(out, "delft", 3.4, log=quiet) == [thin]  # kept, not redone
+  table = study.thinned_table([thin])
+  assert f"| {study.ARM_NAMES['height_rule']} | {100 * area['iou']:.1f} (1) | " in table
+  assert table.endswith(f"| {100 * thin['area_iou']:.1f} (1) |")
