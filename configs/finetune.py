@@ -196,6 +196,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # share of training tiles shown 2x coarser (block means interpolated back): robustness to
   # sources coarser than the grid they are predicted on (Alexandria's 2 m DSM at 1 m)
   c.data.coarsen = 0.0
+  # share of training tiles shown as a denser survey draws them (3x3 grey closing: crowns without
+  # the pits a sparse survey leaves): robustness to denser LiDAR than the training areas'
+  c.data.densify = 0.0
   c.data.normalisation = ml_collections.ConfigDict(
     dict(mode="minmax", channels=1, scale_m=30.0, low_percentile=2.0)
   )

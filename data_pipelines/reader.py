@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines.augment import random_coarsening, random_symmetries
+from data_pipelines.augment import random_closing, random_coarsening, random_symmetries
 from data_pipelines.errors import DataError
 from data_pipelines.normalisation import normalise, parse_mode
 from data_pipelines.tile_records import (
@@ -79,13 +79,15 @@ def make_tf_dataset(
   files: Sequence[str] | None = None,
   with_meta: bool = False,
   coarsen: float = 0.0,
+  densify: float = 0.0,
 ) -> tf.data.Dataset:
   """The tf.data pipeline (tensors); `make_dataset` wraps it into NumPy dicts.
 
   Training defaults (split starting with 'train'): augment, shuffle, repeat, drop the remainder;
   evaluation splits: none of these. `files` (paths or globs, e.g. gs://...) overrides the split's
   shards. `process_index`/`process_count` default to jax.process_index()/process_count().
-  `coarsen`: with augmentation, the share of tiles shown as a 2x coarser source would give them.
+  `coarsen`: with augmentation, the share of tiles shown as a 2x coarser source would give them;
+  `densify`: the share shown as a denser survey would draw them (augment.random_closing).
   """
   manifest = read_manifest(manifest_path)
   training = split.startswith("train")
@@ -181,6 +183,8 @@ def make_tf_dataset(
       ),
       "valid": tf.cast(valid, tf.float32),
     }
+    if augment and densify > 0:
+      out["image"] = random_closing(out["image"], aug_seed + tf.constant([2, 0], tf.int64), densify)
     if augment and coarsen > 0:
       out["image"] = random_coarsening(
         out["image"], aug_seed + tf.constant([1, 0], tf.int64), coarsen

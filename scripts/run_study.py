@@ -36,6 +36,11 @@ def main(argv=None) -> int:
     help="comma list (default: every arm for delft, the recommended one for loao)",
   )
   p.add_argument(
+    "--held_out",
+    default=None,
+    help="comma list: leave out only these areas in the loao group (default every one)",
+  )
+  p.add_argument(
     "--encoder",
     default=None,
     help="DEM-pretrained encoder of arm hybrid_dem "
@@ -113,7 +118,13 @@ def main(argv=None) -> int:
       elif group == "rule":
         study.rule_runs(out, seeds=a.seeds, tasks=tasks)
       elif group == "loao":
-        study.loao_runs(out, seeds=a.seeds, tasks=tasks, arms=arms or (study.RECOMMENDED,))
+        study.loao_runs(
+          out,
+          seeds=a.seeds,
+          tasks=tasks,
+          arms=arms or (study.RECOMMENDED,),
+          held_out_areas=a.held_out.split(",") if a.held_out else None,
+        )
       else:
         print(f"error: unknown group {group!r}: delft, loao or rule", file=sys.stderr)
         return 2

@@ -243,6 +243,33 @@ def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifes
         np.testing.assert_array_equal(b["label"][i], t["label"])
 
 
+def test_densifying_closes_a_share_of_tiles_and_only_raises_heights(manifest):
+  import scipy.ndimage as ndi
+
+  kw = dict(global_batch_size=8, normalisation="zscore", deterministic=True, seed=3, augment=True)
+  plain, dense = (
+    make_dataset(manifest, "train", **kw, **ONE_HOST),
+    make_dataset(manifest, "train", densify=0.5, **kw, **ONE_HOST),
+  )
+  closed = 0
+  for _ in range(4):
+    a, b = next(plain), next(dense)
+    np.testing.assert_array_equal(a["label"], b["label"])  # the same tiles, symmetries, labels
+    for x, y in zip(a["image"], b["image"]):
+      if np.array_equal(x, y):
+        continue
+      closed += 1
+      assert (y >= x).all()  # a closing only fills pits
+      want = ndi.grey_closing(x[..., 0], size=(3, 3))  # away from the tile edge (padding differs)
+      np.testing.assert_allclose(y[2:-2, 2:-2, 0], want[2:-2, 2:-2], atol=1e-6)
+  assert 8 <= closed <= 24  # about half of 32 tiles
+  ev = dict(global_batch_size=8, deterministic=True, **ONE_HOST)
+  np.testing.assert_array_equal(  # never at evaluation
+    next(make_dataset(manifest, "val", densify=1.0, **ev))["image"],
+    next(make_dataset(manifest, "val", **ev))["image"],
+  )
+
+
 def test_coarsening_shows_a_share_of_tiles_as_a_2x_coarser_source(manifest):
   kw = dict(
     global_batch_size=8,

@@ -356,6 +356,7 @@ def run(
       global_batch_size=int(config.global_batch),
       skip_batches=start,
       coarsen=float(config.data.coarsen),
+      densify=float(config.data.densify),
       **reader,
     )
 
