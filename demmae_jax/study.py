@@ -103,6 +103,11 @@ ARM_NAMES = {
   "height_rule": "height rule, no learning (tuned on the training tiles)",
 }
 RECOMMENDED = "unet_ndsm"
+# `make model`'s arm per task (trained with MODEL_RECIPE). Buildings also learn from tiles shown
+# as a 2x coarser source would give them: leave one area out, 3 seeds each, Alexandria's 2 m
+# source 42.7 -> 48.8 and the others within a seed's spread (Delft 67.8 -> 67.8, Amsterdam
+# 83.4 -> 82.6, Gothenburg 90.4 -> 89.8; docs/results_product.md). Roads: not measured with it.
+MODEL_ARMS = {"buildings": "unet_ndsm_coarsen", "roads": "unet_ndsm"}
 RECIPE = {
   "total_steps": 300,
   "eval_every_steps": 50,
@@ -751,15 +756,16 @@ def train_recommended(
   out: Path,
   task: str,
   *,
-  arm: str = RECOMMENDED,
+  arm: str | None = None,
   steps: int = MODEL_STEPS,
   seed: int = 0,
   log=print,
 ) -> Path:
-  """The recommended model for `task` (or another arm of ARMS) trained on every labelled area of
-  the shared data at 1 m (their training blocks; validation on their validation blocks), scored
-  on each area's test blocks over the area as `predict` maps it. Writes OUT/<task> (a finetuning
-  workdir for `scripts/predict.py --workdir`) and OUT/<task>/test_areas.json; resumable."""
+  """The recommended model for `task` (MODEL_ARMS[task], or another arm of ARMS) trained on
+  every labelled area of the shared data at 1 m (their training blocks; validation on their
+  validation blocks), scored on each area's test blocks over the area as `predict` maps it.
+  Writes OUT/<task> (a finetuning workdir for `scripts/predict.py --workdir`) and
+  OUT/<task>/test_areas.json; resumable."""
   from data_pipelines.areas import prepare_area
   from data_pipelines.combine import combine_tile_sets
   from demmae_jax import area_eval
@@ -767,6 +773,7 @@ def train_recommended(
   from demmae_jax.train import finetune
 
   out = Path(out)
+  arm = arm or MODEL_ARMS[task]
   manifests = {}
   for area in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]:
     if area == "amsterdam_ahn2":

@@ -28,7 +28,8 @@ def main(argv=None) -> int:
   p.add_argument(
     "--arm",
     default=None,
-    help="train this arm of demmae_jax/study.py's ARMS instead of the recommended one",
+    help="train this arm of demmae_jax/study.py's ARMS instead of the recommended ones "
+    "(study.MODEL_ARMS: per task)",
   )
   p.add_argument(
     "--encoder",
@@ -39,8 +40,8 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   from demmae_jax import study
 
-  arm = a.arm or study.RECOMMENDED
-  if arm not in study.ARMS:
+  arm = a.arm
+  if arm is not None and arm not in study.ARMS:
     print(f"error: unknown arm {arm!r}: one of {', '.join(study.ARMS)}", file=sys.stderr)
     return 2
   if a.encoder:

@@ -76,6 +76,14 @@ def test_every_arm_builds_a_valid_finetuning_config(arm, tmp_path):
     assert c.freeze_backbone and c.data.normalisation.mode == "ndsm"
 
 
+def test_make_model_trains_a_measured_arm_per_task_with_the_data_augmentation_it_names():
+  assert set(study.MODEL_ARMS) == set(study.LOAO_AREAS)
+  for task, arm in study.MODEL_ARMS.items():
+    c = study.finetune_config(arm, task, "m.json", seed=0, **study.MODEL_RECIPE)
+    assert c.total_steps == 1500 and c.data.normalisation.mode == "ndsm"
+    assert c.data.coarsen == (0.5 if "coarsen" in arm else 0.0) and c.data.densify == 0.0
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def _wall_line_run(tmp_path):
