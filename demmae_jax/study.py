@@ -837,6 +837,57 @@ def train_recommended(
   return workdir
 
 
+# ASPRS classes of the top return in the LiDAR areas' class rasters (data_pipelines/lidar.py)
+LIDAR_CLASSES = {
+  0: "no return",
+  1: "unclassified (trees)",
+  2: "ground",
+  6: "building",
+  9: "water",
+  26: "civil structure",
+}
+
+
+def _by_class(top: np.ndarray) -> str:
+  counts = np.bincount(top, minlength=256)
+  return ", ".join(
+    f"{LIDAR_CLASSES.get(c, c)} {counts[c]}" for c in np.argsort(-counts) if counts[c]
+  )
+
+
+def errors_by_lidar_class(out: Path, runs: list[str]) -> str:
+  """Markdown: for each finished run held out on a LiDAR area, its false positive and false
+  negative cells on the test area by the class of the cell's highest return (the class raster
+  beside the area's DSM): trees called buildings show as false positives on class 1. The map is
+  the kept one as its record scores it (the height gate applied)."""
+  import rasterio
+
+  from data_pipelines.reader import read_manifest
+  from demmae_jax.area_eval import source_path, test_area_mask
+
+  rows = ["| run | IoU | false positives by top-return class | false negatives by class |"]
+  rows.append("|---|---|---|---|")
+  for run_id in runs:
+    if not result_path(out, run_id).exists():
+      raise ValueError(f"{run_id}: not finished under {Path(out) / 'results'}")
+    rec = json.loads(result_path(out, run_id).read_text())
+    m = read_manifest(rec["area_manifest"])
+    classes = source_path(m, "elevation").parent / "class.tif"
+    if not classes.exists():
+      raise ValueError(f"{run_id}: its area has no LiDAR class raster ({classes})")
+    pred = _kept_map(out, rec, m)
+    if pred is None:
+      raise ValueError(f"{run_id}: no test-area map was kept")
+    with rasterio.open(source_path(m, "label")) as a, rasterio.open(classes) as b:
+      label, top = a.read(1), b.read(1)
+    with rasterio.open(source_path(m, "valid")) as src:
+      scored = test_area_mask(m, label.shape) & (label <= 1) & (src.read(1) > 0) & (pred != 255)
+    fp, fn = scored & (pred == 1) & (label == 0), scored & (pred != 1) & (label == 1)
+    cells = [_by_class(top[mask]) for mask in (fp, fn)]
+    rows.append(f"| {run_id} | {100 * rec['area_iou']:.1f} | {cells[0]} | {cells[1]} |")
+  return "\n".join(rows)
+
+
 def figure(out: Path, path: Path, runs: list[str]) -> Path:
   """For each run id: its held-out area's DSM with the label's outlines (cyan) and the
   prediction's (red), and the prediction against the label (true positive white, false positive

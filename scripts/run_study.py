@@ -62,6 +62,13 @@ def main(argv=None) -> int:
     "between its BEGIN/END GENERATED markers (e.g. docs/results_product.md)",
   )
   p.add_argument(
+    "--errors_by_class",
+    default=None,
+    metavar="RUNS",
+    help="comma list of finished run ids held out on a LiDAR area: their test-area errors by "
+    "the class of each cell's highest return (no training)",
+  )
+  p.add_argument(
     "--thinned_holdout",
     default=None,
     metavar="AREA=DENSITY",
@@ -98,6 +105,13 @@ def main(argv=None) -> int:
   if a.figure:
     try:
       print(study.figure(out, Path(a.figure), a.figure_runs.split(",") if a.figure_runs else []))
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
+  if a.errors_by_class:
+    try:
+      print(study.errors_by_lidar_class(out, a.errors_by_class.split(",")))
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

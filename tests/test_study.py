@@ -237,3 +237,48 @@ def test_thinned_holdout_rescores_the_rule_on_a_thinned_survey_against_the_same_
   table = study.thinned_table([thin])
   assert f"| {study.ARM_NAMES['height_rule']} | {100 * area['iou']:.1f} (1) | " in table
   assert table.endswith(f"| {100 * thin['area_iou']:.1f} (1) |")
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_errors_by_lidar_class_counts_a_maps_errors_by_the_top_return(tmp_path):
+  """A kept Delft map equal to its labels but for 10 tree cells called buildings and 5 roof
+  cells missed: the table names exactly those."""
+  import rasterio
+
+  from data_pipelines.areas import prepare_area
+  from data_pipelines.reader import read_manifest
+  from demmae_jax import area_eval
+
+  out = tmp_path / "out"
+  area = tmp_path / "delft"
+  manifest = prepare_area("delft", area, "buildings", 1.0, holdout=True, progress=False)
+  m = read_manifest(str(manifest))
+  with rasterio.open(area / "labels" / "buildings.tif") as src:
+    label, profile = src.read(1), src.profile
+  with (
+    rasterio.open(area / "rasters" / "class.tif") as a,
+    rasterio.open(area / "rasters" / "valid.tif") as b,
+  ):
+    top, valid = a.read(1), b.read(1) > 0
+  pred = np.where(label == 1, 1, 0).astype(np.uint8)
+  scored = area_eval.test_area_mask(m, label.shape) & valid
+  trees = np.flatnonzero((scored & (label == 0) & (top == 1)).ravel())[:10]
+  roofs = np.flatnonzero((scored & (label == 1) & (top == 6)).ravel())[:5]
+  pred.ravel()[trees], pred.ravel()[roofs] = 1, 0
+  run_id = "loao/buildings/delft/unet_ndsm/s0"
+  kept = out / "workdirs" / run_id / "test_area_classes.tif"
+  kept.parent.mkdir(parents=True)
+  with rasterio.open(kept, "w", **{**profile, "dtype": "uint8", "nodata": 255}) as dst:
+    dst.write(pred, 1)
+  score = area_eval.score_area(pred, m, "test")
+  path = study.result_path(out, run_id)
+  path.parent.mkdir(parents=True)
+  rec = {"id": run_id, "arm": "unet_ndsm", "area_manifest": str(manifest)}
+  path.write_text(json.dumps({**rec, "area": score, "area_iou": score["iou"]}))
+  table = study.errors_by_lidar_class(out, [run_id])
+  assert table.splitlines()[-1] == (
+    f"| {run_id} | {100 * score['iou']:.1f} | unclassified (trees) 10 | building 5 |"
+  )
+  with pytest.raises(ValueError, match="not finished"):
+    study.errors_by_lidar_class(out, ["loao/buildings/delft/unet_ndsm/s1"])
