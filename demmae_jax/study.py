@@ -511,8 +511,7 @@ def outline_scores(out: Path, log=print) -> int:
       pred = _kept_map(out, rec, m)
       if pred is None:
         continue
-    roofs = outline.to_roof_outline(pred, float(m["cell_size"]))
-    rec["area_outline"] = area_eval.score_area(roofs, m, "test", rec["area"]["per_class"].keys())
+    rec["area_outline"] = _roof_outline_score(pred, m, rec["area"]["per_class"].keys())
     rec["outline"] = {"convention": "roof", "eave_m": outline.EAVE_M}
     atomic_write_text(path, json.dumps(rec, indent=1), overwrite=True)
     log(
@@ -604,6 +603,15 @@ def thinned_table(recs: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _roof_outline_score(pred: np.ndarray, manifest: dict, classes) -> dict:
+  """The test-area score of a wall-line map converted to roof outlines (inference.outline)."""
+  from demmae_jax import area_eval
+  from demmae_jax.inference import outline
+
+  roofs = outline.to_roof_outline(pred, float(manifest["cell_size"]))
+  return area_eval.score_area(roofs, manifest, "test", classes)
+
+
 def _kept_map(out: Path, rec: dict, manifest: dict) -> np.ndarray | None:
   """A finished model run's kept test-area map as its record scores it: with the height gate
   (`rec["min_height_m"]`) applied, which a map kept before the gate lacks (gating twice changes
@@ -634,7 +642,6 @@ def gate_scores(out: Path, log=print) -> int:
   how many runs were updated."""
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval
-  from demmae_jax.inference import outline
   from demmae_jax.inference.segmenter import min_height_m, read_spec
 
   n = 0
@@ -653,9 +660,8 @@ def gate_scores(out: Path, log=print) -> int:
       rec["area_ungated"], rec["area"] = rec["area"], area_eval.score_area(pred, m, "test", classes)
       rec["area_iou"] = rec["area"]["iou"]
       if "area_outline" in rec:
-        roofs = outline.to_roof_outline(pred, float(m["cell_size"]))
         rec["area_outline_ungated"] = rec["area_outline"]
-        rec["area_outline"] = area_eval.score_area(roofs, m, "test", classes)
+        rec["area_outline"] = _roof_outline_score(pred, m, classes)
       log(
         f"{rec['id']}: area IoU {rec['area_ungated']['iou']:.3f} -> {rec['area_iou']:.3f} with "
         f"the {rec['min_height_m']:g} m height gate"
