@@ -392,31 +392,41 @@ def delft_runs(
   return recs
 
 
+def prepared_area(area: str, folder: Path, task: str, log=print, **kwargs) -> Path:
+  """The manifest of `area`'s tile set for `task` in the study's geometry (LOAO_CELL, LOAO_TILE,
+  LOAO_STRIDE) under `folder`, prepared on first use; keywords go to areas.prepare_area."""
+  from data_pipelines.areas import prepare_area
+
+  manifest = Path(folder) / "tiles" / "manifest.json"
+  if not manifest.exists():
+    what = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v)
+    log(f"data: preparing {area} {task} at {LOAO_CELL:g} m" + (f" ({what})" if what else ""))
+    prepare_area(
+      area,
+      folder,
+      task,
+      cell_size=LOAO_CELL,
+      tile_size=LOAO_TILE,
+      stride=LOAO_STRIDE,
+      progress=False,
+      **kwargs,
+    )
+  return manifest
+
+
 def loao_data(out: Path, task: str, held_out: str, log=print) -> tuple[Path, Path]:
   """(combined manifest: train/val of the other areas, test = the held-out area; the held-out
   area's own manifest, every block test) at 1 m, prepared on first use."""
-  from data_pipelines.areas import leave_one_area_out, prepare_area
+  from data_pipelines.areas import leave_one_area_out
 
   root = out / "data" / "areas"
   manifests = {}
   for area in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]:
     holdout = area == held_out
     folder = root / task / (f"{area}_holdout" if holdout else area)
-    m = folder / "tiles" / "manifest.json"
-    if not m.exists():
-      log(f"data: preparing {area} {task} at {LOAO_CELL:g} m{' (all test)' if holdout else ''}")
-      prepare_area(
-        area,
-        folder,
-        task,
-        cell_size=LOAO_CELL,
-        tile_size=LOAO_TILE,
-        stride=LOAO_STRIDE,
-        holdout=holdout,
-        wall_lines=WALL_LINES and not holdout,
-        progress=False,
-      )
-    manifests[area] = m
+    manifests[area] = prepared_area(
+      area, folder, task, log, holdout=holdout, wall_lines=WALL_LINES and not holdout
+    )
   combined = root / task / f"loao_{held_out}"
   if not (combined / "manifest.json").exists():
     leave_one_area_out(held_out, manifests, combined)
@@ -532,27 +542,13 @@ def thinned_holdout(out: Path, held_out: str, max_density: float, task="building
 
   import rasterio
 
-  from data_pipelines.areas import prepare_area
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval, baselines
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.inference.segmenter import input_raster_name
 
   folder = Path(out) / "data" / "areas" / task / f"{held_out}_holdout_d{max_density:g}"
-  manifest = folder / "tiles" / "manifest.json"
-  if not manifest.exists():
-    log(f"data: preparing {held_out} {task} at {LOAO_CELL:g} m, {max_density:g} points/m2")
-    prepare_area(
-      held_out,
-      folder,
-      task,
-      cell_size=LOAO_CELL,
-      tile_size=LOAO_TILE,
-      stride=LOAO_STRIDE,
-      holdout=True,
-      progress=False,
-      max_density=max_density,
-    )
+  manifest = prepared_area(held_out, folder, task, log, holdout=True, max_density=max_density)
   thin = read_manifest(str(manifest))
   recs = []
   for path in sorted((Path(out) / "results" / "loao" / task / held_out).rglob("*.json")):
@@ -772,7 +768,6 @@ def train_recommended(
   validation blocks), scored on each area's test blocks over the area as `predict` maps it.
   Writes OUT/<task> (a finetuning workdir for `scripts/predict.py --workdir`) and
   OUT/<task>/test_areas.json; resumable."""
-  from data_pipelines.areas import prepare_area
   from data_pipelines.combine import combine_tile_sets
   from demmae_jax import area_eval
   from demmae_jax.inference.restore import load_trained
@@ -784,20 +779,9 @@ def train_recommended(
   for area in LOAO_AREAS[task] + LOAO_TRAIN_ONLY[task]:
     if area == "amsterdam_ahn2":
       continue  # Amsterdam once: AHN3 (a train-only area) is the newer survey of the same place
-    folder = out / "data" / task / area
-    if not (folder / "tiles" / "manifest.json").exists():
-      log(f"data: preparing {area} {task} at {LOAO_CELL:g} m")
-      prepare_area(
-        area,
-        folder,
-        task,
-        cell_size=LOAO_CELL,
-        tile_size=LOAO_TILE,
-        stride=LOAO_STRIDE,
-        wall_lines=WALL_LINES,
-        progress=False,
-      )
-    manifests[area] = folder / "tiles" / "manifest.json"
+    manifests[area] = prepared_area(
+      area, out / "data" / task / area, task, log, wall_lines=WALL_LINES
+    )
   pooled = out / "data" / task / "all"
   if not (pooled / "manifest.json").exists():
     combine_tile_sets(list(manifests.values()), pooled)
