@@ -13,8 +13,8 @@ nDSM = max(DSM - DTM, 0). `valid` = 1 where the cell held at least one return; D
 filled are 0 there, so every interpolated value is recorded.
 
 `max_density` thins a denser survey to that many points per m2 first. The highest of ~15 returns
-per cell draws a tree crown as smooth as a roof; of ~3 it is ragged: a model that learned crowns
-from sparse surveys calls dense crowns buildings (docs/results_product.md). Which points are kept
+per cell draws a tree crown smooth, of ~3 pitted, so a model that learnt crowns from sparse
+surveys may read dense ones as roofs (docs/results_product.md). Which points are kept
 depends on each point's own coordinates only (a hash), so every window, halo, chunk size and
 reading path (LAZ or COPC) keeps the same ones.
 """
