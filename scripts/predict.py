@@ -83,7 +83,8 @@ _MAX_DENSITY = flags.DEFINE_float(
   "max_density",
   None,
   "LAS/LAZ input: thin a denser survey to this many points per m2 before rasterising, to the "
-  "density the model learnt from (a dense survey draws tree crowns as smooth as roofs).",
+  "density the model learnt from (a dense survey draws tree crowns smoother; off by default: "
+  "docs/gis_outputs.md).",
 )
 _STEP = flags.DEFINE_string("step", "best", "Checkpoint: best, latest, or a step number.")
 _BAND = flags.DEFINE_integer("band", None, "Band holding the elevation (required if several).")
