@@ -547,11 +547,14 @@ def thinned_holdout(out: Path, held_out: str, max_density: float, task="building
   from demmae_jax.inference.restore import load_trained
   from demmae_jax.inference.segmenter import input_raster_name
 
+  finished = sorted((Path(out) / "results" / "loao" / task / held_out).rglob("*.json"))
+  if not finished:
+    raise ValueError(f"no finished leave-one-area-out runs of {held_out} under {out}/results")
   folder = Path(out) / "data" / "areas" / task / f"{held_out}_holdout_d{max_density:g}"
   manifest = prepared_area(held_out, folder, task, log, holdout=True, max_density=max_density)
   thin = read_manifest(str(manifest))
   recs = []
-  for path in sorted((Path(out) / "results" / "loao" / task / held_out).rglob("*.json")):
+  for path in finished:
     rec = json.loads(path.read_text())
     target = Path(out) / "thinned" / f"d{max_density:g}" / f"{rec['id']}.json"
     if target.exists():

@@ -216,6 +216,8 @@ def test_thinned_holdout_rescores_the_rule_on_a_thinned_survey_against_the_same_
   from demmae_jax import area_eval, baselines
 
   out = tmp_path / "out"
+  with pytest.raises(ValueError, match="no finished leave-one-area-out runs of delft"):
+    study.thinned_holdout(out, "delft", 3.4)
   holdout = out / "data" / "areas" / "buildings" / "delft_holdout"
   manifest = prepare_area("delft", holdout, "buildings", 1.0, holdout=True, progress=False)
   rule = baselines.Rule("buildings", window_m=60, height_m=3, max_roughness_m=0.4, min_area_m2=100)
