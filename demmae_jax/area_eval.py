@@ -108,9 +108,11 @@ def evaluate_area(
   keep_prediction: str | Path | None = None,
   model=None,
   boundary_px: int | None = None,
+  raster: str | Path | None = None,
 ) -> dict:
   """Metrics of `workdir`'s model on the `split` blocks of the tile set at `manifest_path` (the
-  prepared set, whose manifest names its rasters), predicted over the whole raster."""
+  prepared set, whose manifest names its rasters), predicted over the whole raster: the set's
+  own, or `raster` (the same place on the same grid made otherwise, e.g. from thinned points)."""
   from data_pipelines.reader import read_manifest
 
   manifest = read_manifest(str(manifest_path))
@@ -118,7 +120,7 @@ def evaluate_area(
     model = load_trained(workdir)[:2]
   spec = model[1]
   check_spec_against_data(spec, manifest, str(manifest_path))
-  raster = source_path(manifest, input_raster_name(spec))
+  raster = raster or source_path(manifest, input_raster_name(spec))
   with tempfile.TemporaryDirectory(prefix="area_eval_") as tmp:
     out = Path(keep_prediction) if keep_prediction else Path(tmp) / "classes.tif"
     predict_area(workdir, raster, out, window=window, tta=tta, overwrite=True, model=model)
@@ -127,8 +129,9 @@ def evaluate_area(
   return score_area(pred, manifest, split, spec["class_names"])
 
 
-def score_area(pred: np.ndarray, manifest: dict, split: str = "test", class_names=None) -> dict:
-  """Metrics of a class map `pred` (255 = no prediction) on the split's labelled valid pixels."""
+def scored_pixels(pred: np.ndarray, manifest: dict, split: str = "test"):
+  """(the label raster, the pixels a score counts): the split's blocks where the cell was
+  measured (valid) and `pred` has a class; unlabelled (255) pixels are left to the caller."""
   with rasterio.open(source_path(manifest, "label")) as src:
     label = src.read(1)
   if label.shape != pred.shape:
@@ -137,7 +140,14 @@ def score_area(pred: np.ndarray, manifest: dict, split: str = "test", class_name
   if manifest.get("sources", {}).get("valid"):
     with rasterio.open(source_path(manifest, "valid")) as src:
       valid = src.read(1) > 0
-  area = test_area_mask(manifest, label.shape, split) & valid & (pred != predictor.CLASS_NODATA)
+  return label, test_area_mask(manifest, label.shape, split) & valid & (
+    pred != predictor.CLASS_NODATA
+  )
+
+
+def score_area(pred: np.ndarray, manifest: dict, split: str = "test", class_names=None) -> dict:
+  """Metrics of a class map `pred` (255 = no prediction) on the split's labelled valid pixels."""
+  label, area = scored_pixels(pred, manifest, split)
   k = max(2, len(class_names or ()))
   lab = np.where(area, label, metrics.IGNORE_INDEX)
   cm = np.asarray(

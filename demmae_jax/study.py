@@ -538,10 +538,6 @@ def thinned_holdout(out: Path, held_out: str, max_density: float, task="building
   rasters are only the input: the same pixels are scored against the same labels as before (the
   area's labels take unknown cells from LiDAR classes, which thinning would move). No training;
   results under OUT/thinned/d{max_density}/ (skipped once there); returns their records."""
-  import tempfile
-
-  import rasterio
-
   from data_pipelines.reader import read_manifest
   from demmae_jax import area_eval, baselines
   from demmae_jax.inference.restore import load_trained
@@ -560,22 +556,19 @@ def thinned_holdout(out: Path, held_out: str, max_density: float, task="building
     if target.exists():
       recs.append(json.loads(target.read_text()))
       continue
-    classes = rec["area"]["per_class"].keys()
-    m = read_manifest(rec["area_manifest"])
     if rec["arm"] == "height_rule":
       pred = baselines.apply(baselines.Rule(**rec["rule"]), baselines.raster_scene(str(manifest)))
-      pred = pred[0].astype(np.uint8)
+      m = read_manifest(rec["area_manifest"])
+      area = area_eval.score_area(
+        pred[0].astype(np.uint8), m, "test", rec["area"]["per_class"].keys()
+      )
     else:
       workdir = Path(out) / "workdirs" / rec["id"]
-      model, spec, _ = load_trained(workdir)
-      raster = area_eval.source_path(thin, input_raster_name(spec))
-      with tempfile.TemporaryDirectory(prefix="thinned_") as tmp:
-        area_eval.predict_area(
-          workdir, raster, Path(tmp) / "c.tif", model=(model, spec), **area_predict(spec)
-        )
-        with rasterio.open(Path(tmp) / "c.tif") as src:
-          pred = src.read(1)
-    area = area_eval.score_area(pred, m, "test", classes)
+      model = load_trained(workdir)[:2]
+      raster = area_eval.source_path(thin, input_raster_name(model[1]))
+      area = area_eval.evaluate_area(
+        workdir, rec["area_manifest"], model=model, raster=raster, **area_predict(model[1])
+      )
     done = {
       "id": rec["id"],
       "arm": rec["arm"],
@@ -856,7 +849,7 @@ def errors_by_lidar_class(out: Path, runs: list[str]) -> str:
   import rasterio
 
   from data_pipelines.reader import read_manifest
-  from demmae_jax.area_eval import source_path, test_area_mask
+  from demmae_jax.area_eval import scored_pixels, source_path
 
   rows = ["| run | IoU | false positives by top-return class | false negatives by class |"]
   rows.append("|---|---|---|---|")
@@ -871,10 +864,9 @@ def errors_by_lidar_class(out: Path, runs: list[str]) -> str:
     pred = _kept_map(out, rec, m)
     if pred is None:
       raise ValueError(f"{run_id}: no test-area map was kept")
-    with rasterio.open(source_path(m, "label")) as a, rasterio.open(classes) as b:
-      label, top = a.read(1), b.read(1)
-    with rasterio.open(source_path(m, "valid")) as src:
-      scored = test_area_mask(m, label.shape) & (label <= 1) & (src.read(1) > 0) & (pred != 255)
+    label, scored = scored_pixels(pred, m)
+    with rasterio.open(classes) as src:
+      top = src.read(1)
     fp, fn = scored & (pred == 1) & (label == 0), scored & (pred != 1) & (label == 1)
     cells = [_by_class(top[mask]) for mask in (fp, fn)]
     rows.append(f"| {run_id} | {100 * rec['area_iou']:.1f} | {cells[0]} | {cells[1]} |")

@@ -106,6 +106,16 @@ def test_area_score_counts_the_test_blocks_and_matches_a_direct_count(tmp_path):
   assert got["iou"] == pytest.approx(tp / union)
   assert 0 <= got["boundary_iou"] <= 1
   json.dumps(got)  # serialisable for the study's result files
+  # another input on the same grid (here: every height doubled) is predicted instead, and scored
+  # on the same labelled pixels
+  with rasterio.open(tmp_path / "d" / "rasters" / "ndsm.tif") as src:
+    profile, ndsm = src.profile, src.read(1)
+  with rasterio.open(tmp_path / "taller.tif", "w", **profile) as dst:
+    dst.write(ndsm * 2, 1)
+  other = area_eval.evaluate_area(
+    tmp_path / "wd", manifest_path, window=128, raster=tmp_path / "taller.tif"
+  )
+  assert other["pixels"] == got["pixels"] and other["confusion_matrix"] != got["confusion_matrix"]
   _predict_script_reads_height_above_ground(tmp_path, tmp_path / "wd", tmp_path / "d" / "rasters")
 
 
