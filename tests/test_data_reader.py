@@ -243,64 +243,43 @@ def test_reader_images_equal_the_numpy_normalisation_of_the_stored_tiles(manifes
         np.testing.assert_array_equal(b["label"][i], t["label"])
 
 
+def _augmented_tiles(manifest, **augmentation) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(tile, the same tile with `augmentation`) for the 32 training tiles it changed, once the
+  two streams are checked to hold the same tiles, symmetries and labels; and checked never to
+  change an evaluation batch, even at probability 1."""
+  kw = dict(global_batch_size=8, normalisation="zscore", deterministic=True, seed=3, augment=True)
+  plain = make_dataset(manifest, "train", **kw, **ONE_HOST)
+  augmented = make_dataset(manifest, "train", **augmentation, **kw, **ONE_HOST)
+  changed = []
+  for _ in range(4):
+    a, b = next(plain), next(augmented)
+    np.testing.assert_array_equal(a["label"], b["label"])
+    changed += [(x, y) for x, y in zip(a["image"], b["image"]) if not np.array_equal(x, y)]
+  ev = dict(global_batch_size=8, deterministic=True, **ONE_HOST)
+  always = {k: 1.0 for k in augmentation}
+  np.testing.assert_array_equal(
+    next(make_dataset(manifest, "val", **always, **ev))["image"],
+    next(make_dataset(manifest, "val", **ev))["image"],
+  )
+  return changed
+
+
 def test_densifying_closes_a_share_of_tiles_and_only_raises_heights(manifest):
   import scipy.ndimage as ndi
 
-  kw = dict(global_batch_size=8, normalisation="zscore", deterministic=True, seed=3, augment=True)
-  plain, dense = (
-    make_dataset(manifest, "train", **kw, **ONE_HOST),
-    make_dataset(manifest, "train", densify=0.5, **kw, **ONE_HOST),
-  )
-  closed = 0
-  for _ in range(4):
-    a, b = next(plain), next(dense)
-    np.testing.assert_array_equal(a["label"], b["label"])  # the same tiles, symmetries, labels
-    for x, y in zip(a["image"], b["image"]):
-      if np.array_equal(x, y):
-        continue
-      closed += 1
-      assert (y >= x).all()  # a closing only fills pits
-      want = ndi.grey_closing(x[..., 0], size=(3, 3))  # away from the tile edge (padding differs)
-      np.testing.assert_allclose(y[2:-2, 2:-2, 0], want[2:-2, 2:-2], atol=1e-6)
-  assert 8 <= closed <= 24  # about half of 32 tiles
-  ev = dict(global_batch_size=8, deterministic=True, **ONE_HOST)
-  np.testing.assert_array_equal(  # never at evaluation
-    next(make_dataset(manifest, "val", densify=1.0, **ev))["image"],
-    next(make_dataset(manifest, "val", **ev))["image"],
-  )
+  closed = _augmented_tiles(manifest, densify=0.5)
+  assert 8 <= len(closed) <= 24  # about half of 32 tiles
+  for x, y in closed:
+    assert (y >= x).all()  # a closing only fills pits
+    want = ndi.grey_closing(x[..., 0], size=(3, 3))  # away from the tile edge (padding differs)
+    np.testing.assert_allclose(y[2:-2, 2:-2, 0], want[2:-2, 2:-2], atol=1e-6)
 
 
 def test_coarsening_shows_a_share_of_tiles_as_a_2x_coarser_source(manifest):
-  kw = dict(
-    global_batch_size=8,
-    normalisation="zscore",
-    deterministic=True,
-    seed=3,
-    augment=True,
-    **ONE_HOST,
-  )
-  plain, coarse = (
-    make_dataset(manifest, "train", **kw),
-    make_dataset(manifest, "train", coarsen=0.5, **kw),
-  )
-  coarsened = 0
-  for _ in range(4):
-    a, b = next(plain), next(coarse)
-    np.testing.assert_array_equal(a["label"], b["label"])  # the same tiles, symmetries, labels
-    for x, y in zip(a["image"], b["image"]):
-      if np.array_equal(x, y):
-        continue
-      coarsened += 1
-      h, w, c = x.shape  # block means, bilinearly back: the 2 x 2 means of y are those of x
-      means = lambda t: t.reshape(h // 2, 2, w // 2, 2, c).mean((1, 3))  # noqa: B023 (used here)
-      assert np.abs(means(y) - means(x)).max() < 0.35 * np.abs(x).max()
-      assert np.abs(np.diff(y, axis=0)).mean() < np.abs(np.diff(x, axis=0)).mean()  # smoother
-  assert 8 <= coarsened <= 24  # about half of 32 tiles
-  ev = dict(global_batch_size=8, deterministic=True, **ONE_HOST)
-  evaluation, reference = (
-    make_dataset(manifest, "val", coarsen=1.0, **ev),
-    make_dataset(manifest, "val", **ev),
-  )
-  np.testing.assert_array_equal(
-    next(evaluation)["image"], next(reference)["image"]
-  )  # never at evaluation
+  coarsened = _augmented_tiles(manifest, coarsen=0.5)
+  assert 8 <= len(coarsened) <= 24  # about half of 32 tiles
+  for x, y in coarsened:
+    h, w, c = x.shape  # block means, bilinearly back: the 2 x 2 means of y are those of x
+    means = lambda t: t.reshape(h // 2, 2, w // 2, 2, c).mean((1, 3))  # noqa: B023 (used here)
+    assert np.abs(means(y) - means(x)).max() < 0.35 * np.abs(x).max()
+    assert np.abs(np.diff(y, axis=0)).mean() < np.abs(np.diff(x, axis=0)).mean()  # smoother
